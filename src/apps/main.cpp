@@ -1,0 +1,31 @@
+// hla — command-line entry point. Every failure is one line on stderr and exit code 1.
+#include <cstdio>
+#include <exception>
+
+#include "apps/commands.h"
+#include "core/error.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"hla: hybrid linear-attention language models (Qwen3-Next, Qwen3.5, Kimi-Linear, DeepSeek-V3.2)"};
+  app.require_subcommand(1);
+  hla::cli::register_op(app);
+  hla::cli::register_logits(app);
+  hla::cli::register_generate(app);
+  hla::cli::register_init(app);
+  hla::cli::register_info(app);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e) == 0 ? 0 : 2;
+  } catch (const hla::Error& e) {
+    std::fprintf(stderr, "hla: error: %s\n", e.what());
+    return 1;
+  } catch (const std::bad_alloc&) {
+    std::fprintf(stderr, "hla: error: out of memory\n");
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "hla: error: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}
