@@ -56,6 +56,18 @@ void delta_rule_recurrent(const DeltaRuleDims& d, const T* q, const T* k, const 
   }
 }
 
+template <class T>
+void delta_rule_forward(const DeltaRuleDims& d, const T* q, const T* k, const T* v, const T* g,
+                        const T* beta, T scale, T* state, T* o, DeltaMode mode) {
+  // The chunkwise form lands next; until then both modes run the reference recurrence.
+  (void)mode;
+  delta_rule_recurrent(d, q, k, v, g, beta, scale, state, o);
+}
+
+template void delta_rule_forward<float>(const DeltaRuleDims&, const float*, const float*, const float*,
+                                        const float*, const float*, float, float*, float*, DeltaMode);
+template void delta_rule_forward<double>(const DeltaRuleDims&, const double*, const double*, const double*,
+                                         const double*, const double*, double, double*, double*, DeltaMode);
 template void delta_rule_recurrent<float>(const DeltaRuleDims&, const float*, const float*, const float*,
                                           const float*, const float*, float, float*, float*);
 template void delta_rule_recurrent<double>(const DeltaRuleDims&, const double*, const double*, const double*,

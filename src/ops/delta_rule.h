@@ -31,4 +31,12 @@ template <class T>
 void delta_rule_recurrent(const DeltaRuleDims& d, const T* q, const T* k, const T* v, const T* g,
                           const T* beta, T scale, T* state, T* o);
 
+enum class DeltaMode { Chunk, Recurrent };
+
+// What layers call: the chunkwise form for prefill, the recurrence for decode. Same contract as
+// delta_rule_recurrent.
+template <class T>
+void delta_rule_forward(const DeltaRuleDims& d, const T* q, const T* k, const T* v, const T* g,
+                        const T* beta, T scale, T* state, T* o, DeltaMode mode);
+
 }  // namespace hla
