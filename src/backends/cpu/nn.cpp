@@ -1,0 +1,174 @@
+#include "backends/cpu/nn.h"
+
+#include <cblas.h>
+
+#include <algorithm>
+
+namespace hla::cpu {
+
+void linear(const float* x, const float* W, float* y, int64_t M, int64_t K, int64_t N) {
+  if (M == 0 || N == 0) return;
+  if (M == 1)  // decode: a GEMV streams W once
+    cblas_sgemv(CblasRowMajor, CblasNoTrans, int(N), int(K), 1.0f, W, int(K), x, 1, 0.0f, y, 1);
+  else
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(M), int(N), int(K), 1.0f, x, int(K), W,
+                int(K), 0.0f, y, int(N));
+}
+
+static float inv_rms(const float* x, int64_t dim, float eps) {
+  float ss = 0;
+  for (int64_t i = 0; i < dim; ++i) ss += x[i] * x[i];
+  return 1.0f / std::sqrt(ss / float(dim) + eps);
+}
+
+void rms_norm(const float* x, const float* w, float* y, int64_t rows, int64_t dim, float eps,
+              bool zero_centered) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * dim;
+    float* yr = y + r * dim;
+    const float s = inv_rms(xr, dim, eps);
+    for (int64_t i = 0; i < dim; ++i) yr[i] = xr[i] * s * (zero_centered ? 1.0f + w[i] : w[i]);
+  }
+}
+
+void gated_rms_norm(float* o, const float* gate, const float* w, int64_t rows, int64_t dim, float eps,
+                    GateAct act) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* orow = o + r * dim;
+    const float* g = gate + r * dim;
+    const float s = inv_rms(orow, dim, eps);
+    for (int64_t i = 0; i < dim; ++i)
+      orow[i] = orow[i] * s * w[i] * (act == GateAct::SiLU ? silu(g[i]) : sigmoid(g[i]));
+  }
+}
+
+void layer_norm(const float* x, const float* w, const float* b, float* y, int64_t rows, int64_t dim,
+                float eps) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * dim;
+    float mean = 0, var = 0;
+    for (int64_t i = 0; i < dim; ++i) mean += xr[i];
+    mean /= float(dim);
+    for (int64_t i = 0; i < dim; ++i) var += (xr[i] - mean) * (xr[i] - mean);
+    const float s = 1.0f / std::sqrt(var / float(dim) + eps);
+    for (int64_t i = 0; i < dim; ++i) y[r * dim + i] = (xr[i] - mean) * s * w[i] + b[i];
+  }
+}
+
+void l2_norm(float* x, int64_t rows, int64_t dim, float eps, float scale) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* xr = x + r * dim;
+    float ss = 0;
+    for (int64_t i = 0; i < dim; ++i) ss += xr[i] * xr[i];
+    const float s = scale / std::sqrt(ss + eps);
+    for (int64_t i = 0; i < dim; ++i) xr[i] *= s;
+  }
+}
+
+void causal_conv1d_silu(const float* x, const float* w, float* state, float* y, int64_t T, int64_t C,
+                        int64_t Kw) {
+  const int64_t P = Kw - 1;  // taps that reach into the past
+#pragma omp parallel for if (T * C > 65536)
+  for (int64_t c = 0; c < C; ++c) {
+    const float* wc = w + c * Kw;
+    float* st = state + c * P;
+    for (int64_t t = 0; t < T; ++t) {
+      // window = [inputs t-P .. t]; those before this call come from the state
+      float acc = 0;
+      for (int64_t j = 0; j < Kw; ++j) {
+        const int64_t src = t - P + j;
+        acc += wc[j] * (src >= 0 ? x[src * C + c] : st[P + src]);
+      }
+      y[t * C + c] = silu(acc);
+    }
+    // new state = last P inputs of [state | x]
+    for (int64_t j = 0; j < P; ++j) {
+      const int64_t src = T - P + j;
+      st[j] = src >= 0 ? x[src * C + c] : st[j + T];
+    }
+  }
+}
+
+std::vector<float> rope_inv_freq(double theta, int64_t rot) {
+  std::vector<float> f(static_cast<size_t>(rot / 2));
+  for (int64_t i = 0; i < rot / 2; ++i) {
+    // HF: 1 / theta ** (arange(0, rot, 2, int64).float() / rot), in fp32
+    const float expo = float(2 * i) / float(rot);
+    f[size_t(i)] = 1.0f / std::pow(float(theta), expo);
+  }
+  return f;
+}
+
+void rope_half(float* x, int64_t heads, int64_t stride, const std::vector<float>& inv_freq, int64_t pos,
+               float attn_factor) {
+  const int64_t half = int64_t(inv_freq.size());
+  for (int64_t i = 0; i < half; ++i) {
+    const float ang = float(pos) * inv_freq[size_t(i)];
+    const float c = std::cos(ang) * attn_factor, s = std::sin(ang) * attn_factor;
+    for (int64_t h = 0; h < heads; ++h) {
+      float* xh = x + h * stride;
+      const float a = xh[i], b = xh[i + half];
+      xh[i] = a * c - b * s;
+      xh[i + half] = b * c + a * s;
+    }
+  }
+}
+
+void rope_interleaved(float* x, int64_t heads, int64_t stride, const std::vector<float>& inv_freq,
+                      int64_t pos, float attn_factor) {
+  const int64_t half = int64_t(inv_freq.size());
+  for (int64_t i = 0; i < half; ++i) {
+    const float ang = float(pos) * inv_freq[size_t(i)];
+    const float c = std::cos(ang) * attn_factor, s = std::sin(ang) * attn_factor;
+    for (int64_t h = 0; h < heads; ++h) {
+      float* xh = x + h * stride;
+      const float a = xh[2 * i], b = xh[2 * i + 1];
+      xh[2 * i] = a * c - b * s;
+      xh[2 * i + 1] = b * c + a * s;
+    }
+  }
+}
+
+void attention(const float* q, const float* k, const float* v, float* out, int64_t T, int64_t S,
+               int64_t nh, int64_t nkv, int64_t dq, int64_t dv, float scale,
+               const std::vector<std::vector<int32_t>>* selected) {
+  const int64_t group = nh / nkv;
+#pragma omp parallel
+  {
+    std::vector<float> p(static_cast<size_t>(S));
+    std::vector<int32_t> keys(static_cast<size_t>(S));
+#pragma omp for collapse(2) schedule(dynamic, 4)
+    for (int64_t i = 0; i < T; ++i) {
+      for (int64_t h = 0; h < nh; ++h) {
+        const int64_t pos = S - T + i, kvh = h / group;
+        int64_t n = 0;
+        if (selected) {
+          for (int32_t u : (*selected)[size_t(i)])
+            if (u <= pos) keys[size_t(n++)] = u;
+        } else {
+          for (int64_t u = 0; u <= pos; ++u) keys[size_t(n++)] = int32_t(u);
+        }
+        const float* qi = q + (i * nh + h) * dq;
+        float mx = -INFINITY;
+        for (int64_t j = 0; j < n; ++j) {
+          const float* ku = k + (keys[size_t(j)] * nkv + kvh) * dq;
+          float dot = 0;
+          for (int64_t d = 0; d < dq; ++d) dot += qi[d] * ku[d];
+          p[size_t(j)] = dot * scale;
+          mx = std::max(mx, p[size_t(j)]);
+        }
+        float sum = 0;
+        for (int64_t j = 0; j < n; ++j) sum += (p[size_t(j)] = std::exp(p[size_t(j)] - mx));
+        float* oi = out + (i * nh + h) * dv;
+        std::fill(oi, oi + dv, 0.0f);
+        for (int64_t j = 0; j < n; ++j) {
+          const float* vu = v + (keys[size_t(j)] * nkv + kvh) * dv;
+          const float pj = p[size_t(j)] / sum;
+          for (int64_t d = 0; d < dv; ++d) oi[d] += pj * vu[d];
+        }
+      }
+    }
+  }
+}
+
+}  // namespace hla::cpu

@@ -1,0 +1,53 @@
+// CPU building blocks of the models, on contiguous f32 rows. Shapes are given as [rows, dim];
+// "packed" activations hold the tokens of all sequences of a batch along one axis.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace hla::cpu {
+
+inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+inline float silu(float x) { return x * sigmoid(x); }
+inline float softplus(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }  // torch's threshold
+
+// y[M,N] = x[M,K] · W[N,K]^T — every Linear of these models (none has a bias). OpenBLAS.
+void linear(const float* x, const float* W, float* y, int64_t M, int64_t K, int64_t N);
+
+// RMSNorm over the last dim: y = x / sqrt(mean(x²) + eps) · (w or 1 + w).
+void rms_norm(const float* x, const float* w, float* y, int64_t rows, int64_t dim, float eps,
+              bool zero_centered);
+// In place: o = rms(o) · w · act(gate), act = SiLU (Qwen GDN) or sigmoid (Kimi KDA).
+enum class GateAct { SiLU, Sigmoid };
+void gated_rms_norm(float* o, const float* gate, const float* w, int64_t rows, int64_t dim, float eps,
+                    GateAct act);
+// LayerNorm with bias (biased variance), DeepSeek's indexer key norm.
+void layer_norm(const float* x, const float* w, const float* b, float* y, int64_t rows, int64_t dim,
+                float eps);
+// In place: x / sqrt(sum x² + eps) per row of `dim` (q/k of the delta-rule layers), times `scale`.
+void l2_norm(float* x, int64_t rows, int64_t dim, float eps, float scale);
+
+// Depthwise causal conv1d + SiLU over one sequence, channel-last x[T,C], weight [C,Kw] (tap Kw-1 is
+// the current token). `state` [C,Kw-1] holds the previous Kw-1 inputs (zeros at the start) and is
+// advanced to the last Kw-1 inputs.
+void causal_conv1d_silu(const float* x, const float* w, float* state, float* y, int64_t T, int64_t C,
+                        int64_t Kw);
+
+// RoPE inverse frequencies inv_freq[i] = 1/theta^(2i/rot), i < rot/2 (fp32, as HF).
+std::vector<float> rope_inv_freq(double theta, int64_t rot);
+// Rotate the first `rot` dims of each of `heads` vectors (row stride `stride`) at position `pos`.
+// half-split pairs (i, i+rot/2); interleaved pairs (2i, 2i+1).
+void rope_half(float* x, int64_t heads, int64_t stride, const std::vector<float>& inv_freq, int64_t pos,
+               float attn_factor = 1.0f);
+void rope_interleaved(float* x, int64_t heads, int64_t stride, const std::vector<float>& inv_freq,
+                      int64_t pos, float attn_factor = 1.0f);
+
+// Causal softmax attention of one sequence. q [T,nh,dq] are the newest T positions of a sequence
+// whose keys k [S,nkv,dq] and values v [S,nkv,dv] are all cached (query i sits at S−T+i).
+// GQA: head h reads kv head h / (nh/nkv). out [T,nh,dv]. When `selected` is given, query i attends
+// only to the keys selected[i] (DeepSeek sparse attention; always causal).
+void attention(const float* q, const float* k, const float* v, float* out, int64_t T, int64_t S,
+               int64_t nh, int64_t nkv, int64_t dq, int64_t dv, float scale,
+               const std::vector<std::vector<int32_t>>* selected = nullptr);
+
+}  // namespace hla::cpu

@@ -1,0 +1,591 @@
+#include "model/layers.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+
+#include "backends/cpu/nn.h"
+#include "core/error.h"
+#include "ops/delta_rule.h"
+
+namespace hla {
+
+using namespace hla::cpu;
+
+namespace {
+
+std::vector<float> buffer(int64_t n) { return std::vector<float>(size_t(n)); }
+
+// ---------------------------------------------------------------------------------------------
+// Delta-rule mixers. Both run: projections on all packed tokens -> per sequence short conv with
+// its rolling state -> l2(q)·dk^-0.5, l2(k), beta, log-decay g -> delta rule from the cached state
+// -> gated RMSNorm per value head -> out_proj.
+// ---------------------------------------------------------------------------------------------
+
+struct DeltaCore {
+  int64_t nk, nv, dk, dv, kw, conv_dim;
+  DeltaGate gate;
+  // conv_out [Ts, conv_dim] = [q (nk·dk) | k (nk·dk) | v (nv·dv)] after SiLU; g [Ts, g_stride]; beta [Ts, nv].
+  void run(const float* conv_in, const float* conv_w, const float* g, const float* beta, float* o, int64_t Ts,
+           LayerCache& c) const {
+    auto conv_out = buffer(Ts * conv_dim);
+    causal_conv1d_silu(conv_in, conv_w, c.conv.data(), conv_out.data(), Ts, conv_dim, kw);
+    auto q = buffer(Ts * nk * dk), k = buffer(Ts * nk * dk), v = buffer(Ts * nv * dv);
+    for (int64_t t = 0; t < Ts; ++t) {
+      const float* row = conv_out.data() + t * conv_dim;
+      std::memcpy(q.data() + t * nk * dk, row, sizeof(float) * size_t(nk * dk));
+      std::memcpy(k.data() + t * nk * dk, row + nk * dk, sizeof(float) * size_t(nk * dk));
+      std::memcpy(v.data() + t * nv * dv, row + 2 * nk * dk, sizeof(float) * size_t(nv * dv));
+    }
+    l2_norm(q.data(), Ts * nk, dk, 1e-6f, 1.0f);
+    l2_norm(k.data(), Ts * nk, dk, 1e-6f, 1.0f);
+    DeltaRuleDims d;
+    d.H = nk, d.HV = nv, d.K = dk, d.V = dv, d.gate = gate, d.cu_seqlens = {0, Ts};
+    delta_rule_forward<float>(d, q.data(), k.data(), v.data(), g, beta, 1.0f / std::sqrt(float(dk)),
+                              c.state.data(), o, Ts > 1 ? DeltaMode::Chunk : DeltaMode::Recurrent);
+  }
+  void init_cache(LayerCache& c) const {
+    c.conv.assign(size_t(conv_dim * (kw - 1)), 0.0f);
+    c.state.assign(size_t(nv * dk * dv), 0.0f);
+  }
+};
+
+// Qwen3-Next / Qwen3.5 Gated DeltaNet (`linear_attn.*`).
+class GatedDeltaNet : public Mixer {
+ public:
+  GatedDeltaNet(const ModelSpec& s, Params& p, const std::string& pre) : s_(s) {
+    const int64_t D = s.hidden, nk = s.lin_nk, nv = s.lin_nv, dk = s.lin_dk, dv = s.lin_dv;
+    core_ = {nk, nv, dk, dv, s.conv_kernel, 2 * nk * dk + nv * dv, DeltaGate::Scalar};
+    grouped_ = s.arch == Arch::Qwen3Next;
+    if (grouped_) {  // one projection grouped by key head: [q_g | k_g | v_g (r·dv) | z_g (r·dv)]
+      p.bind(pre + "in_proj_qkvz.weight", {2 * nk * dk + 2 * nv * dv, D}, &in_qkvz_);
+      p.bind(pre + "in_proj_ba.weight", {2 * nv, D}, &in_ba_);
+    } else {  // Qwen3.5: flat [q | k | v], z, b, a
+      p.bind(pre + "in_proj_qkv.weight", {2 * nk * dk + nv * dv, D}, &in_qkvz_);
+      p.bind(pre + "in_proj_z.weight", {nv * dv, D}, &in_z_);
+      p.bind(pre + "in_proj_b.weight", {nv, D}, &in_b_);
+      p.bind(pre + "in_proj_a.weight", {nv, D}, &in_a_);
+    }
+    p.bind(pre + "conv1d.weight", {core_.conv_dim, 1, s.conv_kernel}, &conv_w_, Init::Conv);
+    p.bind(pre + "A_log", {nv}, &A_log_, Init::ALog);
+    p.bind(pre + "dt_bias", {nv}, &dt_bias_, Init::DtBias);
+    p.bind(pre + "norm.weight", {dv}, &norm_, Init::Ones);
+    p.bind(pre + "out_proj.weight", {D, nv * dv}, &out_proj_);
+  }
+
+  void init_cache(LayerCache& c) const override { core_.init_cache(c); }
+
+  void forward(const float* x, float* out, const SeqBatch& b, int64_t layer) const override {
+    const int64_t T = b.tokens(), D = s_.hidden, nk = s_.lin_nk, nv = s_.lin_nv, dk = s_.lin_dk, dv = s_.lin_dv;
+    const int64_t r = nv / nk, C = core_.conv_dim;
+    auto mixed = buffer(T * C), z = buffer(T * nv * dv), bb = buffer(T * nv), a = buffer(T * nv);
+    if (grouped_) {
+      const int64_t G = 2 * dk + 2 * r * dv;  // width of one key-head group
+      auto P = buffer(T * nk * G), Q = buffer(T * 2 * nv);
+      linear(x, in_qkvz_.f32(), P.data(), T, D, nk * G);
+      linear(x, in_ba_.f32(), Q.data(), T, D, 2 * nv);
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t g = 0; g < nk; ++g) {
+          const float* src = P.data() + (t * nk + g) * G;
+          float* row = mixed.data() + t * C;
+          std::memcpy(row + g * dk, src, sizeof(float) * size_t(dk));
+          std::memcpy(row + nk * dk + g * dk, src + dk, sizeof(float) * size_t(dk));
+          std::memcpy(row + 2 * nk * dk + g * r * dv, src + 2 * dk, sizeof(float) * size_t(r * dv));
+          std::memcpy(z.data() + t * nv * dv + g * r * dv, src + 2 * dk + r * dv, sizeof(float) * size_t(r * dv));
+          const float* ba = Q.data() + (t * nk + g) * 2 * r;
+          for (int64_t i = 0; i < r; ++i) {
+            bb[size_t(t * nv + g * r + i)] = ba[i];
+            a[size_t(t * nv + g * r + i)] = ba[r + i];
+          }
+        }
+    } else {
+      linear(x, in_qkvz_.f32(), mixed.data(), T, D, C);
+      linear(x, in_z_.f32(), z.data(), T, D, nv * dv);
+      linear(x, in_b_.f32(), bb.data(), T, D, nv);
+      linear(x, in_a_.f32(), a.data(), T, D, nv);
+    }
+    // beta = sigmoid(b); g = -exp(A_log) · softplus(a + dt_bias)
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t j = 0; j < nv; ++j) {
+        float& bj = bb[size_t(t * nv + j)];
+        bj = sigmoid(bj);
+        float& aj = a[size_t(t * nv + j)];
+        aj = -std::exp(A_log_.f32()[j]) * softplus(aj + dt_bias_.f32()[j]);
+      }
+    auto o = buffer(T * nv * dv);
+    for (int64_t i = 0; i < b.num_seqs(); ++i) {
+      const int64_t t0 = b.cu_seqlens[size_t(i)];
+      core_.run(mixed.data() + t0 * C, conv_w_.f32(), a.data() + t0 * nv, bb.data() + t0 * nv,
+                o.data() + t0 * nv * dv, b.len(i), b.caches[size_t(i)]->layers[size_t(layer)]);
+    }
+    gated_rms_norm(o.data(), z.data(), norm_.f32(), T * nv, dv, s_.norm_eps, GateAct::SiLU);
+    linear(o.data(), out_proj_.f32(), out, T, nv * dv, D);
+  }
+
+ private:
+  const ModelSpec& s_;
+  DeltaCore core_;
+  bool grouped_;
+  Tensor in_qkvz_, in_ba_, in_z_, in_b_, in_a_, conv_w_, A_log_, dt_bias_, norm_, out_proj_;
+};
+
+// Kimi-Linear's Kimi Delta Attention (`self_attn.*`): per-channel decay from a low-rank gate.
+class KimiDeltaAttention : public Mixer {
+ public:
+  KimiDeltaAttention(const ModelSpec& s, Params& p, const std::string& pre) : s_(s) {
+    const int64_t D = s.hidden, H = s.lin_nv, dk = s.lin_dk, kw = s.conv_kernel, HK = H * dk;
+    core_ = {H, H, dk, dk, kw, 3 * HK, DeltaGate::PerKey};
+    p.bind(pre + "q_proj.weight", {HK, D}, &q_);
+    p.bind(pre + "k_proj.weight", {HK, D}, &k_);
+    p.bind(pre + "v_proj.weight", {HK, D}, &v_);
+    Tensor qc, kc, vc;  // three depthwise convs == one over the concatenated channels [q|k|v]
+    p.bind(pre + "q_conv1d.weight", {HK, 1, kw}, &qc, Init::Conv);
+    p.bind(pre + "k_conv1d.weight", {HK, 1, kw}, &kc, Init::Conv);
+    p.bind(pre + "v_conv1d.weight", {HK, 1, kw}, &vc, Init::Conv);
+    conv_w_ = Tensor::f32({3 * HK, kw});
+    for (int i = 0; i < 3; ++i)
+      std::memcpy(conv_w_.f32() + i * HK * kw, (i == 0 ? qc : i == 1 ? kc : vc).f32(), sizeof(float) * size_t(HK * kw));
+    p.bind(pre + "f_a_proj.weight", {dk, D}, &f_a_);
+    p.bind(pre + "f_b_proj.weight", {HK, dk}, &f_b_);
+    p.bind(pre + "dt_bias", {HK}, &dt_bias_, Init::DtBias);
+    p.bind(pre + "A_log", {1, 1, H, 1}, &A_log_, Init::ALog);
+    p.bind(pre + "b_proj.weight", {H, D}, &b_);
+    p.bind(pre + "g_a_proj.weight", {dk, D}, &g_a_);
+    p.bind(pre + "g_b_proj.weight", {HK, dk}, &g_b_);
+    p.bind(pre + "o_norm.weight", {dk}, &o_norm_, Init::Ones);
+    p.bind(pre + "o_proj.weight", {D, HK}, &o_);
+  }
+
+  void init_cache(LayerCache& c) const override { core_.init_cache(c); }
+
+  void forward(const float* x, float* out, const SeqBatch& b, int64_t layer) const override {
+    const int64_t T = b.tokens(), D = s_.hidden, H = s_.lin_nv, dk = s_.lin_dk, HK = H * dk, C = 3 * HK;
+    auto qkv = buffer(T * C), tmp = buffer(T * HK), lo = buffer(T * dk);
+    for (int i = 0; i < 3; ++i) {
+      linear(x, (i == 0 ? q_ : i == 1 ? k_ : v_).f32(), tmp.data(), T, D, HK);
+      for (int64_t t = 0; t < T; ++t)
+        std::memcpy(qkv.data() + t * C + i * HK, tmp.data() + t * HK, sizeof(float) * size_t(HK));
+    }
+    // g = -exp(A_log[h]) · softplus(f_b(f_a(x)) + dt_bias), one decay per (head, key channel)
+    auto g = buffer(T * HK);
+    linear(x, f_a_.f32(), lo.data(), T, D, dk);
+    linear(lo.data(), f_b_.f32(), g.data(), T, dk, HK);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t j = 0; j < HK; ++j) {
+        float& gj = g[size_t(t * HK + j)];
+        gj = -std::exp(A_log_.f32()[j / dk]) * softplus(gj + dt_bias_.f32()[j]);
+      }
+    auto beta = buffer(T * H);
+    linear(x, b_.f32(), beta.data(), T, D, H);
+    for (auto& v : beta) v = sigmoid(v);
+    auto o = buffer(T * HK);
+    for (int64_t i = 0; i < b.num_seqs(); ++i) {
+      const int64_t t0 = b.cu_seqlens[size_t(i)];
+      core_.run(qkv.data() + t0 * C, conv_w_.f32(), g.data() + t0 * HK, beta.data() + t0 * H, o.data() + t0 * HK,
+                b.len(i), b.caches[size_t(i)]->layers[size_t(layer)]);
+    }
+    auto og = buffer(T * HK);
+    linear(x, g_a_.f32(), lo.data(), T, D, dk);
+    linear(lo.data(), g_b_.f32(), og.data(), T, dk, HK);
+    gated_rms_norm(o.data(), og.data(), o_norm_.f32(), T * H, dk, s_.norm_eps, GateAct::Sigmoid);
+    linear(o.data(), o_.f32(), out, T, HK, D);
+  }
+
+ private:
+  const ModelSpec& s_;
+  DeltaCore core_;
+  Tensor q_, k_, v_, conv_w_, f_a_, f_b_, dt_bias_, A_log_, b_, g_a_, g_b_, o_norm_, o_;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Softmax attention.
+// ---------------------------------------------------------------------------------------------
+
+void append_rows(std::vector<float>& cache, const float* rows, int64_t n, int64_t width) {
+  cache.insert(cache.end(), rows, rows + n * width);
+}
+
+// Qwen3-Next / Qwen3.5 full attention: per-head [q | gate] projection, zero-centred q/k norms,
+// partial half-split RoPE, GQA, sigmoid output gate.
+class GatedAttention : public Mixer {
+ public:
+  GatedAttention(const ModelSpec& s, Params& p, const std::string& pre)
+      : s_(s), inv_freq_(rope_inv_freq(s.rope.theta, s.rope.rot)) {
+    const int64_t D = s.hidden, nh = s.n_heads, nkv = s.n_kv_heads, hd = s.head_dim;
+    p.bind(pre + "q_proj.weight", {nh * 2 * hd, D}, &q_);
+    p.bind(pre + "k_proj.weight", {nkv * hd, D}, &k_);
+    p.bind(pre + "v_proj.weight", {nkv * hd, D}, &v_);
+    p.bind(pre + "o_proj.weight", {D, nh * hd}, &o_);
+    p.bind(pre + "q_norm.weight", {hd}, &q_norm_, Init::Zeros);
+    p.bind(pre + "k_norm.weight", {hd}, &k_norm_, Init::Zeros);
+  }
+
+  void init_cache(LayerCache& c) const override { c.k.clear(), c.v.clear(); }
+
+  void forward(const float* x, float* out, const SeqBatch& b, int64_t layer) const override {
+    const int64_t T = b.tokens(), D = s_.hidden, nh = s_.n_heads, nkv = s_.n_kv_heads, hd = s_.head_dim;
+    auto qg = buffer(T * nh * 2 * hd), q = buffer(T * nh * hd), gate = buffer(T * nh * hd);
+    auto k = buffer(T * nkv * hd), v = buffer(T * nkv * hd), o = buffer(T * nh * hd);
+    linear(x, q_.f32(), qg.data(), T, D, nh * 2 * hd);
+    linear(x, k_.f32(), k.data(), T, D, nkv * hd);
+    linear(x, v_.f32(), v.data(), T, D, nkv * hd);
+    for (int64_t r = 0; r < T * nh; ++r) {
+      std::memcpy(q.data() + r * hd, qg.data() + r * 2 * hd, sizeof(float) * size_t(hd));
+      std::memcpy(gate.data() + r * hd, qg.data() + r * 2 * hd + hd, sizeof(float) * size_t(hd));
+    }
+    rms_norm(q.data(), q_norm_.f32(), q.data(), T * nh, hd, s_.norm_eps, true);
+    rms_norm(k.data(), k_norm_.f32(), k.data(), T * nkv, hd, s_.norm_eps, true);
+    for (int64_t i = 0; i < b.num_seqs(); ++i) {
+      LayerCache& c = b.caches[size_t(i)]->layers[size_t(layer)];
+      const int64_t t0 = b.cu_seqlens[size_t(i)], n = b.len(i), past = b.caches[size_t(i)]->length;
+      for (int64_t t = 0; t < n; ++t) {
+        rope_half(q.data() + (t0 + t) * nh * hd, nh, hd, inv_freq_, past + t);
+        rope_half(k.data() + (t0 + t) * nkv * hd, nkv, hd, inv_freq_, past + t);
+      }
+      append_rows(c.k, k.data() + t0 * nkv * hd, n, nkv * hd);
+      append_rows(c.v, v.data() + t0 * nkv * hd, n, nkv * hd);
+      attention(q.data() + t0 * nh * hd, c.k.data(), c.v.data(), o.data() + t0 * nh * hd, n, past + n, nh, nkv, hd,
+                hd, 1.0f / std::sqrt(float(hd)));
+    }
+    for (int64_t j = 0; j < T * nh * hd; ++j) o[size_t(j)] *= sigmoid(gate[size_t(j)]);
+    linear(o.data(), o_.f32(), out, T, nh * hd, D);
+  }
+
+ private:
+  const ModelSpec& s_;
+  std::vector<float> inv_freq_;
+  Tensor q_, k_, v_, o_, q_norm_, k_norm_;
+};
+
+// yarn's blend of interpolated and extrapolated frequencies (DeepSeek-V3.2 checkpoints).
+std::vector<float> mla_inv_freq(const RopeSpec& r) {
+  std::vector<float> f = rope_inv_freq(r.theta, r.rot);
+  if (!r.yarn) return f;
+  const double dim = double(r.rot), base = r.theta;
+  auto corr = [&](double rot) {
+    return dim * std::log(double(r.original_max_pos) / (rot * 2 * M_PI)) / (2 * std::log(base));
+  };
+  double lo = corr(r.beta_fast), hi = corr(r.beta_slow);
+  if (r.truncate) lo = std::floor(lo), hi = std::ceil(hi);
+  lo = std::max(lo, 0.0), hi = std::min(hi, dim - 1);
+  if (lo == hi) hi += 0.001;
+  for (size_t i = 0; i < f.size(); ++i) {
+    const float ramp = std::clamp(float((double(i) - lo) / (hi - lo)), 0.0f, 1.0f);
+    const float extra = 1.0f - ramp;  // weight of the extrapolated (original) frequency
+    f[i] = float(f[i] / r.factor) * (1.0f - extra) + f[i] * extra;
+  }
+  return f;
+}
+
+float yarn_attention_factor(const RopeSpec& r) {
+  if (!r.yarn) return 1.0f;
+  auto m = [&](double mm) { return r.factor <= 1 ? 1.0 : 0.1 * mm * std::log(r.factor) + 1.0; };
+  return r.mscale_all_dim != 0 ? float(m(r.mscale) / m(r.mscale_all_dim)) : float(m(1.0));
+}
+
+// Multi-head latent attention. Kimi-Linear: no RoPE, plain q_proj. DeepSeek-V3.2: q through the
+// q_a/q_b low-rank path, interleaved RoPE on the last dr dims, plus the lightning indexer that
+// picks index_topk keys per query. The cache holds the expanded per-head K [S, nh·(dn+dr)] and V.
+class MultiLatentAttention : public Mixer {
+ public:
+  MultiLatentAttention(const ModelSpec& s, Params& p, const std::string& pre, bool sparse)
+      : s_(s), sparse_(sparse), rope_(s.arch == Arch::DeepseekV32) {
+    const int64_t D = s.hidden, nh = s.n_heads, dq = s.qk_nope + s.qk_rope, R = s.kv_lora_rank;
+    if (s.q_lora_rank > 0) {
+      p.bind(pre + "q_a_proj.weight", {s.q_lora_rank, D}, &q_a_);
+      p.bind(pre + "q_a_layernorm.weight", {s.q_lora_rank}, &q_a_norm_, Init::Ones);
+      p.bind(pre + "q_b_proj.weight", {nh * dq, s.q_lora_rank}, &q_b_);
+    } else {
+      p.bind(pre + "q_proj.weight", {nh * dq, D}, &q_b_);
+    }
+    p.bind(pre + "kv_a_proj_with_mqa.weight", {R + s.qk_rope, D}, &kv_a_);
+    p.bind(pre + "kv_a_layernorm.weight", {R}, &kv_a_norm_, Init::Ones);
+    p.bind(pre + "kv_b_proj.weight", {nh * (s.qk_nope + s.v_head), R}, &kv_b_);
+    p.bind(pre + "o_proj.weight", {D, nh * s.v_head}, &o_);
+    if (rope_) {
+      inv_freq_ = mla_inv_freq(s.rope);
+      attn_factor_ = yarn_attention_factor(s.rope);
+    }
+    if (sparse_) {
+      const int64_t IH = s.index_heads, ID = s.index_dim;
+      p.bind(pre + "indexer.wq_b.weight", {IH * ID, s.q_lora_rank}, &iq_);
+      p.bind(pre + "indexer.wk.weight", {ID, D}, &ik_);
+      p.bind(pre + "indexer.k_norm.weight", {ID}, &ik_norm_w_, Init::Ones);
+      p.bind(pre + "indexer.k_norm.bias", {ID}, &ik_norm_b_, Init::Zeros);
+      p.bind(pre + "indexer.weights_proj.weight", {IH, D}, &iw_);
+      index_freq_ = rope_inv_freq(s.rope.theta, s.qk_rope);
+      if (s.rope.yarn) index_freq_ = inv_freq_;
+    }
+  }
+
+  void init_cache(LayerCache& c) const override { c.k.clear(), c.v.clear(), c.index_k.clear(); }
+
+  void forward(const float* x, float* out, const SeqBatch& b, int64_t layer) const override {
+    const int64_t T = b.tokens(), D = s_.hidden, nh = s_.n_heads, dn = s_.qk_nope, dr = s_.qk_rope;
+    const int64_t dq = dn + dr, dv = s_.v_head, R = s_.kv_lora_rank, Rq = s_.q_lora_rank;
+    auto q = buffer(T * nh * dq), qr = buffer(T * std::max<int64_t>(Rq, 1));
+    if (Rq > 0) {
+      linear(x, q_a_.f32(), qr.data(), T, D, Rq);
+      rms_norm(qr.data(), q_a_norm_.f32(), qr.data(), T, Rq, 1e-6f, false);
+      linear(qr.data(), q_b_.f32(), q.data(), T, Rq, nh * dq);
+    } else {
+      linear(x, q_b_.f32(), q.data(), T, D, nh * dq);
+    }
+    auto c = buffer(T * (R + dr)), lat = buffer(T * R), kv = buffer(T * nh * (dn + dv));
+    linear(x, kv_a_.f32(), c.data(), T, D, R + dr);
+    for (int64_t t = 0; t < T; ++t)
+      rms_norm(c.data() + t * (R + dr), kv_a_norm_.f32(), lat.data() + t * R, 1, R, 1e-6f, false);
+    linear(lat.data(), kv_b_.f32(), kv.data(), T, R, nh * (dn + dv));
+    auto K = buffer(T * nh * dq), V = buffer(T * nh * dv), o = buffer(T * nh * dv);
+    for (int64_t i = 0; i < b.num_seqs(); ++i) {
+      const int64_t t0 = b.cu_seqlens[size_t(i)], n = b.len(i), past = b.caches[size_t(i)]->length;
+      for (int64_t t = t0; t < t0 + n; ++t) {
+        float* k_pe = c.data() + t * (R + dr) + R;  // one rope key shared by all heads
+        if (rope_) {
+          rope_interleaved(k_pe, 1, dr, inv_freq_, past + t - t0, attn_factor_);
+          rope_interleaved(q.data() + t * nh * dq + dn, nh, dq, inv_freq_, past + t - t0, attn_factor_);
+        }
+        for (int64_t h = 0; h < nh; ++h) {
+          const float* kvh = kv.data() + (t * nh + h) * (dn + dv);
+          float* Kh = K.data() + (t * nh + h) * dq;
+          std::memcpy(Kh, kvh, sizeof(float) * size_t(dn));
+          std::memcpy(Kh + dn, k_pe, sizeof(float) * size_t(dr));
+          std::memcpy(V.data() + (t * nh + h) * dv, kvh + dn, sizeof(float) * size_t(dv));
+        }
+      }
+      LayerCache& lc = b.caches[size_t(i)]->layers[size_t(layer)];
+      append_rows(lc.k, K.data() + t0 * nh * dq, n, nh * dq);
+      append_rows(lc.v, V.data() + t0 * nh * dv, n, nh * dv);
+      std::vector<std::vector<int32_t>> sel;
+      if (sparse_) sel = select_keys(x + t0 * D, qr.data() + t0 * Rq, n, past, lc);
+      attention(q.data() + t0 * nh * dq, lc.k.data(), lc.v.data(), o.data() + t0 * nh * dv, n, past + n, nh, nh, dq,
+                dv, s_.mla_scale(), sel.empty() ? nullptr : &sel);
+    }
+    linear(o.data(), o_.f32(), out, T, nh * dv, D);
+  }
+
+ private:
+  // Lightning indexer for n new queries of one sequence: I[t,u] = Σ_h w[t,h]·ReLU(iq[t,h]·ik[u]·ID^-0.5),
+  // w = weights_proj(x)·IH^-0.5; query t keeps the top index_topk causal keys (lowest index wins
+  // ties). Returns {} when every query may see all its causal keys (dense attention).
+  std::vector<std::vector<int32_t>> select_keys(const float* x, const float* qr, int64_t n, int64_t past,
+                                                LayerCache& lc) const {
+    const int64_t D = s_.hidden, IH = s_.index_heads, ID = s_.index_dim, dr = s_.qk_rope, Rq = s_.q_lora_rank;
+    auto iq = buffer(n * IH * ID), ik = buffer(n * ID), w = buffer(n * IH);
+    linear(qr, iq_.f32(), iq.data(), n, Rq, IH * ID);
+    linear(x, ik_.f32(), ik.data(), n, D, ID);
+    layer_norm(ik.data(), ik_norm_w_.f32(), ik_norm_b_.f32(), ik.data(), n, ID, 1e-6f);
+    linear(x, iw_.f32(), w.data(), n, D, IH);
+    for (int64_t t = 0; t < n; ++t) {
+      rope_half(iq.data() + t * IH * ID, IH, ID, index_freq_, past + t, attn_factor_);
+      rope_half(ik.data() + t * ID, 1, ID, index_freq_, past + t, attn_factor_);
+    }
+    (void)dr;
+    append_rows(lc.index_k, ik.data(), n, ID);
+    const int64_t S = past + n, topk = s_.index_topk;
+    if (S <= topk) return {};
+    std::vector<std::vector<int32_t>> sel(static_cast<size_t>(n));
+    const float wscale = 1.0f / std::sqrt(float(IH)), sscale = 1.0f / std::sqrt(float(ID));
+#pragma omp parallel for schedule(dynamic)
+    for (int64_t t = 0; t < n; ++t) {
+      const int64_t pos = past + t;
+      std::vector<int32_t> idx(static_cast<size_t>(pos + 1));
+      std::iota(idx.begin(), idx.end(), 0);
+      if (pos + 1 <= topk) {
+        sel[size_t(t)] = std::move(idx);
+        continue;
+      }
+      std::vector<float> score(size_t(pos + 1), 0.0f);
+      for (int64_t u = 0; u <= pos; ++u) {
+        const float* ku = lc.index_k.data() + u * ID;
+        float acc = 0;
+        for (int64_t h = 0; h < IH; ++h) {
+          const float* qh = iq.data() + (t * IH + h) * ID;
+          float dot = 0;
+          for (int64_t d = 0; d < ID; ++d) dot += qh[d] * ku[d];
+          acc += w[size_t(t * IH + h)] * wscale * std::max(dot * sscale, 0.0f);
+        }
+        score[size_t(u)] = acc;
+      }
+      std::partial_sort(idx.begin(), idx.begin() + topk, idx.end(), [&](int32_t a, int32_t c) {
+        return score[size_t(a)] != score[size_t(c)] ? score[size_t(a)] > score[size_t(c)] : a < c;
+      });
+      idx.resize(size_t(topk));
+      std::sort(idx.begin(), idx.end());
+      sel[size_t(t)] = std::move(idx);
+    }
+    return sel;
+  }
+
+  const ModelSpec& s_;
+  bool sparse_, rope_;
+  std::vector<float> inv_freq_, index_freq_;
+  float attn_factor_ = 1.0f;
+  Tensor q_a_, q_a_norm_, q_b_, kv_a_, kv_a_norm_, kv_b_, o_;
+  Tensor iq_, ik_, ik_norm_w_, ik_norm_b_, iw_;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Feed-forward blocks.
+// ---------------------------------------------------------------------------------------------
+
+class DenseFfn : public Ffn {
+ public:
+  DenseFfn(const ModelSpec& s, Params& p, const std::string& pre) {
+    check(s.intermediate > 0, "config.json: field 'intermediate_size' is needed for dense MLP layers");
+    mlp_.bind(p, pre, s.hidden, s.intermediate);
+  }
+  void forward(const float* x, float* out, int64_t T) const override { mlp_.forward(x, out, T); }
+
+ private:
+  SwiGLU mlp_;
+};
+
+// Routed experts + shared expert. Tokens are grouped by expert so each expert runs one GEMM.
+class MoeFfn : public Ffn {
+ public:
+  MoeFfn(const ModelSpec& s, Params& p, const std::string& pre) : s_(s) {
+    const int64_t D = s.hidden, E = s.n_experts;
+    p.bind(pre + "gate.weight", {E, D}, &router_);
+    if (s.router == Router::Sigmoid) p.bind(pre + "gate.e_score_correction_bias", {E}, &bias_, Init::Zeros);
+    const bool kimi = s.arch == Arch::KimiLinear;
+    experts_.resize(size_t(E));
+    for (int64_t e = 0; e < E; ++e) {
+      const std::string ep = pre + "experts." + std::to_string(e) + ".";
+      if (kimi) experts_[size_t(e)].bind(p, ep, D, s.moe_intermediate, "w1", "w3", "w2");
+      else experts_[size_t(e)].bind(p, ep, D, s.moe_intermediate);
+    }
+    if (s.shared_intermediate > 0) {
+      shared_.bind(p, pre + (s.shared_gate ? "shared_expert." : "shared_experts."), D, s.shared_intermediate);
+      if (s.shared_gate) p.bind(pre + "shared_expert_gate.weight", {1, D}, &shared_gate_);
+    }
+  }
+
+  void forward(const float* x, float* out, int64_t T) const override {
+    const int64_t D = s_.hidden, E = s_.n_experts, k = s_.top_k;
+    auto logits = buffer(T * E);
+    linear(x, router_.f32(), logits.data(), T, D, E);
+    std::vector<std::vector<std::pair<int64_t, float>>> tokens_of(static_cast<size_t>(E));  // expert -> (token, weight)
+    for (int64_t t = 0; t < T; ++t) {
+      std::vector<std::pair<int64_t, float>> picks = route(logits.data() + t * E);
+      for (auto& [e, w] : picks) tokens_of[size_t(e)].emplace_back(t, w);
+    }
+    (void)k;
+    std::fill(out, out + T * D, 0.0f);
+    for (int64_t e = 0; e < E; ++e) {
+      const auto& list = tokens_of[size_t(e)];
+      if (list.empty()) continue;
+      const int64_t n = int64_t(list.size());
+      auto xin = buffer(n * D), y = buffer(n * D);
+      for (int64_t i = 0; i < n; ++i)
+        std::memcpy(xin.data() + i * D, x + list[size_t(i)].first * D, sizeof(float) * size_t(D));
+      experts_[size_t(e)].forward(xin.data(), y.data(), n);
+      for (int64_t i = 0; i < n; ++i) {
+        float* o = out + list[size_t(i)].first * D;
+        const float w = list[size_t(i)].second;
+        for (int64_t d = 0; d < D; ++d) o[d] += w * y[size_t(i * D + d)];
+      }
+    }
+    if (s_.shared_intermediate > 0) {
+      auto y = buffer(T * D);
+      shared_.forward(x, y.data(), T);
+      std::vector<float> gate(size_t(T), 1.0f);
+      if (s_.shared_gate) {
+        linear(x, shared_gate_.f32(), gate.data(), T, D, 1);
+        for (auto& g : gate) g = sigmoid(g);
+      }
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t d = 0; d < D; ++d) out[t * D + d] += gate[size_t(t)] * y[size_t(t * D + d)];
+    }
+  }
+
+ private:
+  // (expert, weight) pairs for one token's router logits.
+  std::vector<std::pair<int64_t, float>> route(const float* logit) const {
+    const int64_t E = s_.n_experts, k = s_.top_k;
+    std::vector<float> prob(static_cast<size_t>(E)), select(static_cast<size_t>(E));
+    if (s_.router == Router::Softmax) {  // softmax over all experts, select on the probabilities
+      const float mx = *std::max_element(logit, logit + E);
+      float sum = 0;
+      for (int64_t e = 0; e < E; ++e) sum += prob[size_t(e)] = std::exp(logit[e] - mx);
+      for (auto& p : prob) p /= sum;
+      select = prob;
+    } else {  // sigmoid scores; the correction bias steers selection only
+      for (int64_t e = 0; e < E; ++e) {
+        prob[size_t(e)] = sigmoid(logit[e]);
+        select[size_t(e)] = prob[size_t(e)] + bias_.f32()[e];
+      }
+      if (s_.n_group > 1) {  // keep the topk_group groups with the best sum of their top-2 scores
+        const int64_t G = s_.n_group, per = E / G;
+        std::vector<std::pair<float, int64_t>> gscore;
+        for (int64_t g = 0; g < G; ++g) {
+          std::vector<float> v(select.begin() + g * per, select.begin() + (g + 1) * per);
+          std::partial_sort(v.begin(), v.begin() + std::min<int64_t>(2, per), v.end(), std::greater<float>());
+          gscore.emplace_back(v[0] + (per > 1 ? v[1] : 0.0f), g);
+        }
+        std::stable_sort(gscore.begin(), gscore.end(), [](auto& a, auto& b) { return a.first > b.first; });
+        for (size_t r = size_t(s_.topk_group); r < gscore.size(); ++r)
+          for (int64_t e = gscore[r].second * per; e < (gscore[r].second + 1) * per; ++e) select[size_t(e)] = -INFINITY;
+      }
+    }
+    std::vector<int64_t> idx(static_cast<size_t>(E));
+    std::iota(idx.begin(), idx.end(), 0);
+    std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), [&](int64_t a, int64_t b) {
+      return select[size_t(a)] != select[size_t(b)] ? select[size_t(a)] > select[size_t(b)] : a < b;
+    });
+    std::vector<std::pair<int64_t, float>> picks;
+    float sum = 0;
+    for (int64_t i = 0; i < k; ++i) sum += prob[size_t(idx[size_t(i)])];
+    for (int64_t i = 0; i < k; ++i) {
+      float w = prob[size_t(idx[size_t(i)])];
+      if (s_.norm_topk) w /= s_.router == Router::Sigmoid ? sum + 1e-20f : sum;
+      picks.emplace_back(idx[size_t(i)], w * float(s_.routed_scale));
+    }
+    return picks;
+  }
+
+  const ModelSpec& s_;
+  Tensor router_, bias_, shared_gate_;
+  std::vector<SwiGLU> experts_;
+  SwiGLU shared_;
+};
+
+}  // namespace
+
+void SwiGLU::bind(Params& p, const std::string& prefix, int64_t d, int64_t i, const char* gate_name,
+                  const char* up_name, const char* down_name) {
+  D = d, I = i;
+  p.bind(prefix + gate_name + ".weight", {I, D}, &gate);
+  p.bind(prefix + up_name + ".weight", {I, D}, &up);
+  p.bind(prefix + down_name + ".weight", {D, I}, &down);
+}
+
+void SwiGLU::forward(const float* x, float* out, int64_t T) const {
+  auto g = buffer(T * I), u = buffer(T * I);
+  linear(x, gate.f32(), g.data(), T, D, I);
+  linear(x, up.f32(), u.data(), T, D, I);
+  for (int64_t j = 0; j < T * I; ++j) g[size_t(j)] = silu(g[size_t(j)]) * u[size_t(j)];
+  linear(g.data(), down.f32(), out, T, I, D);
+}
+
+std::unique_ptr<Mixer> make_mixer(const ModelSpec& s, int64_t layer, Params& p) {
+  const std::string pre = s.weight_prefix + "layers." + std::to_string(layer) + ".";
+  switch (s.mixers[size_t(layer)]) {
+    case MixerKind::GatedDeltaNet: return std::make_unique<GatedDeltaNet>(s, p, pre + "linear_attn.");
+    case MixerKind::KimiDeltaAttention: return std::make_unique<KimiDeltaAttention>(s, p, pre + "self_attn.");
+    case MixerKind::GatedAttention: return std::make_unique<GatedAttention>(s, p, pre + "self_attn.");
+    case MixerKind::MLA: return std::make_unique<MultiLatentAttention>(s, p, pre + "self_attn.", false);
+    case MixerKind::SparseMLA: return std::make_unique<MultiLatentAttention>(s, p, pre + "self_attn.", true);
+  }
+  throw Error("internal: unknown mixer kind");
+}
+
+std::unique_ptr<Ffn> make_ffn(const ModelSpec& s, int64_t layer, Params& p) {
+  const std::string pre = s.weight_prefix + "layers." + std::to_string(layer) +
+                          (s.arch == Arch::KimiLinear ? ".block_sparse_moe." : ".mlp.");
+  if (s.ffns[size_t(layer)] == FfnKind::MoE) return std::make_unique<MoeFfn>(s, p, pre);
+  return std::make_unique<DenseFfn>(s, p, pre);
+}
+
+}  // namespace hla

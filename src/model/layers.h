@@ -1,0 +1,42 @@
+// The layers of the four architectures, on packed f32 activations x [T, D] (T = all tokens of a
+// SeqBatch). Each layer binds its weights through Params (load or random init) in its constructor.
+#pragma once
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+#include "model/cache.h"
+#include "model/params.h"
+#include "model/spec.h"
+
+namespace hla {
+
+class Mixer {
+ public:
+  virtual ~Mixer() = default;
+  // out [T, D] = mixer(x [T, D]); reads and advances caches[i]->layers[layer].
+  virtual void forward(const float* x, float* out, const SeqBatch& b, int64_t layer) const = 0;
+  virtual void init_cache(LayerCache& c) const = 0;
+};
+
+class Ffn {
+ public:
+  virtual ~Ffn() = default;
+  virtual void forward(const float* x, float* out, int64_t T) const = 0;
+};
+
+// The mixer and FFN of layer `layer`, with the checkpoint names of its architecture.
+std::unique_ptr<Mixer> make_mixer(const ModelSpec& s, int64_t layer, Params& p);
+std::unique_ptr<Ffn> make_ffn(const ModelSpec& s, int64_t layer, Params& p);
+
+// SwiGLU MLP down(silu(gate(x)) ⊙ up(x)), shared by dense layers, experts and shared experts.
+struct SwiGLU {
+  Tensor gate, up, down;  // [I, D], [I, D], [D, I]
+  int64_t D = 0, I = 0;
+  void bind(Params& p, const std::string& prefix, int64_t D, int64_t I, const char* gate_name = "gate_proj",
+            const char* up_name = "up_proj", const char* down_name = "down_proj");
+  void forward(const float* x, float* out, int64_t T) const;
+};
+
+}  // namespace hla

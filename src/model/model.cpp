@@ -1,0 +1,120 @@
+#include "model/model.h"
+
+#include <cstring>
+
+#include "backends/cpu/nn.h"
+#include "core/error.h"
+
+namespace hla {
+
+Model::Model(ModelSpec spec, Params& p) : spec_(std::move(spec)) {
+  const ModelSpec& s = spec_;
+  const std::string pre = s.weight_prefix;
+  const Init norm_init = s.zero_centered_norm ? Init::Zeros : Init::Ones;
+  p.bind(pre + "embed_tokens.weight", {s.vocab, s.hidden}, &embed_);
+  norm_in_.resize(size_t(s.n_layers));
+  norm_post_.resize(size_t(s.n_layers));
+  for (int64_t l = 0; l < s.n_layers; ++l) {
+    const std::string lp = pre + "layers." + std::to_string(l) + ".";
+    p.bind(lp + "input_layernorm.weight", {s.hidden}, &norm_in_[size_t(l)], norm_init);
+    p.bind(lp + "post_attention_layernorm.weight", {s.hidden}, &norm_post_[size_t(l)], norm_init);
+    mixers_.push_back(make_mixer(s, l, p));
+    ffns_.push_back(make_ffn(s, l, p));
+  }
+  p.bind(pre + "norm.weight", {s.hidden}, &final_norm_, norm_init);
+  // Tied embeddings: a checkpoint may still carry lm_head.weight; use it when present.
+  if (!s.tie_embeddings || (p.loading() && p.has("lm_head.weight")))
+    p.bind("lm_head.weight", {s.vocab, s.hidden}, &lm_head_);
+  else
+    lm_head_ = embed_;
+  num_params_ = p.num_params();
+}
+
+std::unique_ptr<Model> Model::load(const std::string& dir) {
+  ModelSpec spec = load_model_spec(dir);
+  Checkpoint ckpt(dir);
+  Params p(&ckpt);
+  return std::unique_ptr<Model>(new Model(std::move(spec), p));
+}
+
+std::unique_ptr<Model> Model::random(const ModelSpec& spec, uint64_t seed, std::map<std::string, Tensor>* created) {
+  Params p(seed);
+  auto m = std::unique_ptr<Model>(new Model(spec, p));
+  if (created) *created = p.created();
+  return m;
+}
+
+SequenceCache Model::new_cache() const {
+  SequenceCache c;
+  c.layers.resize(size_t(spec_.n_layers));
+  for (int64_t l = 0; l < spec_.n_layers; ++l) mixers_[size_t(l)]->init_cache(c.layers[size_t(l)]);
+  return c;
+}
+
+Tensor Model::forward(const std::vector<int64_t>& ids, const SeqBatch& b, bool all_logits) const {
+  const ModelSpec& s = spec_;
+  const int64_t T = b.tokens(), D = s.hidden;
+  check(int64_t(ids.size()) == T, "internal: ids and cu_seqlens disagree");
+  check(int64_t(b.cu_seqlens.size()) == b.num_seqs() + 1, "internal: cu_seqlens and caches disagree");
+  for (int64_t id : ids)
+    check(id >= 0 && id < s.vocab, "token id " + std::to_string(id) + " is outside the vocabulary [0, " +
+                                       std::to_string(s.vocab) + ")");
+  std::vector<float> h(size_t(T * D)), x(size_t(T * D)), y(size_t(T * D));
+  for (int64_t t = 0; t < T; ++t)
+    std::memcpy(h.data() + t * D, embed_.f32() + ids[size_t(t)] * D, sizeof(float) * size_t(D));
+  for (int64_t l = 0; l < s.n_layers; ++l) {
+    cpu::rms_norm(h.data(), norm_in_[size_t(l)].f32(), x.data(), T, D, s.norm_eps, s.zero_centered_norm);
+    mixers_[size_t(l)]->forward(x.data(), y.data(), b, l);
+    for (int64_t i = 0; i < T * D; ++i) h[size_t(i)] += y[size_t(i)];
+    cpu::rms_norm(h.data(), norm_post_[size_t(l)].f32(), x.data(), T, D, s.norm_eps, s.zero_centered_norm);
+    ffns_[size_t(l)]->forward(x.data(), y.data(), T);
+    for (int64_t i = 0; i < T * D; ++i) h[size_t(i)] += y[size_t(i)];
+  }
+  for (int64_t i = 0; i < b.num_seqs(); ++i) b.caches[size_t(i)]->length += b.len(i);
+  // Only the rows whose logits are wanted go through the final norm and the (large) LM head.
+  std::vector<int64_t> rows;
+  for (int64_t i = 0; i < b.num_seqs(); ++i) {
+    if (all_logits)
+      for (int64_t t = b.cu_seqlens[size_t(i)]; t < b.cu_seqlens[size_t(i + 1)]; ++t) rows.push_back(t);
+    else if (b.len(i) > 0)
+      rows.push_back(b.cu_seqlens[size_t(i + 1)] - 1);
+  }
+  const int64_t R = int64_t(rows.size());
+  for (int64_t r = 0; r < R; ++r)
+    cpu::rms_norm(h.data() + rows[size_t(r)] * D, final_norm_.f32(), x.data() + r * D, 1, D, s.norm_eps,
+                  s.zero_centered_norm);
+  Tensor logits = Tensor::f32({R, s.vocab});
+  cpu::linear(x.data(), lm_head_.f32(), logits.f32(), R, D, s.vocab);
+  return logits;
+}
+
+int64_t Model::kv_bytes_per_token() const {
+  const ModelSpec& s = spec_;
+  int64_t floats = 0;
+  for (auto k : s.mixers) {
+    if (k == MixerKind::GatedAttention) floats += 2 * s.n_kv_heads * s.head_dim;
+    if (k == MixerKind::MLA || k == MixerKind::SparseMLA) floats += s.n_heads * (s.qk_nope + s.qk_rope + s.v_head);
+    if (k == MixerKind::SparseMLA) floats += s.index_dim;
+  }
+  return floats * int64_t(sizeof(float));
+}
+
+int64_t Model::state_bytes_per_sequence() const {
+  const ModelSpec& s = spec_;
+  int64_t floats = 0;
+  for (auto k : s.mixers)
+    if (mixer_is_linear(k)) {
+      const int64_t conv_dim = k == MixerKind::GatedDeltaNet ? 2 * s.lin_nk * s.lin_dk + s.lin_nv * s.lin_dv
+                                                              : 3 * s.lin_nv * s.lin_dk;
+      floats += s.lin_nv * s.lin_dk * s.lin_dv + conv_dim * (s.conv_kernel - 1);
+    }
+  return floats * int64_t(sizeof(float));
+}
+
+size_t SequenceCache::bytes() const {
+  size_t n = 0;
+  for (auto& l : layers) n += l.conv.size() + l.state.size() + l.k.size() + l.v.size() + l.index_k.size();
+  return n * sizeof(float);
+}
+
+}  // namespace hla

@@ -1,0 +1,46 @@
+// Model: a causal LM of one of the supported architectures, built from a ModelSpec and its weights.
+// forward() runs the tokens of several sequences at once (packed), each continuing its own
+// SequenceCache, so prefill, decode and batched decode are the same call.
+#pragma once
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+#include "model/cache.h"
+#include "model/layers.h"
+#include "model/spec.h"
+
+namespace hla {
+
+class Model {
+ public:
+  // Loads DIR/config.json and the checkpoint's weights (f32 in memory, any float dtype on disk).
+  static std::unique_ptr<Model> load(const std::string& dir);
+  // Random weights from `seed` (`hla init`); the tensors to write come back in *created.
+  static std::unique_ptr<Model> random(const ModelSpec& spec, uint64_t seed, std::map<std::string, Tensor>* created);
+
+  const ModelSpec& spec() const { return spec_; }
+  int64_t num_params() const { return num_params_; }
+  SequenceCache new_cache() const;
+
+  // Logits [rows, vocab]: one row per token when all_logits, else one per sequence (its last token).
+  // ids are checked against the vocabulary; caches advance by their sequence's length.
+  Tensor forward(const std::vector<int64_t>& ids, const SeqBatch& batch, bool all_logits) const;
+
+  // Bytes the cache holds per token of context (attention layers) and per sequence (linear layers),
+  // at the f32 the CPU engine stores.
+  int64_t kv_bytes_per_token() const;
+  int64_t state_bytes_per_sequence() const;
+
+ private:
+  Model(ModelSpec spec, Params& p);
+  ModelSpec spec_;
+  Tensor embed_, final_norm_, lm_head_;
+  std::vector<Tensor> norm_in_, norm_post_;
+  std::vector<std::unique_ptr<Mixer>> mixers_;
+  std::vector<std::unique_ptr<Ffn>> ffns_;
+  int64_t num_params_ = 0;
+};
+
+}  // namespace hla

@@ -1,0 +1,67 @@
+// ModelSpec: one architecture-neutral description of a model, parsed from a Hugging Face
+// config.json. Everything downstream (layers, cache, `hla info`, `hla init`) reads the spec, never
+// the JSON, so each architecture's config quirks live in spec.cpp only.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "core/config.h"
+
+namespace hla {
+
+enum class Arch { Qwen3Next, Qwen3_5, KimiLinear, DeepseekV32 };
+enum class MixerKind { GatedDeltaNet, KimiDeltaAttention, GatedAttention, MLA, SparseMLA };
+enum class FfnKind { Dense, MoE };
+enum class Router { Softmax, Sigmoid };  // Qwen: softmax over all experts; Kimi/DeepSeek: sigmoid + bias
+
+const char* mixer_name(MixerKind k);
+bool mixer_is_linear(MixerKind k);
+
+struct RopeSpec {
+  double theta = 10000.0;
+  int64_t rot = 0;  // rotated dims per head
+  // yarn (DeepSeek-V3.2): inv_freq blending and the attention-scale correction
+  bool yarn = false;
+  double factor = 1.0, mscale = 1.0, mscale_all_dim = 0.0, beta_fast = 32.0, beta_slow = 1.0;
+  int64_t original_max_pos = 4096;
+  bool truncate = true;
+};
+
+struct ModelSpec {
+  std::string model_type;
+  Arch arch{};
+  std::string weight_prefix = "model.";  // where the text model's tensors live in the checkpoint
+  int64_t vocab = 0, hidden = 0, n_layers = 0;
+  float norm_eps = 1e-6f;
+  bool zero_centered_norm = false;  // Qwen: x·(1+w); Kimi/DeepSeek: x·w
+  bool tie_embeddings = false;
+  std::vector<MixerKind> mixers;
+  std::vector<FfnKind> ffns;
+  int64_t intermediate = 0;
+  // delta-rule layers (GDN: nk key heads, nv value heads; KDA: nk = nv)
+  int64_t lin_nk = 0, lin_nv = 0, lin_dk = 0, lin_dv = 0, conv_kernel = 0;
+  // softmax attention
+  int64_t n_heads = 0, n_kv_heads = 0, head_dim = 0;
+  RopeSpec rope;
+  // MLA
+  int64_t q_lora_rank = 0, kv_lora_rank = 0, qk_nope = 0, qk_rope = 0, v_head = 0;
+  // DeepSeek lightning indexer
+  int64_t index_heads = 0, index_dim = 0, index_topk = 0;
+  // MoE
+  int64_t n_experts = 0, top_k = 0, moe_intermediate = 0, shared_intermediate = 0;
+  int64_t n_group = 1, topk_group = 1;
+  bool norm_topk = true, shared_gate = false;
+  double routed_scale = 1.0;
+  Router router = Router::Softmax;
+  int64_t eos_token_id = -1;
+
+  float mla_scale() const;  // (dn+dr)^-0.5, times yarn's mscale²
+};
+
+// Reads DIR/config.json (Qwen3.5 vision-language configs: the `text_config` inside). Errors name
+// the file and field; unknown architectures are refused.
+ModelSpec parse_model_spec(const Config& cfg);
+ModelSpec load_model_spec(const std::string& model_dir);
+
+}  // namespace hla

@@ -1,0 +1,48 @@
+// Session: one sequence with its hybrid cache. append() feeds tokens (prefill or one decode step) and
+// returns the logits of the last one; generate() runs prompt + sampling loop.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <random>
+#include <vector>
+
+#include "model/model.h"
+
+namespace hla {
+
+struct SamplingParams {
+  float temperature = 0.0f;  // 0 = greedy
+  int64_t top_k = 0;         // 0 = all
+  float top_p = 1.0f;
+  uint64_t seed = 0;
+};
+
+class Sampler {
+ public:
+  explicit Sampler(const SamplingParams& p);
+  int64_t sample(const float* logits, int64_t vocab);
+
+ private:
+  SamplingParams p_;
+  std::mt19937_64 rng_;
+};
+
+class Session {
+ public:
+  explicit Session(const Model& m) : model_(m), cache_(m.new_cache()) {}
+  // Folds `ids` into the cache; returns the logits [vocab] after the last id.
+  std::vector<float> append(const std::vector<int64_t>& ids);
+  // Prompt, then up to max_new sampled tokens (stops after `eos` if >= 0). on_token sees each new
+  // id as it comes and may return false to stop.
+  std::vector<int64_t> generate(const std::vector<int64_t>& prompt, int64_t max_new, Sampler& sampler, int64_t eos = -1,
+                                const std::function<bool(int64_t)>& on_token = {});
+  const SequenceCache& cache() const { return cache_; }
+  SequenceCache& cache() { return cache_; }
+  int64_t length() const { return cache_.length; }
+
+ private:
+  const Model& model_;
+  SequenceCache cache_;
+};
+
+}  // namespace hla
