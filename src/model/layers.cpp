@@ -143,6 +143,7 @@ class KimiDeltaAttention : public Mixer {
     p.bind(pre + "q_conv1d.weight", {HK, 1, kw}, &qc, Init::Conv);
     p.bind(pre + "k_conv1d.weight", {HK, 1, kw}, &kc, Init::Conv);
     p.bind(pre + "v_conv1d.weight", {HK, 1, kw}, &vc, Init::Conv);
+    if (!p.materialize()) return;
     conv_w_ = Tensor::f32({3 * HK, kw});
     for (int i = 0; i < 3; ++i)
       std::memcpy(conv_w_.f32() + i * HK * kw, (i == 0 ? qc : i == 1 ? kc : vc).f32(), sizeof(float) * size_t(HK * kw));

@@ -44,6 +44,11 @@ std::unique_ptr<Model> Model::random(const ModelSpec& spec, uint64_t seed, std::
   return m;
 }
 
+int64_t Model::count_params(const ModelSpec& spec, const Checkpoint* ckpt) {
+  Params p = ckpt ? Params(ckpt, false) : Params();
+  return Model(spec, p).num_params();
+}
+
 SequenceCache Model::new_cache() const {
   SequenceCache c;
   c.layers.resize(size_t(spec_.n_layers));
@@ -86,29 +91,6 @@ Tensor Model::forward(const std::vector<int64_t>& ids, const SeqBatch& b, bool a
   Tensor logits = Tensor::f32({R, s.vocab});
   cpu::linear(x.data(), lm_head_.f32(), logits.f32(), R, D, s.vocab);
   return logits;
-}
-
-int64_t Model::kv_bytes_per_token() const {
-  const ModelSpec& s = spec_;
-  int64_t floats = 0;
-  for (auto k : s.mixers) {
-    if (k == MixerKind::GatedAttention) floats += 2 * s.n_kv_heads * s.head_dim;
-    if (k == MixerKind::MLA || k == MixerKind::SparseMLA) floats += s.n_heads * (s.qk_nope + s.qk_rope + s.v_head);
-    if (k == MixerKind::SparseMLA) floats += s.index_dim;
-  }
-  return floats * int64_t(sizeof(float));
-}
-
-int64_t Model::state_bytes_per_sequence() const {
-  const ModelSpec& s = spec_;
-  int64_t floats = 0;
-  for (auto k : s.mixers)
-    if (mixer_is_linear(k)) {
-      const int64_t conv_dim = k == MixerKind::GatedDeltaNet ? 2 * s.lin_nk * s.lin_dk + s.lin_nv * s.lin_dv
-                                                              : 3 * s.lin_nv * s.lin_dk;
-      floats += s.lin_nv * s.lin_dk * s.lin_dv + conv_dim * (s.conv_kernel - 1);
-    }
-  return floats * int64_t(sizeof(float));
 }
 
 size_t SequenceCache::bytes() const {

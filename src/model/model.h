@@ -19,6 +19,9 @@ class Model {
   static std::unique_ptr<Model> load(const std::string& dir);
   // Random weights from `seed` (`hla init`); the tensors to write come back in *created.
   static std::unique_ptr<Model> random(const ModelSpec& spec, uint64_t seed, std::map<std::string, Tensor>* created);
+  // Parameter count of `spec`, and (when ckpt is given) a check that the checkpoint holds every
+  // tensor with the shape the config implies, without reading the weights.
+  static int64_t count_params(const ModelSpec& spec, const Checkpoint* ckpt);
 
   const ModelSpec& spec() const { return spec_; }
   int64_t num_params() const { return num_params_; }
@@ -27,11 +30,6 @@ class Model {
   // Logits [rows, vocab]: one row per token when all_logits, else one per sequence (its last token).
   // ids are checked against the vocabulary; caches advance by their sequence's length.
   Tensor forward(const std::vector<int64_t>& ids, const SeqBatch& batch, bool all_logits) const;
-
-  // Bytes the cache holds per token of context (attention layers) and per sequence (linear layers),
-  // at the f32 the CPU engine stores.
-  int64_t kv_bytes_per_token() const;
-  int64_t state_bytes_per_sequence() const;
 
  private:
   Model(ModelSpec spec, Params& p);

@@ -26,9 +26,10 @@ void Params::bind(const std::string& name, const Shape& shape, Tensor* dst, Init
                                             " but config.json implies " + shape_str(shape));
     check(dtype_is_float(t.dtype()), ckpt_->dir() + ": tensor '" + name + "' has non-float dtype " +
                                          dtype_name(t.dtype()));
-    *dst = t.to_f32().reshape(shape);
+    if (materialize_) *dst = t.to_f32().reshape(shape);
     return;
   }
+  if (!materialize_) return;
   Tensor t = Tensor::f32(shape);
   float* p = t.f32();
   const int64_t n = t.numel();

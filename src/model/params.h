@@ -17,21 +17,26 @@ enum class Init { Normal, Ones, Zeros, ALog, DtBias, Conv };
 
 class Params {
  public:
-  // Load mode: tensors come from `ckpt`.
-  explicit Params(const Checkpoint* ckpt) : ckpt_(ckpt) {}
+  // Load mode: tensors come from `ckpt`. With materialize=false only names and shapes are checked
+  // (the mmap is not read), which is what `hla info` needs.
+  explicit Params(const Checkpoint* ckpt, bool materialize = true) : ckpt_(ckpt), materialize_(materialize) {}
   // Init mode: random tensors with std 0.02 from `seed`.
   explicit Params(uint64_t seed);
+  // Count mode: no checkpoint, no data; only num_params().
+  Params() : materialize_(false) {}
 
   // Binds `name` of `shape` (as the config implies) to *dst as contiguous f32.
   void bind(const std::string& name, const Shape& shape, Tensor* dst, Init init = Init::Normal);
   bool has(const std::string& name) const;  // in load mode: does the checkpoint hold it
   bool loading() const { return ckpt_ != nullptr; }
+  bool materialize() const { return materialize_; }  // do bound tensors hold data
 
   const std::map<std::string, Tensor>& created() const { return created_; }
   int64_t num_params() const { return num_params_; }
 
  private:
   const Checkpoint* ckpt_ = nullptr;
+  bool materialize_ = true;
   std::mt19937_64 rng_;
   std::map<std::string, Tensor> created_;
   int64_t num_params_ = 0;

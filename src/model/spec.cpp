@@ -33,6 +33,29 @@ float ModelSpec::mla_scale() const {
   return float(s);
 }
 
+int64_t ModelSpec::kv_bytes_per_token() const {
+  const ModelSpec& s = *this;
+  int64_t floats = 0;
+  for (auto k : s.mixers) {
+    if (k == MixerKind::GatedAttention) floats += 2 * s.n_kv_heads * s.head_dim;
+    if (k == MixerKind::MLA || k == MixerKind::SparseMLA) floats += s.n_heads * (s.qk_nope + s.qk_rope + s.v_head);
+    if (k == MixerKind::SparseMLA) floats += s.index_dim;
+  }
+  return floats * int64_t(sizeof(float));
+}
+
+int64_t ModelSpec::state_bytes_per_sequence() const {
+  const ModelSpec& s = *this;
+  int64_t floats = 0;
+  for (auto k : s.mixers)
+    if (mixer_is_linear(k)) {
+      const int64_t conv_dim = k == MixerKind::GatedDeltaNet ? 2 * s.lin_nk * s.lin_dk + s.lin_nv * s.lin_dv
+                                                              : 3 * s.lin_nv * s.lin_dk;
+      floats += s.lin_nv * s.lin_dk * s.lin_dv + conv_dim * (s.conv_kernel - 1);
+    }
+  return floats * int64_t(sizeof(float));
+}
+
 namespace {
 
 // rope_parameters (transformers 5) or rope_theta/rope_scaling at top level (transformers 4).

@@ -56,7 +56,11 @@ struct ModelSpec {
   Router router = Router::Softmax;
   int64_t eos_token_id = -1;
 
-  float mla_scale() const;  // (dn+dr)^-0.5, times yarn's mscale²
+  float mla_scale() const;
+  // Bytes the cache holds per token of context (attention layers) and per sequence (linear layers),
+  // at the f32 the CPU engine stores.
+  int64_t kv_bytes_per_token() const;
+  int64_t state_bytes_per_sequence() const;  // (dn+dr)^-0.5, times yarn's mscale²
 };
 
 // Reads DIR/config.json (Qwen3.5 vision-language configs: the `text_config` inside). Errors name
