@@ -63,7 +63,7 @@ void register_generate(CLI::App& app) {
     using clock = std::chrono::steady_clock;
     auto t0 = clock::now(), t1 = t0;
     int64_t printed = 0;
-    std::vector<int64_t> out = session.generate(prompt, o->max_new, sampler, m->spec().eos_token_id, [&](int64_t id) {
+    std::vector<int64_t> out = session.generate(prompt, o->max_new, sampler, m->spec().eos_token_ids, [&](int64_t id) {
       if (printed == 0) t1 = clock::now();
       std::printf(printed++ ? " %lld" : "%lld", (long long)id);
       std::fflush(stdout);

@@ -96,6 +96,13 @@ int64_t positive(const Config& c, const std::string& key, int64_t dflt) {
   return v;
 }
 
+// eos_token_id: absent, null, one id or a list of ids.
+std::vector<int64_t> eos_ids(const Config& c) {
+  if (!c.has("eos_token_id")) return {};
+  if (c.raw()["eos_token_id"].is_array()) return c.get_int_list("eos_token_id");
+  return {c.get_int("eos_token_id")};
+}
+
 void parse_common(const Config& c, ModelSpec& s) {
   s.vocab = positive(c, "vocab_size");
   s.hidden = positive(c, "hidden_size");
@@ -106,8 +113,7 @@ void parse_common(const Config& c, ModelSpec& s) {
   s.intermediate = c.get_int("intermediate_size", 0);
   const std::string act = c.get_string("hidden_act", "silu");
   check(act == "silu", c.field_error("hidden_act", "'" + act + "' is not supported (silu)"));
-  if (c.has("eos_token_id") && c.raw()["eos_token_id"].is_number_integer())
-    s.eos_token_id = c.get_int("eos_token_id");
+  s.eos_token_ids = eos_ids(c);
 }
 
 // Explicit layer_types, with the legacy names transformers maps.
@@ -276,8 +282,7 @@ ModelSpec parse_model_spec(const Config& root) {
     throw Error(root.field_error("model_type", "'" + mt +
                                                    "' is not a supported architecture (qwen3_next, qwen3_5, kimi_linear, deepseek_v32)"));
   parse_common(c, s);
-  if (s.eos_token_id < 0 && root.has("eos_token_id") && root.raw()["eos_token_id"].is_number_integer())
-    s.eos_token_id = root.get_int("eos_token_id");
+  if (s.eos_token_ids.empty()) s.eos_token_ids = eos_ids(root);
   switch (s.arch) {
     case Arch::Qwen3Next:
     case Arch::Qwen3_5: parse_qwen(c, s); break;
@@ -290,7 +295,13 @@ ModelSpec parse_model_spec(const Config& root) {
 ModelSpec load_model_spec(const std::string& dir) {
   const std::string path = (std::filesystem::path(dir) / "config.json").string();
   check(std::filesystem::exists(path), path + ": not found (a model directory needs config.json)");
-  return parse_model_spec(Config::load(path));
+  ModelSpec s = parse_model_spec(Config::load(path));
+  const std::string gen = (std::filesystem::path(dir) / "generation_config.json").string();
+  if (std::filesystem::exists(gen)) {
+    std::vector<int64_t> ids = eos_ids(Config::load(gen));
+    if (!ids.empty()) s.eos_token_ids = ids;
+  }
+  return s;
 }
 
 }  // namespace hla

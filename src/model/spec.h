@@ -54,7 +54,7 @@ struct ModelSpec {
   bool norm_topk = true, shared_gate = false;
   double routed_scale = 1.0;
   Router router = Router::Softmax;
-  int64_t eos_token_id = -1;
+  std::vector<int64_t> eos_token_ids;  // generation stops after any of these (generation_config.json wins)
 
   float mla_scale() const;
   // Bytes the cache holds per token of context (attention layers) and per sequence (linear layers),

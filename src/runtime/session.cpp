@@ -50,7 +50,7 @@ std::vector<float> Session::append(const std::vector<int64_t>& ids) {
 }
 
 std::vector<int64_t> Session::generate(const std::vector<int64_t>& prompt, int64_t max_new, Sampler& sampler,
-                                       int64_t eos, const std::function<bool(int64_t)>& on_token) {
+                                       const std::vector<int64_t>& eos, const std::function<bool(int64_t)>& on_token) {
   check(max_new >= 0, "--max-new-tokens must be >= 0");
   std::vector<int64_t> out;
   if (max_new == 0) return out;
@@ -59,7 +59,7 @@ std::vector<int64_t> Session::generate(const std::vector<int64_t>& prompt, int64
     const int64_t id = sampler.sample(logits.data(), int64_t(logits.size()));
     out.push_back(id);
     if (on_token && !on_token(id)) break;
-    if (id == eos || int64_t(out.size()) >= max_new) break;
+    if (std::find(eos.begin(), eos.end(), id) != eos.end() || int64_t(out.size()) >= max_new) break;
     logits = append({id});
   }
   return out;

@@ -32,9 +32,10 @@ class Session {
   explicit Session(const Model& m) : model_(m), cache_(m.new_cache()) {}
   // Folds `ids` into the cache; returns the logits [vocab] after the last id.
   std::vector<float> append(const std::vector<int64_t>& ids);
-  // Prompt, then up to max_new sampled tokens (stops after `eos` if >= 0). on_token sees each new
+  // Prompt, then up to max_new sampled tokens (stops after any id in `eos`). on_token sees each new
   // id as it comes and may return false to stop.
-  std::vector<int64_t> generate(const std::vector<int64_t>& prompt, int64_t max_new, Sampler& sampler, int64_t eos = -1,
+  std::vector<int64_t> generate(const std::vector<int64_t>& prompt, int64_t max_new, Sampler& sampler,
+                                const std::vector<int64_t>& eos = {},
                                 const std::function<bool(int64_t)>& on_token = {});
   const SequenceCache& cache() const { return cache_; }
   SequenceCache& cache() { return cache_; }
