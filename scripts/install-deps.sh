@@ -2,7 +2,7 @@
 # Installs hla's build and test dependencies from Debian (see README "Dependencies" for why each).
 set -euo pipefail
 pkgs=(cmake make g++ clang libclang-rt-14-dev libomp-14-dev libgtest-dev nlohmann-json3-dev libcli11-dev
-      libopenblas-dev libcpp-httplib-dev nodejs npm)
+      libopenblas-openmp-dev libcpp-httplib-dev nodejs npm)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
