@@ -9,5 +9,6 @@ void register_logits(CLI::App& app);
 void register_generate(CLI::App& app);
 void register_init(CLI::App& app);
 void register_info(CLI::App& app);
+void register_serve(CLI::App& app);
 
 }  // namespace hla::cli

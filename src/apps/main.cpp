@@ -13,6 +13,7 @@ int main(int argc, char** argv) {
   hla::cli::register_generate(app);
   hla::cli::register_init(app);
   hla::cli::register_info(app);
+  hla::cli::register_serve(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

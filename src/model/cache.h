@@ -2,6 +2,7 @@
 // KV rows for attention/MLA layers (and the DeepSeek indexer's keys). Plain values, so a snapshot
 // (prefix cache, speculative rollback) is a copy.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 #include <vector>
 

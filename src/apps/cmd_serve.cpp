@@ -1,0 +1,56 @@
+// hla serve --model DIR --port P: the OpenAI-compatible server on 127.0.0.1.
+#include <csignal>
+#include <cstdio>
+#include <filesystem>
+#include <memory>
+
+#include "apps/commands.h"
+#include "core/error.h"
+#include "model/model.h"
+#include "server/openai_server.h"
+
+namespace hla::cli {
+
+namespace {
+OpenAIServer* g_server = nullptr;
+void on_signal(int) {
+  if (g_server) g_server->stop();
+}
+}  // namespace
+
+void register_serve(CLI::App& app) {
+  auto* cmd = app.add_subcommand("serve", "OpenAI-compatible HTTP server (continuous batching, prefix cache)");
+  auto model = std::make_shared<std::string>();
+  auto o = std::make_shared<ServerOptions>();
+  auto cache_mb = std::make_shared<int64_t>(1024);
+  cmd->add_option("--model", *model, "model directory")->required();
+  cmd->add_option("--port", o->port, "TCP port on 127.0.0.1")->default_val(8080);
+  cmd->add_option("--model-name", o->model_name, "model id clients send (default: the directory name)");
+  cmd->add_option("--max-slots", o->engine.max_slots, "requests decoding at once")->default_val(32);
+  cmd->add_option("--max-queued", o->engine.max_queued, "running + waiting requests before 429")->default_val(256);
+  cmd->add_option("--max-prompt-tokens", o->max_prompt_tokens, "longest prompt accepted")->default_val(32768);
+  cmd->add_option("--max-tokens-limit", o->max_tokens_limit, "largest max_tokens accepted")->default_val(4096);
+  cmd->add_option("--max-body-bytes", o->max_body_bytes, "largest request body")->default_val(8u << 20);
+  cmd->add_option("--prefix-block", o->engine.block, "prefix-cache block (tokens)")->default_val(256);
+  cmd->add_option("--prefix-cache-mb", *cache_mb, "prefix-cache budget (MiB)")->default_val(1024);
+  cmd->callback([model, o, cache_mb] {
+    check(o->port > 0 && o->port < 65536, "--port must be in 1..65535");
+    check(o->engine.max_slots > 0 && o->engine.max_queued > 0, "--max-slots and --max-queued must be positive");
+    check(o->engine.block > 0 && *cache_mb >= 0, "--prefix-block must be positive and --prefix-cache-mb >= 0");
+    o->engine.prefix_cache_bytes = size_t(*cache_mb) << 20;
+    if (o->model_name.empty()) o->model_name = std::filesystem::path(*model).lexically_normal().filename().string();
+    if (o->model_name.empty()) o->model_name = std::filesystem::path(*model).parent_path().filename().string();
+    auto m = Model::load(*model);
+    OpenAIServer server(*m, *o);
+    g_server = &server;
+    std::signal(SIGINT, on_signal);
+    std::signal(SIGTERM, on_signal);
+    std::signal(SIGPIPE, SIG_IGN);
+    std::fprintf(stderr, "hla serve: %s (%s) on http://%s:%d\n", o->model_name.c_str(), m->spec().model_type.c_str(),
+                 o->host.c_str(), o->port);
+    server.run();
+    g_server = nullptr;
+  });
+}
+
+}  // namespace hla::cli

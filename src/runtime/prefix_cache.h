@@ -1,0 +1,41 @@
+// PrefixCache: snapshots of a sequence's whole hybrid cache (recurrent state + conv state + KV
+// rows) taken at block boundaries of its prompt, so a later request that shares the prefix starts
+// from the snapshot instead of re-running its prefill. Recurrent state cannot be rolled back, so a
+// snapshot must be taken exactly at the boundary; the engine prefills in block-aligned chunks.
+// LRU-evicted under a byte budget. Not thread-safe: the engine thread owns it.
+#pragma once
+#include <cstdint>
+#include <list>
+#include <unordered_map>
+#include <vector>
+
+#include "model/cache.h"
+
+namespace hla {
+
+class PrefixCache {
+ public:
+  PrefixCache(size_t budget_bytes, int64_t block) : budget_(budget_bytes), block_(block) {}
+  int64_t block() const { return block_; }
+  // Longest snapshot for a proper prefix of `tokens` (at least one token is left to run, since the
+  // next logits are needed). Copies it into *out and returns its length; 0 on a miss.
+  int64_t lookup(const std::vector<int64_t>& tokens, SequenceCache* out);
+  // Stores a snapshot of `cache`, which holds exactly tokens[0:length].
+  void insert(const std::vector<int64_t>& tokens, int64_t length, const SequenceCache& cache);
+  size_t bytes() const { return bytes_; }
+  size_t entries() const { return lru_.size(); }
+
+ private:
+  struct Entry {
+    std::vector<int64_t> tokens;
+    SequenceCache cache;
+    size_t bytes;
+  };
+  static uint64_t hash(const int64_t* t, int64_t n);
+  size_t budget_, bytes_ = 0;
+  int64_t block_;
+  std::list<Entry> lru_;  // front = most recently used
+  std::unordered_map<uint64_t, std::list<Entry>::iterator> index_;
+};
+
+}  // namespace hla
