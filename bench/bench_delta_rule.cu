@@ -1,0 +1,185 @@
+// Times hla's CUDA delta-rule kernels on the shapes of issue 3 and prints one CSV row per case:
+//   op,shape,dtype,us,TFLOPs,GBps
+// TFLOP/s counts useful FLOPs 4·T·HV·K·V (the convention FlashInfer and the issue use); GB/s counts
+// the fewest bytes the op must move: q,k,v,g,beta read, o written, the fp32 state read and written.
+// Inputs are drawn on the device (q,v normal; k L2-normalised; g = log-sigmoid clamped at −5;
+// beta in (0,1)), bf16 like the FLA side of anchors/anchor_bench.py. Times are medians over
+// repeated launches after a warm-up, measured with CUDA events.
+//   bench_delta_rule [--quick]
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "backends/cuda/delta_rule_cuda.h"
+
+using namespace hla;
+
+namespace {
+
+__device__ float hash_normal(uint64_t i, uint32_t seed) {
+  // Two 32-bit hashes -> Box-Muller.
+  auto h = [](uint64_t x) {
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdULL;
+    x ^= x >> 33;
+    x *= 0xc4ceb9fe1a85ec53ULL;
+    x ^= x >> 33;
+    return uint32_t(x);
+  };
+  const float u1 = (h(2 * i + (uint64_t(seed) << 40)) + 1.f) * 2.3283064e-10f;
+  const float u2 = h(2 * i + 1 + (uint64_t(seed) << 40)) * 2.3283064e-10f;
+  return sqrtf(-2.f * logf(u1)) * cosf(6.2831853f * u2);
+}
+
+enum class Fill { Normal, LogSigmoid, Beta };
+
+__global__ void fill_f32(float* x, size_t n, uint32_t seed, Fill f) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    const float z = hash_normal(i, seed);
+    x[i] = f == Fill::LogSigmoid ? fmaxf(-5.f, -log1pf(expf(-z))) : f == Fill::Beta ? 1.f / (1.f + expf(-z)) : z;
+  }
+}
+
+// rows of `dim` normal values, L2-normalised when `normalise`, stored as bf16.
+__global__ void fill_rows_bf16(__nv_bfloat16* x, size_t rows, int dim, uint32_t seed, bool normalise) {
+  const size_t r = blockIdx.x * size_t(blockDim.x) + threadIdx.x;
+  if (r >= rows) return;
+  float ss = 0.f;
+  for (int i = 0; i < dim; ++i) {
+    const float z = hash_normal(r * dim + i, seed);
+    ss += z * z;
+  }
+  const float s = normalise ? rsqrtf(ss) : 1.f;
+  for (int i = 0; i < dim; ++i) x[r * dim + i] = __float2bfloat16(hash_normal(r * dim + i, seed) * s);
+}
+
+void ck(cudaError_t e, const char* what) { cuda::check_cuda(e, what); }
+
+struct Inputs {
+  void *q = nullptr, *k = nullptr, *v = nullptr, *o = nullptr;
+  float *g = nullptr, *beta = nullptr, *state = nullptr;
+  Inputs(int64_t T, int64_t H, int64_t HV, int64_t K, int64_t V, bool kda, int64_t states) {
+    const size_t nq = T * H * K, nv = T * HV * V, ng = T * HV * (kda ? K : 1), nb = T * HV, ns = states * HV * K * V;
+    ck(cudaMalloc(&q, nq * 2), "alloc q");
+    ck(cudaMalloc(&k, nq * 2), "alloc k");
+    ck(cudaMalloc(&v, nv * 2), "alloc v");
+    ck(cudaMalloc(&o, nv * 2), "alloc o");
+    ck(cudaMalloc(&g, ng * 4), "alloc g");
+    ck(cudaMalloc(&beta, nb * 4), "alloc beta");
+    ck(cudaMalloc(&state, ns * 4), "alloc state");
+    const unsigned blocks = 1024;
+    fill_rows_bf16<<<unsigned((T * H + 255) / 256), 256>>>(static_cast<__nv_bfloat16*>(q), T * H, int(K), 1, false);
+    fill_rows_bf16<<<unsigned((T * H + 255) / 256), 256>>>(static_cast<__nv_bfloat16*>(k), T * H, int(K), 2, true);
+    fill_rows_bf16<<<unsigned((T * HV + 255) / 256), 256>>>(static_cast<__nv_bfloat16*>(v), T * HV, int(V), 3, false);
+    fill_f32<<<blocks, 256>>>(g, ng, 4, Fill::LogSigmoid);
+    fill_f32<<<blocks, 256>>>(beta, nb, 5, Fill::Beta);
+    ck(cudaDeviceSynchronize(), "fill inputs");
+  }
+  ~Inputs() {
+    for (void* p : {q, k, v, o, static_cast<void*>(g), static_cast<void*>(beta), static_cast<void*>(state)}) cudaFree(p);
+  }
+};
+
+// Median of `reps` timed calls of fn (each timed alone with events), after `warm` untimed calls.
+template <class F>
+double median_us(F&& fn, int warm, int reps) {
+  for (int i = 0; i < warm; ++i) fn();
+  cudaEvent_t a, b;
+  ck(cudaEventCreate(&a), "event");
+  ck(cudaEventCreate(&b), "event");
+  std::vector<float> ms(reps);
+  for (int i = 0; i < reps; ++i) {
+    ck(cudaEventRecord(a), "record");
+    fn();
+    ck(cudaEventRecord(b), "record");
+    ck(cudaEventSynchronize(b), "sync");
+    ck(cudaEventElapsedTime(&ms[i], a, b), "elapsed");
+  }
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  std::sort(ms.begin(), ms.end());
+  return ms[reps / 2] * 1e3;
+}
+
+void row(const char* op, const std::string& shape, double us, double flops, double bytes) {
+  std::printf("%s,%s,bf16,%.1f,%.2f,%.0f\n", op, shape.c_str(), us, flops / (us * 1e-6) / 1e12,
+              bytes / (us * 1e-6) / 1e9);
+  std::fflush(stdout);
+}
+
+void bench_chunk(bool kda, int64_t H, int64_t K, std::vector<int64_t> lens, const std::string& shape, int reps) {
+  DeltaRuleDims d;
+  d.H = H, d.HV = H, d.K = K, d.V = K, d.gate = kda ? DeltaGate::PerKey : DeltaGate::Scalar;
+  d.cu_seqlens = {0};
+  for (int64_t l : lens) d.cu_seqlens.push_back(d.cu_seqlens.back() + l);
+  const int64_t T = d.tokens(), N = d.num_seqs(), V = K;
+  Inputs in(T, H, H, K, V, kda, N);
+  cuda::DeltaChunkPlan plan(d, DType::BF16);
+  const float scale = 1.f / std::sqrt(float(K));
+  const double us = median_us(
+      [&] {
+        plan.forward(in.q, in.k, in.v, in.g, in.beta, scale, in.state, in.o, nullptr);
+      },
+      3, reps);
+  ck(cudaGetLastError(), "chunk forward");
+  const double flops = 4.0 * T * H * K * V;
+  const double bytes = 2.0 * (2 * T * H * K + 2 * T * H * V) + 4.0 * T * H * (kda ? K + 1 : 2) + 8.0 * N * H * K * V;
+  row(kda ? "kda_chunk_fwd" : "gdn_chunk_fwd", shape, us, flops, bytes);
+}
+
+void bench_decode(bool kda, int64_t B, int64_t H, int64_t K, int reps) {
+  DeltaRuleDims d;
+  d.H = H, d.HV = H, d.K = K, d.V = K, d.gate = kda ? DeltaGate::PerKey : DeltaGate::Scalar;
+  Inputs in(B, H, H, K, K, kda, B);
+  std::vector<int32_t> slots(B);
+  for (int64_t i = 0; i < B; ++i) slots[i] = int32_t(i);
+  int32_t* ds = nullptr;
+  ck(cudaMalloc(&ds, B * 4), "alloc slots");
+  ck(cudaMemcpy(ds, slots.data(), B * 4, cudaMemcpyHostToDevice), "slots");
+  ck(cudaMemset(in.state, 0, size_t(B) * H * K * K * 4), "state");
+  const float scale = 1.f / std::sqrt(float(K));
+  const double us = median_us(
+      [&] {
+        cuda::delta_rule_decode(d, DType::BF16, B, 1, in.q, in.k, in.v, in.g, in.beta, scale, in.state, ds, nullptr,
+                                in.o, nullptr);
+      },
+      10, reps);
+  cudaFree(ds);
+  const double state_bytes = 8.0 * B * H * K * K;
+  row(kda ? "kda_decode" : "gdn_decode", "B" + std::to_string(B) + " H" + std::to_string(H) + " D" + std::to_string(K),
+      us, 4.0 * B * H * K * K, state_bytes);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
+  if (!cuda::device_available()) {
+    std::fprintf(stderr, "bench_delta_rule: no CUDA device\n");
+    return 1;
+  }
+  cudaDeviceProp prop{};
+  ck(cudaGetDeviceProperties(&prop, 0), "device properties");
+  std::printf("# device: %s, %d SMs\n", prop.name, prop.multiProcessorCount);
+  std::printf("op,shape,dtype,us,TFLOPs,GBps\n");
+  const int reps = quick ? 5 : 20;
+  struct S {
+    int64_t B, T, H;
+  };
+  const std::vector<S> fixed = {{1, 4096, 32}, {1, 16384, 32}, {4, 4096, 32}, {1, 65536, 16}, {8, 2048, 64}, {1, 8192, 96}};
+  const std::vector<int64_t> varlen = {1300, 547, 2048, 963, 271, 3063};
+  for (bool kda : {false, true}) {
+    for (const S& s : fixed)
+      bench_chunk(kda, s.H, 128, std::vector<int64_t>(s.B, s.T), "B" + std::to_string(s.B) + " T" + std::to_string(s.T) +
+                  " H" + std::to_string(s.H) + " D128", reps);
+    bench_chunk(kda, 64, 128, varlen, "varlen[1300 547 2048 963 271 3063] H64 D128", reps);
+  }
+  for (bool kda : {false, true})
+    for (int64_t B : {1, 64, 256}) bench_decode(kda, B, 32, 128, quick ? 20 : 100);
+  return 0;
+}

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One device-machine session for the CUDA delta-rule kernels: build, test (with the op fixtures),
+# compute-sanitizer, hla's benchmark, FLA's side of the benchmark. Logs go to $OUT.
+#   bench/gpu_session.sh [steps...]   steps: build test sanitize bench fla ncu (default: all but ncu)
+# Expects third_party_local/fixtures/ops (copied op fixtures) and third_party_local/fla (FLA's fla/).
+set -u
+OUT=${OUT:-/tmp/hla_out}
+mkdir -p "$OUT"
+steps=${*:-build test sanitize bench fla}
+export HLA_FIXTURES=$PWD/third_party_local/fixtures
+has() { [[ " $steps " == *" $1 "* ]]; }
+nvidia-smi -L | tee "$OUT/device.txt"
+if has build; then
+  cmake -S . -B build-cuda -DHLA_CUDA=ON -DCMAKE_BUILD_TYPE=Release >"$OUT/build.log" 2>&1 &&
+    cmake --build build-cuda -j16 --target hla_cuda_tests bench_delta_rule >>"$OUT/build.log" 2>&1 ||
+    { tail -40 "$OUT/build.log"; exit 1; }
+  echo "build ok"
+fi
+if has test; then
+  timeout 180 ./build-cuda/hla_cuda_tests 2>&1 | tee "$OUT/test.log" | grep -E "^\[ (fp32|BF16|F16|fixture) |FAILED|PASSED|Failure|error" | head -60
+fi
+if has sanitize; then
+  for tool in memcheck racecheck; do
+    timeout 150 compute-sanitizer --tool $tool --error-exitcode 9 ./build-cuda/hla_cuda_tests \
+      --gtest_filter='*Fixtures*:*Decode*' >"$OUT/sanitize_$tool.log" 2>&1
+    echo "sanitizer $tool rc=$? $(grep -E 'ERROR SUMMARY' "$OUT/sanitize_$tool.log" | tail -1)"
+  done
+fi
+if has bench; then
+  timeout 150 ./build-cuda/bench_delta_rule ${QUICK:+--quick} 2>&1 | tee "$OUT/bench_hla.csv"
+fi
+if has fla; then
+  FLA_PATH=$PWD/third_party_local PYTHONUNBUFFERED=1 timeout ${FLA_TIMEOUT:-240} python3 bench/fla_peer_bench.py ${QUICK:+--quick} 2>&1 |
+    grep -v Warning | tee "$OUT/bench_fla.csv"
+fi
+if has ncu; then
+  timeout 200 ncu --clock-control none --launch-skip 9 --launch-count 3 \
+    --section SpeedOfLight --section Occupancy --section LaunchStats \
+    ./build-cuda/bench_delta_rule --quick >"$OUT/ncu.txt" 2>&1
+  grep -E "delta|Duration|Throughput|Registers|Achieved Occupancy|Shared Memory Config" "$OUT/ncu.txt" | head -60
+fi

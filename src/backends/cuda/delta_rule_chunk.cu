@@ -1,0 +1,541 @@
+// Chunked forward of the delta rule on CUDA: the three launches described in delta_rule_cuda.h.
+//
+// Chunk c of a sequence covers tokens [t0, t0+len), len ≤ 64; rows i, j below index tokens inside
+// it. G_i is the chunk-local inclusive cumsum of the log gates (fp32), so every decay factor is
+// written e^{G_later − G_earlier} ≤ 1, except inside KDA's 16-row sub-chunks (see prep_kernel).
+// Workspace tensors (per value head j, token-major like the inputs):
+//   Gc [T,HV(,K)] f32   W [T,HV,K]   U [T,HV,V]   P [T,HV,64]   (KDA: kg, qg [T,HV,K])
+//   h [chunks,HV,V,K] (state entering each chunk, stored transposed so the output matmul reads
+//   it k-contiguous)   vn [T,HV,V] (v_new, the deltas u_t)
+// all in the input's element type CT except Gc.
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "backends/cuda/delta_rule_cuda.h"
+#include "backends/cuda/kernel_util.cuh"
+#include "backends/cuda/mma.cuh"
+#include "core/error.h"
+
+namespace hla::cuda {
+namespace {
+
+constexpr int C = 64;  // chunk length
+
+struct ChunkArgs {
+  const void *q, *k, *v;
+  const float *g, *beta;
+  float scale;
+  float* state;
+  void* o;
+  const int2* chunk_tab;  // per chunk: {first token, sequence}, sequences in order
+  const int* cu;          // [N+1] token offsets
+  const int* chunk_off;   // [N+1] index of each sequence's first chunk
+  int H, HV, V, group;
+  float* Gc;
+  void *W, *U, *P, *kg, *qg, *h, *vn;
+};
+
+// Row pitch in elements: the row plus 16 bytes, so the 8 rows a fragment load touches fall in
+// different banks.
+template <class CT> __host__ __device__ constexpr int pitch(int cols) { return cols + 16 / int(sizeof(CT)); }
+constexpr int kLdF = C + 4;  // fp32 64x64 tiles (L, T)
+
+// ---------------------------------------------------------------------------------------------
+// prep: one block (4 warps) per (chunk, value head).
+template <class CT, bool KDA, int K>
+struct PrepSmem {
+  static constexpr int kRows = KDA ? 96 : 128;  // GDN: Q and K tiles; KDA: 16 left-q, 16 left-k, 64 right rows
+  int ld;
+  __host__ __device__ explicit PrepSmem(int V) : ld(pitch<CT>(K > V ? K : V)) {}
+  __host__ __device__ size_t buf_bytes() const { return size_t(kRows) * ld * sizeof(CT); }
+  __host__ __device__ size_t bytes() const {
+    return buf_bytes() + sizeof(float) * (2 * C * kLdF + 3 * 256 + C + (KDA ? C * K : C));
+  }
+};
+
+template <class CT, bool KDA, int K>
+__global__ void __launch_bounds__(128) prep_kernel(ChunkArgs a) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int chunk = blockIdx.x, j = blockIdx.y, h = j / a.group, HV = a.HV, V = a.V;
+  const int2 ct = a.chunk_tab[chunk];
+  const int t0 = ct.x, len = min(C, a.cu[ct.y + 1] - t0);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const PrepSmem<CT, KDA, K> lay(V);
+  const int LD = lay.ld;
+  CT* buf = reinterpret_cast<CT*>(smem);
+  float* sL = reinterpret_cast<float*>(smem + lay.buf_bytes());  // 64x64 strictly lower L
+  float* sT = sL + C * kLdF;                                      // 64x64 T = (I+L)^{-1}
+  float* sY = sT + C * kLdF;                                      // 3 16x16 blocks, scratch of the solve
+  float* sBeta = sY + 3 * 256;
+  float* sG = sBeta + C;  // GDN [64]; KDA [64][K]
+  const CT* q = static_cast<const CT*>(a.q);
+  const CT* k = static_cast<const CT*>(a.k);
+  const CT* v = static_cast<const CT*>(a.v);
+  auto qrow = [&](int i) { return q + (size_t(t0 + i) * a.H + h) * K; };
+  auto krow = [&](int i) { return k + (size_t(t0 + i) * a.H + h) * K; };
+  auto tok = [&](int i) { return size_t(t0 + i) * HV + j; };  // (token, value head) index
+
+  // 1. beta, gate cumsum (rows past len add 0, so their G stays G_last: finite, and they are zero
+  //    in every operand anyway).
+  for (int i = tid; i < 2 * C * kLdF; i += blockDim.x) sL[i] = 0.f;
+  if (tid < C) sBeta[tid] = tid < len ? a.beta[tok(tid)] : 0.f;
+  if constexpr (!KDA) {
+    if (warp == 0) {
+      float x0 = lane < len ? a.g[tok(lane)] : 0.f, x1 = lane + 32 < len ? a.g[tok(lane + 32)] : 0.f;
+      for (int o = 1; o < 32; o <<= 1) {
+        const float y0 = __shfl_up_sync(~0u, x0, o), y1 = __shfl_up_sync(~0u, x1, o);
+        if (lane >= o) x0 += y0, x1 += y1;
+      }
+      x1 += __shfl_sync(~0u, x0, 31);
+      sG[lane] = x0;
+      sG[lane + 32] = x1;
+      if (lane < len) a.Gc[tok(lane)] = x0;
+      if (lane + 32 < len) a.Gc[tok(lane + 32)] = x1;
+    }
+  } else {
+    for (int d = tid; d < K; d += blockDim.x) {
+      float acc = 0.f;
+      for (int i = 0; i < C; ++i) {
+        if (i < len) {
+          acc += a.g[tok(i) * K + d];
+          a.Gc[tok(i) * K + d] = acc;
+        }
+        sG[i * K + d] = acc;
+      }
+    }
+  }
+
+  __syncthreads();
+
+  // 2. L[i][j] = beta_i Σ_d k_i k_j e^{G_i−G_j} (j < i) into sL; P[i][j] = s Σ_d q_i k_j e^{G_i−G_j}
+  //    (j ≤ i) straight to global. Work is split in 16x16 blocks (I, J ≤ I).
+  CT* Pg = static_cast<CT*>(a.P);
+  auto store_block = [&](float (&acc)[2][4], int I, int J, bool isP, bool exact_decay) {
+    for_each_acc(acc, [&](int r, int c, float& x) {
+      const int i = 16 * I + r, jj = 16 * J + c;
+      const float dec = exact_decay ? fast_exp<CT>(sG[i] - sG[jj < i ? jj : i]) : 1.f;
+      if (isP) {
+        if (i < len) Pg[tok(i) * C + jj] = from_f32<CT>(jj <= i ? x * a.scale * dec : 0.f);
+      } else {
+        sL[i * kLdF + jj] = jj < i ? x * sBeta[i] * dec : 0.f;
+      }
+    });
+  };
+  if constexpr (!KDA) {
+    // Scalar decay: plain Q K^T and K K^T, the decay applied exactly per element afterwards.
+    CT* sQ = buf;
+    CT* sK = buf + C * LD;
+    load_rows_async(sQ, LD, C, K, len, qrow);
+    load_rows_async(sK, LD, C, K, len, krow);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    for (int task = warp; task < 20; task += 4) {
+      const int pair = task >> 1, I = pair >= 6 ? 3 : pair >= 3 ? 2 : pair >= 1 ? 1 : 0, J = pair - I * (I + 1) / 2;
+      const bool isP = task & 1;
+      float acc[2][4] = {};
+      warp_mma<CT, 2>(acc, View<CT, true>{(isP ? sQ : sK) + 16 * I * LD, LD}, View<CT, true>{sK + 16 * J * LD, LD}, K);
+      store_block(acc, I, J, isP, true);
+    }
+  } else {
+    // Per-key decay: e^{G_i−G_j} = e^{G_i−G_r} · e^{G_r−G_j} with r the middle row of the row block
+    // I; the factors go into the operands (|exponent| ≤ 8·|g| for rows inside block I, ≤ 0 for
+    // earlier blocks), so the tensor cores see ordinary products.
+    CT* sLq = buf;
+    CT* sLk = buf + 16 * LD;
+    CT* sR = buf + 32 * LD;
+    for (int I = 0; I < 4; ++I) {
+      const float* Gr = sG + (16 * I + 8) * K;
+      for (int idx = tid; idx < 16 * K; idx += blockDim.x) {
+        const int r = idx / K, d = idx % K, i = 16 * I + r;
+        const float e = fast_exp<CT>(sG[i * K + d] - Gr[d]);
+        sLq[r * LD + d] = from_f32<CT>(i < len ? to_f32(qrow(i)[d]) * e : 0.f);
+        sLk[r * LD + d] = from_f32<CT>(i < len ? to_f32(krow(i)[d]) * e : 0.f);
+      }
+      for (int idx = tid; idx < 16 * (I + 1) * K; idx += blockDim.x) {
+        const int i = idx / K, d = idx % K;
+        sR[i * LD + d] = from_f32<CT>(i < len ? to_f32(krow(i)[d]) * fast_exp<CT>(Gr[d] - sG[i * K + d]) : 0.f);
+      }
+      __syncthreads();
+      for (int task = warp; task < 2 * (I + 1); task += 4) {
+        const int J = task >> 1;
+        const bool isP = task & 1;
+        float acc[2][4] = {};
+        warp_mma<CT, 2>(acc, View<CT, true>{isP ? sLq : sLk, LD}, View<CT, true>{sR + 16 * J * LD, LD}, K);
+        store_block(acc, I, J, isP, false);
+      }
+      __syncthreads();
+    }
+  }
+  __syncthreads();
+
+  // 3. T = (I+L)^{-1} in fp32, by 16x16 blocks: each warp inverts one diagonal block by forward
+  //    substitution, then block row I gets T_IJ = −D_I Σ_{J≤M<I} L_IM T_MJ.
+  if (lane < 16) {
+    const int b = 16 * warp, c = lane;
+    for (int i = 0; i < 16; ++i) {
+      float x = i == c ? 1.f : 0.f;
+      for (int m = c; m < i; ++m) x -= sL[(b + i) * kLdF + b + m] * sT[(b + m) * kLdF + b + c];
+      sT[(b + i) * kLdF + b + c] = x;
+      __syncwarp(0xffffu);
+    }
+  }
+  __syncthreads();
+  for (int I = 1; I < 4; ++I) {
+    for (int e = tid; e < I * 256; e += blockDim.x) {
+      const int J = e >> 8, r = (e >> 4) & 15, c = e & 15;
+      float y = 0.f;
+      for (int m = 16 * J; m < 16 * I; ++m) y += sL[(16 * I + r) * kLdF + m] * sT[m * kLdF + 16 * J + c];
+      sY[e] = y;
+    }
+    __syncthreads();
+    for (int e = tid; e < I * 256; e += blockDim.x) {
+      const int J = e >> 8, r = (e >> 4) & 15, c = e & 15;
+      float x = 0.f;
+      for (int m = 0; m < 16; ++m) x -= sT[(16 * I + r) * kLdF + 16 * I + m] * sY[(J << 8) + m * 16 + c];
+      sT[(16 * I + r) * kLdF + 16 * J + c] = x;
+    }
+    __syncthreads();
+  }
+
+  // 4. W = T (beta K ⊙ e^G), U = T (beta V); the operand is staged in buf rows 0..63. KDA also
+  //    writes the decayed keys kg = K ⊙ e^{G_last−G} and queries qg = s Q ⊙ e^G for the later passes.
+  auto tmul = [&](CT* out, int cols) {  // out[tok][0..cols) = T · buf[0..64)[0..cols), warp = 16 rows
+    for (int c0 = 0; c0 < cols; c0 += 32) {
+      auto emit = [&](auto& acc) {
+        for_each_acc(acc, [&](int r, int c, float& x) {
+          const int i = 16 * warp + r;
+          if (i < len) out[tok(i) * cols + c0 + c] = from_f32<CT>(x);
+        });
+      };
+      if (cols - c0 >= 32) {
+        float acc[4][4] = {};
+        warp_mma<CT, 4>(acc, F32View<CT>{sT + 16 * warp * kLdF, kLdF}, View<CT, false>{buf + c0, LD}, C);
+        emit(acc);
+      } else {
+        float acc[2][4] = {};
+        warp_mma<CT, 2>(acc, F32View<CT>{sT + 16 * warp * kLdF, kLdF}, View<CT, false>{buf + c0, LD}, C);
+        emit(acc);
+      }
+    }
+  };
+  for (int idx = tid; idx < C * K; idx += blockDim.x) {
+    const int i = idx / K, d = idx % K;
+    const float kv = i < len ? to_f32(krow(i)[d]) : 0.f;
+    const float Gi = KDA ? sG[i * K + d] : sG[i];
+    buf[i * LD + d] = from_f32<CT>(sBeta[i] * kv * fast_exp<CT>(Gi));
+    if constexpr (KDA) {
+      if (i < len) {
+        const float Gl = sG[(len - 1) * K + d];
+        static_cast<CT*>(a.kg)[tok(i) * K + d] = from_f32<CT>(kv * fast_exp<CT>(Gl - Gi));
+        static_cast<CT*>(a.qg)[tok(i) * K + d] = from_f32<CT>(a.scale * to_f32(qrow(i)[d]) * fast_exp<CT>(Gi));
+      }
+    }
+  }
+  __syncthreads();
+  tmul(static_cast<CT*>(a.W), K);
+  __syncthreads();
+  for (int idx = tid; idx < C * V; idx += blockDim.x) {
+    const int i = idx / V, c = idx % V;
+    buf[i * LD + c] = from_f32<CT>(i < len ? sBeta[i] * to_f32(v[tok(i) * V + c]) : 0.f);
+  }
+  __syncthreads();
+  tmul(static_cast<CT*>(a.U), V);
+}
+
+// ---------------------------------------------------------------------------------------------
+// state: one block per (sequence, value head, BV columns of V), walking the chunks in order with
+// the state S [K x BV] in fp32 mma accumulators; the next chunk's W, K and U tiles are copied in
+// (cp.async) while the current one is processed, where shared memory allows two stages.
+template <class CT, bool KDA, int K, int BV>
+struct StateSmem {
+  static constexpr int kWarps = K >= 64 ? 4 : 2;
+  static constexpr int kLdK = pitch<CT>(K), kLdU = pitch<CT>(BV), kLdVn = pitch<CT>(C);
+  static constexpr size_t kStage = sizeof(CT) * (2 * C * kLdK + C * kLdU) + sizeof(float) * (KDA ? K : C);
+  static constexpr size_t kFixed = sizeof(CT) * (BV * kLdK + BV * kLdVn);
+  static constexpr int kStages = 2 * kStage + kFixed <= 200 * 1024 ? 2 : 1;
+  static constexpr size_t kBytes = kStages * kStage + kFixed;
+};
+
+template <class CT, bool KDA, int K, int BV>
+__global__ void __launch_bounds__(StateSmem<CT, KDA, K, BV>::kWarps * 32) state_kernel(ChunkArgs a) {
+  using L = StateSmem<CT, KDA, K, BV>;
+  constexpr int NW = L::kWarps, MT = K / 16 / NW, VMT = 4 / NW, NTS = BV / 8;
+  constexpr int LDK = L::kLdK, LDU = L::kLdU, LDVN = L::kLdVn;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int n = blockIdx.x, j = blockIdx.y, v0 = blockIdx.z * BV, h = j / a.group, HV = a.HV, V = a.V;
+  const int bos = a.cu[n], eos = a.cu[n + 1], nchunks = (eos - bos + C - 1) / C, coff = a.chunk_off[n];
+  const int warp = threadIdx.x >> 5;
+  auto stage_ptr = [&](int s) { return smem + s * L::kStage; };
+  auto sW = [&](int s) { return reinterpret_cast<CT*>(stage_ptr(s)); };
+  auto sKg = [&](int s) { return sW(s) + C * LDK; };
+  auto sU = [&](int s) { return sKg(s) + C * LDK; };
+  auto sGs = [&](int s) { return reinterpret_cast<float*>(sU(s) + C * LDU); };  // GDN: G rows; KDA: G_last
+  CT* sS = reinterpret_cast<CT*>(smem + L::kStages * L::kStage);  // S^T [BV][K] in CT
+  CT* sVn = sS + BV * LDK;                                        // decayed v_new^T [BV][64]
+
+  const CT* Wg = static_cast<const CT*>(a.W);
+  const CT* Ug = static_cast<const CT*>(a.U);
+  const CT* Kg = static_cast<const CT*>(KDA ? a.kg : a.k);
+  CT* hg = static_cast<CT*>(a.h);
+  CT* vng = static_cast<CT*>(a.vn);
+  auto load_chunk = [&](int c, int s) {
+    const int tc = bos + c * C, lc = min(C, eos - tc);
+    load_rows_async(sW(s), LDK, C, K, lc, [&](int i) { return Wg + (size_t(tc + i) * HV + j) * K; });
+    load_rows_async(sKg(s), LDK, C, K, lc, [&](int i) {
+      return Kg + (KDA ? (size_t(tc + i) * HV + j) * K : (size_t(tc + i) * a.H + h) * K);
+    });
+    load_rows_async(sU(s), LDU, C, BV, lc, [&](int i) { return Ug + (size_t(tc + i) * HV + j) * V + v0; });
+    if constexpr (KDA) {
+      for (int d = threadIdx.x; d < K; d += blockDim.x) sGs(s)[d] = a.Gc[(size_t(tc + lc - 1) * HV + j) * K + d];
+    } else {
+      for (int i = threadIdx.x; i < lc; i += blockDim.x) sGs(s)[i] = a.Gc[size_t(tc + i) * HV + j];
+    }
+  };
+
+  float S[MT][NTS][4];
+  float* state = a.state + size_t(n * HV + j) * K * V;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+    for_each_acc(S[mt], [&](int r, int c, float& x) { x = state[size_t(16 * (warp * MT + mt) + r) * V + v0 + c]; });
+
+  if (L::kStages == 2 && nchunks > 0) load_chunk(0, 0);
+  cp_async_commit();
+  for (int c = 0; c < nchunks; ++c) {
+    const int tc = bos + c * C, lc = min(C, eos - tc);
+    int s = 0;
+    if constexpr (L::kStages == 2) {
+      s = c & 1;
+      if (c + 1 < nchunks) load_chunk(c + 1, s ^ 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      load_chunk(c, 0);
+      cp_async_commit();
+      cp_async_wait<0>();
+    }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+      for_each_acc(S[mt], [&](int r, int col, float& x) { sS[col * LDK + 16 * (warp * MT + mt) + r] = from_f32<CT>(x); });
+    __syncthreads();
+    // Record the state entering this chunk for the output pass (rows of K contiguous, 16-byte copies).
+    {
+      constexpr int vec = 16 / sizeof(CT), per_row = K / vec;
+      CT* dst = hg + (size_t(coff + c) * HV + j) * V * K + size_t(v0) * K;
+      for (int idx = threadIdx.x; idx < BV * per_row; idx += blockDim.x) {
+        const int r = idx / per_row, e = (idx % per_row) * vec;
+        *reinterpret_cast<uint4*>(dst + r * K + e) = *reinterpret_cast<const uint4*>(sS + r * LDK + e);
+      }
+    }
+    const float* Gs = sGs(s);
+    const float Gl = KDA ? 0.f : Gs[lc - 1];
+    // v_new = U − W S for this warp's rows; the decayed copy e^{G_last−G_i}·v_new (GDN) feeds the update.
+#pragma unroll
+    for (int vm = 0; vm < VMT; ++vm) {
+      const int i0 = 16 * (warp * VMT + vm);
+      float acc[NTS][4] = {};
+      warp_mma<CT, NTS>(acc, View<CT, true>{sW(s) + i0 * LDK, LDK}, View<CT, true>{sS, LDK}, K);
+      const CT* u = sU(s);
+      for_each_acc(acc, [&](int r, int col, float& x) {
+        const int i = i0 + r;
+        const float vn = i < lc ? to_f32(u[i * LDU + col]) - x : 0.f;
+        if (i < lc) vng[(size_t(tc + i) * HV + j) * V + v0 + col] = from_f32<CT>(vn);
+        const float fac = KDA ? 1.f : (i < lc ? fast_exp<CT>(Gl - Gs[i]) : 0.f);
+        sVn[col * LDVN + i] = from_f32<CT>(vn * fac);
+      });
+    }
+    __syncthreads();
+    // S ← e^{G_last} S + Kg^T v_new  (Kg = K ⊙ e^{G_last−G}: precomputed for KDA, folded into v_new for GDN)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      const int d0 = 16 * (warp * MT + mt);
+      for_each_acc(S[mt], [&](int r, int, float& x) { x *= fast_exp<CT>(KDA ? Gs[d0 + r] : Gl); });
+      warp_mma<CT, NTS>(S[mt], View<CT, false>{sKg(s) + d0, LDK}, View<CT, true>{sVn, LDVN}, C);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+    for_each_acc(S[mt], [&](int r, int c, float& x) { state[size_t(16 * (warp * MT + mt) + r) * V + v0 + c] = x; });
+}
+
+// ---------------------------------------------------------------------------------------------
+// output: one block (4 warps, 16 rows each) per (chunk, value head, BV columns of V).
+template <class CT, int K, int BV>
+struct OutSmem {
+  static constexpr int kLdK = pitch<CT>(K), kLdP = pitch<CT>(C), kLdV = pitch<CT>(BV);
+  static constexpr size_t kBytes = sizeof(CT) * (C * kLdK + BV * kLdK + C * kLdP + C * kLdV) + sizeof(float) * C;
+};
+
+template <class CT, bool KDA, int K, int BV>
+__global__ void __launch_bounds__(128) output_kernel(ChunkArgs a) {
+  using L = OutSmem<CT, K, BV>;
+  constexpr int LDK = L::kLdK, LDP = L::kLdP, LDV = L::kLdV, NTS = BV / 8;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int chunk = blockIdx.x, j = blockIdx.y, v0 = blockIdx.z * BV, h = j / a.group, HV = a.HV, V = a.V;
+  const int2 ct = a.chunk_tab[chunk];
+  const int t0 = ct.x, len = min(C, a.cu[ct.y + 1] - t0);
+  const int warp = threadIdx.x >> 5;
+  CT* sQ = reinterpret_cast<CT*>(smem);
+  CT* sH = sQ + C * LDK;
+  CT* sP = sH + BV * LDK;
+  CT* sVn = sP + C * LDP;
+  float* sG = reinterpret_cast<float*>(sVn + C * LDV);
+  auto tok = [&](int i) { return size_t(t0 + i) * HV + j; };
+
+  const CT* Qsrc = static_cast<const CT*>(KDA ? a.qg : a.q);
+  load_rows_async(sQ, LDK, C, K, len, [&](int i) {
+    return Qsrc + (KDA ? tok(i) * K : (size_t(t0 + i) * a.H + h) * K);
+  });
+  load_rows_async(sH, LDK, BV, K, BV, [&](int r) {
+    return static_cast<const CT*>(a.h) + (size_t(chunk) * HV + j) * V * K + size_t(v0 + r) * K;
+  });
+  load_rows_async(sP, LDP, C, C, len, [&](int i) { return static_cast<const CT*>(a.P) + tok(i) * C; });
+  load_rows_async(sVn, LDV, C, BV, len, [&](int i) { return static_cast<const CT*>(a.vn) + tok(i) * V + v0; });
+  if (!KDA && threadIdx.x < C) sG[threadIdx.x] = threadIdx.x < len ? a.Gc[tok(threadIdx.x)] : 0.f;
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+  // P rows hold their causal part only where prep wrote them (j ≤ i); zero the rest.
+  for (int idx = threadIdx.x; idx < C * C; idx += blockDim.x) {
+    const int i = idx / C, jj = idx % C;
+    if (jj > i) sP[i * LDP + jj] = from_f32<CT>(0.f);
+  }
+  __syncthreads();
+  float acc[NTS][4] = {};
+  warp_mma<CT, NTS>(acc, View<CT, true>{sQ + 16 * warp * LDK, LDK}, View<CT, true>{sH, LDK}, K);
+  if constexpr (!KDA)
+    for_each_acc(acc, [&](int r, int, float& x) { x *= a.scale * fast_exp<CT>(sG[16 * warp + r]); });
+  warp_mma<CT, NTS>(acc, View<CT, true>{sP + 16 * warp * LDP, LDP}, View<CT, false>{sVn, LDV}, C);
+  CT* o = static_cast<CT*>(a.o);
+  for_each_acc(acc, [&](int r, int c, float& x) {
+    const int i = 16 * warp + r;
+    if (i < len) o[tok(i) * V + v0 + c] = from_f32<CT>(x);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+template <class CT, bool KDA, int K, int BV>
+void launch(const ChunkArgs& a, int64_t chunks, int64_t n_seqs, cudaStream_t stream) {
+  const size_t prep_bytes = PrepSmem<CT, KDA, K>(a.V).bytes();
+  auto prep = prep_kernel<CT, KDA, K>;
+  check_cuda(cudaFuncSetAttribute(prep, cudaFuncAttributeMaxDynamicSharedMemorySize, int(prep_bytes)), "prep smem");
+  prep<<<dim3(unsigned(chunks), unsigned(a.HV)), 128, prep_bytes, stream>>>(a);
+  check_cuda(cudaGetLastError(), "delta rule prep kernel");
+
+  using SL = StateSmem<CT, KDA, K, BV>;
+  auto state = state_kernel<CT, KDA, K, BV>;
+  check_cuda(cudaFuncSetAttribute(state, cudaFuncAttributeMaxDynamicSharedMemorySize, int(SL::kBytes)), "state smem");
+  state<<<dim3(unsigned(n_seqs), unsigned(a.HV), unsigned(a.V / BV)), SL::kWarps * 32, SL::kBytes, stream>>>(a);
+  check_cuda(cudaGetLastError(), "delta rule state kernel");
+
+  using OL = OutSmem<CT, K, BV>;
+  auto out = output_kernel<CT, KDA, K, BV>;
+  check_cuda(cudaFuncSetAttribute(out, cudaFuncAttributeMaxDynamicSharedMemorySize, int(OL::kBytes)), "output smem");
+  out<<<dim3(unsigned(chunks), unsigned(a.HV), unsigned(a.V / BV)), 128, OL::kBytes, stream>>>(a);
+  check_cuda(cudaGetLastError(), "delta rule output kernel");
+}
+
+template <class CT, bool KDA>
+void dispatch_k(const ChunkArgs& a, int K, int64_t chunks, int64_t n_seqs, cudaStream_t s) {
+  const bool bv32 = a.V % 32 == 0;
+  switch (K) {
+    case 32: return bv32 ? launch<CT, KDA, 32, 32>(a, chunks, n_seqs, s) : launch<CT, KDA, 32, 16>(a, chunks, n_seqs, s);
+    case 64: return bv32 ? launch<CT, KDA, 64, 32>(a, chunks, n_seqs, s) : launch<CT, KDA, 64, 16>(a, chunks, n_seqs, s);
+    case 128: return bv32 ? launch<CT, KDA, 128, 32>(a, chunks, n_seqs, s) : launch<CT, KDA, 128, 16>(a, chunks, n_seqs, s);
+    case 256: return bv32 ? launch<CT, KDA, 256, 32>(a, chunks, n_seqs, s) : launch<CT, KDA, 256, 16>(a, chunks, n_seqs, s);
+  }
+}
+
+template <class CT>
+void dispatch(const ChunkArgs& a, const DeltaRuleDims& d, int64_t chunks, cudaStream_t s) {
+  if (d.gate == DeltaGate::PerKey) dispatch_k<CT, true>(a, int(d.K), chunks, d.num_seqs(), s);
+  else dispatch_k<CT, false>(a, int(d.K), chunks, d.num_seqs(), s);
+}
+
+size_t align_up(size_t x) { return (x + 255) & ~size_t(255); }
+
+}  // namespace
+
+void check_delta_dims(const DeltaRuleDims& d, DType dt, const char* what) {
+  check(d.H > 0 && d.HV > 0 && d.HV % d.H == 0, std::string(what) + ": HV must be a positive multiple of H");
+  check(dt == DType::F32 || dt == DType::F16 || dt == DType::BF16,
+        std::string(what) + ": element type must be F32, F16 or BF16, got " + dtype_name(dt));
+  check(d.K == 32 || d.K == 64 || d.K == 128 || d.K == 256,
+        std::string(what) + ": K must be 32, 64, 128 or 256, got " + std::to_string(d.K));
+  check(d.V % 16 == 0 && d.V >= 16 && d.V <= 256,
+        std::string(what) + ": V must be a multiple of 16 in [16, 256], got " + std::to_string(d.V));
+}
+
+DeltaChunkPlan::DeltaChunkPlan(const DeltaRuleDims& d, DType dt) : d_(d), dt_(dt) {
+  d.validate();
+  check_delta_dims(d, dt, "delta rule chunk (cuda)");
+  check(d.tokens() * d.HV * std::max(d.K, d.V) < (int64_t(1) << 31), "delta rule chunk (cuda): too many tokens");
+  const int64_t N = d.num_seqs(), T = d.tokens(), HV = d.HV, K = d.K, V = d.V;
+  std::vector<int32_t> tab, cu(N + 1), off(N + 1);
+  for (int64_t n = 0; n < N; ++n) {
+    off[n] = int32_t(tab.size() / 2);
+    cu[n] = int32_t(d.cu_seqlens[n]);
+    for (int64_t t = d.cu_seqlens[n]; t < d.cu_seqlens[n + 1]; t += C) {
+      tab.push_back(int32_t(t));
+      tab.push_back(int32_t(n));
+    }
+  }
+  cu[N] = int32_t(T);
+  off[N] = int32_t(tab.size() / 2);
+  chunks_ = int64_t(tab.size() / 2);
+  const size_t es = dtype_size(dt), kda = d.gate == DeltaGate::PerKey;
+  const size_t sizes[] = {
+      tab.size() * 4, cu.size() * 4, off.size() * 4,
+      size_t(T * HV) * (kda ? K : 1) * 4,                 // Gc
+      size_t(T * HV * K) * es, size_t(T * HV * V) * es,   // W, U
+      size_t(T * HV * C) * es,                            // P
+      kda ? size_t(T * HV * K) * es : 0, kda ? size_t(T * HV * K) * es : 0,  // kg, qg
+      size_t(chunks_ * HV * K * V) * es,                  // h
+      size_t(T * HV * V) * es};                           // vn
+  for (size_t s : sizes) ws_bytes_ += align_up(s);
+  check_cuda(cudaMalloc(&ws_, std::max<size_t>(ws_bytes_, 256)), "delta rule workspace");
+  check_cuda(cudaMemcpy(ws_, tab.data(), tab.size() * 4, cudaMemcpyHostToDevice), "chunk table upload");
+  check_cuda(cudaMemcpy(static_cast<char*>(ws_) + align_up(sizes[0]), cu.data(), cu.size() * 4, cudaMemcpyHostToDevice),
+             "cu_seqlens upload");
+  check_cuda(cudaMemcpy(static_cast<char*>(ws_) + align_up(sizes[0]) + align_up(sizes[1]), off.data(), off.size() * 4,
+                        cudaMemcpyHostToDevice),
+             "chunk offsets upload");
+}
+
+DeltaChunkPlan::~DeltaChunkPlan() { cudaFree(ws_); }
+
+void DeltaChunkPlan::forward(const void* q, const void* k, const void* v, const float* g, const float* beta,
+                             float scale, float* state, void* o, cudaStream_t stream) const {
+  if (chunks_ == 0) return;
+  const size_t es = dtype_size(dt_), kda = d_.gate == DeltaGate::PerKey;
+  const int64_t T = d_.tokens(), HV = d_.HV, K = d_.K, V = d_.V;
+  char* p = static_cast<char*>(ws_);
+  auto take = [&](size_t bytes) {
+    char* r = p;
+    p += align_up(bytes);
+    return r;
+  };
+  ChunkArgs a{};
+  a.q = q, a.k = k, a.v = v, a.g = g, a.beta = beta, a.scale = scale, a.state = state, a.o = o;
+  a.chunk_tab = reinterpret_cast<const int2*>(take(size_t(chunks_) * 8));
+  a.cu = reinterpret_cast<const int*>(take(size_t(d_.num_seqs() + 1) * 4));
+  a.chunk_off = reinterpret_cast<const int*>(take(size_t(d_.num_seqs() + 1) * 4));
+  a.H = int(d_.H), a.HV = int(HV), a.V = int(V), a.group = int(HV / d_.H);
+  a.Gc = reinterpret_cast<float*>(take(size_t(T * HV) * (kda ? K : 1) * 4));
+  a.W = take(size_t(T * HV * K) * es);
+  a.U = take(size_t(T * HV * V) * es);
+  a.P = take(size_t(T * HV * C) * es);
+  a.kg = take(kda ? size_t(T * HV * K) * es : 0);
+  a.qg = take(kda ? size_t(T * HV * K) * es : 0);
+  a.h = take(size_t(chunks_ * HV * K * V) * es);
+  a.vn = take(size_t(T * HV * V) * es);
+  switch (dt_) {
+    case DType::F32: return dispatch<float>(a, d_, chunks_, stream);
+    case DType::F16: return dispatch<__half>(a, d_, chunks_, stream);
+    default: return dispatch<__nv_bfloat16>(a, d_, chunks_, stream);
+  }
+}
+
+}  // namespace hla::cuda

@@ -1,0 +1,66 @@
+// CUDA forms of the delta-rule ops (GDN, KDA) — same math and layout as src/ops/delta_rule.h.
+//
+// Tensors live on the device. q,k [T,H,K], v and o [T,HV,V] in the element type `dt` (F32, F16 or
+// BF16); g ([T,HV] GDN, [T,HV,K] KDA, natural-log decays) and beta [T,HV] are float32; states are
+// float32 [.,HV,K,V]. Matmul operands use the input's precision (bf16/fp16 tensor cores; fp32
+// inputs use a 3xTF32 split so they stay within ~1e-6 of fp32), accumulation and state are fp32.
+// Every kernel is deterministic: no atomics, fixed reduction orders.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "core/dtype.h"
+#include "ops/delta_rule.h"
+
+namespace hla::cuda {
+
+// True when a CUDA device is present and usable (tests skip themselves otherwise).
+bool device_available();
+// Throws hla::Error naming `what` when a CUDA call failed.
+void check_cuda(cudaError_t e, const char* what);
+
+// Chunked forward (chunk 64, WY/UT form) for one fixed set of sequence lengths. Three launches:
+//   prep   (chunk x value head, token-parallel): gate cumsum, L = strict-tril(beta K K^T ⊙ decay),
+//          T = (I+L)^{-1}, W = T(beta K ⊙ e^G), U = T(beta V), causal P = s Q K^T ⊙ decay;
+//   state  (sequence x value head x V-tile, sequential over chunks): v_new = U − W S,
+//          S ← e^{G_last} S + (K ⊙ e^{G_last−G})^T v_new; records the state entering each chunk;
+//   output (chunk x value head x V-tile): O = (s Q ⊙ e^G) S_chunk + P v_new.
+// K must be 32, 64, 128 or 256; V a multiple of 16 up to 256. KDA's gates must satisfy
+// g ≥ −10 per token (the intra-chunk decays are factored around the middle row of each 16-token
+// sub-chunk, e^{±8·|g|} must stay finite in fp32); GDN gates are unrestricted.
+class DeltaChunkPlan {
+ public:
+  // Uploads the chunk table and allocates the workspace for `d` (d.cu_seqlens on the host).
+  DeltaChunkPlan(const DeltaRuleDims& d, DType dt);
+  ~DeltaChunkPlan();
+  DeltaChunkPlan(const DeltaChunkPlan&) = delete;
+  DeltaChunkPlan& operator=(const DeltaChunkPlan&) = delete;
+
+  // `state` [N,HV,K,V] holds h0 on entry and the final state on return.
+  void forward(const void* q, const void* k, const void* v, const float* g, const float* beta, float scale,
+               float* state, void* o, cudaStream_t stream) const;
+
+  int64_t chunks() const { return chunks_; }
+  size_t workspace_bytes() const { return ws_bytes_; }
+
+ private:
+  DeltaRuleDims d_;
+  DType dt_;
+  int64_t chunks_ = 0;
+  size_t ws_bytes_ = 0;
+  void* ws_ = nullptr;  // one allocation: chunk table, cu_seqlens, chunk offsets, intermediates
+};
+
+// Recurrent decode / verify for a batch of N sequences with `tokens` new tokens each (1 for decode,
+// more for a speculative verify step): q,k [N·tokens,H,K], v,o [N·tokens,HV,V], g, beta likewise.
+// States live in a pool [slots,HV,K,V]; sequence n starts from pool[slot_in[n]]. With slot_out
+// ([N,tokens] device int32) the state after token t is written to pool[slot_out[n·tokens+t]]
+// (so a scheduler can roll back rejected drafts); without it the final state overwrites
+// pool[slot_in[n]]. K in {32,64,128,256}, V a multiple of 16; d.cu_seqlens is not read.
+void delta_rule_decode(const DeltaRuleDims& d, DType dt, int64_t n_seqs, int64_t tokens, const void* q,
+                       const void* k, const void* v, const float* g, const float* beta, float scale,
+                       float* state_pool, const int32_t* slot_in, const int32_t* slot_out, void* o,
+                       cudaStream_t stream);
+
+}  // namespace hla::cuda

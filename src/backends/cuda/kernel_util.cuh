@@ -1,0 +1,44 @@
+// Small device helpers shared by the CUDA kernels: asynchronous tile copies, exponentials.
+#pragma once
+#include <cuda_runtime.h>
+
+#include "core/dtype.h"
+#include "ops/delta_rule.h"
+
+namespace hla::cuda {
+
+// Validates what every delta-rule kernel supports (element type, K, V); throws hla::Error.
+void check_delta_dims(const DeltaRuleDims& d, DType dt, const char* what);
+
+// 16-byte global->shared copy that bypasses registers; with valid == false it writes zeros and
+// reads nothing (rows past a sequence's end).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  const unsigned s = unsigned(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// Block-wide copy of a rows x cols tile (cols·sizeof(CT) a multiple of 16) into shared memory with
+// row pitch ld; rows >= valid are zero-filled. row(i) gives the global address of row i.
+template <class CT, class RowPtr>
+__device__ __forceinline__ void load_rows_async(CT* s, int ld, int rows, int cols, int valid, RowPtr row) {
+  constexpr int vec = 16 / sizeof(CT);
+  const int per_row = cols / vec;
+  for (int idx = threadIdx.x; idx < rows * per_row; idx += blockDim.x) {
+    const int r = idx / per_row, c = (idx % per_row) * vec;
+    const bool ok = r < valid;
+    cp_async16(s + r * ld + c, (ok ? row(r) : row(0)) + c, ok);
+  }
+}
+
+// e^x: full precision for fp32 inputs (they must stay within 1e-4 of fp64), the fast hardware
+// form where operands are rounded to 16 bits anyway.
+template <class CT>
+__device__ __forceinline__ float fast_exp(float x) {
+  if constexpr (sizeof(CT) == 4) return expf(x);
+  else return __expf(x);
+}
+
+}  // namespace hla::cuda

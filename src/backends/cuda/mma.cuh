@@ -1,0 +1,143 @@
+// Warp-level tensor-core tiles over shared memory (mma.sync, sm_80+; runs on sm_90a).
+//
+// One warp computes C[16 x 8·NT] += A[16 x kdim] · B[kdim x 8·NT] with fp32 accumulators, where
+// A and B are read through accessors (shared-memory views, optionally transposed). The element
+// type CT of the views picks the instruction:
+//   bf16 / fp16 -> mma.m16n8k16 with that operand type (what bf16/fp16 inputs use);
+//   float       -> three tf32 mma.m16n8k8 per step (a_hi·b_hi + a_hi·b_lo + a_lo·b_hi, the
+//                  "3xTF32" split), which keeps ~fp32 accuracy: fp32 inputs must land within 1e-4
+//                  of an fp64 reference, and a single tf32 product (10-bit mantissa) would not.
+// Fragment layouts follow the PTX ISA ("Matrix fragments for mma.m16n8k16 / m16n8k8"): lane l owns
+// rows l/4 and l/4+8 of A and C, columns 2·(l%4)+{0,1} of C, and column l/4 of B.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+namespace hla::cuda {
+
+template <class T> __device__ __forceinline__ float to_f32(T x);
+template <> __device__ __forceinline__ float to_f32<float>(float x) { return x; }
+template <> __device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <> __device__ __forceinline__ float to_f32<__half>(__half x) { return __half2float(x); }
+
+template <class T> __device__ __forceinline__ T from_f32(float x);
+template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
+
+// A view of a shared-memory tile as a matrix M(x, k): x is the row of A (or the column of B), k the
+// reduction index. KMajor: element at p[x*ld + k] (k contiguous, pairs load as one 32-bit word);
+// otherwise at p[k*ld + x].
+template <class CT, bool KMajor>
+struct View {
+  const CT* p;
+  int ld;
+  __device__ __forceinline__ CT at(int x, int k) const { return KMajor ? p[x * ld + k] : p[k * ld + x]; }
+  // Elements (x,k) and (x,k+1) packed low/high, as the 16-bit mma operands want them.
+  __device__ __forceinline__ uint32_t pair(int x, int k) const {
+    if constexpr (KMajor) {
+      return *reinterpret_cast<const uint32_t*>(p + x * ld + k);
+    } else {
+      const uint16_t lo = reinterpret_cast<const uint16_t&>(p[k * ld + x]);
+      const uint16_t hi = reinterpret_cast<const uint16_t&>(p[(k + 1) * ld + x]);
+      return uint32_t(lo) | (uint32_t(hi) << 16);
+    }
+  }
+};
+
+// A float tile in shared memory read as CT operands (k contiguous), rounding on the fly: the
+// triangular inverse T is solved in fp32 and only rounded where it enters a matmul.
+template <class CT>
+struct F32View {
+  const float* p;
+  int ld;
+  __device__ __forceinline__ CT at(int x, int k) const { return from_f32<CT>(p[x * ld + k]); }
+  __device__ __forceinline__ uint32_t pair(int x, int k) const {
+    const CT lo = at(x, k), hi = at(x, k + 1);
+    return uint32_t(reinterpret_cast<const uint16_t&>(lo)) | (uint32_t(reinterpret_cast<const uint16_t&>(hi)) << 16);
+  }
+};
+
+__device__ __forceinline__ void mma_bf16(float c[4], const uint32_t a[4], const uint32_t b[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+__device__ __forceinline__ void mma_f16(float c[4], const uint32_t a[4], const uint32_t b[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+__device__ __forceinline__ void mma_tf32(float c[4], const uint32_t a[4], const uint32_t b[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+__device__ __forceinline__ uint32_t to_tf32(float x) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+  return r;
+}
+// x = hi + lo with both parts representable in tf32.
+__device__ __forceinline__ void split_tf32(float x, uint32_t& hi, uint32_t& lo) {
+  hi = to_tf32(x);
+  lo = to_tf32(x - __uint_as_float(hi));
+}
+
+// C[16 x 8·NT] += A[16 x kdim] · B[kdim x 8·NT]; kdim a multiple of 16. The warp's A rows are
+// a(0..15, ·); B column n of n-tile t is b(8t + n, ·).
+template <class CT, int NT, class VA, class VB>
+__device__ __forceinline__ void warp_mma(float (&c)[NT][4], const VA& a, const VB& b, int kdim) {
+  const int lane = threadIdx.x & 31, r = lane >> 2, q = lane & 3;
+  if constexpr (sizeof(CT) == 2) {
+    for (int k0 = 0; k0 < kdim; k0 += 16) {
+      const uint32_t af[4] = {a.pair(r, k0 + 2 * q), a.pair(r + 8, k0 + 2 * q), a.pair(r, k0 + 2 * q + 8),
+                              a.pair(r + 8, k0 + 2 * q + 8)};
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+        const uint32_t bf[2] = {b.pair(8 * t + r, k0 + 2 * q), b.pair(8 * t + r, k0 + 2 * q + 8)};
+        if constexpr (std::is_same_v<CT, __half>) mma_f16(c[t], af, bf);
+        else mma_bf16(c[t], af, bf);
+      }
+    }
+  } else {
+    for (int k0 = 0; k0 < kdim; k0 += 8) {
+      uint32_t ah[4], al[4];
+      split_tf32(a.at(r, k0 + q), ah[0], al[0]);
+      split_tf32(a.at(r + 8, k0 + q), ah[1], al[1]);
+      split_tf32(a.at(r, k0 + q + 4), ah[2], al[2]);
+      split_tf32(a.at(r + 8, k0 + q + 4), ah[3], al[3]);
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+        uint32_t bh[2], bl[2];
+        split_tf32(b.at(8 * t + r, k0 + q), bh[0], bl[0]);
+        split_tf32(b.at(8 * t + r, k0 + q + 4), bh[1], bl[1]);
+        mma_tf32(c[t], al, bh);
+        mma_tf32(c[t], ah, bl);
+        mma_tf32(c[t], ah, bh);
+      }
+    }
+  }
+}
+
+// Visits the accumulator elements a lane owns: f(row, col, value&) with row in [0,16), col in
+// [0, 8·NT).
+template <int NT, class F>
+__device__ __forceinline__ void for_each_acc(float (&c)[NT][4], F&& f) {
+  const int lane = threadIdx.x & 31, r = lane >> 2, q = lane & 3;
+#pragma unroll
+  for (int t = 0; t < NT; ++t)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) f(r + (e >> 1) * 8, 8 * t + 2 * q + (e & 1), c[t][e]);
+}
+
+}  // namespace hla::cuda

@@ -1,0 +1,330 @@
+// CUDA delta-rule kernels against the CPU oracle (fp64 recurrence) and the op fixtures.
+// Every test skips itself where no GPU is present.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "backends/cuda/delta_rule_cuda.h"
+#include "core/error.h"
+#include "core/safetensors.h"
+#include "ops/delta_rule.h"
+#include "tests/common.h"
+
+namespace hla {
+namespace {
+
+#define HLA_REQUIRE_GPU() \
+  if (!cuda::device_available()) GTEST_SKIP() << "no CUDA device"
+
+// Device buffer holding host values converted to `dt` (F32/F16/BF16), and back.
+struct DevBuf {
+  void* p = nullptr;
+  size_t n = 0;
+  DType dt = DType::F32;
+  DevBuf(const std::vector<double>& x, DType dtype) : n(x.size()), dt(dtype) {
+    std::vector<uint8_t> bytes(n * dtype_size(dt));
+    for (size_t i = 0; i < n; ++i) {
+      const float f = float(x[i]);
+      if (dt == DType::F32) std::memcpy(&bytes[i * 4], &f, 4);
+      else {
+        const uint16_t h = dt == DType::BF16 ? f32_to_bf16(f) : f32_to_f16(f);
+        std::memcpy(&bytes[i * 2], &h, 2);
+      }
+    }
+    cuda::check_cuda(cudaMalloc(&p, std::max<size_t>(bytes.size(), 16)), "test alloc");
+    cuda::check_cuda(cudaMemcpy(p, bytes.data(), bytes.size(), cudaMemcpyHostToDevice), "test upload");
+  }
+  DevBuf(size_t count, DType dtype, uint8_t fill) : n(count), dt(dtype) {
+    cuda::check_cuda(cudaMalloc(&p, std::max<size_t>(n * dtype_size(dt), 16)), "test alloc");
+    cuda::check_cuda(cudaMemset(p, fill, n * dtype_size(dt)), "test memset");
+  }
+  ~DevBuf() { cudaFree(p); }
+  std::vector<double> get() const {
+    std::vector<uint8_t> bytes(n * dtype_size(dt));
+    cuda::check_cuda(cudaMemcpy(bytes.data(), p, bytes.size(), cudaMemcpyDeviceToHost), "test download");
+    std::vector<double> x(n);
+    for (size_t i = 0; i < n; ++i) {
+      if (dt == DType::F32) {
+        float f;
+        std::memcpy(&f, &bytes[i * 4], 4);
+        x[i] = f;
+      } else {
+        uint16_t h;
+        std::memcpy(&h, &bytes[i * 2], 2);
+        x[i] = dt == DType::BF16 ? bf16_to_f32(h) : f16_to_f32(h);
+      }
+    }
+    return x;
+  }
+  std::vector<uint8_t> raw() const {
+    std::vector<uint8_t> bytes(n * dtype_size(dt));
+    cuda::check_cuda(cudaMemcpy(bytes.data(), p, bytes.size(), cudaMemcpyDeviceToHost), "test download");
+    return bytes;
+  }
+  float* f32() const { return static_cast<float*>(p); }
+};
+
+double rel_l2(const std::vector<double>& a, const std::vector<double>& b) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < b.size(); ++i) {
+    if (!std::isfinite(a[i])) return INFINITY;
+    num += (a[i] - b[i]) * (a[i] - b[i]);
+    den += b[i] * b[i];
+  }
+  return std::sqrt(num / (den > 0 ? den : 1));
+}
+
+std::vector<double> round_to(const std::vector<double>& x, DType dt) {
+  std::vector<double> r(x.size());
+  for (size_t i = 0; i < x.size(); ++i) {
+    const float f = float(x[i]);
+    r[i] = dt == DType::BF16 ? bf16_to_f32(f32_to_bf16(f)) : dt == DType::F16 ? f16_to_f32(f32_to_f16(f)) : f;
+  }
+  return r;
+}
+
+// Inputs as the layers produce them: k L2-normalised, g = log-sigmoid clamped to [−5, 0),
+// beta in (0, 1); q and v standard normal, h0 small.
+struct Problem {
+  DeltaRuleDims d;
+  std::vector<double> q, k, v, g, beta, h0;
+  double scale = 0;
+};
+
+Problem make_problem(DeltaGate gate, int64_t H, int64_t HV, int64_t K, int64_t V, std::vector<int64_t> lens,
+                     uint32_t seed) {
+  Problem p;
+  p.d.H = H, p.d.HV = HV, p.d.K = K, p.d.V = V, p.d.gate = gate;
+  p.d.cu_seqlens = {0};
+  for (int64_t l : lens) p.d.cu_seqlens.push_back(p.d.cu_seqlens.back() + l);
+  const int64_t T = p.d.tokens(), N = p.d.num_seqs();
+  std::mt19937 rng(seed);
+  std::normal_distribution<double> nd;
+  std::uniform_real_distribution<double> ud(0.05, 0.95);
+  p.q.resize(T * H * K), p.k.resize(T * H * K), p.v.resize(T * HV * V);
+  p.g.resize(T * p.d.g_stride()), p.beta.resize(T * HV), p.h0.resize(N * HV * K * V);
+  for (auto& x : p.q) x = nd(rng);
+  for (int64_t r = 0; r < T * H; ++r) {
+    double s = 0;
+    for (int64_t i = 0; i < K; ++i) s += (p.k[r * K + i] = nd(rng)) * p.k[r * K + i];
+    for (int64_t i = 0; i < K; ++i) p.k[r * K + i] /= std::sqrt(s);
+  }
+  for (auto& x : p.v) x = nd(rng);
+  for (auto& x : p.g) x = std::max(-5.0, -std::log1p(std::exp(-nd(rng))));
+  for (auto& x : p.beta) x = ud(rng);
+  for (auto& x : p.h0) x = 0.1 * nd(rng);
+  p.scale = 1.0 / std::sqrt(double(K));
+  return p;
+}
+
+struct Result {
+  std::vector<double> o, ht;
+};
+
+Result cpu_reference(const Problem& p, const std::vector<double>& q, const std::vector<double>& k,
+                     const std::vector<double>& v) {
+  Result r{std::vector<double>(p.d.tokens() * p.d.HV * p.d.V), p.h0};
+  delta_rule_recurrent<double>(p.d, q.data(), k.data(), v.data(), p.g.data(), p.beta.data(), p.scale, r.ht.data(),
+                               r.o.data());
+  return r;
+}
+
+Result gpu_chunk(const Problem& p, DType dt) {
+  DevBuf q(p.q, dt), k(p.k, dt), v(p.v, dt), g(p.g, DType::F32), beta(p.beta, DType::F32), st(p.h0, DType::F32);
+  DevBuf o(size_t(p.d.tokens() * p.d.HV * p.d.V), dt, 0xff);  // poisoned: every element must be written
+  cuda::DeltaChunkPlan plan(p.d, dt);
+  plan.forward(q.p, k.p, v.p, g.f32(), beta.f32(), float(p.scale), st.f32(), o.p, nullptr);
+  cuda::check_cuda(cudaDeviceSynchronize(), "chunk forward");
+  return {o.get(), st.get()};
+}
+
+struct Case {
+  DeltaGate gate;
+  int64_t H, HV, K, V;
+  std::vector<int64_t> lens;
+};
+std::string name(const Case& s) {
+  std::string r = s.gate == DeltaGate::PerKey ? "kda" : "gdn";
+  r += " H" + std::to_string(s.H) + " HV" + std::to_string(s.HV) + " K" + std::to_string(s.K) + " V" +
+       std::to_string(s.V) + " lens";
+  for (auto l : s.lens) r += " " + std::to_string(l);
+  return r;
+}
+const std::vector<Case>& shapes() {
+  static const std::vector<Case> s = {
+      {DeltaGate::Scalar, 2, 4, 64, 64, {130, 1, 64, 77}},
+      {DeltaGate::PerKey, 2, 4, 64, 64, {130, 1, 64, 77}},
+      {DeltaGate::Scalar, 1, 2, 128, 128, {200, 65}},
+      {DeltaGate::PerKey, 1, 2, 128, 128, {200, 65}},
+      {DeltaGate::Scalar, 2, 2, 32, 48, {77, 77}},
+      {DeltaGate::PerKey, 2, 2, 32, 48, {77, 77}},
+      {DeltaGate::Scalar, 1, 1, 256, 256, {100}},
+      {DeltaGate::PerKey, 1, 1, 256, 256, {100}},
+      {DeltaGate::Scalar, 1, 2, 128, 64, {129}},
+  };
+  return s;
+}
+
+TEST(CudaDeltaRule, ChunkFp32MatchesFp64Recurrence) {
+  HLA_REQUIRE_GPU();
+  uint32_t seed = 1;
+  for (const Case& s : shapes()) {
+    const Problem p = make_problem(s.gate, s.H, s.HV, s.K, s.V, s.lens, seed++);
+    const Result ref = cpu_reference(p, p.q, p.k, p.v);
+    const Result got = gpu_chunk(p, DType::F32);
+    const double eo = rel_l2(got.o, ref.o), eh = rel_l2(got.ht, ref.ht);
+    std::printf("[ fp32 ] %-40s o %.2e  ht %.2e\n", name(s).c_str(), eo, eh);
+    EXPECT_LT(eo, 1e-4) << name(s);
+    EXPECT_LT(eh, 1e-4) << name(s);
+  }
+}
+
+// bf16 / fp16 inputs: no worse than 2x the error of a plain recurrence that gets the same rounded
+// inputs (fp32 state, output rounded to the element type), both against the fp64 truth.
+TEST(CudaDeltaRule, Chunk16BitWithinTwicePlainRecurrence) {
+  HLA_REQUIRE_GPU();
+  uint32_t seed = 100;
+  for (DType dt : {DType::BF16, DType::F16}) {
+    for (const Case& s : shapes()) {
+      const Problem p = make_problem(s.gate, s.H, s.HV, s.K, s.V, s.lens, seed++);
+      const Result ref = cpu_reference(p, p.q, p.k, p.v);
+      const auto qr = round_to(p.q, dt), kr = round_to(p.k, dt), vr = round_to(p.v, dt);
+      Result plain{std::vector<double>(ref.o.size()), p.h0};
+      {
+        std::vector<float> q(qr.begin(), qr.end()), k(kr.begin(), kr.end()), v(vr.begin(), vr.end());
+        std::vector<float> g(p.g.begin(), p.g.end()), b(p.beta.begin(), p.beta.end());
+        std::vector<float> st(p.h0.begin(), p.h0.end()), o(ref.o.size());
+        delta_rule_recurrent<float>(p.d, q.data(), k.data(), v.data(), g.data(), b.data(), float(p.scale), st.data(),
+                                    o.data());
+        plain.o = round_to(std::vector<double>(o.begin(), o.end()), dt);
+        plain.ht.assign(st.begin(), st.end());
+      }
+      const Result got = gpu_chunk(p, dt);
+      const double eo = rel_l2(got.o, ref.o), eh = rel_l2(got.ht, ref.ht);
+      const double po = rel_l2(plain.o, ref.o), ph = rel_l2(plain.ht, ref.ht);
+      // Against the recurrence on the rounded inputs: what the kernel adds beyond input rounding.
+      const Result ref_r = cpu_reference(p, qr, kr, vr);
+      std::printf("[ %s ] %-40s o %.2e (plain %.2e, ratio %.2f; vs rounded-input ref %.2e)  ht %.2e (plain %.2e)\n",
+                  dtype_name(dt), name(s).c_str(), eo, po, eo / po, rel_l2(got.o, ref_r.o), eh, ph);
+      EXPECT_LE(eo, 2 * po) << name(s);
+      EXPECT_LE(eh, 2 * ph) << name(s);
+    }
+  }
+}
+
+TEST(CudaDeltaRule, ChunkIsDeterministic) {
+  HLA_REQUIRE_GPU();
+  for (DeltaGate gate : {DeltaGate::Scalar, DeltaGate::PerKey}) {
+    const Problem p = make_problem(gate, 2, 4, 128, 128, {300, 17, 128}, 7);
+    DevBuf q(p.q, DType::BF16), k(p.k, DType::BF16), v(p.v, DType::BF16), g(p.g, DType::F32),
+        beta(p.beta, DType::F32);
+    cuda::DeltaChunkPlan plan(p.d, DType::BF16);
+    std::vector<uint8_t> first_o, first_s;
+    for (int run = 0; run < 2; ++run) {
+      DevBuf st(p.h0, DType::F32), o(size_t(p.d.tokens() * p.d.HV * p.d.V), DType::BF16, 0);
+      plan.forward(q.p, k.p, v.p, g.f32(), beta.f32(), float(p.scale), st.f32(), o.p, nullptr);
+      cuda::check_cuda(cudaDeviceSynchronize(), "chunk forward");
+      if (run == 0) first_o = o.raw(), first_s = st.raw();
+      else EXPECT_TRUE(first_o == o.raw() && first_s == st.raw());
+    }
+  }
+}
+
+// The op fixtures (flash-linear-attention's naive recurrences, fp64): fp32 inputs within 1e-4.
+TEST(CudaDeltaRule, ChunkMatchesOpFixtures) {
+  HLA_REQUIRE_GPU();
+  HLA_REQUIRE_FIXTURES();
+  for (const char* f : {"gdn_B1_T130_H2_K64_V64", "gdn_B2_T77_H3_K32_V48", "kda_B1_T130_H2_K64_V64",
+                        "kda_B2_T77_H3_K32_V48"}) {
+    SafeTensorsFile st(fixture(std::string("ops/") + f + ".safetensors"));
+    auto vec = [&](const char* n) {
+      const Tensor t = st.get(n);
+      std::vector<double> x(t.numel());
+      for (int64_t i = 0; i < t.numel(); ++i) x[i] = t.flat(i);
+      return x;
+    };
+    const Tensor q = st.get("in_q"), v = st.get("in_v");
+    Problem p;
+    const int64_t B = q.size(0), T = q.size(1);
+    p.d.H = q.size(2), p.d.HV = v.size(2), p.d.K = q.size(3), p.d.V = v.size(3);
+    p.d.gate = f[0] == 'k' ? DeltaGate::PerKey : DeltaGate::Scalar;
+    for (int64_t b = 0; b <= B; ++b) p.d.cu_seqlens.push_back(b * T);
+    p.q = vec("in_q"), p.k = vec("in_k"), p.v = vec("in_v"), p.g = vec("in_g"), p.beta = vec("in_beta");
+    p.h0 = vec("in_h0");
+    p.scale = 1.0 / std::sqrt(double(p.d.K));
+    const Result got = gpu_chunk(p, DType::F32);
+    const double eo = rel_l2(got.o, vec("out_o")), eh = rel_l2(got.ht, vec("out_ht"));
+    std::printf("[ fixture ] %-26s o %.2e  ht %.2e\n", f, eo, eh);
+    EXPECT_LT(eo, 1e-4) << f;
+    EXPECT_LT(eh, 1e-4) << f;
+  }
+}
+
+// Decode and multi-token verify with states in a slot pool, against the recurrence run per sequence.
+TEST(CudaDeltaRule, DecodeFromSlotPool) {
+  HLA_REQUIRE_GPU();
+  for (DeltaGate gate : {DeltaGate::Scalar, DeltaGate::PerKey}) {
+    for (int64_t tokens : {1, 3}) {
+      for (int64_t K : {64, 128}) {
+        const int64_t N = 5, slots = 9, H = 2, HV = 4, V = 64;
+        const Problem p = make_problem(gate, H, HV, K, V, std::vector<int64_t>(N, tokens), 11 + K + tokens);
+        // Pool: sequence n lives in slot 2n+1 (with decoys in between); h0 from the problem.
+        const int64_t sz = HV * K * V;
+        std::vector<double> pool(slots * sz);
+        std::mt19937 rng(5);
+        std::normal_distribution<double> nd;
+        for (auto& x : pool) x = nd(rng);
+        for (int64_t n = 0; n < N; ++n) {
+          std::copy(p.h0.begin() + n * sz, p.h0.begin() + (n + 1) * sz, pool.begin() + (2 * n + 1) * sz);
+        }
+        const Result ref = cpu_reference(p, p.q, p.k, p.v);
+        DevBuf q(p.q, DType::F32), k(p.k, DType::F32), v(p.v, DType::F32), g(p.g, DType::F32),
+            beta(p.beta, DType::F32), pl(pool, DType::F32);
+        DevBuf o(size_t(N * tokens * HV * V), DType::F32, 0xff);
+        std::vector<int32_t> si(N), so;
+        for (int64_t n = 0; n < N; ++n) si[n] = int32_t(2 * n + 1);
+        // Multi-token steps write the state after the last token to slot 0 / 2 / 4 ... (the even
+        // slots) and earlier tokens' states to slot 8 (scratch); one token writes back in place.
+        if (tokens > 1)
+          for (int64_t n = 0; n < N; ++n)
+            for (int64_t t = 0; t < tokens; ++t) so.push_back(t + 1 == tokens ? int32_t(2 * n) : int32_t(slots - 1));
+        int32_t *dsi = nullptr, *dso = nullptr;
+        cuda::check_cuda(cudaMalloc(&dsi, N * 4), "alloc");
+        cuda::check_cuda(cudaMemcpy(dsi, si.data(), N * 4, cudaMemcpyHostToDevice), "upload");
+        if (!so.empty()) {
+          cuda::check_cuda(cudaMalloc(&dso, so.size() * 4), "alloc");
+          cuda::check_cuda(cudaMemcpy(dso, so.data(), so.size() * 4, cudaMemcpyHostToDevice), "upload");
+        }
+        cuda::delta_rule_decode(p.d, DType::F32, N, tokens, q.p, k.p, v.p, g.f32(), beta.f32(), float(p.scale),
+                                pl.f32(), dsi, dso, o.p, nullptr);
+        cuda::check_cuda(cudaDeviceSynchronize(), "decode");
+        const auto pool_out = pl.get();
+        std::vector<double> ht(N * sz);
+        for (int64_t n = 0; n < N; ++n) {
+          const int64_t slot = tokens > 1 ? 2 * n : 2 * n + 1;
+          std::copy(pool_out.begin() + slot * sz, pool_out.begin() + (slot + 1) * sz, ht.begin() + n * sz);
+        }
+        const double eo = rel_l2(o.get(), ref.o), eh = rel_l2(ht, ref.ht);
+        EXPECT_LT(eo, 1e-5) << "tokens " << tokens << " K " << K;
+        EXPECT_LT(eh, 1e-5) << "tokens " << tokens << " K " << K;
+        cudaFree(dsi);
+        cudaFree(dso);
+      }
+    }
+  }
+}
+
+TEST(CudaDeltaRule, RejectsUnsupportedShapes) {
+  HLA_REQUIRE_GPU();
+  DeltaRuleDims d;
+  d.H = 1, d.HV = 1, d.K = 96, d.V = 64, d.cu_seqlens = {0, 10};
+  EXPECT_THROW(cuda::DeltaChunkPlan(d, DType::BF16), Error);
+  d.K = 64, d.V = 40;
+  EXPECT_THROW(cuda::DeltaChunkPlan(d, DType::BF16), Error);
+}
+
+}  // namespace
+}  // namespace hla
