@@ -99,9 +99,16 @@ void mm_rows(int64_t i, int64_t N, int64_t P, T alpha, const T* A, int64_t ars, 
 template <class T>
 void mm(int64_t M, int64_t N, int64_t P, T alpha, const T* A, int64_t ars, int64_t acs, const T* B, int64_t ldb,
         T* C, int64_t ldc, bool acc, Tri tri = Tri::None) {
+  // 8×2 vector accumulators fit AVX-512's 32 registers; AVX2 (16) holds 4×2 (each vector is two).
+#ifdef __AVX512F__
+  constexpr int MR = 8;
+#else
   constexpr int MR = 4;
+#endif
   int64_t i = 0;
   for (; i + MR <= M; i += MR) mm_rows<T, MR>(i, N, P, alpha, A, ars, acs, B, ldb, C, ldc, acc, tri);
+  if constexpr (MR > 4)
+    for (; i + 4 <= M; i += 4) mm_rows<T, 4>(i, N, P, alpha, A, ars, acs, B, ldb, C, ldc, acc, tri);
   for (; i < M; ++i) mm_rows<T, 1>(i, N, P, alpha, A, ars, acs, B, ldb, C, ldc, acc, tri);
 }
 
@@ -148,7 +155,8 @@ struct Stream {
   const DeltaRuleDims& d;
   const int64_t C, K, V, Kg, j, h;
   const T scale;
-  int64_t L = 0;  // rows of the current chunk
+  int64_t L = 0;         // rows of the current chunk
+  bool growing = false;  // some g > 0 in the chunk (outside the contract, still computed exactly)
   std::vector<T> Q, Kk, Vv, beta, G;  // gathered inputs; G = chunk-local cumsum of g [C,Kg]
   std::vector<T> eG, eGr, gl;         // e^{G}, e^{G_last−G} [C,Kg]; e^{G_last} [Kg]
   std::vector<T> Qd, Kd, Kr, Bk, Bv;  // Q⊙e^G, K⊙e^G, K⊙e^{G_last−G}, β·Kd [C,K]; β·V [C,V]
@@ -174,6 +182,7 @@ struct Stream {
   void load(const T* q, const T* k, const T* v, const T* g, const T* b, int64_t t0, int64_t len) {
     L = len;
     const int64_t H = d.H, HV = d.HV;
+    int pos = 0;
     for (int64_t i = 0; i < L; ++i) {
       const int64_t t = t0 + i;
       std::memcpy(&Q[i * K], q + (t * H + h) * K, sizeof(T) * size_t(K));
@@ -181,13 +190,18 @@ struct Stream {
       std::memcpy(&Vv[i * V], v + (t * HV + j) * V, sizeof(T) * size_t(V));
       beta[i] = b[t * HV + j];
       const T* gt = g + t * d.g_stride() + j * Kg;
-      for (int64_t c = 0; c < Kg; ++c) G[i * Kg + c] = gt[c] + (i ? G[(i - 1) * Kg + c] : T(0));
+      for (int64_t c = 0; c < Kg; ++c) {
+        G[i * Kg + c] = gt[c] + (i ? G[(i - 1) * Kg + c] : T(0));
+        pos |= int(gt[c] > 0);
+      }
     }
+    growing = pos != 0;
     const T* Glast = &G[(L - 1) * Kg];
-    for (int64_t i = 0; i < L * Kg; ++i) {
-      eG[i] = G[i];
-      eGr[i] = Glast[i % Kg] - G[i];
-    }
+    for (int64_t i = 0; i < L; ++i)
+      for (int64_t c = 0; c < Kg; ++c) {
+        eG[i * Kg + c] = G[i * Kg + c];
+        eGr[i * Kg + c] = Glast[c] - G[i * Kg + c];
+      }
     std::copy(Glast, Glast + Kg, gl.begin());
     exp_inplace(eG.data(), L * Kg);
     exp_inplace(eGr.data(), L * Kg);
@@ -234,15 +248,23 @@ struct Stream {
     }
   }
 
-  // rowf = e^{G_i − G_m} (i ∈ [a0,a1)), colf = e^{G_m − G_j} (j < a1); false if an exponent > lim.
+  // rowf = e^{G_i − G_m} (i ∈ [a0,a1)), colf = e^{G_m − G_j} (j < a1). A block of several rows
+  // needs non-increasing G (its largest exponents are then G_{a0} − G_m and G_m − G_{a1−1}) and
+  // those ≤ lim; otherwise returns false. A single row (m = a0) always works: its factors are
+  // the exact e^{G_i − G_j} themselves.
   bool factors(int64_t a0, int64_t a1, int64_t m, T lim) {
-    T top = -std::numeric_limits<T>::infinity();
     const T* Gm = &G[m * Kg];
+    if (a1 - a0 > 1) {
+      if (growing) return false;
+      int bad = 0;
+      for (int64_t c = 0; c < Kg; ++c)
+        bad |= int(G[a0 * Kg + c] - Gm[c] > lim) | int(Gm[c] - G[(a1 - 1) * Kg + c] > lim);
+      if (bad) return false;
+    }
     for (int64_t i = a0; i < a1; ++i)
-      for (int64_t c = 0; c < Kg; ++c) top = std::max(top, rowf[(i - a0) * Kg + c] = G[i * Kg + c] - Gm[c]);
+      for (int64_t c = 0; c < Kg; ++c) rowf[(i - a0) * Kg + c] = G[i * Kg + c] - Gm[c];
     for (int64_t jj = 0; jj < a1; ++jj)
-      for (int64_t c = 0; c < Kg; ++c) top = std::max(top, colf[jj * Kg + c] = Gm[c] - G[jj * Kg + c]);
-    if (top > lim) return false;
+      for (int64_t c = 0; c < Kg; ++c) colf[jj * Kg + c] = Gm[c] - G[jj * Kg + c];
     exp_inplace(rowf.data(), (a1 - a0) * Kg);
     exp_inplace(colf.data(), a1 * Kg);
     return true;
