@@ -55,6 +55,7 @@ TEST(SafeTensors, WriteReadRoundTrip) {
 }
 
 TEST(SafeTensors, ReadsShardedFixture) {
+  HLA_REQUIRE_FIXTURES();
   Checkpoint ck(fixture("models/qwen3_5_vl"));
   Tensor e = ck.get("model.language_model.embed_tokens.weight");
   EXPECT_EQ(e.dtype(), DType::BF16);
