@@ -3,7 +3,9 @@
 // every backward, and `hla op` as a user runs it.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <functional>
+#include <map>
 #include <random>
 
 #include "core/safetensors.h"
@@ -365,4 +367,100 @@ TEST(DeltaRuleLayer, FiniteDifferences) {
       EXPECT_LT(fd_error(A_log, dA, f), 1e-7) << what << " dA_log";
       EXPECT_LT(fd_error(dtb, ddt, f), 1e-7) << what << " ddt_bias";
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// `hla op` as a user runs it.
+// ---------------------------------------------------------------------------------------------
+
+namespace {
+
+// The tensors of a fixture dump, each converted to `dt`.
+std::map<std::string, Tensor> dump_as(const std::string& path, DType dt) {
+  SafeTensorsFile f(path);
+  std::map<std::string, Tensor> m;
+  for (const auto& name : f.names()) m[name] = f.get(name).to(dt);
+  return m;
+}
+
+std::string op_cmd(const std::string& op, const std::string& in, const std::string& out, const std::string& extra = "") {
+  return cli_path() + " op " + op + " --input " + in + " --output " + out + " " + extra;
+}
+
+// Runs a failing `hla op`: exit code 1..127 and one line naming `needle`.
+void expect_op_error(const std::string& cmd, const std::string& needle) {
+  std::string out;
+  const int rc = run_command(cmd, &out);
+  EXPECT_GE(rc, 1) << cmd;
+  EXPECT_LE(rc, 127) << cmd;
+  EXPECT_EQ(std::count(out.begin(), out.end(), '\n'), 1) << out;
+  EXPECT_NE(out.find(needle), std::string::npos) << "expected '" << needle << "' in: " << out;
+}
+
+}  // namespace
+
+TEST(DeltaRuleCli, OpWritesWhatTheFixtureHolds) {
+  HLA_REQUIRE_FIXTURES();
+  TempDir tmp;
+  for (const char* name : kFixtures) {
+    const std::string in = fixture(std::string("ops/") + name + ".safetensors"), op = std::string(name).substr(0, 3);
+    SafeTensorsFile ref(in);
+    for (const char* mode : {"chunk", "recurrent"}) {
+      ASSERT_EQ(run_command(op_cmd(op, in, tmp / "out.safetensors", std::string("--mode ") + mode)), 0) << name;
+      SafeTensorsFile out(tmp / "out.safetensors");
+      for (const char* t : {"out_o", "out_ht", "grad_q", "grad_k", "grad_v", "grad_g", "grad_beta", "grad_h0"}) {
+        ASSERT_TRUE(out.has(t)) << t;
+        EXPECT_EQ(out.get(t).dtype(), DType::F64) << t;
+        EXPECT_LT(rel_l2(out.get(t), ref.get(t)), 1e-6) << name << " " << mode << " " << t;
+      }
+    }
+  }
+}
+
+TEST(DeltaRuleCli, OpKeepsTheDumpsDtypeAndSkipsGradientsWithoutCotangents) {
+  HLA_REQUIRE_FIXTURES();
+  TempDir tmp;
+  const std::string src = fixture("ops/kda_B2_T77_H3_K32_V48.safetensors");
+  SafeTensorsFile ref(src);
+  write_safetensors(tmp / "f32.safetensors", dump_as(src, DType::F32));
+  ASSERT_EQ(run_command(op_cmd("kda", tmp / "f32.safetensors", tmp / "out.safetensors")), 0);
+  {
+    SafeTensorsFile out(tmp / "out.safetensors");
+    EXPECT_EQ(out.get("out_o").dtype(), DType::F32);
+    EXPECT_LT(rel_l2(out.get("out_o"), ref.get("out_o")), 1e-5);
+    EXPECT_LT(rel_l2(out.get("grad_g"), ref.get("grad_g")), 1e-4);
+  }
+  auto fwd = dump_as(src, DType::BF16);
+  fwd.erase("in_do");
+  fwd.erase("in_dht");
+  write_safetensors(tmp / "bf16.safetensors", fwd);
+  ASSERT_EQ(run_command(op_cmd("kda", tmp / "bf16.safetensors", tmp / "out.safetensors", "--mode recurrent")), 0);
+  SafeTensorsFile out(tmp / "out.safetensors");
+  EXPECT_EQ(out.names(), (std::vector<std::string>{"out_ht", "out_o"}));
+  EXPECT_EQ(out.get("out_o").dtype(), DType::BF16);
+  EXPECT_LT(rel_l2(out.get("out_o"), ref.get("out_o")), 3e-2);  // inputs rounded to bf16
+}
+
+TEST(DeltaRuleCli, BadInputEndsWithOneLineNamingTheTensor) {
+  HLA_REQUIRE_FIXTURES();
+  TempDir tmp;
+  const std::string src = fixture("ops/gdn_B2_T77_H3_K32_V48.safetensors");
+  auto missing = dump_as(src, DType::F64);
+  missing.erase("in_beta");
+  write_safetensors(tmp / "missing.safetensors", missing);
+  expect_op_error(op_cmd("gdn", tmp / "missing.safetensors", tmp / "o"), "'in_beta'");
+  auto mismatch = dump_as(src, DType::F64);
+  mismatch["in_v"] = mismatch["in_v"].narrow(1, 0, 70).contiguous();
+  write_safetensors(tmp / "mismatch.safetensors", mismatch);
+  expect_op_error(op_cmd("gdn", tmp / "mismatch.safetensors", tmp / "o"), "'in_v'");
+  auto bad_dht = dump_as(src, DType::F64);
+  bad_dht["in_dht"] = bad_dht["in_h0"].narrow(3, 0, 16).contiguous();
+  write_safetensors(tmp / "dht.safetensors", bad_dht);
+  expect_op_error(op_cmd("gdn", tmp / "dht.safetensors", tmp / "o"), "'in_dht'");
+  expect_op_error(op_cmd("kda", src, tmp / "o"), "'in_g'");  // a GDN gate given to KDA
+  expect_op_error(op_cmd("gdn", tmp / "nope.safetensors", tmp / "o"), "nope.safetensors");
+  expect_op_error(op_cmd("gdn", src, tmp / "o", "--mode fast"), "--mode");
+#ifndef HLA_HAS_CUDA
+  expect_op_error(op_cmd("gdn", src, tmp / "o", "--device cuda"), "built without CUDA");
+#endif
 }

@@ -319,6 +319,9 @@ struct Stream {
   }
 };
 
+// Threads only pay off with work to share: a few microseconds' worth per call is run serially.
+bool worth_threads(const DeltaRuleDims& d) { return d.tokens() * d.HV * d.K * d.V >= (int64_t(1) << 20); }
+
 void check_chunk(const DeltaRuleDims& d, int64_t chunk) {
   d.validate();
   check(chunk > 0, "delta rule: chunk size must be positive (is " + std::to_string(chunk) + ")");
@@ -331,7 +334,7 @@ void delta_rule_chunk(const DeltaRuleDims& d, const T* q, const T* k, const T* v
                       T scale, T* state, T* o, int64_t chunk) {
   check_chunk(d, chunk);
   const int64_t HV = d.HV, V = d.V, KV = d.K * d.V, N = d.num_seqs();
-#pragma omp parallel for schedule(dynamic)
+#pragma omp parallel for schedule(dynamic) if (worth_threads(d))
   for (int64_t nj = 0; nj < N * HV; ++nj) {
     const int64_t n = nj / HV, j = nj % HV;
     Stream<T> s(d, chunk, j, scale);
@@ -383,7 +386,7 @@ void delta_rule_backward_chunk(const DeltaRuleDims& d, const T* q, const T* k, c
   T* dqh = group > 1 ? dq_heads.data() : dq;
   T* dkh = group > 1 ? dk_heads.data() : dk;
   const int64_t qk_heads = group > 1 ? HV : H;
-#pragma omp parallel for schedule(dynamic)
+#pragma omp parallel for schedule(dynamic) if (worth_threads(d))
   for (int64_t nj = 0; nj < N * HV; ++nj) {
     const int64_t n = nj / HV, j = nj % HV, t_begin = d.cu_seqlens[n], t_end = d.cu_seqlens[n + 1];
     const int64_t hq = group > 1 ? j : j / group;  // row of dqh/dkh this head writes
