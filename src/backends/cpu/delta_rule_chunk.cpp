@@ -153,8 +153,7 @@ template <class T>
 struct Stream {
   static constexpr int64_t BC = 16;  // sub-chunk rows of the decayed Gram matrices
   const DeltaRuleDims& d;
-  const int64_t C, K, V, Kg, j, h;
-  const T scale;
+  const int64_t C, K, V, Kg, j, h;  // chunk size, dims, gate width, value head and its q/k head
   int64_t L = 0;         // rows of the current chunk
   bool growing = false;  // some g > 0 in the chunk (outside the contract, still computed exactly)
   std::vector<T> Q, Kk, Vv, beta, G;  // gathered inputs; G = chunk-local cumsum of g [C,Kg]
@@ -164,8 +163,8 @@ struct Stream {
   std::vector<T> W, U, Vn;            // [C,K], [C,V], [C,V]
   std::vector<T> rowf, colf, Qa, Ka, Kc, KcT;  // sub-chunk factors and scaled operands
 
-  Stream(const DeltaRuleDims& dims, int64_t chunk, int64_t jv, T s)
-      : d(dims), C(chunk), K(dims.K), V(dims.V), Kg(dims.g_width()), j(jv), h(jv / (dims.HV / dims.H)), scale(s) {
+  Stream(const DeltaRuleDims& dims, int64_t chunk, int64_t jv)
+      : d(dims), C(chunk), K(dims.K), V(dims.V), Kg(dims.g_width()), j(jv), h(jv / (dims.HV / dims.H)) {
     for (auto* b : {&Q, &Kk, &Qd, &Kd, &Kr, &Bk, &W, &Kc}) b->resize(size_t(C * K));
     for (auto* b : {&Vv, &Bv, &U, &Vn}) b->resize(size_t(C * V));
     for (auto* b : {&G, &eG, &eGr, &colf}) b->resize(size_t(C * Kg));
@@ -337,7 +336,7 @@ void delta_rule_chunk(const DeltaRuleDims& d, const T* q, const T* k, const T* v
 #pragma omp parallel for schedule(dynamic) if (worth_threads(d))
   for (int64_t nj = 0; nj < N * HV; ++nj) {
     const int64_t n = nj / HV, j = nj % HV;
-    Stream<T> s(d, chunk, j, scale);
+    Stream<T> s(d, chunk, j);
     std::vector<T> O(buf<T>(chunk * V));
     T* S = state + nj * KV;
     for (int64_t t0 = d.cu_seqlens[n]; t0 < d.cu_seqlens[n + 1]; t0 += chunk) {
@@ -391,7 +390,7 @@ void delta_rule_backward_chunk(const DeltaRuleDims& d, const T* q, const T* k, c
     const int64_t n = nj / HV, j = nj % HV, t_begin = d.cu_seqlens[n], t_end = d.cu_seqlens[n + 1];
     const int64_t hq = group > 1 ? j : j / group;  // row of dqh/dkh this head writes
     const int64_t nc = (t_end - t_begin + C - 1) / C;
-    Stream<T> s(d, C, j, scale);
+    Stream<T> s(d, C, j);
     // States entering each chunk, from a forward sweep.
     std::vector<T> states(buf<T>(std::max<int64_t>(nc, 1) * KV)), S(buf<T>(KV)), dS(buf<T>(KV));
     if (h0) std::copy(h0 + nj * KV, h0 + (nj + 1) * KV, S.begin());
