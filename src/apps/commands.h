@@ -10,5 +10,6 @@ void register_generate(CLI::App& app);
 void register_init(CLI::App& app);
 void register_info(CLI::App& app);
 void register_serve(CLI::App& app);
+void register_tokenize(CLI::App& app);
 
 }  // namespace hla::cli

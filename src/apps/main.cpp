@@ -14,6 +14,7 @@ int main(int argc, char** argv) {
   hla::cli::register_init(app);
   hla::cli::register_info(app);
   hla::cli::register_serve(app);
+  hla::cli::register_tokenize(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

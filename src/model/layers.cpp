@@ -7,6 +7,7 @@
 
 #include "backends/cpu/nn.h"
 #include "core/error.h"
+#include "model/hybrid_layers.h"
 #include "ops/delta_rule.h"
 
 namespace hla {
@@ -208,11 +209,17 @@ void append_rows(std::vector<float>& cache, const float* rows, int64_t n, int64_
 }
 
 // Qwen3-Next / Qwen3.5 full attention: per-head [q | gate] projection, zero-centred q/k norms,
-// partial half-split RoPE, GQA, sigmoid output gate.
+// partial half-split RoPE, GQA, sigmoid output gate. hla_hybrid's sliding-window and sparse layers
+// are the same layer with each query restricted to a window / to the keys a DSA indexer picks.
 class GatedAttention : public Mixer {
  public:
-  GatedAttention(const ModelSpec& s, Params& p, const std::string& pre)
+  GatedAttention(const ModelSpec& s, Params& p, const std::string& pre, MixerKind kind = MixerKind::GatedAttention)
       : s_(s), inv_freq_(rope_inv_freq(s.rope.theta, s.rope.rot)) {
+    if (kind == MixerKind::SlidingAttention) window_ = s.sliding_window;
+    if (kind == MixerKind::SparseAttention) {
+      indexer_ = std::make_unique<DsaIndexer>();
+      indexer_->bind(p, pre, s);
+    }
     const int64_t D = s.hidden, nh = s.n_heads, nkv = s.n_kv_heads, hd = s.head_dim;
     p.bind(pre + "q_proj.weight", {nh * 2 * hd, D}, &q_);
     p.bind(pre + "k_proj.weight", {nkv * hd, D}, &k_);
@@ -222,7 +229,7 @@ class GatedAttention : public Mixer {
     p.bind(pre + "k_norm.weight", {hd}, &k_norm_, Init::Zeros);
   }
 
-  void init_cache(LayerCache& c) const override { c.k.clear(), c.v.clear(); }
+  void init_cache(LayerCache& c) const override { c.k.clear(), c.v.clear(), c.index_k.clear(); }
 
   void forward(const float* x, float* out, const SeqBatch& b, int64_t layer) const override {
     const int64_t T = b.tokens(), D = s_.hidden, nh = s_.n_heads, nkv = s_.n_kv_heads, hd = s_.head_dim;
@@ -246,8 +253,11 @@ class GatedAttention : public Mixer {
       }
       append_rows(c.k, k.data() + t0 * nkv * hd, n, nkv * hd);
       append_rows(c.v, v.data() + t0 * nkv * hd, n, nkv * hd);
+      std::vector<std::vector<int32_t>> sel;
+      if (window_ > 0) sel = window_keys(n, past, window_);
+      if (indexer_) sel = indexer_->select(x + t0 * D, n, past, c.index_k);
       attention(q.data() + t0 * nh * hd, c.k.data(), c.v.data(), o.data() + t0 * nh * hd, n, past + n, nh, nkv, hd,
-                hd, 1.0f / std::sqrt(float(hd)));
+                hd, 1.0f / std::sqrt(float(hd)), sel.empty() ? nullptr : &sel);
     }
     for (int64_t j = 0; j < T * nh * hd; ++j) o[size_t(j)] *= sigmoid(gate[size_t(j)]);
     linear(o.data(), o_.f32(), out, T, nh * hd, D);
@@ -257,6 +267,8 @@ class GatedAttention : public Mixer {
   const ModelSpec& s_;
   std::vector<float> inv_freq_;
   Tensor q_, k_, v_, o_, q_norm_, k_norm_;
+  int64_t window_ = 0;
+  std::unique_ptr<DsaIndexer> indexer_;
 };
 
 // yarn's blend of interpolated and extrapolated frequencies (DeepSeek-V3.2 checkpoints).
@@ -578,6 +590,9 @@ std::unique_ptr<Mixer> make_mixer(const ModelSpec& s, int64_t layer, Params& p) 
     case MixerKind::GatedAttention: return std::make_unique<GatedAttention>(s, p, pre + "self_attn.");
     case MixerKind::MLA: return std::make_unique<MultiLatentAttention>(s, p, pre + "self_attn.", false);
     case MixerKind::SparseMLA: return std::make_unique<MultiLatentAttention>(s, p, pre + "self_attn.", true);
+    case MixerKind::Lightning: return make_lightning(s, p, pre + "self_attn.");
+    case MixerKind::SlidingAttention:
+    case MixerKind::SparseAttention: return std::make_unique<GatedAttention>(s, p, pre + "self_attn.", s.mixers[size_t(layer)]);
   }
   throw Error("internal: unknown mixer kind");
 }

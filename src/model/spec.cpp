@@ -1,5 +1,6 @@
 #include "model/spec.h"
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 
@@ -14,12 +15,15 @@ const char* mixer_name(MixerKind k) {
     case MixerKind::GatedAttention: return "full_attention";
     case MixerKind::MLA: return "mla";
     case MixerKind::SparseMLA: return "sparse_mla";
+    case MixerKind::Lightning: return "lightning";
+    case MixerKind::SlidingAttention: return "sliding_attention";
+    case MixerKind::SparseAttention: return "sparse_attention";
   }
   return "?";
 }
 
 bool mixer_is_linear(MixerKind k) {
-  return k == MixerKind::GatedDeltaNet || k == MixerKind::KimiDeltaAttention;
+  return k == MixerKind::GatedDeltaNet || k == MixerKind::KimiDeltaAttention || k == MixerKind::Lightning;
 }
 
 static double yarn_mscale(double scale, double m) { return scale <= 1 ? 1.0 : 0.1 * m * std::log(scale) + 1.0; }
@@ -37,7 +41,9 @@ int64_t ModelSpec::kv_bytes_per_token() const {
   const ModelSpec& s = *this;
   int64_t floats = 0;
   for (auto k : s.mixers) {
-    if (k == MixerKind::GatedAttention) floats += 2 * s.n_kv_heads * s.head_dim;
+    if (k == MixerKind::GatedAttention || k == MixerKind::SlidingAttention || k == MixerKind::SparseAttention)
+      floats += 2 * s.n_kv_heads * s.head_dim;
+    if (k == MixerKind::SparseAttention) floats += s.index_dim;
     if (k == MixerKind::MLA || k == MixerKind::SparseMLA) floats += s.n_heads * (s.qk_nope + s.qk_rope + s.v_head);
     if (k == MixerKind::SparseMLA) floats += s.index_dim;
   }
@@ -48,7 +54,9 @@ int64_t ModelSpec::state_bytes_per_sequence() const {
   const ModelSpec& s = *this;
   int64_t floats = 0;
   for (auto k : s.mixers)
-    if (mixer_is_linear(k)) {
+    if (k == MixerKind::Lightning) {
+      floats += s.lin_nv * s.lin_dk * s.lin_dk;
+    } else if (mixer_is_linear(k)) {
       const int64_t conv_dim = k == MixerKind::GatedDeltaNet ? 2 * s.lin_nk * s.lin_dk + s.lin_nv * s.lin_dv
                                                               : 3 * s.lin_nv * s.lin_dk;
       floats += s.lin_nv * s.lin_dk * s.lin_dv + conv_dim * (s.conv_kernel - 1);
@@ -262,6 +270,73 @@ void parse_deepseek(const Config& c, ModelSpec& s) {
                       "num_experts_per_tok", "n_group", "norm_topk_prob", "n_shared_experts");
 }
 
+// hla_hybrid: the layer kinds come from `layer_pattern` (one letter per layer, repeated to fill
+// num_hidden_layers) or `layer_types` (one name per layer):
+//   K kda   G gdn   L lightning   A attention   W sliding_attention   S sparse_attention
+// Each kind's fields are required only when a layer of that kind is present.
+void parse_hybrid(const Config& c, ModelSpec& s) {
+  s.zero_centered_norm = true;
+  static const std::vector<std::pair<std::string, MixerKind>> kinds = {
+      {"kda", MixerKind::KimiDeltaAttention},  {"gdn", MixerKind::GatedDeltaNet},
+      {"lightning", MixerKind::Lightning},     {"attention", MixerKind::GatedAttention},
+      {"sliding_attention", MixerKind::SlidingAttention}, {"sparse_attention", MixerKind::SparseAttention}};
+  static const std::string letters = "KGLAWS";  // same order as `kinds`
+  if (c.has("layer_types")) {
+    auto types = c.get_string_list("layer_types");
+    check(int64_t(types.size()) == s.n_layers, c.field_error("layer_types", "has " + std::to_string(types.size()) +
+                                                                                " entries for " + std::to_string(s.n_layers) + " layers"));
+    for (auto& t : types) {
+      auto it = std::find_if(kinds.begin(), kinds.end(), [&](auto& k) { return k.first == t; });
+      check(it != kinds.end(), c.field_error("layer_types", "has unknown layer type '" + t +
+                                                                "' (kda, gdn, lightning, attention, sliding_attention, sparse_attention)"));
+      s.mixers.push_back(it->second);
+    }
+  } else {
+    const std::string pat = c.get_string("layer_pattern");
+    check(!pat.empty(), c.field_error("layer_pattern", "is empty"));
+    for (int64_t i = 0; i < s.n_layers; ++i) {
+      const size_t at = letters.find(pat[size_t(i) % pat.size()]);
+      check(at != std::string::npos, c.field_error("layer_pattern", "has letter '" + std::string(1, pat[size_t(i) % pat.size()]) +
+                                                                        "' (K kda, G gdn, L lightning, A attention, W sliding, S sparse)"));
+      s.mixers.push_back(kinds[at].second);
+    }
+  }
+  auto any = [&](std::initializer_list<MixerKind> ks) {
+    for (auto k : s.mixers)
+      if (std::find(ks.begin(), ks.end(), k) != ks.end()) return true;
+    return false;
+  };
+  if (any({MixerKind::GatedAttention, MixerKind::SlidingAttention, MixerKind::SparseAttention})) {
+    s.n_heads = positive(c, "num_attention_heads");
+    s.n_kv_heads = positive(c, "num_key_value_heads", s.n_heads);
+    check(s.n_heads % s.n_kv_heads == 0, c.field_error("num_key_value_heads", "must divide num_attention_heads"));
+    s.head_dim = positive(c, "head_dim", s.hidden / s.n_heads);
+    s.rope = parse_rope(c, s.head_dim, 1.0);
+    check(s.rope.rot % 2 == 0 && s.rope.rot <= s.head_dim && !s.rope.yarn,
+          c.field_error("partial_rotary_factor", "gives an odd or too large rotary dim (yarn is not supported here)"));
+  }
+  if (any({MixerKind::SlidingAttention})) s.sliding_window = positive(c, "sliding_window");
+  if (any({MixerKind::SparseAttention})) {
+    s.index_heads = positive(c, "index_n_heads");
+    s.index_dim = positive(c, "index_head_dim");
+    s.index_topk = positive(c, "index_topk");
+  }
+  if (any({MixerKind::KimiDeltaAttention, MixerKind::GatedDeltaNet, MixerKind::Lightning})) {
+    s.lin_nv = positive(c, "linear_num_value_heads");
+    s.lin_nk = positive(c, "linear_num_key_heads", s.lin_nv);
+    s.lin_dk = positive(c, "linear_key_head_dim");
+    s.lin_dv = positive(c, "linear_value_head_dim", s.lin_dk);
+    s.conv_kernel = positive(c, "linear_conv_kernel_dim", 4);
+    check(s.lin_nv % s.lin_nk == 0, c.field_error("linear_num_value_heads", "must be a multiple of linear_num_key_heads"));
+    // KDA and lightning use lin_nv heads with key and value dims lin_dk (square state).
+    check(!any({MixerKind::KimiDeltaAttention, MixerKind::Lightning}) || (s.lin_nk == s.lin_nv && s.lin_dk == s.lin_dv),
+          c.field_error("linear_value_head_dim", "must equal linear_key_head_dim (and value heads = key heads) for kda/lightning layers"));
+  }
+  check(c.get_int("num_experts", 0) == 0, c.field_error("num_experts", "must be 0: hla_hybrid has dense SwiGLU MLPs only"));
+  s.intermediate = positive(c, "intermediate_size");
+  s.ffns.assign(size_t(s.n_layers), FfnKind::Dense);
+}
+
 }  // namespace
 
 ModelSpec parse_model_spec(const Config& root) {
@@ -278,9 +353,10 @@ ModelSpec parse_model_spec(const Config& root) {
   else if (mt == "qwen3_5_text" || mt == "qwen3_5") s.arch = Arch::Qwen3_5;
   else if (mt == "kimi_linear") s.arch = Arch::KimiLinear;
   else if (mt == "deepseek_v32") s.arch = Arch::DeepseekV32;
+  else if (mt == "hla_hybrid") s.arch = Arch::HlaHybrid;
   else
     throw Error(root.field_error("model_type", "'" + mt +
-                                                   "' is not a supported architecture (qwen3_next, qwen3_5, kimi_linear, deepseek_v32)"));
+                                                   "' is not a supported architecture (qwen3_next, qwen3_5, kimi_linear, deepseek_v32, hla_hybrid)"));
   parse_common(c, s);
   if (s.eos_token_ids.empty()) s.eos_token_ids = eos_ids(root);
   switch (s.arch) {
@@ -288,6 +364,7 @@ ModelSpec parse_model_spec(const Config& root) {
     case Arch::Qwen3_5: parse_qwen(c, s); break;
     case Arch::KimiLinear: parse_kimi(c, s); break;
     case Arch::DeepseekV32: parse_deepseek(c, s); break;
+    case Arch::HlaHybrid: parse_hybrid(c, s); break;
   }
   return s;
 }

@@ -10,8 +10,12 @@
 
 namespace hla {
 
-enum class Arch { Qwen3Next, Qwen3_5, KimiLinear, DeepseekV32 };
-enum class MixerKind { GatedDeltaNet, KimiDeltaAttention, GatedAttention, MLA, SparseMLA };
+enum class Arch { Qwen3Next, Qwen3_5, KimiLinear, DeepseekV32, HlaHybrid };
+// hla_hybrid adds Lightning (decay-only linear attention, MiniMax), SlidingAttention and
+// SparseAttention (GatedAttention restricted to a window / to the keys a DSA indexer picks).
+enum class MixerKind {
+  GatedDeltaNet, KimiDeltaAttention, GatedAttention, MLA, SparseMLA, Lightning, SlidingAttention, SparseAttention
+};
 enum class FfnKind { Dense, MoE };
 enum class Router { Softmax, Sigmoid };  // Qwen: softmax over all experts; Kimi/DeepSeek: sigmoid + bias
 
@@ -48,6 +52,8 @@ struct ModelSpec {
   int64_t q_lora_rank = 0, kv_lora_rank = 0, qk_nope = 0, qk_rope = 0, v_head = 0;
   // DeepSeek lightning indexer
   int64_t index_heads = 0, index_dim = 0, index_topk = 0;
+  // hla_hybrid sliding-window attention: each query sees itself and the window-1 keys before it
+  int64_t sliding_window = 0;
   // MoE
   int64_t n_experts = 0, top_k = 0, moe_intermediate = 0, shared_intermediate = 0;
   int64_t n_group = 1, topk_group = 1;
