@@ -387,12 +387,11 @@ std::string op_cmd(const std::string& op, const std::string& in, const std::stri
   return cli_path() + " op " + op + " --input " + in + " --output " + out + " " + extra;
 }
 
-// Runs a failing `hla op`: exit code 1..127 and one line naming `needle`.
-void expect_op_error(const std::string& cmd, const std::string& needle) {
+// Runs a failing `hla op`: exit code `code` (1 for bad data, 2 for bad arguments) and one line
+// naming `needle`.
+void expect_op_error(const std::string& cmd, const std::string& needle, int code = 1) {
   std::string out;
-  const int rc = run_command(cmd, &out);
-  EXPECT_GE(rc, 1) << cmd;
-  EXPECT_LE(rc, 127) << cmd;
+  EXPECT_EQ(run_command(cmd, &out), code) << cmd;
   EXPECT_EQ(std::count(out.begin(), out.end(), '\n'), 1) << out;
   EXPECT_NE(out.find(needle), std::string::npos) << "expected '" << needle << "' in: " << out;
 }
@@ -459,7 +458,7 @@ TEST(DeltaRuleCli, BadInputEndsWithOneLineNamingTheTensor) {
   expect_op_error(op_cmd("gdn", tmp / "dht.safetensors", tmp / "o"), "'in_dht'");
   expect_op_error(op_cmd("kda", src, tmp / "o"), "'in_g'");  // a GDN gate given to KDA
   expect_op_error(op_cmd("gdn", tmp / "nope.safetensors", tmp / "o"), "nope.safetensors");
-  expect_op_error(op_cmd("gdn", src, tmp / "o", "--mode fast"), "--mode");
+  expect_op_error(op_cmd("gdn", src, tmp / "o", "--mode fast"), "--mode", 2);
 #ifndef HLA_HAS_CUDA
   expect_op_error(op_cmd("gdn", src, tmp / "o", "--device cuda"), "built without CUDA");
 #endif
