@@ -5,7 +5,7 @@
 // Inputs are drawn on the device (q,v normal; k L2-normalised; g = log-sigmoid clamped at −5;
 // beta in (0,1)), bf16 like the FLA side of anchors/anchor_bench.py. Times are medians over
 // repeated launches after a warm-up, measured with CUDA events.
-//   bench_delta_rule [--quick]
+//   bench_delta_rule [--quick] [--only=SUBSTRING of "op,shape"]
 #include <cuda_bf16.h>
 
 #include <algorithm>
@@ -106,6 +106,12 @@ double median_us(F&& fn, int warm, int reps) {
   return ms[reps / 2] * 1e3;
 }
 
+// Cases whose "op,shape" does not contain this substring are skipped (--only=..., for ncu).
+std::string g_only;
+bool selected(const char* op, const std::string& shape) {
+  return g_only.empty() || (std::string(op) + "," + shape).find(g_only) != std::string::npos;
+}
+
 void row(const char* op, const std::string& shape, double us, double flops, double bytes) {
   std::printf("%s,%s,bf16,%.1f,%.2f,%.0f\n", op, shape.c_str(), us, flops / (us * 1e-6) / 1e12,
               bytes / (us * 1e-6) / 1e9);
@@ -117,6 +123,7 @@ void bench_chunk(bool kda, int64_t H, int64_t K, std::vector<int64_t> lens, cons
   d.H = H, d.HV = H, d.K = K, d.V = K, d.gate = kda ? DeltaGate::PerKey : DeltaGate::Scalar;
   d.cu_seqlens = {0};
   for (int64_t l : lens) d.cu_seqlens.push_back(d.cu_seqlens.back() + l);
+  if (!selected(kda ? "kda_chunk_fwd" : "gdn_chunk_fwd", shape)) return;
   const int64_t T = d.tokens(), N = d.num_seqs(), V = K;
   Inputs in(T, H, H, K, V, kda, N);
   cuda::DeltaChunkPlan plan(d, DType::BF16);
@@ -135,6 +142,8 @@ void bench_chunk(bool kda, int64_t H, int64_t K, std::vector<int64_t> lens, cons
 void bench_decode(bool kda, int64_t B, int64_t H, int64_t K, int reps) {
   DeltaRuleDims d;
   d.H = H, d.HV = H, d.K = K, d.V = K, d.gate = kda ? DeltaGate::PerKey : DeltaGate::Scalar;
+  const std::string shape = "B" + std::to_string(B) + " H" + std::to_string(H) + " D" + std::to_string(K);
+  if (!selected(kda ? "kda_decode" : "gdn_decode", shape)) return;
   Inputs in(B, H, H, K, K, kda, B);
   std::vector<int32_t> slots(B);
   for (int64_t i = 0; i < B; ++i) slots[i] = int32_t(i);
@@ -151,14 +160,17 @@ void bench_decode(bool kda, int64_t B, int64_t H, int64_t K, int reps) {
       10, reps);
   cudaFree(ds);
   const double state_bytes = 8.0 * B * H * K * K;
-  row(kda ? "kda_decode" : "gdn_decode", "B" + std::to_string(B) + " H" + std::to_string(H) + " D" + std::to_string(K),
-      us, 4.0 * B * H * K * K, state_bytes);
+  row(kda ? "kda_decode" : "gdn_decode", shape, us, 4.0 * B * H * K * K, state_bytes);
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
+  bool quick = false;
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--quick") == 0) quick = true;
+    else if (std::strncmp(argv[i], "--only=", 7) == 0) g_only = argv[i] + 7;
+  }
   if (!cuda::device_available()) {
     std::fprintf(stderr, "bench_delta_rule: no CUDA device\n");
     return 1;

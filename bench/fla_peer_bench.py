@@ -15,6 +15,7 @@ from fla.ops.kda import chunk_kda, fused_recurrent_kda  # noqa: E402
 
 dev, dt = "cuda", torch.bfloat16
 quick = "--quick" in sys.argv
+only = next((a[7:] for a in sys.argv if a.startswith("--only=")), "")  # substring of the op name
 
 
 def inputs(T, H, D, kda, B=1):
@@ -37,6 +38,8 @@ fixed = [(1, 4096, 32), (1, 16384, 32), (4, 4096, 32), (1, 65536, 16), (8, 2048,
 varlen = [1300, 547, 2048, 963, 271, 3063]
 rep = 30 if quick else 100
 for name, fn, kda in [("gdn", chunk_gated_delta_rule, False), ("kda", chunk_kda, True)]:
+    if only not in f"{name}_chunk_fwd":
+        continue
     for B, T, H in fixed:
         try:
             q, k, v, g, beta = inputs(T, H, 128, kda, B)
@@ -56,6 +59,8 @@ for name, fn, kda in [("gdn", chunk_gated_delta_rule, False), ("kda", chunk_kda,
     except Exception as e:
         print(f"# fla_{name} varlen error {repr(e)[:200]}", flush=True)
 for name, fn, kda in [("gdn", fused_recurrent_gated_delta_rule, False), ("kda", fused_recurrent_kda, True)]:
+    if only not in f"{name}_decode":
+        continue
     for B in (1, 64, 256):
         q, k, v, g, beta = inputs(1, 32, 128, kda, B)
         h0 = torch.randn(B, 32, 128, 128, device=dev, dtype=torch.float32) * 0.01

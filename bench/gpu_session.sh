@@ -3,10 +3,14 @@
 # compute-sanitizer, hla's benchmark, FLA's side of the benchmark. Logs go to $OUT.
 #   bench/gpu_session.sh [steps...]   steps: build test sanitize bench fla ncu (default: all but ncu)
 # Expects third_party_local/fixtures/ops (copied op fixtures) and third_party_local/fla (FLA's fla/).
+# BIN names the folder of hla_cuda_tests and bench_delta_rule (default build-cuda; binaries built
+# on the CPU machine can be carried instead when the device machine lacks the CPU build's packages).
 set -u
 OUT=${OUT:-/tmp/hla_out}
 mkdir -p "$OUT"
 steps=${*:-build test sanitize bench fla}
+BIN=${BIN:-build-cuda}
+export LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}:/usr/local/cuda/lib64
 export HLA_FIXTURES=$PWD/third_party_local/fixtures
 has() { [[ " $steps " == *" $1 "* ]]; }
 nvidia-smi -L | tee "$OUT/device.txt"
@@ -17,25 +21,29 @@ if has build; then
   echo "build ok"
 fi
 if has test; then
-  timeout 180 ./build-cuda/hla_cuda_tests 2>&1 | tee "$OUT/test.log" | grep -E "^\[ (fp32|BF16|F16|fixture) |FAILED|PASSED|Failure|error" | head -60
+  timeout 180 $BIN/hla_cuda_tests 2>&1 | tee "$OUT/test.log" | grep -E "^\[ (fp32|BF16|F16|fixture) |FAILED|PASSED|Failure|error" | head -60
 fi
 if has sanitize; then
   for tool in memcheck racecheck; do
-    timeout 150 compute-sanitizer --tool $tool --error-exitcode 9 ./build-cuda/hla_cuda_tests \
+    timeout 150 compute-sanitizer --tool $tool --error-exitcode 9 $BIN/hla_cuda_tests \
       --gtest_filter='*Fixtures*:*Decode*' >"$OUT/sanitize_$tool.log" 2>&1
     echo "sanitizer $tool rc=$? $(grep -E 'ERROR SUMMARY' "$OUT/sanitize_$tool.log" | tail -1)"
   done
 fi
 if has bench; then
-  timeout 150 ./build-cuda/bench_delta_rule ${QUICK:+--quick} 2>&1 | tee "$OUT/bench_hla.csv"
+  timeout 150 $BIN/bench_delta_rule ${QUICK:+--quick} 2>&1 | tee "$OUT/bench_hla.csv"
 fi
 if has fla; then
-  FLA_PATH=$PWD/third_party_local PYTHONUNBUFFERED=1 timeout ${FLA_TIMEOUT:-240} python3 bench/fla_peer_bench.py ${QUICK:+--quick} 2>&1 |
+  FLA_PATH=$PWD/third_party_local PYTHONUNBUFFERED=1 timeout ${FLA_TIMEOUT:-240} python3 bench/fla_peer_bench.py ${QUICK:+--quick} ${FLA_ONLY:+--only=$FLA_ONLY} 2>&1 |
     grep -v Warning | tee "$OUT/bench_fla.csv"
 fi
 if has ncu; then
-  timeout 200 ncu --clock-control none --launch-skip 9 --launch-count 3 \
-    --section SpeedOfLight --section Occupancy --section LaunchStats \
-    ./build-cuda/bench_delta_rule --quick >"$OUT/ncu.txt" 2>&1
-  grep -E "delta|Duration|Throughput|Registers|Achieved Occupancy|Shared Memory Config" "$OUT/ncu.txt" | head -60
+  # Per-kernel time and limiters of one forward call (prep, state, output) and one decode.
+  for c in "gdn_chunk_fwd,B1 T16384" "kda_chunk_fwd,B1 T16384" "gdn_decode,B256"; do
+    timeout 120 ncu --clock-control none -k 'regex:prep|state_kernel|output_kernel|decode_kernel' --launch-count 3 \
+      --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
+      $BIN/bench_delta_rule --quick "--only=$c" >"$OUT/ncu_${c%%,*}.txt" 2>&1
+    echo "== ncu $c"
+    grep -E "^  [a-z_:<>, ()0-9A-Za-z]*(kernel|Kernel)|Duration|Memory Throughput|Compute \(SM\) Throughput|Registers Per|Achieved Occupancy|Dynamic Shared|Block Limit" "$OUT/ncu_${c%%,*}.txt" | head -40
+  done
 fi

@@ -471,6 +471,9 @@ void check_delta_dims(const DeltaRuleDims& d, DType dt, const char* what) {
 DeltaChunkPlan::DeltaChunkPlan(const DeltaRuleDims& d, DType dt) : d_(d), dt_(dt) {
   d.validate();
   check_delta_dims(d, dt, "delta rule chunk (cuda)");
+  check(!(dt == DType::F16 && d.gate == DeltaGate::PerKey),
+        "delta rule chunk (cuda): KDA needs BF16 or F32 inputs (its sub-chunk decay factors, up to e^{8|g|}, "
+        "overflow fp16)");
   check(d.tokens() * d.HV * std::max(d.K, d.V) < (int64_t(1) << 31), "delta rule chunk (cuda): too many tokens");
   const int64_t N = d.num_seqs(), T = d.tokens(), HV = d.HV, K = d.K, V = d.V;
   std::vector<int32_t> tab, cu(N + 1), off(N + 1);

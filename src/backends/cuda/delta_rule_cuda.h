@@ -28,7 +28,8 @@ void check_cuda(cudaError_t e, const char* what);
 //   output (chunk x value head x V-tile): O = (s Q ⊙ e^G) S_chunk + P v_new.
 // K must be 32, 64, 128 or 256; V a multiple of 16 up to 256. KDA's gates must satisfy
 // g ≥ −10 per token (the intra-chunk decays are factored around the middle row of each 16-token
-// sub-chunk, e^{±8·|g|} must stay finite in fp32); GDN gates are unrestricted.
+// sub-chunk, e^{±8·|g|} must stay finite in fp32; for the same reason KDA takes BF16 or F32
+// inputs, not F16); GDN gates are unrestricted.
 class DeltaChunkPlan {
  public:
   // Uploads the chunk table and allocates the workspace for `d` (d.cu_seqlens on the host).
