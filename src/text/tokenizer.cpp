@@ -499,7 +499,7 @@ void Tokenizer::bpe(std::string_view word, std::vector<int32_t>& out) const {
   const bool cacheable = word.size() < kMaxCachedWord;
   if (cacheable) {
     std::lock_guard<std::mutex> lock(cache_mu_);
-    auto it = cache_.find(std::string(word));
+    auto it = cache_.find(word);
     if (it != cache_.end()) {
       out.insert(out.end(), it->second.begin(), it->second.end());
       return;

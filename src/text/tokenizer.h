@@ -136,9 +136,14 @@ class Tokenizer {
   std::unique_ptr<text::ChatTemplate> chat_template_;
   std::unique_ptr<nlohmann::ordered_json> template_vars_;  // bos_token, eos_token, ... for the template
 
-  // Word -> ids: most words repeat, so BPE runs once per distinct word.
+  // Word -> ids: most words repeat, so BPE runs once per distinct word. Looked up by
+  // string_view (a transparent hash), so a hit allocates nothing.
+  struct WordHash {
+    using is_transparent = void;
+    size_t operator()(std::string_view s) const { return std::hash<std::string_view>{}(s); }
+  };
   mutable std::mutex cache_mu_;
-  mutable std::unordered_map<std::string, std::vector<int32_t>> cache_;
+  mutable std::unordered_map<std::string, std::vector<int32_t>, WordHash, std::equal_to<>> cache_;
 };
 
 }  // namespace hla

