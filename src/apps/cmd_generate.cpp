@@ -1,5 +1,7 @@
 // hla generate --model DIR --prompt-ids 5,17,42 --max-new-tokens N [--temperature T --top-k K
 // --top-p P --seed S]: prints the generated ids (prompt excluded) space-separated on one line.
+// With a tokenizer in DIR, --prompt "text" works too and prints the text as it is generated
+// (--print-ids prints ids instead).
 #include <chrono>
 #include <cstdio>
 #include <memory>
@@ -9,16 +11,17 @@
 #include "core/error.h"
 #include "model/model.h"
 #include "runtime/session.h"
+#include "runtime/text_model.h"
 
 namespace hla::cli {
 
 namespace {
 
 struct GenerateOptions {
-  std::string model, prompt_ids, device = "cpu";
+  std::string model, prompt_ids, prompt, device = "cpu";
   int64_t max_new = 32;
   SamplingParams sampling;
-  bool stats = false;
+  bool stats = false, print_ids = false;
 };
 
 std::vector<int64_t> parse_ids(const std::string& text) {
@@ -46,7 +49,9 @@ void register_generate(CLI::App& app) {
   auto* cmd = app.add_subcommand("generate", "Generate tokens from a prompt (greedy or sampled)");
   auto o = std::make_shared<GenerateOptions>();
   cmd->add_option("--model", o->model, "model directory")->required();
-  cmd->add_option("--prompt-ids", o->prompt_ids, "comma-separated prompt token ids")->required();
+  auto* ids_opt = cmd->add_option("--prompt-ids", o->prompt_ids, "comma-separated prompt token ids");
+  cmd->add_option("--prompt", o->prompt, "prompt text (needs tokenizer.json in the model directory)")->excludes(ids_opt);
+  cmd->add_flag("--print-ids", o->print_ids, "with --prompt: print token ids, not text");
   cmd->add_option("--max-new-tokens", o->max_new, "tokens to generate")->default_val(32);
   cmd->add_option("--temperature", o->sampling.temperature, "0 = greedy")->default_val(0.0);
   cmd->add_option("--top-k", o->sampling.top_k, "sample from the k most likely (0 = all)")->default_val(0);
@@ -56,19 +61,29 @@ void register_generate(CLI::App& app) {
   cmd->add_flag("--stats", o->stats, "print prefill and decode speed to stderr");
   cmd->callback([o] {
     check(o->device == "cpu", "--device " + o->device + ": this build has no CUDA backend (build with -DHLA_CUDA=ON)");
-    const std::vector<int64_t> prompt = parse_ids(o->prompt_ids);
-    auto m = Model::load(o->model);
+    check(!o->prompt_ids.empty() || !o->prompt.empty(), "give --prompt-ids or --prompt");
+    const std::vector<int64_t> parsed = o->prompt.empty() ? parse_ids(o->prompt_ids) : std::vector<int64_t>{};
+    TextModel tm = load_text_model(o->model);
+    const Model* m = tm.model.get();
+    const std::vector<int64_t> prompt = o->prompt.empty() ? parsed : tm.encode_prompt(o->prompt);
+    const bool as_text = !o->prompt.empty() && !o->print_ids;
+    std::unique_ptr<Tokenizer::StreamDecoder> text;
+    if (as_text) text = std::make_unique<Tokenizer::StreamDecoder>(*tm.tokenizer, true);
     Session session(*m);
     Sampler sampler(o->sampling);
     using clock = std::chrono::steady_clock;
     auto t0 = clock::now(), t1 = t0;
     int64_t printed = 0;
-    std::vector<int64_t> out = session.generate(prompt, o->max_new, sampler, m->spec().eos_token_ids, [&](int64_t id) {
-      if (printed == 0) t1 = clock::now();
-      std::printf(printed++ ? " %lld" : "%lld", (long long)id);
+    // Ids: every generated id, EOS included (the contract). Text: the EOS is not text.
+    const std::vector<int64_t>& stop = as_text ? tm.stop_ids : m->spec().eos_token_ids;
+    std::vector<int64_t> out = session.generate(prompt, o->max_new, sampler, stop, [&](int64_t id) {
+      if (printed++ == 0) t1 = clock::now();
+      if (text) std::fputs(text->push(int32_t(id)).c_str(), stdout);
+      else std::printf(printed > 1 ? " %lld" : "%lld", (long long)id);
       std::fflush(stdout);
       return true;
     });
+    if (text) std::fputs(text->finish().c_str(), stdout);
     std::printf("\n");
     if (o->stats) {
       const double pre = std::chrono::duration<double>(t1 - t0).count();

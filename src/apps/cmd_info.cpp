@@ -1,6 +1,7 @@
 // hla info --model DIR (or --config FILE): the layer layout of a hybrid model, its parameters, and
 // what its cache costs: KV bytes per token of context (attention layers only) against the constant
 // recurrent state per sequence (linear layers).
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <memory>
@@ -26,12 +27,25 @@ std::string human_bytes(double b) {
 char layer_letter(MixerKind k) {
   switch (k) {
     case MixerKind::GatedDeltaNet:
-    case MixerKind::KimiDeltaAttention: return 'L';
+    case MixerKind::KimiDeltaAttention:
+    case MixerKind::Lightning: return 'L';
     case MixerKind::GatedAttention:
     case MixerKind::MLA: return 'F';
-    case MixerKind::SparseMLA: return 'S';
+    case MixerKind::SlidingAttention: return 'W';
+    case MixerKind::SparseMLA:
+    case MixerKind::SparseAttention: return 'S';
   }
   return '?';
+}
+
+// "Gated DeltaNet", "KDA, lightning", ...: the linear mixers a model uses.
+std::string linear_kinds(const ModelSpec& s) {
+  std::string r;
+  for (MixerKind k : {MixerKind::GatedDeltaNet, MixerKind::KimiDeltaAttention, MixerKind::Lightning})
+    if (std::count(s.mixers.begin(), s.mixers.end(), k))
+      r += (r.empty() ? "" : ", ") + std::string(k == MixerKind::GatedDeltaNet ? "Gated DeltaNet"
+                                                 : k == MixerKind::KimiDeltaAttention ? "KDA" : "lightning");
+  return r;
 }
 
 }  // namespace
@@ -56,16 +70,16 @@ void register_info(CLI::App& app) {
     std::string layout;
     for (auto k : s.mixers) {
       layout += layer_letter(k);
-      n_linear += mixer_is_linear(k), n_full += (k == MixerKind::GatedAttention || k == MixerKind::MLA);
-      n_sparse += k == MixerKind::SparseMLA;
+      const char c = layer_letter(k);
+      n_linear += c == 'L', n_full += c == 'F' || c == 'W', n_sparse += c == 'S';
     }
     const double kv = double(s.kv_bytes_per_token()), st = double(s.state_bytes_per_sequence());
     std::printf("model_type      %s\n", s.model_type.c_str());
     std::printf("layers          %lld: %lld linear%s, %lld full attention, %lld sparse attention\n",
                 (long long)s.n_layers, (long long)n_linear,
-                n_linear == 0 ? "" : s.arch == Arch::KimiLinear ? " (KDA)" : " (Gated DeltaNet)", (long long)n_full,
+                n_linear == 0 ? "" : (" (" + linear_kinds(s) + ")").c_str(), (long long)n_full,
                 (long long)n_sparse);
-    std::printf("layout          %s   (L linear, F full, S sparse)\n", layout.c_str());
+    std::printf("layout          %s   (L linear, F full, W sliding window, S sparse)\n", layout.c_str());
     std::printf("hidden / vocab  %lld / %lld\n", (long long)s.hidden, (long long)s.vocab);
     std::printf("parameters      %lld (%.2f M)\n", (long long)params, double(params) / 1e6);
     std::printf("kv cache        %s per token (f32; attention layers only)\n", human_bytes(kv).c_str());

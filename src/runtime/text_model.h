@@ -1,0 +1,30 @@
+// TextModel: a model directory as people use it — the Model, its tokenizer (when the directory has
+// a tokenizer.json), and the ids that end a generation. Shared by `hla generate --prompt`,
+// `hla chat` and `hla serve`.
+#pragma once
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "model/model.h"
+#include "text/tokenizer.h"
+
+namespace hla {
+
+struct TextModel {
+  std::unique_ptr<Model> model;
+  std::unique_ptr<Tokenizer> tokenizer;  // null when the directory has no tokenizer.json
+  std::vector<int64_t> stop_ids;         // config/generation_config EOS ids and the tokenizer's eos
+
+  const Tokenizer& need_tokenizer() const;  // hla::Error when there is none
+  // A text prompt: BOS first when tokenizer_config.json asks for it, then the text's ids.
+  std::vector<int64_t> encode_prompt(std::string_view text) const;
+  // The chat template over [{role, content}, ...] with the generation prompt, as ids.
+  std::vector<int64_t> encode_chat(const nlohmann::ordered_json& messages) const;
+};
+
+TextModel load_text_model(const std::string& dir);
+
+}  // namespace hla
