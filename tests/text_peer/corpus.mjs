@@ -81,8 +81,14 @@ const SCRIPT_RANGES = [
 function randomCodePoints(r, n) {
   let s = "";
   for (let i = 0; i < n; ++i) {
-    const [lo, hi] = r.pick(SCRIPT_RANGES);
-    s += String.fromCodePoint(lo + r.int(hi - lo + 1));
+    let c;
+    if (r.next() < 0.1) {
+      do c = r.int(0x110000); while (c >= 0xd800 && c <= 0xdfff);  // anywhere, unassigned included
+    } else {
+      const [lo, hi] = r.pick(SCRIPT_RANGES);
+      c = lo + r.int(hi - lo + 1);
+    }
+    s += String.fromCodePoint(c);
   }
   return s;
 }
