@@ -10,6 +10,8 @@ void register_generate(CLI::App& app);
 void register_init(CLI::App& app);
 void register_info(CLI::App& app);
 void register_serve(CLI::App& app);
+void register_chat(CLI::App& app);
 void register_tokenize(CLI::App& app);
+void register_train(CLI::App& app);
 
 }  // namespace hla::cli

@@ -14,7 +14,9 @@ int main(int argc, char** argv) {
   hla::cli::register_init(app);
   hla::cli::register_info(app);
   hla::cli::register_serve(app);
+  hla::cli::register_chat(app);
   hla::cli::register_tokenize(app);
+  hla::cli::register_train(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -1,0 +1,94 @@
+// hla chat --model DIR: an interactive, multi-turn chat on the terminal. Replies stream as they are
+// generated. A turn re-uses the conversation's hybrid cache: when the new rendered prompt extends
+// what the cache already holds, only the new tokens are prefilled (recurrent state cannot be
+// rolled back, so anything else starts over). Commands: /reset, /exit (or end of input).
+#include <chrono>
+#include <cstdio>
+#include <iostream>
+#include <memory>
+#include <nlohmann/json.hpp>
+
+#include "apps/commands.h"
+#include "core/error.h"
+#include "runtime/session.h"
+#include "runtime/text_model.h"
+
+namespace hla::cli {
+
+void register_chat(CLI::App& app) {
+  auto* cmd = app.add_subcommand("chat", "Interactive multi-turn chat (needs tokenizer.json with a chat template)");
+  struct Options {
+    std::string model, system;
+    int64_t max_new = 512;
+    SamplingParams sampling;
+  };
+  auto o = std::make_shared<Options>();
+  cmd->add_option("--model", o->model, "model directory")->required();
+  cmd->add_option("--system", o->system, "system prompt");
+  cmd->add_option("--max-new-tokens", o->max_new, "longest reply")->default_val(512);
+  cmd->add_option("--temperature", o->sampling.temperature, "0 = greedy")->default_val(0.7);
+  cmd->add_option("--top-k", o->sampling.top_k, "sample from the k most likely (0 = all)")->default_val(40);
+  cmd->add_option("--top-p", o->sampling.top_p, "nucleus sampling mass")->default_val(0.95);
+  cmd->add_option("--seed", o->sampling.seed, "sampling seed")->default_val(0);
+  cmd->callback([o] {
+    TextModel tm = load_text_model(o->model);
+    const Tokenizer& tok = tm.need_tokenizer();
+    check(tok.has_chat_template(), o->model + "/tokenizer_config.json: no chat_template");
+    Sampler sampler(o->sampling);
+    auto session = std::make_unique<Session>(*tm.model);
+    std::vector<int64_t> history;  // the tokens folded into session's cache
+    nlohmann::ordered_json messages = nlohmann::ordered_json::array();
+    auto reset = [&] {
+      session = std::make_unique<Session>(*tm.model);
+      history.clear();
+      messages = nlohmann::ordered_json::array();
+      if (!o->system.empty()) messages.push_back({{"role", "system"}, {"content", o->system}});
+    };
+    reset();
+    std::fprintf(stderr, "hla chat: %s. /reset starts over, /exit quits.\n", tm.model->spec().model_type.c_str());
+    std::string line;
+    while (true) {
+      std::fputs("> ", stdout);
+      std::fflush(stdout);
+      if (!std::getline(std::cin, line) || line == "/exit") break;
+      if (line == "/reset") {
+        reset();
+        std::fputs("(conversation cleared)\n", stdout);
+        continue;
+      }
+      if (line.empty()) continue;
+      messages.push_back({{"role", "user"}, {"content", line}});
+      const std::vector<int64_t> ids = tm.encode_chat(messages);
+      const bool extends = history.size() < ids.size() && std::equal(history.begin(), history.end(), ids.begin());
+      if (!extends) {
+        session = std::make_unique<Session>(*tm.model);
+        history.clear();
+      }
+      const std::vector<int64_t> fresh(ids.begin() + int64_t(history.size()), ids.end());
+      Tokenizer::StreamDecoder text(tok, true);
+      std::string reply;
+      const auto t0 = std::chrono::steady_clock::now();
+      auto t1 = t0;
+      std::vector<int64_t> out = session->generate(fresh, o->max_new, sampler, tm.stop_ids, [&](int64_t id) {
+        if (t1 == t0) t1 = std::chrono::steady_clock::now();
+        const std::string piece = text.push(int32_t(id));
+        reply += piece;
+        std::fputs(piece.c_str(), stdout);
+        std::fflush(stdout);
+        return true;
+      });
+      const std::string tail = text.finish();
+      reply += tail;
+      std::fputs((tail + "\n").c_str(), stdout);
+      const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count();
+      std::fprintf(stderr, "[%zu tokens, %.1f tok/s; prefilled %zu, reused %zu from the cache]\n", out.size(),
+                   out.size() > 1 ? double(out.size() - 1) / secs : 0.0, fresh.size(), history.size());
+      // Every generated token but the last has been fed back into the cache.
+      history.insert(history.end(), fresh.begin(), fresh.end());
+      if (!out.empty()) history.insert(history.end(), out.begin(), out.end() - 1);
+      messages.push_back({{"role", "assistant"}, {"content", reply}});
+    }
+  });
+}
+
+}  // namespace hla::cli
