@@ -39,7 +39,8 @@ if has fla; then
 fi
 if has ncu; then
   # Per-kernel time and limiters of one forward call (prep, state, output) and one decode.
-  for c in "gdn_chunk_fwd,B1 T16384" "kda_chunk_fwd,B1 T16384" "gdn_decode,B256"; do
+  IFS=';' read -ra cases <<<"${NCU_CASES:-gdn_chunk_fwd,B1 T16384;kda_chunk_fwd,B1 T16384;gdn_decode,B256}"
+  for c in "${cases[@]}"; do
     timeout 120 ncu --clock-control none -k 'regex:prep|state_kernel|output_kernel|decode_kernel' --launch-count 3 \
       --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
       $BIN/bench_delta_rule --quick "--only=$c" >"$OUT/ncu_${c%%,*}.txt" 2>&1

@@ -138,6 +138,9 @@ __global__ void __launch_bounds__(128) prep_kernel(ChunkArgs a) {
       warp_mma<CT, 2>(acc, View<CT, true>{(isP ? sQ : sK) + 16 * I * LD, LD}, View<CT, true>{sK + 16 * J * LD, LD}, K);
       store_block(acc, I, J, isP, true);
     }
+    __syncthreads();
+    load_rows_async(buf, LD, C, V, len, [&](int i) { return v + tok(i) * V; });  // over sQ, overlaps the solve
+    cp_async_commit();
   } else {
     // Per-key decay: e^{G_i−G_j} = e^{G_i−G_r} · e^{G_r−G_j} with r the middle row of the row block
     // I; the factors go into the operands (|exponent| ≤ 8·|g| for rows inside block I, ≤ 0 for
@@ -147,15 +150,29 @@ __global__ void __launch_bounds__(128) prep_kernel(ChunkArgs a) {
     CT* sR = buf + 32 * LD;
     for (int I = 0; I < 4; ++I) {
       const float* Gr = sG + (16 * I + 8) * K;
-      for (int idx = tid; idx < 16 * K; idx += blockDim.x) {
-        const int r = idx / K, d = idx % K, i = 16 * I + r;
-        const float e = fast_exp<CT>(sG[i * K + d] - Gr[d]);
-        sLq[r * LD + d] = from_f32<CT>(i < len ? to_f32(qrow(i)[d]) * e : 0.f);
-        sLk[r * LD + d] = from_f32<CT>(i < len ? to_f32(krow(i)[d]) * e : 0.f);
+      constexpr int VN = Pack<CT>::n, KV = K / VN;  // 16-byte loads: VN elements per thread and step
+      for (int idx = tid; idx < 16 * KV; idx += blockDim.x) {
+        const int r = idx / KV, d0 = (idx % KV) * VN, i = 16 * I + r;
+        const Pack<CT> qv = i < len ? ld16(qrow(i) + d0) : Pack<CT>::zero();
+        const Pack<CT> kv = i < len ? ld16(krow(i) + d0) : Pack<CT>::zero();
+        Pack<CT> lq, lk;
+#pragma unroll
+        for (int e = 0; e < VN; ++e) {
+          const float x = fast_exp<CT>(sG[i * K + d0 + e] - Gr[d0 + e]);
+          lq.v[e] = from_f32<CT>(to_f32(qv.v[e]) * x);
+          lk.v[e] = from_f32<CT>(to_f32(kv.v[e]) * x);
+        }
+        st16(sLq + r * LD + d0, lq);
+        st16(sLk + r * LD + d0, lk);
       }
-      for (int idx = tid; idx < 16 * (I + 1) * K; idx += blockDim.x) {
-        const int i = idx / K, d = idx % K;
-        sR[i * LD + d] = from_f32<CT>(i < len ? to_f32(krow(i)[d]) * fast_exp<CT>(Gr[d] - sG[i * K + d]) : 0.f);
+      for (int idx = tid; idx < 16 * (I + 1) * KV; idx += blockDim.x) {
+        const int i = idx / KV, d0 = (idx % KV) * VN;
+        const Pack<CT> kv = i < len ? ld16(krow(i) + d0) : Pack<CT>::zero();
+        Pack<CT> rk;
+#pragma unroll
+        for (int e = 0; e < VN; ++e)
+          rk.v[e] = from_f32<CT>(to_f32(kv.v[e]) * fast_exp<CT>(Gr[d0 + e] - sG[i * K + d0 + e]));
+        st16(sR + i * LD + d0, rk);
       }
       __syncthreads();
       for (int task = warp; task < 2 * (I + 1); task += 4) {
@@ -199,9 +216,11 @@ __global__ void __launch_bounds__(128) prep_kernel(ChunkArgs a) {
     __syncthreads();
   }
 
-  // 4. W = T (beta K ⊙ e^G), U = T (beta V); the operand is staged in buf rows 0..63. KDA also
-  //    writes the decayed keys kg = K ⊙ e^{G_last−G} and queries qg = s Q ⊙ e^G for the later passes.
-  auto tmul = [&](CT* out, int cols) {  // out[tok][0..cols) = T · buf[0..64)[0..cols), warp = 16 rows
+  // 4. W = T diag(beta) (K ⊙ e^G), U = T diag(beta) V. beta (and GDN's row decay e^{G_j}) scale
+  //    T's columns, so the right operands are the raw K and V tiles; only KDA, whose decay is per
+  //    key, stages K ⊙ e^G (in buf rows 0..63) — and also writes the decayed keys
+  //    kg = K ⊙ e^{G_last−G} and queries qg = s Q ⊙ e^G for the later passes.
+  auto tmul = [&](CT* out, int cols, const float* A, const CT* B) {  // out = A[64x64] · B[64 x cols], warp = 16 rows
     for (int c0 = 0; c0 < cols; c0 += 32) {
       auto emit = [&](auto& acc) {
         for_each_acc(acc, [&](int r, int c, float& x) {
@@ -211,37 +230,58 @@ __global__ void __launch_bounds__(128) prep_kernel(ChunkArgs a) {
       };
       if (cols - c0 >= 32) {
         float acc[4][4] = {};
-        warp_mma<CT, 4>(acc, F32View<CT>{sT + 16 * warp * kLdF, kLdF}, View<CT, false>{buf + c0, LD}, C);
+        warp_mma<CT, 4>(acc, F32View<CT>{A + 16 * warp * kLdF, kLdF}, View<CT, false>{B + c0, LD}, C);
         emit(acc);
       } else {
         float acc[2][4] = {};
-        warp_mma<CT, 2>(acc, F32View<CT>{sT + 16 * warp * kLdF, kLdF}, View<CT, false>{buf + c0, LD}, C);
+        warp_mma<CT, 2>(acc, F32View<CT>{A + 16 * warp * kLdF, kLdF}, View<CT, false>{B + c0, LD}, C);
         emit(acc);
       }
     }
   };
-  for (int idx = tid; idx < C * K; idx += blockDim.x) {
-    const int i = idx / K, d = idx % K;
-    const float kv = i < len ? to_f32(krow(i)[d]) : 0.f;
-    const float Gi = KDA ? sG[i * K + d] : sG[i];
-    buf[i * LD + d] = from_f32<CT>(sBeta[i] * kv * fast_exp<CT>(Gi));
-    if constexpr (KDA) {
+  auto vrow = [&](int i) { return v + tok(i) * V; };
+  if constexpr (!KDA) {
+    // sL ← T diag(beta e^G) for W, sT ← T diag(beta) for U; the V tile arrives in buf rows 0..63.
+    for (int e = tid; e < C * C; e += blockDim.x) {
+      const int i = e / C, jj = e % C;
+      const float t = sT[i * kLdF + jj];
+      sL[i * kLdF + jj] = t * sBeta[jj] * fast_exp<CT>(sG[jj]);
+      sT[i * kLdF + jj] = t * sBeta[jj];
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+    tmul(static_cast<CT*>(a.W), K, sL, buf + C * LD);
+    tmul(static_cast<CT*>(a.U), V, sT, buf);
+  } else {
+    constexpr int VN = Pack<CT>::n, KV = K / VN;
+    for (int e = tid; e < C * C; e += blockDim.x) sT[(e / C) * kLdF + e % C] *= sBeta[e % C];
+    for (int idx = tid; idx < C * KV; idx += blockDim.x) {
+      const int i = idx / KV, d0 = (idx % KV) * VN;
+      const Pack<CT> kv = i < len ? ld16(krow(i) + d0) : Pack<CT>::zero();
+      const Pack<CT> qv = i < len ? ld16(qrow(i) + d0) : Pack<CT>::zero();
+      Pack<CT> b, kg, qg;
+#pragma unroll
+      for (int e = 0; e < VN; ++e) {
+        const float Gi = sG[i * K + d0 + e], Gl = sG[(len - 1) * K + d0 + e], kf = to_f32(kv.v[e]);
+        b.v[e] = from_f32<CT>(kf * fast_exp<CT>(Gi));
+        kg.v[e] = from_f32<CT>(kf * fast_exp<CT>(Gl - Gi));
+        qg.v[e] = from_f32<CT>(a.scale * to_f32(qv.v[e]) * fast_exp<CT>(Gi));
+      }
+      st16(buf + i * LD + d0, b);
       if (i < len) {
-        const float Gl = sG[(len - 1) * K + d];
-        static_cast<CT*>(a.kg)[tok(i) * K + d] = from_f32<CT>(kv * fast_exp<CT>(Gl - Gi));
-        static_cast<CT*>(a.qg)[tok(i) * K + d] = from_f32<CT>(a.scale * to_f32(qrow(i)[d]) * fast_exp<CT>(Gi));
+        st16(static_cast<CT*>(a.kg) + tok(i) * K + d0, kg);
+        st16(static_cast<CT*>(a.qg) + tok(i) * K + d0, qg);
       }
     }
+    __syncthreads();
+    tmul(static_cast<CT*>(a.W), K, sT, buf);
+    __syncthreads();
+    load_rows_async(buf, LD, C, V, len, vrow);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    tmul(static_cast<CT*>(a.U), V, sT, buf);
   }
-  __syncthreads();
-  tmul(static_cast<CT*>(a.W), K);
-  __syncthreads();
-  for (int idx = tid; idx < C * V; idx += blockDim.x) {
-    const int i = idx / V, c = idx % V;
-    buf[i * LD + c] = from_f32<CT>(i < len ? sBeta[i] * to_f32(v[tok(i) * V + c]) : 0.f);
-  }
-  __syncthreads();
-  tmul(static_cast<CT*>(a.U), V);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -416,42 +456,60 @@ __global__ void __launch_bounds__(128) output_kernel(ChunkArgs a) {
 }
 
 // ---------------------------------------------------------------------------------------------
-template <class CT, bool KDA, int K, int BV>
-void launch(const ChunkArgs& a, int64_t chunks, int64_t n_seqs, cudaStream_t stream) {
-  const size_t prep_bytes = PrepSmem<CT, KDA, K>(a.V).bytes();
-  auto prep = prep_kernel<CT, KDA, K>;
-  check_cuda(cudaFuncSetAttribute(prep, cudaFuncAttributeMaxDynamicSharedMemorySize, int(prep_bytes)), "prep smem");
-  prep<<<dim3(unsigned(chunks), unsigned(a.HV)), 128, prep_bytes, stream>>>(a);
+template <class CT, bool KDA, int K>
+void launch_prep(const ChunkArgs& a, int64_t chunks, cudaStream_t stream) {
+  const size_t bytes = PrepSmem<CT, KDA, K>(a.V).bytes();
+  auto kern = prep_kernel<CT, KDA, K>;
+  check_cuda(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)), "prep smem");
+  kern<<<dim3(unsigned(chunks), unsigned(a.HV)), 128, bytes, stream>>>(a);
   check_cuda(cudaGetLastError(), "delta rule prep kernel");
+}
 
+template <class CT, bool KDA, int K, int BV>
+void launch_state(const ChunkArgs& a, int64_t n_seqs, cudaStream_t stream) {
   using SL = StateSmem<CT, KDA, K, BV>;
-  auto state = state_kernel<CT, KDA, K, BV>;
-  check_cuda(cudaFuncSetAttribute(state, cudaFuncAttributeMaxDynamicSharedMemorySize, int(SL::kBytes)), "state smem");
-  state<<<dim3(unsigned(n_seqs), unsigned(a.HV), unsigned(a.V / BV)), SL::kWarps * 32, SL::kBytes, stream>>>(a);
+  auto kern = state_kernel<CT, KDA, K, BV>;
+  check_cuda(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(SL::kBytes)), "state smem");
+  kern<<<dim3(unsigned(n_seqs), unsigned(a.HV), unsigned(a.V / BV)), SL::kWarps * 32, SL::kBytes, stream>>>(a);
   check_cuda(cudaGetLastError(), "delta rule state kernel");
+}
 
+template <class CT, bool KDA, int K, int BV>
+void launch_output(const ChunkArgs& a, int64_t chunks, cudaStream_t stream) {
   using OL = OutSmem<CT, K, BV>;
-  auto out = output_kernel<CT, KDA, K, BV>;
-  check_cuda(cudaFuncSetAttribute(out, cudaFuncAttributeMaxDynamicSharedMemorySize, int(OL::kBytes)), "output smem");
-  out<<<dim3(unsigned(chunks), unsigned(a.HV), unsigned(a.V / BV)), 128, OL::kBytes, stream>>>(a);
+  auto kern = output_kernel<CT, KDA, K, BV>;
+  check_cuda(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(OL::kBytes)), "output smem");
+  kern<<<dim3(unsigned(chunks), unsigned(a.HV), unsigned(a.V / BV)), 128, OL::kBytes, stream>>>(a);
   check_cuda(cudaGetLastError(), "delta rule output kernel");
 }
 
+// state_cols: V columns per state block (16 or 32). The output pass takes as many V columns per
+// block as fit (all of V up to 128 for 16-bit inputs), so Q and P are read once per chunk rather
+// than once per column tile: it is the memory-bound pass.
+template <class CT, bool KDA, int K>
+void launch(const ChunkArgs& a, int64_t chunks, int64_t n_seqs, int state_cols, cudaStream_t s) {
+  launch_prep<CT, KDA, K>(a, chunks, s);
+  if (state_cols == 32) launch_state<CT, KDA, K, 32>(a, n_seqs, s);
+  else launch_state<CT, KDA, K, 16>(a, n_seqs, s);
+  if (a.V % 128 == 0 && sizeof(CT) == 2) launch_output<CT, KDA, K, 128>(a, chunks, s);
+  else if (a.V % 64 == 0) launch_output<CT, KDA, K, 64>(a, chunks, s);
+  else launch_output<CT, KDA, K, 16>(a, chunks, s);
+}
+
 template <class CT, bool KDA>
-void dispatch_k(const ChunkArgs& a, int K, int64_t chunks, int64_t n_seqs, cudaStream_t s) {
-  const bool bv32 = a.V % 32 == 0;
+void dispatch_k(const ChunkArgs& a, int K, int64_t chunks, int64_t n_seqs, int state_cols, cudaStream_t s) {
   switch (K) {
-    case 32: return bv32 ? launch<CT, KDA, 32, 32>(a, chunks, n_seqs, s) : launch<CT, KDA, 32, 16>(a, chunks, n_seqs, s);
-    case 64: return bv32 ? launch<CT, KDA, 64, 32>(a, chunks, n_seqs, s) : launch<CT, KDA, 64, 16>(a, chunks, n_seqs, s);
-    case 128: return bv32 ? launch<CT, KDA, 128, 32>(a, chunks, n_seqs, s) : launch<CT, KDA, 128, 16>(a, chunks, n_seqs, s);
-    case 256: return bv32 ? launch<CT, KDA, 256, 32>(a, chunks, n_seqs, s) : launch<CT, KDA, 256, 16>(a, chunks, n_seqs, s);
+    case 32: return launch<CT, KDA, 32>(a, chunks, n_seqs, state_cols, s);
+    case 64: return launch<CT, KDA, 64>(a, chunks, n_seqs, state_cols, s);
+    case 128: return launch<CT, KDA, 128>(a, chunks, n_seqs, state_cols, s);
+    case 256: return launch<CT, KDA, 256>(a, chunks, n_seqs, state_cols, s);
   }
 }
 
 template <class CT>
-void dispatch(const ChunkArgs& a, const DeltaRuleDims& d, int64_t chunks, cudaStream_t s) {
-  if (d.gate == DeltaGate::PerKey) dispatch_k<CT, true>(a, int(d.K), chunks, d.num_seqs(), s);
-  else dispatch_k<CT, false>(a, int(d.K), chunks, d.num_seqs(), s);
+void dispatch(const ChunkArgs& a, const DeltaRuleDims& d, int64_t chunks, int state_cols, cudaStream_t s) {
+  if (d.gate == DeltaGate::PerKey) dispatch_k<CT, true>(a, int(d.K), chunks, d.num_seqs(), state_cols, s);
+  else dispatch_k<CT, false>(a, int(d.K), chunks, d.num_seqs(), state_cols, s);
 }
 
 size_t align_up(size_t x) { return (x + 255) & ~size_t(255); }
@@ -468,7 +526,7 @@ void check_delta_dims(const DeltaRuleDims& d, DType dt, const char* what) {
         std::string(what) + ": V must be a multiple of 16 in [16, 256], got " + std::to_string(d.V));
 }
 
-DeltaChunkPlan::DeltaChunkPlan(const DeltaRuleDims& d, DType dt) : d_(d), dt_(dt) {
+DeltaChunkPlan::DeltaChunkPlan(const DeltaRuleDims& d, DType dt, int state_cols) : d_(d), dt_(dt) {
   d.validate();
   check_delta_dims(d, dt, "delta rule chunk (cuda)");
   check(!(dt == DType::F16 && d.gate == DeltaGate::PerKey),
@@ -488,6 +546,14 @@ DeltaChunkPlan::DeltaChunkPlan(const DeltaRuleDims& d, DType dt) : d_(d), dt_(dt
   cu[N] = int32_t(T);
   off[N] = int32_t(tab.size() / 2);
   chunks_ = int64_t(tab.size() / 2);
+  check(state_cols == 0 || state_cols == 16 || (state_cols == 32 && d.V % 32 == 0),
+        "delta rule chunk (cuda): state_cols must be 0, 16 or 32 (32 only when 32 divides V)");
+  // The state pass is sequential over chunks: with fewer than two blocks per multiprocessor it is
+  // latency-bound, and narrower column tiles double its blocks.
+  int dev = 0, sms = 0;
+  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "multiprocessor count");
+  state_cols_ = state_cols ? state_cols : (d.V % 32 == 0 && N * HV * (V / 32) >= 2 * sms) ? 32 : 16;
   const size_t es = dtype_size(dt), kda = d.gate == DeltaGate::PerKey;
   const size_t sizes[] = {
       tab.size() * 4, cu.size() * 4, off.size() * 4,
@@ -535,9 +601,9 @@ void DeltaChunkPlan::forward(const void* q, const void* k, const void* v, const 
   a.h = take(size_t(chunks_ * HV * K * V) * es);
   a.vn = take(size_t(T * HV * V) * es);
   switch (dt_) {
-    case DType::F32: return dispatch<float>(a, d_, chunks_, stream);
-    case DType::F16: return dispatch<__half>(a, d_, chunks_, stream);
-    default: return dispatch<__nv_bfloat16>(a, d_, chunks_, stream);
+    case DType::F32: return dispatch<float>(a, d_, chunks_, state_cols_, stream);
+    case DType::F16: return dispatch<__half>(a, d_, chunks_, state_cols_, stream);
+    default: return dispatch<__nv_bfloat16>(a, d_, chunks_, state_cols_, stream);
   }
 }
 

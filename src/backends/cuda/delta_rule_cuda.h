@@ -33,7 +33,8 @@ void check_cuda(cudaError_t e, const char* what);
 class DeltaChunkPlan {
  public:
   // Uploads the chunk table and allocates the workspace for `d` (d.cu_seqlens on the host).
-  DeltaChunkPlan(const DeltaRuleDims& d, DType dt);
+  // state_cols: V columns per block of the sequential state pass (16 or 32; 0 picks by occupancy).
+  DeltaChunkPlan(const DeltaRuleDims& d, DType dt, int state_cols = 0);
   ~DeltaChunkPlan();
   DeltaChunkPlan(const DeltaChunkPlan&) = delete;
   DeltaChunkPlan& operator=(const DeltaChunkPlan&) = delete;
@@ -49,6 +50,7 @@ class DeltaChunkPlan {
   DeltaRuleDims d_;
   DType dt_;
   int64_t chunks_ = 0;
+  int state_cols_ = 16;
   size_t ws_bytes_ = 0;
   void* ws_ = nullptr;  // one allocation: chunk table, cu_seqlens, chunk offsets, intermediates
 };

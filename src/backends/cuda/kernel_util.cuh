@@ -33,6 +33,28 @@ __device__ __forceinline__ void load_rows_async(CT* s, int ld, int rows, int col
   }
 }
 
+// 16 bytes of CT elements in registers, for vectorised global/shared loads and stores.
+template <class CT>
+struct alignas(16) Pack {
+  static constexpr int n = 16 / sizeof(CT);
+  CT v[n];
+  __device__ static Pack zero() {
+    Pack p;
+    *reinterpret_cast<uint4*>(p.v) = make_uint4(0, 0, 0, 0);
+    return p;
+  }
+};
+template <class CT>
+__device__ __forceinline__ Pack<CT> ld16(const CT* p) {
+  Pack<CT> r;
+  *reinterpret_cast<uint4*>(r.v) = *reinterpret_cast<const uint4*>(p);
+  return r;
+}
+template <class CT>
+__device__ __forceinline__ void st16(CT* p, const Pack<CT>& x) {
+  *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(x.v);
+}
+
 // e^x: full precision for fp32 inputs (they must stay within 1e-4 of fp64), the fast hardware
 // form where operands are rounded to 16 bits anyway.
 template <class CT>
