@@ -52,14 +52,21 @@ void decay_rows(T* S, const T* g, int64_t K, int64_t V, bool per_key) {
 }
 
 // One token of the recurrence on S [K,V] (decay, delta update); writes u = beta (v − S'^T k) [V]
-// and, when o is given, o = S^T (scale q) [V].
+// and, when o is given, o = S^T (scale q) [V]. Two passes over S: decay fused with S'^T k, then
+// the update fused with the output (this is the decode path).
 template <class T>
 void recurrent_step(const DeltaRuleDims& d, const TokenRef<T>& x, T scale, T* S, T* u, T* o) {
   const int64_t K = d.K, V = d.V;
-  decay_rows(S, x.g, K, V, d.gate == DeltaGate::PerKey);
+  const bool per_key = d.gate == DeltaGate::PerKey;
+  const T decay = std::exp(x.g[0]);
   std::fill(u, u + V, T(0));
-  for (int64_t a = 0; a < K; ++a)
-    for (int64_t c = 0; c < V; ++c) u[c] += S[a * V + c] * x.k[a];
+  for (int64_t a = 0; a < K; ++a) {
+    const T f = per_key ? std::exp(x.g[a]) : decay;
+    for (int64_t c = 0; c < V; ++c) {
+      S[a * V + c] *= f;
+      u[c] += S[a * V + c] * x.k[a];
+    }
+  }
   for (int64_t c = 0; c < V; ++c) u[c] = x.beta * (x.v[c] - u[c]);
   if (o) std::fill(o, o + V, T(0));
   for (int64_t a = 0; a < K; ++a) {
