@@ -191,6 +191,8 @@ TEST(Tokenizer, DecodeReplacesBrokenUtf8AndRejectsBadIds) {
   EXPECT_THROW(t->decode(Ids{999999}), Error);
   EXPECT_THROW(t->decode(Ids{-1}), Error);
   EXPECT_THROW(t->encode("bad \xFF utf8"), Error);
+  // A lone surrogate (from a JSON "\ud800") encodes as U+FFFD, as JavaScript's TextEncoder does.
+  EXPECT_EQ(t->encode("\xED\xA0\x80"), t->encode("\xEF\xBF\xBD"));
 }
 
 std::string load_error(const ojson& tok, const ojson& cfg = ojson::object()) {

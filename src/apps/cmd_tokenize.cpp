@@ -11,11 +11,13 @@
 #include <iostream>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 
 #include "apps/commands.h"
 #include "core/error.h"
 #include "text/tokenizer.h"
+#include "text/unicode.h"
 
 namespace hla::cli {
 
@@ -35,6 +37,61 @@ std::vector<int32_t> ids_of(const nlohmann::json& j, const std::string& where) {
     ids.push_back(x.get<int32_t>());
   }
   return ids;
+}
+
+// A JSON string literal whose lone surrogate escapes ("\ud800") are kept, in generalized UTF-8:
+// JavaScript strings can hold them (and its tokenizers encode them), while a JSON library
+// rejects them. nullopt when the line is not a JSON string.
+std::optional<std::string> json_string_keeping_surrogates(std::string_view line) {
+  size_t i = 0;
+  auto skip_ws = [&] {
+    while (i < line.size() && (line[i] == ' ' || line[i] == '\t' || line[i] == '\r' || line[i] == '\n')) ++i;
+  };
+  auto hex4 = [&](size_t at) -> std::optional<char32_t> {
+    if (at + 4 > line.size()) return std::nullopt;
+    char32_t v = 0;
+    for (size_t k = at; k < at + 4; ++k) {
+      const char c = line[k];
+      const int d = c >= '0' && c <= '9' ? c - '0' : (c | 0x20) >= 'a' && (c | 0x20) <= 'f' ? (c | 0x20) - 'a' + 10 : -1;
+      if (d < 0) return std::nullopt;
+      v = v * 16 + d;
+    }
+    return v;
+  };
+  skip_ws();
+  if (i >= line.size() || line[i++] != '"') return std::nullopt;
+  std::string out;
+  while (true) {
+    if (i >= line.size()) return std::nullopt;
+    const char c = line[i++];
+    if (c == '"') break;
+    if (static_cast<unsigned char>(c) < 0x20) return std::nullopt;
+    if (c != '\\') {
+      out += c;
+      continue;
+    }
+    if (i >= line.size()) return std::nullopt;
+    const char e = line[i++];
+    static const std::string_view kFrom = "\"\\/bfnrt", kTo = "\"\\/\b\f\n\r\t";
+    if (const size_t k = kFrom.find(e); k != std::string_view::npos) {
+      out += kTo[k];
+      continue;
+    }
+    if (e != 'u') return std::nullopt;
+    auto u = hex4(i);
+    if (!u) return std::nullopt;
+    i += 4;
+    if (*u >= 0xD800 && *u < 0xDC00 && i + 1 < line.size() && line[i] == '\\' && line[i + 1] == 'u') {
+      if (auto lo = hex4(i + 2); lo && *lo >= 0xDC00 && *lo < 0xE000) {
+        *u = 0x10000 + ((*u - 0xD800) << 10) + (*lo - 0xDC00);
+        i += 6;
+      }
+    }
+    text::append_utf8(out, *u);
+  }
+  skip_ws();
+  if (i != line.size()) return std::nullopt;
+  return out;
 }
 
 std::string render_chat(const Tokenizer& tok, const std::string& line, const std::string& where) {
@@ -92,24 +149,36 @@ void run(const TokenizeOptions& o) {
   std::string line;
   for (size_t n = 1; std::getline(std::cin, line); ++n) {
     const std::string where = "stdin line " + std::to_string(n);
-    if (o.chat) {
-      out += nlohmann::json(render_chat(*tok, line, where)).dump() + '\n';
-    } else {
-      nlohmann::json j;
-      try {
-        j = nlohmann::json::parse(line);
-      } catch (const nlohmann::json::exception& e) {
-        throw Error(where + ": invalid JSON: " + e.what());
-      }
-      if (o.decode) {
+    try {
+      if (o.chat) {
+        out += nlohmann::json(render_chat(*tok, line, where)).dump() + '\n';
+      } else if (o.decode) {
+        nlohmann::json j;
+        try {
+          j = nlohmann::json::parse(line);
+        } catch (const nlohmann::json::exception& e) {
+          throw Error(where + ": invalid JSON: " + e.what());
+        }
         out += nlohmann::json(tok->decode(ids_of(j, where))).dump() + '\n';
       } else {
-        check(j.is_string(), where + ": expected a JSON string");
+        std::string text;
+        try {
+          const auto j = nlohmann::json::parse(line);
+          check(j.is_string(), where + ": expected a JSON string");
+          text = j.get<std::string>();
+        } catch (const nlohmann::json::exception& e) {
+          auto s = json_string_keeping_surrogates(line);
+          if (!s) throw Error(where + ": invalid JSON: " + e.what());
+          text = std::move(*s);
+        }
         out += '[';
-        const auto ids = tok->encode(j.get_ref<const std::string&>());
+        const auto ids = tok->encode(text);
         for (size_t i = 0; i < ids.size(); ++i) (out += i ? "," : "") += std::to_string(ids[i]);
         out += "]\n";
       }
+    } catch (const Error& e) {
+      flush();  // the lines before the bad one are answered
+      throw Error(std::string(e.what()).starts_with("stdin") ? e.what() : where + ": " + e.what());
     }
     if (out.size() > (1 << 16)) flush();
   }

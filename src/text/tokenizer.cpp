@@ -380,7 +380,7 @@ std::string Tokenizer::normalize(std::string_view s) const {
 }
 
 std::vector<int32_t> Tokenizer::encode(std::string_view s) const {
-  if (size_t bad = text::invalid_utf8_at(s); bad != std::string_view::npos)
+  if (size_t bad = text::invalid_utf8_at(s, /*allow_surrogates=*/true); bad != std::string_view::npos)
     throw Error("text to encode is not valid UTF-8 (at byte " + std::to_string(bad) + ")");
   std::vector<int32_t> out;
   out.reserve(s.size() / 3 + 4);
@@ -490,7 +490,16 @@ void Tokenizer::encode_plain(std::string_view s, std::vector<int32_t>& out) cons
     }
   }
   for (auto r : p.ranges) {
-    if (r.second > r.first) bpe(p.piece(r), out);
+    if (r.second == r.first) continue;
+    std::string_view word = p.piece(r);
+    // A lone surrogate (ED A0..BF xx) becomes the bytes of U+FFFD before byte-level BPE.
+    std::string fixed;
+    for (size_t i = word.find('\xED'); i != std::string_view::npos; i = word.find('\xED', i + 1)) {
+      if (static_cast<unsigned char>(word[i + 1]) < 0xA0) continue;
+      if (fixed.empty()) fixed = word;
+      fixed.replace(i, 3, "\xEF\xBF\xBD");
+    }
+    bpe(fixed.empty() ? word : std::string_view(fixed), out);
   }
 }
 

@@ -38,7 +38,9 @@ class Tokenizer {
 
   // Token ids of UTF-8 text; added/special tokens written in the text become their ids. Nothing
   // is prepended: callers that want the BOS add bos_id() when add_bos() says so (this is what
-  // transformers.js's encode() gives for these tokenizers). Safe to call from several threads.
+  // transformers.js's encode() gives for these tokenizers). Lone surrogates in generalized UTF-8
+  // (what a JSON "\ud800" escape means to JavaScript) split as such and encode as U+FFFD, as
+  // the peer's TextEncoder does. Safe to call from several threads.
   std::vector<int32_t> encode(std::string_view text) const;
   // Text of ids; bytes that do not form UTF-8 become U+FFFD. Out-of-range ids are an error.
   std::string decode(std::span<const int32_t> ids, bool skip_special_tokens = false) const;

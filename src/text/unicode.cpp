@@ -146,10 +146,11 @@ Lead lead_of(unsigned char b) {
 }
 
 // Bytes of the sequence at s[i] that are valid so far (1 for a bad lead), and whether it is whole.
-std::pair<size_t, bool> scan_sequence(std::string_view s, size_t i) {
+std::pair<size_t, bool> scan_sequence(std::string_view s, size_t i, bool allow_surrogates = false) {
   const auto b = static_cast<unsigned char>(s[i]);
   if (b < 0x80) return {1, true};
-  const Lead l = lead_of(b);
+  Lead l = lead_of(b);
+  if (allow_surrogates && b == 0xED) l.hi = 0xBF;
   if (l.need < 0) return {1, false};
   size_t j = i + 1;
   for (int k = 0; k < l.need; ++k, ++j) {
@@ -162,9 +163,9 @@ std::pair<size_t, bool> scan_sequence(std::string_view s, size_t i) {
 
 }  // namespace
 
-size_t invalid_utf8_at(std::string_view s) {
+size_t invalid_utf8_at(std::string_view s, bool allow_surrogates) {
   for (size_t i = 0; i < s.size();) {
-    const auto [n, whole] = scan_sequence(s, i);
+    const auto [n, whole] = scan_sequence(s, i, allow_surrogates);
     if (!whole) return i;
     i += n;
   }

@@ -45,8 +45,10 @@ inline char32_t decode_utf8(std::string_view s, size_t& i) {
   return c;
 }
 void append_utf8(std::string& out, char32_t c);
-// Byte offset of the first invalid UTF-8 sequence, or npos when the text is valid.
-size_t invalid_utf8_at(std::string_view s);
+// Byte offset of the first invalid UTF-8 sequence, or npos when the text is valid. With
+// allow_surrogates, lone UTF-16 surrogates written as 3-byte sequences (generalized UTF-8, as
+// JavaScript strings can hold them) count as valid.
+size_t invalid_utf8_at(std::string_view s, bool allow_surrogates = false);
 // Length of the longest prefix of s that holds only complete, valid sequences or invalid bytes
 // that no further byte could complete; the rest is a sequence that may still be completed.
 size_t complete_utf8_prefix(std::string_view s);

@@ -55,6 +55,8 @@ const SAMPLES = [
   "!!!???...", "\"quoted\" 'single' «guillemets» „low“", "(parens) [brackets] {braces} <angles>", "@#$%^&*",
   "a,b;c:d", "--flag=value", "~/.config", "C:\\Windows\\System32", "100% sure!", "'s 't 're 've 'm 'll 'd",
   "it's'S'T'RE'VE'M'LL'D", "'hello' 'World'", "''", "'", "a'b'c", "ſ 'ſ", "'Ǆ",
+  // lone surrogates: JavaScript strings can hold them, JSON escapes them as \ud800
+  "x\ud800y", "\udc00 alone", "😀\ud83d", "!\ud800!", "a\udfff\ud800b", "1\ud8002",
 ];
 
 // Special and added tokens written in text, with near misses.
@@ -110,7 +112,7 @@ export function buildCorpus(seed, specialTokens, count) {
       case 0: case 1: case 2: {
         const s = r.pick(SAMPLES);
         const a = r.int(s.length + 1), b = a + r.int(s.length - a + 1);
-        // Cut at code point boundaries only: a lone surrogate is not text.
+        // Cut at code point boundaries only, not inside a surrogate pair.
         return Array.from(s).slice(Array.from(s.slice(0, a)).length, Array.from(s.slice(0, b)).length).join("") || s;
       }
       case 3: return number();
@@ -136,10 +138,11 @@ export function buildCorpus(seed, specialTokens, count) {
 // Conversations for the chat templates.
 export function buildChats(seed, count) {
   const r = rng(seed);
+  const samples = SAMPLES.filter((s) => s.isWellFormed());  // chat requests carry well-formed text
   const text = () => {
     const parts = 1 + r.int(4);
     let s = "";
-    for (let i = 0; i < parts; ++i) s += (i ? r.pick([" ", "\n", "\n\n", ""]) : "") + r.pick(SAMPLES);
+    for (let i = 0; i < parts; ++i) s += (i ? r.pick([" ", "\n", "\n\n", ""]) : "") + r.pick(samples);
     return s;
   };
   const toolCall = (i) => ({
