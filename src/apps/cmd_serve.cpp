@@ -6,7 +6,7 @@
 
 #include "apps/commands.h"
 #include "core/error.h"
-#include "model/model.h"
+#include "runtime/text_model.h"
 #include "server/openai_server.h"
 
 namespace hla::cli {
@@ -40,13 +40,13 @@ void register_serve(CLI::App& app) {
     o->engine.prefix_cache_bytes = size_t(*cache_mb) << 20;
     if (o->model_name.empty()) o->model_name = std::filesystem::path(*model).lexically_normal().filename().string();
     if (o->model_name.empty()) o->model_name = std::filesystem::path(*model).parent_path().filename().string();
-    auto m = Model::load(*model);
-    OpenAIServer server(*m, *o);
+    TextModel tm = load_text_model(*model);
+    OpenAIServer server(tm, *o);
     g_server = &server;
     std::signal(SIGINT, on_signal);
     std::signal(SIGTERM, on_signal);
     std::signal(SIGPIPE, SIG_IGN);
-    std::fprintf(stderr, "hla serve: %s (%s) on http://%s:%d\n", o->model_name.c_str(), m->spec().model_type.c_str(),
+    std::fprintf(stderr, "hla serve: %s (%s) on http://%s:%d\n", o->model_name.c_str(), tm.model->spec().model_type.c_str(),
                  o->host.c_str(), o->port);
     server.run();
     g_server = nullptr;

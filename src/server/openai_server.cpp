@@ -2,6 +2,7 @@
 
 #include <httplib.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <map>
@@ -66,9 +67,59 @@ Body parse_body(const httplib::Request& req) {
   return b;
 }
 
+// Turns a request's token ids into the text to send: decodes across token boundaries (whole UTF-8
+// characters only) and applies the request's stop strings, holding back text that might be the
+// start of one. Without a tokenizer there is no text.
+class TextStream {
+ public:
+  TextStream(const Tokenizer* tok, std::vector<std::string> stops) : stops_(std::move(stops)) {
+    if (tok) decoder_ = std::make_unique<Tokenizer::StreamDecoder>(*tok, true);
+  }
+  // Text that can be sent after these ids; sets stopped() when a stop string appeared.
+  std::string push(const std::vector<int64_t>& ids) {
+    if (!decoder_ || stopped_) return "";
+    for (int64_t id : ids) held_ += decoder_->push(int32_t(id));
+    return release(false);
+  }
+  std::string finish() {
+    if (!decoder_ || stopped_) return "";
+    held_ += decoder_->finish();
+    return release(true);
+  }
+  bool stopped() const { return stopped_; }
+
+ private:
+  std::string release(bool all) {
+    size_t cut = std::string::npos;
+    for (auto& st : stops_) cut = std::min(cut, held_.find(st));
+    if (cut != std::string::npos) {
+      stopped_ = true;
+      std::string out = held_.substr(0, cut);
+      held_.clear();
+      return out;
+    }
+    size_t keep = 0;  // the longest tail of held_ that begins some stop string
+    if (!all)
+      for (auto& st : stops_)
+        for (size_t n = std::min(st.size() - 1, held_.size()); n > keep; --n)
+          if (held_.compare(held_.size() - n, n, st, 0, n) == 0) {
+            keep = n;
+            break;
+          }
+    std::string out = held_.substr(0, held_.size() - keep);
+    held_.erase(0, held_.size() - keep);
+    return out;
+  }
+  std::unique_ptr<Tokenizer::StreamDecoder> decoder_;
+  std::vector<std::string> stops_;
+  std::string held_;
+  bool stopped_ = false;
+};
+
 }  // namespace
 
 struct OpenAIServer::Impl {
+  const TextModel& tm;
   const Model& model;
   ServerOptions opt;
   Engine engine;
@@ -78,7 +129,7 @@ struct OpenAIServer::Impl {
   std::map<std::pair<std::string, int>, int64_t> responses;  // (endpoint, status) -> count
   std::atomic<int64_t> cancelled{0};
 
-  Impl(const Model& m, ServerOptions o) : model(m), opt(std::move(o)), engine(m, opt.engine) {}
+  Impl(const TextModel& t, ServerOptions o) : tm(t), model(*t.model), opt(std::move(o)), engine(model, opt.engine) {}
 
   void count(const std::string& endpoint, int status) {
     std::lock_guard<std::mutex> lock(metrics_mu);
@@ -110,8 +161,30 @@ struct OpenAIServer::Impl {
     if (p.sampling.top_k < 0) throw ApiError{400, "'top_k' must be >= 0", "top_k"};
     p.sampling.seed = uint64_t(b.integer("seed", int64_t(next_id.load())));
     if (b.integer("n", 1) != 1) throw ApiError{400, "only n = 1 is supported", "n"};
-    p.stop_ids = model.spec().eos_token_ids;
+    p.stop_ids = tm.stop_ids;
     return p;
+  }
+
+  // "stop": a string or up to 4 strings; they need a tokenizer to be seen.
+  std::vector<std::string> stop_strings(const Body& b) const {
+    std::vector<std::string> stops;
+    if (!b.has("stop")) return stops;
+    const json& st = b.j["stop"];
+    if (st.is_string()) stops.push_back(st.get<std::string>());
+    else if (st.is_array() && st.size() <= 4 && std::all_of(st.begin(), st.end(), [](auto& x) { return x.is_string(); }))
+      for (auto& x : st) stops.push_back(x.get<std::string>());
+    else throw ApiError{400, "'stop' must be a string or an array of up to 4 strings", "stop"};
+    for (auto& x : stops)
+      if (x.empty()) throw ApiError{400, "'stop' strings must not be empty", "stop"};
+    if (!stops.empty() && !tm.tokenizer) throw ApiError{400, "'stop' strings need a tokenizer; this model has none", "stop"};
+    return stops;
+  }
+
+  void check_prompt_length(const std::vector<int64_t>& ids, const char* param) const {
+    if (int64_t(ids.size()) > opt.max_prompt_tokens)
+      throw ApiError{400, "prompt has " + std::to_string(ids.size()) + " tokens, over this server's limit of " +
+                              std::to_string(opt.max_prompt_tokens),
+                     param};
   }
 
   std::vector<int64_t> prompt_ids(const json& prompt) const {
@@ -127,16 +200,15 @@ struct OpenAIServer::Impl {
         ids.push_back(id);
       }
     } else if (prompt.is_string()) {
-      throw ApiError{400, "this model directory has no tokenizer.json: send 'prompt' as an array of token ids",
-                     "prompt"};
+      if (!tm.tokenizer)
+        throw ApiError{400, "this model directory has no tokenizer.json: send 'prompt' as an array of token ids",
+                       "prompt"};
+      ids = tm.encode_prompt(prompt.get<std::string>());
     } else {
       throw ApiError{400, "'prompt' must be a string or an array of token ids", "prompt"};
     }
     if (ids.empty()) throw ApiError{400, "'prompt' is empty", "prompt"};
-    if (int64_t(ids.size()) > opt.max_prompt_tokens)
-      throw ApiError{400, "prompt has " + std::to_string(ids.size()) + " tokens, over this server's limit of " +
-                              std::to_string(opt.max_prompt_tokens),
-                     "prompt"};
+    check_prompt_length(ids, "prompt");
     return ids;
   }
 
@@ -146,9 +218,9 @@ struct OpenAIServer::Impl {
     return r;
   }
 
-  static std::string finish_reason(const Request& r) {
+  static std::string finish_reason(const Request& r, const TextStream& text) {
     const std::string f = r.finish_reason();
-    return f == "stop" || f == "length" ? f : "stop";
+    return text.stopped() ? "stop" : f == "length" ? f : "stop";
   }
 
   json usage(const Request& r, int64_t generated) const {
@@ -159,28 +231,38 @@ struct OpenAIServer::Impl {
             {"prompt_tokens_details", {{"cached_tokens", r.cached_prompt_tokens()}}}};
   }
 
-  // Non-streaming: wait for the whole completion.
-  std::vector<int64_t> collect(Request& r) {
+  // Non-streaming: wait for the whole completion (or its first stop string); returns the ids and
+  // puts the text in *text_out.
+  std::vector<int64_t> collect(Request& r, TextStream& text, std::string* text_out) {
     std::vector<int64_t> out;
-    while (!r.wait(&out, std::chrono::milliseconds(200))) {
+    bool done = false;
+    while (!done && !text.stopped()) {
+      const size_t before = out.size();
+      done = r.wait(&out, std::chrono::milliseconds(200));
+      *text_out += text.push(std::vector<int64_t>(out.begin() + long(before), out.end()));
     }
+    if (text.stopped()) r.cancel();
+    else *text_out += text.finish();
     if (r.finish_reason().rfind("error", 0) == 0) throw ApiError{500, r.finish_reason(), "", "server_error"};
     return out;
   }
 
   // Streams tokens as server-sent events; `chunk` builds the JSON of one event from new tokens
   // (final=true once, with the finish reason). A write that fails means the client left: cancel.
-  void stream(httplib::Response& res, std::shared_ptr<Request> r,
-              std::function<json(const std::vector<int64_t>&, bool final)> chunk) {
+  void stream(httplib::Response& res, std::shared_ptr<Request> r, std::shared_ptr<TextStream> text,
+              std::function<json(const std::vector<int64_t>&, const std::string&, bool final)> chunk) {
     auto sent_done = std::make_shared<bool>(false);
     res.set_chunked_content_provider(
         "text/event-stream",
-        [this, r, chunk, sent_done](size_t, httplib::DataSink& sink) {
+        [this, r, text, chunk, sent_done](size_t, httplib::DataSink& sink) {
           std::vector<int64_t> toks;
-          const bool done = r->wait(&toks, std::chrono::milliseconds(500));
+          bool done = r->wait(&toks, std::chrono::milliseconds(500));
+          std::string piece = text->push(toks);
+          if (text->stopped()) r->cancel(), done = true;  // a stop string ends the request here
+          else if (done) piece += text->finish();
           std::string out;
-          if (!toks.empty()) out += "data: " + chunk(toks, false).dump() + "\n\n";
-          if (done) out += "data: " + chunk({}, true).dump() + "\n\ndata: [DONE]\n\n";
+          if (!toks.empty() || !piece.empty()) out += "data: " + chunk(toks, piece, false).dump() + "\n\n";
+          if (done) out += "data: " + chunk({}, "", true).dump() + "\n\ndata: [DONE]\n\n";
           if (out.empty()) out = ": keep-alive\n\n";  // also detects a client that went away
           if (!sink.write(out.data(), out.size())) return false;  // the client left
           if (done) {
@@ -196,46 +278,112 @@ struct OpenAIServer::Impl {
         });
   }
 
+  std::string new_id(const char* prefix) { return prefix + std::to_string(next_id++); }
+
   void completions(const httplib::Request& req, httplib::Response& res) {
     Body b = parse_body(req);
     check_model(b);
     if (!b.has("prompt")) throw ApiError{400, "'prompt' is required", "prompt"};
     std::vector<int64_t> ids = prompt_ids(b.j["prompt"]);
     GenerationParams p = generation_params(b, 16);
+    auto text = std::make_shared<TextStream>(tm.tokenizer.get(), stop_strings(b));
     const bool streaming = b.boolean("stream", false);
     auto r = submit(std::move(ids), std::move(p));
-    const std::string id = "cmpl-" + std::to_string(next_id++);
-    const int64_t created = unix_now();
-    auto base = [this, id, created](const char* object) {
-      return json{{"id", id}, {"object", object}, {"created", created}, {"model", opt.model_name}};
-    };
+    const json base = {{"id", new_id("cmpl-")}, {"object", "text_completion"}, {"created", unix_now()},
+                       {"model", opt.model_name}};
     if (!streaming) {
-      std::vector<int64_t> out = collect(*r);
-      json body = base("text_completion");
-      body["choices"] = json::array({{{"index", 0}, {"text", ""}, {"token_ids", out}, {"logprobs", nullptr},
-                                      {"finish_reason", finish_reason(*r)}}});
+      std::string out_text;
+      std::vector<int64_t> out = collect(*r, *text, &out_text);
+      json body = base;
+      body["choices"] = json::array({{{"index", 0}, {"text", out_text}, {"token_ids", out}, {"logprobs", nullptr},
+                                      {"finish_reason", finish_reason(*r, *text)}}});
       body["usage"] = usage(*r, int64_t(out.size()));
       res.set_content(body.dump(), "application/json");
       return;
     }
     auto generated = std::make_shared<int64_t>(0);
-    stream(res, r, [this, r, base, generated](const std::vector<int64_t>& toks, bool final) {
-      json c = base("text_completion");
+    stream(res, r, text, [this, r, text, base, generated](const std::vector<int64_t>& toks, const std::string& piece, bool final) {
+      json c = base;
       *generated += int64_t(toks.size());
-      c["choices"] = json::array({{{"index", 0}, {"text", ""}, {"token_ids", toks}, {"logprobs", nullptr},
-                                   {"finish_reason", final ? json(finish_reason(*r)) : json(nullptr)}}});
+      c["choices"] = json::array({{{"index", 0}, {"text", piece}, {"token_ids", toks}, {"logprobs", nullptr},
+                                   {"finish_reason", final ? json(finish_reason(*r, *text)) : json(nullptr)}}});
       if (final) c["usage"] = usage(*r, *generated);
       return c;
     });
   }
 
-  void chat_completions(const httplib::Request& req, httplib::Response&) {
-    Body b = parse_body(req);
-    check_model(b);
+  // messages -> [{role, content}] for the template; content may be a string or text parts.
+  nlohmann::ordered_json chat_messages(const Body& b) const {
     if (!b.has("messages") || !b.j["messages"].is_array() || b.j["messages"].empty())
       throw ApiError{400, "'messages' must be a non-empty array", "messages"};
-    throw ApiError{400, "this model directory has no tokenizer.json and chat template: use /v1/completions with token ids",
-                   "messages"};
+    nlohmann::ordered_json msgs = nlohmann::ordered_json::array();
+    for (auto& m : b.j["messages"]) {
+      if (!m.is_object() || !m.contains("role") || !m["role"].is_string())
+        throw ApiError{400, "each message needs a string 'role'", "messages"};
+      const std::string role = m["role"].get<std::string>();
+      if (role != "system" && role != "user" && role != "assistant" && role != "tool" && role != "developer")
+        throw ApiError{400, "unknown message role '" + role + "'", "messages"};
+      std::string content;
+      if (m.contains("content") && m["content"].is_string()) {
+        content = m["content"].get<std::string>();
+      } else if (m.contains("content") && m["content"].is_array()) {
+        for (auto& part : m["content"]) {
+          if (!part.is_object() || part.value("type", "") != "text" || !part.contains("text") || !part["text"].is_string())
+            throw ApiError{400, "only text content parts are supported", "messages"};
+          content += part["text"].get<std::string>();
+        }
+      } else if (!(m.contains("content") && m["content"].is_null() && role == "assistant")) {
+        throw ApiError{400, "message 'content' must be a string or an array of text parts", "messages"};
+      }
+      msgs.push_back({{"role", role == "developer" ? "system" : role}, {"content", content}});
+    }
+    return msgs;
+  }
+
+  void chat_completions(const httplib::Request& req, httplib::Response& res) {
+    Body b = parse_body(req);
+    check_model(b);
+    nlohmann::ordered_json msgs = chat_messages(b);
+    if (!tm.tokenizer || !tm.tokenizer->has_chat_template())
+      throw ApiError{400, "this model directory has no tokenizer with a chat template: use /v1/completions", "messages"};
+    std::vector<int64_t> ids;
+    try {
+      ids = tm.encode_chat(msgs);
+    } catch (const Error& e) {  // the template refused these messages (raise_exception)
+      throw ApiError{400, e.what(), "messages"};
+    }
+    check_prompt_length(ids, "messages");
+    GenerationParams p = generation_params(b, std::min<int64_t>(opt.max_tokens_limit, 1024));
+    auto text = std::make_shared<TextStream>(tm.tokenizer.get(), stop_strings(b));
+    const bool streaming = b.boolean("stream", false);
+    auto r = submit(std::move(ids), std::move(p));
+    const std::string id = new_id("chatcmpl-");
+    const int64_t created = unix_now();
+    if (!streaming) {
+      std::string out_text;
+      std::vector<int64_t> out = collect(*r, *text, &out_text);
+      json body = {{"id", id}, {"object", "chat.completion"}, {"created", created}, {"model", opt.model_name}};
+      body["choices"] = json::array({{{"index", 0},
+                                      {"message", {{"role", "assistant"}, {"content", out_text}}},
+                                      {"logprobs", nullptr},
+                                      {"finish_reason", finish_reason(*r, *text)}}});
+      body["usage"] = usage(*r, int64_t(out.size()));
+      res.set_content(body.dump(), "application/json");
+      return;
+    }
+    auto first = std::make_shared<bool>(true);
+    auto generated = std::make_shared<int64_t>(0);
+    stream(res, r, text, [this, r, text, id, created, first, generated](const std::vector<int64_t>& toks, const std::string& piece, bool final) {
+      json c = {{"id", id}, {"object", "chat.completion.chunk"}, {"created", created}, {"model", opt.model_name}};
+      *generated += int64_t(toks.size());
+      json delta = json::object();
+      if (*first) delta["role"] = "assistant", *first = false;
+      if (!final) delta["content"] = piece;
+      c["choices"] = json::array({{{"index", 0}, {"delta", delta}, {"logprobs", nullptr},
+                                   {"finish_reason", final ? json(finish_reason(*r, *text)) : json(nullptr)}}});
+      if (final) c["usage"] = usage(*r, *generated);
+      return c;
+    });
   }
 
   std::string metrics_text() {
@@ -308,7 +456,7 @@ struct OpenAIServer::Impl {
   }
 };
 
-OpenAIServer::OpenAIServer(const Model& model, ServerOptions opt) : impl_(std::make_unique<Impl>(model, std::move(opt))) {
+OpenAIServer::OpenAIServer(const TextModel& tm, ServerOptions opt) : impl_(std::make_unique<Impl>(tm, std::move(opt))) {
   impl_->routes();
 }
 

@@ -7,8 +7,8 @@
 #include <memory>
 #include <string>
 
-#include "model/model.h"
 #include "runtime/engine.h"
+#include "runtime/text_model.h"
 
 namespace hla {
 
@@ -25,7 +25,8 @@ struct ServerOptions {
 
 class OpenAIServer {
  public:
-  OpenAIServer(const Model& model, ServerOptions opt);
+  // Serves tm (text endpoints need its tokenizer; token-id prompts work without one).
+  OpenAIServer(const TextModel& tm, ServerOptions opt);
   ~OpenAIServer();
   // Binds and serves until stop() (from another thread or a signal). Throws hla::Error if the port
   // cannot be bound.
