@@ -73,7 +73,8 @@ class Regex::Parser {
 
  private:
   [[noreturn]] void fail(const std::string& what) const {
-    throw Error("regex /" + re_.pattern_ + "/ at character " + std::to_string(i_) + ": " + what);
+    // The pattern itself stays out: it may hold line breaks, and the caller names its field.
+    throw Error("regex error at character " + std::to_string(i_) + ": " + what);
   }
   bool at_end() const { return i_ >= s_.size(); }
   char32_t peek(size_t ahead = 0) const { return i_ + ahead < s_.size() ? s_[i_ + ahead] : 0; }
@@ -322,7 +323,7 @@ class Regex::Parser {
   bool icase_ = false;
 };
 
-Regex::Regex(std::string_view pattern) : pattern_(pattern) {
+Regex::Regex(std::string_view pattern) {
   const auto root = Parser(*this, pattern).parse();
   compile(*root);
   emit({Match});

@@ -15,7 +15,7 @@ namespace hla::text {
 
 class Regex {
  public:
-  // Throws hla::Error("regex ...: <what>") for syntax it does not know.
+  // Throws hla::Error("regex error at character N: <what>") for syntax it does not know.
   explicit Regex(std::string_view pattern);
 
   // Leftmost match within s[begin, end) that starts at or after `from`; the text outside
@@ -53,7 +53,6 @@ class Regex {
   bool run(uint32_t pc, const char32_t* s, size_t begin, size_t end, size_t pos,
            size_t& match_end) const;
 
-  std::string pattern_;
   std::vector<CharClass> classes_;
   std::vector<Inst> prog_;
 };

@@ -5,7 +5,6 @@
 #include <fstream>
 #include <functional>
 #include <nlohmann/json.hpp>
-#include <queue>
 #include <sstream>
 
 #include "core/error.h"

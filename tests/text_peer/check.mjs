@@ -7,6 +7,8 @@
 // Usage: node check.mjs HLA_BINARY [--seed N] [--strings N] [--chats N]
 // Exits 77 (ctest's "skipped") when the peers are not installed: `npm ci` in this folder.
 import { spawnSync } from "node:child_process";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { buildChats, buildCorpus, rng } from "./corpus.mjs";
@@ -141,6 +143,60 @@ for (const m of MODELS) {
     if (r.status !== 1 || r.stderr.trimEnd().split("\n").length !== 1) ++bad, ex.push(`${show(JSON.stringify(chat))}: status ${r.status} ${show(r.stderr)}`);
   }
   report(`${m.name} conversations the template rejects (${rejected.length}, ${sample.length} tried) fail in hla`, sample.length, bad, ex);
+}
+
+// Template features other chat templates use (Llama, Mistral, Gemma, ...), one template each,
+// on a minimal byte-level tokenizer that loads instantly.
+const SNIPPETS = [
+  "{{ bos_token }}{% for m in messages %}{{ '[INST] ' + m['content'] | trim + ' [/INST]' }}{% endfor %}",
+  "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set sys = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set sys = false %}{% endif %}{% for message in loop_messages %}{% if loop.index0 == 0 and sys != false %}{{ '<<SYS>>\\n' + sys + '\\n<</SYS>>\\n\\n' }}{% endif %}{{ message['content'] }}{% endfor %}",
+  "{{- bos_token }}\n{%- for message in messages %}\n    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' }}\n{%- endfor %}\n{%- if add_generation_prompt %}\n    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}\n{%- endif %}\n",
+  "{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\\n'}}{% endif %}",
+  "{{ messages | map(attribute='role') | join(', ') }}|{{ messages | selectattr('role', 'equalto', 'user') | list | length }}|{{ (messages|last).content|upper }}",
+  "{{ messages[0] | tojson }}|{{ messages | tojson(indent=2) }}|{{ {'b': 1, 'a': [true, none, 1.5]} | tojson(sort_keys=true) }}",
+  "{{ 'a,b,,c'.split(',') }}|{{ ' a  b '.split() }}|{{ 'x-x'.replace('x', 'y') }}|{{ range(3)|join('-') }}|{{ 'abc'[1:] }}{{ 'abc'[-1] }}{{ 'abc'[::-1] }}",
+  "{% for k, v in {'a': 1, 'b': [1, 2]}.items() %}{{ k }}={{ v }};{% endfor %}{% for k in {'x': 1} %}{{ k }}{% endfor %}",
+  "{{ 10 / 4 }} {{ 10 // 4 }} {{ 2 ** 10 }} {{ 7 % 3 }} {{ 1.5 * 2 }} {{ [1, 2] + [3] }} {{ -(3) }} {{ 1 - -1 }} {{ 0.1 + 0.2 }}",
+  "{% macro f(a, b='d') %}<{{ a }}{{ b }}>{% endmacro %}{{ f('x') }}{{ f('x', b='y') }}{{ f(a='z') }}",
+  "{{ none }}|{{ nothing }}|{{ true }}|{{ 1.0 }}|{{ nothing | default('dflt') }}|{{ '' | default('e', true) }}|{{ 'a' if false }}|{{ 3 | string }}{{ 2.5 | int }}",
+  "{% for m in messages if m.role == 'user' %}{{ loop.index }}/{{ loop.length }}{{ ',' if not loop.last }}{% endfor %}{% for x in [] %}a{% else %}empty{% endfor %}",
+  "{{ 'hello world'|title }} {{ 'hello World'|capitalize }} {{ 'MiXeD'|lower }} {{ messages|length > 1 }} {{ 'ell' in 'hello' }} {{ 'q' not in ['a', 'q'] }}",
+  "{% set x %}block {{ 1 + 1 }}{% endset %}{{ x }}|{% for i in range(10) %}{% if i == 2 %}{% continue %}{% endif %}{% if i > 4 %}{% break %}{% endif %}{{ i }}{% endfor %}",
+  "  {% if true %}\n  kept\n  {% endif %}\n{# comment #}\n  {%- if true -%}  \n  stripped  \n  {%- endif -%}  \n|{{- '  x  ' -}}  |  {{ '  y  ' }}\n\n",
+  "{% set ns = namespace(count=0, names=[]) %}{% for m in messages %}{% set ns.count = ns.count + 1 %}{% set ns.names = ns.names + [m.role] %}{% endfor %}{{ ns.count }} {{ ns.names }} {{ ns }}",
+  "{{ messages[0].content is string }}{{ messages[0].nope is defined }}{{ 3 is odd }}{{ messages is iterable }}{{ messages[0] is mapping }}{{ none is none }}{{ 1 is number }}",
+  "{{ 'a' ~ 1 ~ 2.5 ~ true }}|{{ 'x' + 1 }}|{{ [1, 'a', none] | join('/') }}|{{ [3, 1, 2] | sort | list }}|{{ ['b', 'A', 'c'] | sort(reverse=true) }}|{{ [1, 1, 2] | unique | list }}",
+  "{{ tools | length if tools else 'no tools' }}|{% for t in tools or [] %}{{ t.function.name }}{% endfor %}|{{ (messages | first)['role'] }}|{{ messages[-1]['content'] | length }}",
+  "{{ raise_exception('stop here') if messages | length > 100 else 'ok' }}|{{ \"double \\\"quoted\\\" \\u00e9\" }}|{{ 'tab\\there' }}",
+];
+{
+  const dir = mkdtempSync(join(tmpdir(), "hla-jinja-"));
+  const vocab = {};
+  const bs = [];
+  for (let b = 0; b < 256; ++b) if ((b >= 33 && b <= 126) || (b >= 161 && b <= 172) || b >= 174) bs.push(b);
+  let n = 0;
+  for (let b = 0; b < 256; ++b) vocab[String.fromCodePoint(bs.includes(b) ? b : 256 + n++)] = b;
+  writeFileSync(join(dir, "tokenizer.json"), JSON.stringify({ model: { type: "BPE", vocab, merges: [] },
+    pre_tokenizer: { type: "ByteLevel", add_prefix_space: false, use_regex: true }, decoder: { type: "ByteLevel" },
+    added_tokens: [{ id: 256, content: "<s>", special: true }] }));
+  const chat = buildChats(seed + 4, 1)[0];
+  chat.tools = [{ type: "function", function: { name: "search", parameters: { type: "object" } } }];
+  const { messages, add_generation_prompt, ...extra } = chat;
+  let bad = 0;
+  const ex = [];
+  SNIPPETS.forEach((tpl, i) => {
+    writeFileSync(join(dir, "tokenizer_config.json"), JSON.stringify({ chat_template: tpl, bos_token: "<s>", clean_up_tokenization_spaces: false }));
+    const want = new Template(tpl).render({ messages, add_generation_prompt, tools: null, documents: null, bos_token: "<s>", ...extra });
+    let got;
+    try {
+      got = runHla(dir, ["--chat"], [chat])[0];
+    } catch (e) {
+      got = `(error) ${e.message}`;
+    }
+    if (got !== want) ++bad, ex.push(`snippet ${i}: peer ${show(want)}\n      hla  ${show(got)}`);
+  });
+  rmSync(dir, { recursive: true });
+  report("template snippets vs @huggingface/jinja", SNIPPETS.length, bad, ex);
 }
 
 console.log(`${checks - failures} passed, ${failures} failed`);
