@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null
 cmake --build build -j"$(nproc)"
+# The JavaScript peers (tokenizer, chat templates, OpenAI client), pinned by package-lock.json.
+for peer in tests/text_peer tests/server_peer; do (cd "$peer" && npm ci --silent --no-audit --no-fund); done
 ctest --test-dir build --output-on-failure -j"$(nproc)"
 # The CUDA backend must keep compiling where there is no GPU (its tests skip themselves there).
 nvcc=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)

@@ -65,13 +65,13 @@ void register_chat(CLI::App& app) {
         history.clear();
       }
       const std::vector<int64_t> fresh(ids.begin() + int64_t(history.size()), ids.end());
-      Tokenizer::StreamDecoder text(tok, true);
+      Detokenizer text(tok);
       std::string reply;
       const auto t0 = std::chrono::steady_clock::now();
       auto t1 = t0;
       std::vector<int64_t> out = session->generate(fresh, o->max_new, sampler, tm.stop_ids, [&](int64_t id) {
         if (t1 == t0) t1 = std::chrono::steady_clock::now();
-        const std::string piece = text.push(int32_t(id));
+        const std::string piece = text.push(id);
         reply += piece;
         std::fputs(piece.c_str(), stdout);
         std::fflush(stdout);

@@ -67,8 +67,8 @@ void register_generate(CLI::App& app) {
     const Model* m = tm.model.get();
     const std::vector<int64_t> prompt = o->prompt.empty() ? parsed : tm.encode_prompt(o->prompt);
     const bool as_text = !o->prompt.empty() && !o->print_ids;
-    std::unique_ptr<Tokenizer::StreamDecoder> text;
-    if (as_text) text = std::make_unique<Tokenizer::StreamDecoder>(*tm.tokenizer, true);
+    std::unique_ptr<Detokenizer> text;
+    if (as_text) text = std::make_unique<Detokenizer>(*tm.tokenizer);
     Session session(*m);
     Sampler sampler(o->sampling);
     using clock = std::chrono::steady_clock;
@@ -78,7 +78,7 @@ void register_generate(CLI::App& app) {
     const std::vector<int64_t>& stop = as_text ? tm.stop_ids : m->spec().eos_token_ids;
     std::vector<int64_t> out = session.generate(prompt, o->max_new, sampler, stop, [&](int64_t id) {
       if (printed++ == 0) t1 = clock::now();
-      if (text) std::fputs(text->push(int32_t(id)).c_str(), stdout);
+      if (text) std::fputs(text->push(id).c_str(), stdout);
       else std::printf(printed > 1 ? " %lld" : "%lld", (long long)id);
       std::fflush(stdout);
       return true;

@@ -27,4 +27,18 @@ struct TextModel {
 
 TextModel load_text_model(const std::string& dir);
 
+// Text of generated ids as they come (whole UTF-8 characters only), special tokens skipped. Ids
+// past the tokenizer's vocabulary are no text: checkpoints pad vocab_size beyond it (Qwen3:
+// 151936 rows for 151669 tokens) and a sampler may still pick one.
+class Detokenizer {
+ public:
+  explicit Detokenizer(const Tokenizer& tok) : tok_(tok), stream_(tok, true) {}
+  std::string push(int64_t id) { return id < tok_.vocab_size() ? stream_.push(int32_t(id)) : std::string(); }
+  std::string finish() { return stream_.finish(); }
+
+ private:
+  const Tokenizer& tok_;
+  Tokenizer::StreamDecoder stream_;
+};
+
 }  // namespace hla

@@ -73,12 +73,12 @@ Body parse_body(const httplib::Request& req) {
 class TextStream {
  public:
   TextStream(const Tokenizer* tok, std::vector<std::string> stops) : stops_(std::move(stops)) {
-    if (tok) decoder_ = std::make_unique<Tokenizer::StreamDecoder>(*tok, true);
+    if (tok) decoder_ = std::make_unique<Detokenizer>(*tok);
   }
   // Text that can be sent after these ids; sets stopped() when a stop string appeared.
   std::string push(const std::vector<int64_t>& ids) {
     if (!decoder_ || stopped_) return "";
-    for (int64_t id : ids) held_ += decoder_->push(int32_t(id));
+    for (int64_t id : ids) held_ += decoder_->push(id);
     return release(false);
   }
   std::string finish() {
@@ -110,7 +110,7 @@ class TextStream {
     held_.erase(0, held_.size() - keep);
     return out;
   }
-  std::unique_ptr<Tokenizer::StreamDecoder> decoder_;
+  std::unique_ptr<Detokenizer> decoder_;
   std::vector<std::string> stops_;
   std::string held_;
   bool stopped_ = false;
@@ -255,6 +255,7 @@ struct OpenAIServer::Impl {
     res.set_chunked_content_provider(
         "text/event-stream",
         [this, r, text, chunk, sent_done](size_t, httplib::DataSink& sink) {
+         try {
           std::vector<int64_t> toks;
           bool done = r->wait(&toks, std::chrono::milliseconds(500));
           std::string piece = text->push(toks);
@@ -270,6 +271,12 @@ struct OpenAIServer::Impl {
             sink.done();
           }
           return true;
+         } catch (const std::exception& e) {  // never let one stream take the server down
+          r->cancel();
+          const std::string err = "data: " + error_body({500, e.what(), "", "server_error"}).dump() + "\n\n";
+          sink.write(err.data(), err.size());
+          return false;
+         }
         },
         [this, r, sent_done](bool) {
           if (*sent_done) return;
