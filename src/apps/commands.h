@@ -13,5 +13,6 @@ void register_serve(CLI::App& app);
 void register_chat(CLI::App& app);
 void register_tokenize(CLI::App& app);
 void register_train(CLI::App& app);
+void register_lab(CLI::App& app);
 
 }  // namespace hla::cli

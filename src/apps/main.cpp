@@ -17,6 +17,7 @@ int main(int argc, char** argv) {
   hla::cli::register_chat(app);
   hla::cli::register_tokenize(app);
   hla::cli::register_train(app);
+  hla::cli::register_lab(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

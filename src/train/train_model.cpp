@@ -470,11 +470,12 @@ struct Attn : Base<T> {
     iw_p.fwd(x_, iw.data(), N);
     sel.assign(size_t(N), {});
     const auto& cu = *c.cu;
-    for (size_t n = 0; n + 1 < cu.size(); ++n) {
-      const int64_t t0 = cu[n];
-#pragma omp parallel for schedule(dynamic) if (cu[n + 1] - t0 > topk * 2)
-      for (int64_t t = t0; t < cu[n + 1]; ++t) {
-        const int64_t S = t - t0 + 1;
+    std::vector<int64_t> start(static_cast<size_t>(N));
+    for (size_t n = 0; n + 1 < cu.size(); ++n) std::fill(start.begin() + cu[n], start.begin() + cu[n + 1], cu[n]);
+    {
+#pragma omp parallel for schedule(dynamic, 8) if (N > topk * 2)
+      for (int64_t t = 0; t < N; ++t) {
+        const int64_t t0 = start[size_t(t)], S = t - t0 + 1;
         if (c.dense || S <= topk) {
           sel[size_t(t)].resize(size_t(S));
           std::iota(sel[size_t(t)].begin(), sel[size_t(t)].end(), 0);
@@ -509,11 +510,13 @@ struct Attn : Base<T> {
     if (kind == MixerKind::SparseAttention) index_forward(x_, c);
     o = zeros<T>(N * nh * hd), lse = zeros<T>(N * nh);
     const int64_t group = nh / nkv;
-    for (size_t n = 0; n + 1 < cu.size(); ++n) {
-      const int64_t t0 = cu[n];
-#pragma omp parallel for collapse(2) schedule(dynamic, 4) if ((cu[n + 1] - t0) * nh > 64)
-      for (int64_t t = t0; t < cu[n + 1]; ++t)
+    std::vector<int64_t> start(static_cast<size_t>(N));  // sequence start of each packed row
+    for (size_t n = 0; n + 1 < cu.size(); ++n) std::fill(start.begin() + cu[n], start.begin() + cu[n + 1], cu[n]);
+    {  // one parallel region over every (row, head)
+#pragma omp parallel for collapse(2) schedule(dynamic, 8) if (N * nh > 64)
+      for (int64_t t = 0; t < N; ++t)
         for (int64_t h = 0; h < nh; ++h) {
+          const int64_t t0 = start[size_t(t)];
           const T* qi = q.data() + (t * nh + h) * hd;
           const int64_t kvh = h / group;
           T mx = -INFINITY;
