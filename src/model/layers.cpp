@@ -39,8 +39,8 @@ struct DeltaCore {
       std::memcpy(k.data() + t * nk * dk, row + nk * dk, sizeof(float) * size_t(nk * dk));
       std::memcpy(v.data() + t * nv * dv, row + 2 * nk * dk, sizeof(float) * size_t(nv * dv));
     }
-    l2_norm(q.data(), Ts * nk, dk, 1e-6f, 1.0f);
-    l2_norm(k.data(), Ts * nk, dk, 1e-6f, 1.0f);
+    l2norm_forward(q.data(), q.data(), Ts * nk, dk);
+    l2norm_forward(k.data(), k.data(), Ts * nk, dk);
     DeltaRuleDims d;
     d.H = nk, d.HV = nv, d.K = dk, d.V = dv, d.gate = gate, d.cu_seqlens = {0, Ts};
     delta_rule_forward<float>(d, q.data(), k.data(), v.data(), g, beta, 1.0f / std::sqrt(float(dk)),
@@ -106,14 +106,9 @@ class GatedDeltaNet : public Mixer {
       linear(x, in_b_.f32(), bb.data(), T, D, nv);
       linear(x, in_a_.f32(), a.data(), T, D, nv);
     }
-    // beta = sigmoid(b); g = -exp(A_log) · softplus(a + dt_bias)
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t j = 0; j < nv; ++j) {
-        float& bj = bb[size_t(t * nv + j)];
-        bj = sigmoid(bj);
-        float& aj = a[size_t(t * nv + j)];
-        aj = -std::exp(A_log_.f32()[j]) * softplus(aj + dt_bias_.f32()[j]);
-      }
+    // beta = sigmoid(b); g = -exp(A_log) · softplus(a + dt_bias), in place
+    beta_sigmoid_forward(bb.data(), bb.data(), T * nv);
+    gate_softplus_forward(a.data(), A_log_.f32(), dt_bias_.f32(), a.data(), T, nv, int64_t(1));
     auto o = buffer(T * nv * dv);
     for (int64_t i = 0; i < b.num_seqs(); ++i) {
       const int64_t t0 = b.cu_seqlens[size_t(i)];
@@ -173,14 +168,10 @@ class KimiDeltaAttention : public Mixer {
     auto g = buffer(T * HK);
     linear(x, f_a_.f32(), lo.data(), T, D, dk);
     linear(lo.data(), f_b_.f32(), g.data(), T, dk, HK);
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t j = 0; j < HK; ++j) {
-        float& gj = g[size_t(t * HK + j)];
-        gj = -std::exp(A_log_.f32()[j / dk]) * softplus(gj + dt_bias_.f32()[j]);
-      }
+    gate_softplus_forward(g.data(), A_log_.f32(), dt_bias_.f32(), g.data(), T, H, dk);
     auto beta = buffer(T * H);
     linear(x, b_.f32(), beta.data(), T, D, H);
-    for (auto& v : beta) v = sigmoid(v);
+    beta_sigmoid_forward(beta.data(), beta.data(), T * H);
     auto o = buffer(T * HK);
     for (int64_t i = 0; i < b.num_seqs(); ++i) {
       const int64_t t0 = b.cu_seqlens[size_t(i)];

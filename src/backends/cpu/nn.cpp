@@ -55,16 +55,6 @@ void layer_norm(const float* x, const float* w, const float* b, float* y, int64_
   }
 }
 
-void l2_norm(float* x, int64_t rows, int64_t dim, float eps, float scale) {
-  for (int64_t r = 0; r < rows; ++r) {
-    float* xr = x + r * dim;
-    float ss = 0;
-    for (int64_t i = 0; i < dim; ++i) ss += xr[i] * xr[i];
-    const float s = scale / std::sqrt(ss + eps);
-    for (int64_t i = 0; i < dim; ++i) xr[i] *= s;
-  }
-}
-
 void causal_conv1d_silu(const float* x, const float* w, float* state, float* y, int64_t T, int64_t C,
                         int64_t Kw) {
   const int64_t P = Kw - 1;  // taps that reach into the past

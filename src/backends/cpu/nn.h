@@ -9,7 +9,6 @@ namespace hla::cpu {
 
 inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 inline float silu(float x) { return x * sigmoid(x); }
-inline float softplus(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }  // torch's threshold
 
 // y[M,N] = x[M,K] · W[N,K]^T — every Linear of these models (none has a bias). OpenBLAS.
 void linear(const float* x, const float* W, float* y, int64_t M, int64_t K, int64_t N);
@@ -24,8 +23,6 @@ void gated_rms_norm(float* o, const float* gate, const float* w, int64_t rows, i
 // LayerNorm with bias (biased variance), DeepSeek's indexer key norm.
 void layer_norm(const float* x, const float* w, const float* b, float* y, int64_t rows, int64_t dim,
                 float eps);
-// In place: x / sqrt(sum x² + eps) per row of `dim` (q/k of the delta-rule layers), times `scale`.
-void l2_norm(float* x, int64_t rows, int64_t dim, float eps, float scale);
 
 // Depthwise causal conv1d + SiLU over one sequence, channel-last x[T,C], weight [C,Kw] (tap Kw-1 is
 // the current token). `state` [C,Kw-1] holds the previous Kw-1 inputs (zeros at the start) and is
