@@ -20,16 +20,13 @@ void register_chat(CLI::App& app) {
   struct Options {
     std::string model, system;
     int64_t max_new = 512;
-    SamplingParams sampling;
+    SamplingParams sampling{0.7f, 40, 0.95f, 0};
   };
   auto o = std::make_shared<Options>();
   cmd->add_option("--model", o->model, "model directory")->required();
   cmd->add_option("--system", o->system, "system prompt");
   cmd->add_option("--max-new-tokens", o->max_new, "longest reply")->default_val(512);
-  cmd->add_option("--temperature", o->sampling.temperature, "0 = greedy")->default_val(0.7);
-  cmd->add_option("--top-k", o->sampling.top_k, "sample from the k most likely (0 = all)")->default_val(40);
-  cmd->add_option("--top-p", o->sampling.top_p, "nucleus sampling mass")->default_val(0.95);
-  cmd->add_option("--seed", o->sampling.seed, "sampling seed")->default_val(0);
+  add_sampling_options(cmd, o->sampling);
   cmd->callback([o] {
     TextModel tm = load_text_model(o->model);
     const Tokenizer& tok = tm.need_tokenizer();

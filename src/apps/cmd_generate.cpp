@@ -53,10 +53,7 @@ void register_generate(CLI::App& app) {
   cmd->add_option("--prompt", o->prompt, "prompt text (needs tokenizer.json in the model directory)")->excludes(ids_opt);
   cmd->add_flag("--print-ids", o->print_ids, "with --prompt: print token ids, not text");
   cmd->add_option("--max-new-tokens", o->max_new, "tokens to generate")->default_val(32);
-  cmd->add_option("--temperature", o->sampling.temperature, "0 = greedy")->default_val(0.0);
-  cmd->add_option("--top-k", o->sampling.top_k, "sample from the k most likely (0 = all)")->default_val(0);
-  cmd->add_option("--top-p", o->sampling.top_p, "nucleus sampling mass")->default_val(1.0);
-  cmd->add_option("--seed", o->sampling.seed, "sampling seed")->default_val(0);
+  add_sampling_options(cmd, o->sampling);
   cmd->add_option("--device", o->device, "cpu or cuda")->default_val("cpu");
   cmd->add_flag("--stats", o->stats, "print prefill and decode speed to stderr");
   cmd->callback([o] {

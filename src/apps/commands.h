@@ -2,7 +2,17 @@
 #pragma once
 #include <CLI/CLI.hpp>
 
+#include "runtime/session.h"
+
 namespace hla::cli {
+
+// --temperature --top-k --top-p --seed, with the command's defaults already in `p`.
+inline void add_sampling_options(CLI::App* cmd, SamplingParams& p) {
+  cmd->add_option("--temperature", p.temperature, "0 = greedy")->capture_default_str();
+  cmd->add_option("--top-k", p.top_k, "sample from the k most likely (0 = all)")->capture_default_str();
+  cmd->add_option("--top-p", p.top_p, "nucleus sampling mass")->capture_default_str();
+  cmd->add_option("--seed", p.seed, "sampling seed")->capture_default_str();
+}
 
 void register_op(CLI::App& app);
 void register_logits(CLI::App& app);

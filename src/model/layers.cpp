@@ -239,8 +239,8 @@ class GatedAttention : public Mixer {
       LayerCache& c = b.caches[size_t(i)]->layers[size_t(layer)];
       const int64_t t0 = b.cu_seqlens[size_t(i)], n = b.len(i), past = b.caches[size_t(i)]->length;
       for (int64_t t = 0; t < n; ++t) {
-        rope_half(q.data() + (t0 + t) * nh * hd, nh, hd, inv_freq_, past + t);
-        rope_half(k.data() + (t0 + t) * nkv * hd, nkv, hd, inv_freq_, past + t);
+        rope(q.data() + (t0 + t) * nh * hd, nh, hd, inv_freq_, past + t, RopePairs::HalfSplit);
+        rope(k.data() + (t0 + t) * nkv * hd, nkv, hd, inv_freq_, past + t, RopePairs::HalfSplit);
       }
       append_rows(c.k, k.data() + t0 * nkv * hd, n, nkv * hd);
       append_rows(c.v, v.data() + t0 * nkv * hd, n, nkv * hd);
@@ -347,8 +347,8 @@ class MultiLatentAttention : public Mixer {
       for (int64_t t = t0; t < t0 + n; ++t) {
         float* k_pe = c.data() + t * (R + dr) + R;  // one rope key shared by all heads
         if (rope_) {
-          rope_interleaved(k_pe, 1, dr, inv_freq_, past + t - t0, attn_factor_);
-          rope_interleaved(q.data() + t * nh * dq + dn, nh, dq, inv_freq_, past + t - t0, attn_factor_);
+          rope(k_pe, 1, dr, inv_freq_, past + t - t0, RopePairs::Interleaved, attn_factor_);
+          rope(q.data() + t * nh * dq + dn, nh, dq, inv_freq_, past + t - t0, RopePairs::Interleaved, attn_factor_);
         }
         for (int64_t h = 0; h < nh; ++h) {
           const float* kvh = kv.data() + (t * nh + h) * (dn + dv);
@@ -382,8 +382,8 @@ class MultiLatentAttention : public Mixer {
     layer_norm(ik.data(), ik_norm_w_.f32(), ik_norm_b_.f32(), ik.data(), n, ID, 1e-6f);
     linear(x, iw_.f32(), w.data(), n, D, IH);
     for (int64_t t = 0; t < n; ++t) {
-      rope_half(iq.data() + t * IH * ID, IH, ID, index_freq_, past + t, attn_factor_);
-      rope_half(ik.data() + t * ID, 1, ID, index_freq_, past + t, attn_factor_);
+      rope(iq.data() + t * IH * ID, IH, ID, index_freq_, past + t, RopePairs::HalfSplit, attn_factor_);
+      rope(ik.data() + t * ID, 1, ID, index_freq_, past + t, RopePairs::HalfSplit, attn_factor_);
     }
     (void)dr;
     append_rows(lc.index_k, ik.data(), n, ID);

@@ -89,32 +89,19 @@ std::vector<float> rope_inv_freq(double theta, int64_t rot) {
   return f;
 }
 
-void rope_half(float* x, int64_t heads, int64_t stride, const std::vector<float>& inv_freq, int64_t pos,
-               float attn_factor) {
+void rope(float* x, int64_t heads, int64_t stride, const std::vector<float>& inv_freq, int64_t pos, RopePairs pairs,
+          float attn_factor) {
   const int64_t half = int64_t(inv_freq.size());
   for (int64_t i = 0; i < half; ++i) {
     const float ang = float(pos) * inv_freq[size_t(i)];
     const float c = std::cos(ang) * attn_factor, s = std::sin(ang) * attn_factor;
+    // dims (ia, ib) rotate together by frequency i
+    const int64_t ia = pairs == RopePairs::HalfSplit ? i : 2 * i, ib = pairs == RopePairs::HalfSplit ? i + half : 2 * i + 1;
     for (int64_t h = 0; h < heads; ++h) {
       float* xh = x + h * stride;
-      const float a = xh[i], b = xh[i + half];
-      xh[i] = a * c - b * s;
-      xh[i + half] = b * c + a * s;
-    }
-  }
-}
-
-void rope_interleaved(float* x, int64_t heads, int64_t stride, const std::vector<float>& inv_freq,
-                      int64_t pos, float attn_factor) {
-  const int64_t half = int64_t(inv_freq.size());
-  for (int64_t i = 0; i < half; ++i) {
-    const float ang = float(pos) * inv_freq[size_t(i)];
-    const float c = std::cos(ang) * attn_factor, s = std::sin(ang) * attn_factor;
-    for (int64_t h = 0; h < heads; ++h) {
-      float* xh = x + h * stride;
-      const float a = xh[2 * i], b = xh[2 * i + 1];
-      xh[2 * i] = a * c - b * s;
-      xh[2 * i + 1] = b * c + a * s;
+      const float a = xh[ia], b = xh[ib];
+      xh[ia] = a * c - b * s;
+      xh[ib] = b * c + a * s;
     }
   }
 }

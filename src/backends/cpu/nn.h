@@ -32,12 +32,12 @@ void causal_conv1d_silu(const float* x, const float* w, float* state, float* y, 
 
 // RoPE inverse frequencies inv_freq[i] = 1/theta^(2i/rot), i < rot/2 (fp32, as HF).
 std::vector<float> rope_inv_freq(double theta, int64_t rot);
-// Rotate the first `rot` dims of each of `heads` vectors (row stride `stride`) at position `pos`.
-// half-split pairs (i, i+rot/2); interleaved pairs (2i, 2i+1).
-void rope_half(float* x, int64_t heads, int64_t stride, const std::vector<float>& inv_freq, int64_t pos,
-               float attn_factor = 1.0f);
-void rope_interleaved(float* x, int64_t heads, int64_t stride, const std::vector<float>& inv_freq,
-                      int64_t pos, float attn_factor = 1.0f);
+// Rotates the first `rot` dims of each of `heads` vectors (row stride `stride`) at position `pos`,
+// cos/sin scaled by attn_factor (yarn). Half-split pairs dims (i, i+rot/2) (Qwen, the DeepSeek
+// indexer); interleaved pairs (2i, 2i+1) (DeepSeek MLA).
+enum class RopePairs { HalfSplit, Interleaved };
+void rope(float* x, int64_t heads, int64_t stride, const std::vector<float>& inv_freq, int64_t pos, RopePairs pairs,
+          float attn_factor = 1.0f);
 
 // Causal softmax attention of one sequence. q [T,nh,dq] are the newest T positions of a sequence
 // whose keys k [S,nkv,dq] and values v [S,nkv,dv] are all cached (query i sits at S−T+i).
