@@ -240,6 +240,25 @@ TEST(Server, BadRequestsGetJson4xxAndServerKeepsServing) {
   EXPECT_TRUE(s.alive());
 }
 
+TEST(Server, TooManyConcurrentRequestsGet429) {
+  HLA_REQUIRE_FIXTURES();
+  ServerProcess s(fixture("models/qwen3_next"), {"--max-queued", "1"});
+  // One long request holds the only place; a second one is refused, then accepted once it is done.
+  std::thread holder([&] { post(s, "/v1/completions", {{"prompt", {1, 2}}, {"max_tokens", 500}}); });
+  std::string metrics;
+  for (int i = 0; i < 100 && metrics.find("hla_running_requests 1") == std::string::npos; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    metrics = s.client().Get("/metrics")->body;
+  }
+  int status = 0;
+  json r = post(s, "/v1/completions", {{"prompt", {3, 4}}, {"max_tokens", 2}}, &status);
+  EXPECT_EQ(status, 429) << r.dump();
+  EXPECT_TRUE(r.contains("error"));
+  holder.join();
+  post(s, "/v1/completions", {{"prompt", {3, 4}}, {"max_tokens", 2}}, &status);
+  EXPECT_EQ(status, 200);
+}
+
 TEST(Server, ClientDisconnectMidStreamCancels) {
   HLA_REQUIRE_FIXTURES();
   ServerProcess s(fixture("models/qwen3_next"));
