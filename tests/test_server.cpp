@@ -93,6 +93,26 @@ std::vector<json> sse_events(const std::string& body, bool* done) {
   return ev;
 }
 
+// A raw HTTP client: POSTs a streaming completion and returns the socket once the first response
+// bytes have arrived (the request is then running); -1 on failure. The caller closes it.
+int open_stream(int port, const json& body) {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(uint16_t(port));
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) return -1;
+  const std::string b = body.dump();
+  const std::string req = "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                          "Content-Length: " + std::to_string(b.size()) + "\r\n\r\n" + b;
+  char buf[512];
+  if (write(fd, req.data(), req.size()) != ssize_t(req.size()) || read(fd, buf, sizeof buf) <= 0) {
+    close(fd);
+    return -1;
+  }
+  return fd;
+}
+
 std::string ids_csv(const std::vector<int64_t>& ids) {
   std::string s;
   for (size_t i = 0; i < ids.size(); ++i) s += (i ? "," : "") + std::to_string(ids[i]);
@@ -243,19 +263,18 @@ TEST(Server, BadRequestsGetJson4xxAndServerKeepsServing) {
 TEST(Server, TooManyConcurrentRequestsGet429) {
   HLA_REQUIRE_FIXTURES();
   ServerProcess s(fixture("models/qwen3_next"), {"--max-queued", "1"});
-  // One long request holds the only place; a second one is refused, then accepted once it is done.
-  std::thread holder([&] { post(s, "/v1/completions", {{"prompt", {1, 2}}, {"max_tokens", 500}}); });
-  std::string metrics;
-  for (int i = 0; i < 100 && metrics.find("hla_running_requests 1") == std::string::npos; ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    metrics = s.client().Get("/metrics")->body;
-  }
+  // A long stream holds the only place: a second request is refused until it is gone.
+  const int fd = open_stream(s.port, {{"prompt", {1, 2}}, {"max_tokens", 4000}, {"stream", true}});
+  ASSERT_GE(fd, 0);
   int status = 0;
   json r = post(s, "/v1/completions", {{"prompt", {3, 4}}, {"max_tokens", 2}}, &status);
   EXPECT_EQ(status, 429) << r.dump();
   EXPECT_TRUE(r.contains("error"));
-  holder.join();
-  post(s, "/v1/completions", {{"prompt", {3, 4}}, {"max_tokens", 2}}, &status);
+  close(fd);
+  for (int i = 0; i < 100 && status != 200; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    post(s, "/v1/completions", {{"prompt", {3, 4}}, {"max_tokens", 2}}, &status);
+  }
   EXPECT_EQ(status, 200);
 }
 
@@ -263,19 +282,9 @@ TEST(Server, ClientDisconnectMidStreamCancels) {
   HLA_REQUIRE_FIXTURES();
   ServerProcess s(fixture("models/qwen3_next"));
   {
-    // A raw client: send a long streaming request, read its first bytes, then close the socket.
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in a{};
-    a.sin_family = AF_INET;
-    a.sin_port = htons(uint16_t(s.port));
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    ASSERT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
-    const std::string body = json{{"prompt", {1, 2, 3}}, {"max_tokens", 4000}, {"stream", true}}.dump();
-    const std::string req = "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                            "Content-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body;
-    ASSERT_EQ(write(fd, req.data(), req.size()), ssize_t(req.size()));
-    char buf[512];
-    ASSERT_GT(read(fd, buf, sizeof buf), 0);
+    // Read the first bytes of a long stream, then drop the connection.
+    const int fd = open_stream(s.port, {{"prompt", {1, 2, 3}}, {"max_tokens", 4000}, {"stream", true}});
+    ASSERT_GE(fd, 0);
     close(fd);
   }
   // The engine frees the slot: the running gauge returns to 0 and the server answers.
