@@ -1,6 +1,8 @@
 #include "model/model.h"
 
+#include <cstdio>
 #include <cstring>
+#include <memory>
 
 #include "backends/cpu/nn.h"
 #include "core/error.h"
@@ -34,6 +36,18 @@ std::unique_ptr<Model> Model::load(const std::string& dir) {
   ModelSpec spec = load_model_spec(dir);
   Checkpoint ckpt(dir);
   Params p(&ckpt);
+  // Large checkpoints (>= 1 GiB) report their progress on stderr, in quarters.
+  size_t total = 0;
+  for (const auto& name : ckpt.names()) total += ckpt.get(name).nbytes();
+  if (total >= (size_t(1) << 30)) {
+    auto shown = std::make_shared<int>(0);
+    p.on_progress([total, shown, dir](size_t done) {
+      const int quarter = int(4 * done / total);
+      if (quarter <= *shown) return;
+      *shown = quarter;
+      std::fprintf(stderr, "hla: loading %s: %d%% of %.2f GB\n", dir.c_str(), 25 * quarter, double(total) / 1e9);
+    });
+  }
   return std::unique_ptr<Model>(new Model(std::move(spec), p));
 }
 

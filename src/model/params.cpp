@@ -27,6 +27,8 @@ void Params::bind(const std::string& name, const Shape& shape, Tensor* dst, Init
     check(dtype_is_float(t.dtype()), ckpt_->dir() + ": tensor '" + name + "' has non-float dtype " +
                                          dtype_name(t.dtype()));
     if (materialize_) *dst = t.to_f32().reshape(shape);
+    loaded_bytes_ += t.nbytes();
+    if (progress_) progress_(loaded_bytes_);
     return;
   }
   if (!materialize_) return;

@@ -3,6 +3,7 @@
 // config) and create a random-weight checkpoint for `hla init`, so the two can never disagree.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <random>
 #include <string>
@@ -33,6 +34,8 @@ class Params {
 
   const std::map<std::string, Tensor>& created() const { return created_; }
   int64_t num_params() const { return num_params_; }
+  // Load mode: called after each tensor with the bytes read so far (progress of long loads).
+  void on_progress(std::function<void(size_t)> f) { progress_ = std::move(f); }
 
  private:
   const Checkpoint* ckpt_ = nullptr;
@@ -40,6 +43,8 @@ class Params {
   std::mt19937_64 rng_;
   std::map<std::string, Tensor> created_;
   int64_t num_params_ = 0;
+  size_t loaded_bytes_ = 0;
+  std::function<void(size_t)> progress_;
 };
 
 }  // namespace hla
