@@ -126,17 +126,32 @@ void bench_chunk(bool kda, int64_t H, int64_t K, std::vector<int64_t> lens, cons
   if (!selected(kda ? "kda_chunk_fwd" : "gdn_chunk_fwd", shape)) return;
   const int64_t T = d.tokens(), N = d.num_seqs(), V = K;
   Inputs in(T, H, H, K, V, kda, N);
-  cuda::DeltaChunkPlan plan(d, DType::BF16);
   const float scale = 1.f / std::sqrt(float(K));
-  const double us = median_us(
-      [&] {
-        plan.forward(in.q, in.k, in.v, in.g, in.beta, scale, in.state, in.o, nullptr);
-      },
-      3, reps);
-  ck(cudaGetLastError(), "chunk forward");
   const double flops = 4.0 * T * H * K * V;
   const double bytes = 2.0 * (2 * T * H * K + 2 * T * H * V) + 4.0 * T * H * (kda ? K + 1 : 2) + 8.0 * N * H * K * V;
-  row(kda ? "kda_chunk_fwd" : "gdn_chunk_fwd", shape, us, flops, bytes);
+  int dev = 0, sms = 0;
+  ck(cudaGetDevice(&dev), "device");
+  ck(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "sms");
+  // State-pass variants, each a row: the column-tiled pass (its own occupancy pick), the wide pass
+  // unsegmented, and the wide pass with the plan's segments (when it picks any).
+  struct Var {
+    const char* label;
+    int cols, seg;
+  };
+  const int tile = (V % 32 == 0 && N * H * (V / 32) >= 2 * sms) ? 32 : 16;
+  for (const Var& var : {Var{"tile", tile, 0}, Var{"wide", -1, -1}, Var{"wide+seg", -1, 0}}) {
+    cuda::DeltaChunkPlan plan(d, DType::BF16, var.cols, var.seg);
+    if (var.seg == 0 && var.cols < 0 && plan.segments() == 0) continue;  // the plan picked no segments
+    const double us = median_us(
+        [&] {
+          plan.forward(in.q, in.k, in.v, in.g, in.beta, scale, in.state, in.o, nullptr);
+        },
+        3, reps);
+    ck(cudaGetLastError(), "chunk forward");
+    std::string label = shape + " [" + var.label;
+    if (plan.segments()) label += " " + std::to_string(plan.segments()) + " segs";
+    row(kda ? "kda_chunk_fwd" : "gdn_chunk_fwd", label + "]", us, flops, bytes);
+  }
 }
 
 void bench_decode(bool kda, int64_t B, int64_t H, int64_t K, int reps) {

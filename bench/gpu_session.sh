@@ -21,12 +21,12 @@ if has build; then
   echo "build ok"
 fi
 if has test; then
-  timeout 180 $BIN/hla_cuda_tests 2>&1 | tee "$OUT/test.log" | grep -E "^\[ (fp32|BF16|F16|fixture) |FAILED|PASSED|Failure|error" | head -60
+  timeout 180 $BIN/hla_cuda_tests 2>&1 | tee "$OUT/test.log" | grep -E "^\[ (fp32|BF16|F16|fixture|op|cli) |FAILED|PASSED|Failure|error" | head -60
 fi
 if has sanitize; then
   for tool in memcheck racecheck; do
     timeout 150 compute-sanitizer --tool $tool --error-exitcode 9 $BIN/hla_cuda_tests \
-      --gtest_filter='*Fixtures*:*Decode*' >"$OUT/sanitize_$tool.log" 2>&1
+      --gtest_filter='*Fixtures*:*Decode*:*Deterministic*' >"$OUT/sanitize_$tool.log" 2>&1
     echo "sanitizer $tool rc=$? $(grep -E 'ERROR SUMMARY' "$OUT/sanitize_$tool.log" | tail -1)"
   done
 fi

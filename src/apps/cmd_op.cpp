@@ -8,6 +8,9 @@
 //   outputs:     out_o [B,T,HV,V], out_ht [B,HV,K,V]; with cotangents also grad_q grad_k grad_v
 //                grad_g grad_beta grad_h0 (gradients of sum(o·do) + sum(ht·dht), shaped as the inputs)
 // Computes in double when in_q is F64, else in f32; writes in in_q's dtype.
+// --device cuda runs the CUDA forward (chunk: the chunked kernels; recurrent: the decode kernel
+// over all tokens) in in_q's dtype where the kernels take it (BF16, F16 and F32; F64 dumps run in
+// F32). The CUDA backward does not exist yet: a dump with cotangents is refused (exit 1).
 #include <cmath>
 #include <map>
 #include <memory>
@@ -16,6 +19,9 @@
 #include "core/error.h"
 #include "core/safetensors.h"
 #include "ops/delta_rule.h"
+#ifdef HLA_HAS_CUDA
+#include "backends/cuda/delta_rule_cuda.h"
+#endif
 
 namespace hla::cli {
 
@@ -103,6 +109,17 @@ std::map<std::string, Tensor> run_cpu(const OpDump& x, DeltaMode mode) {
   return out;
 }
 
+#ifdef HLA_HAS_CUDA
+std::map<std::string, Tensor> run_cuda(const OpDump& x, DeltaMode mode) {
+  check(!x.dout.defined() && !x.dht.defined(),
+        "--device cuda: the CUDA backward does not exist yet (the dump has in_do/in_dht); use --device cpu");
+  const DType dt = x.io == DType::BF16 || x.io == DType::F16 ? x.io : DType::F32;
+  auto r = cuda::delta_rule_forward_host(x.d, mode, dt, x.q, x.k, x.v, x.g, x.beta, x.h0,
+                                         float(1.0 / std::sqrt(double(x.d.K))));
+  return {{"out_o", r.o.reshape({x.B, x.T, x.d.HV, x.d.V})}, {"out_ht", r.ht}};
+}
+#endif
+
 }  // namespace
 
 void register_op(CLI::App& app) {
@@ -116,15 +133,17 @@ void register_op(CLI::App& app) {
       ->check(CLI::IsMember({"chunk", "recurrent"}));
   cmd->add_option("--device", o->device, "cpu or cuda")->default_val("cpu")->check(CLI::IsMember({"cpu", "cuda"}));
   cmd->callback([o] {
-    // The CUDA backend hooks in here (a run_cuda beside run_cpu) once it has this op's backward.
-#ifdef HLA_HAS_CUDA
-    check(o->device == "cpu", "--device cuda: hla op has no CUDA path yet; use --device cpu");
-#else
+#ifndef HLA_HAS_CUDA
     check(o->device == "cpu", "--device cuda: hla was built without CUDA (configure with -DHLA_CUDA=ON)");
 #endif
     const OpDump x = read_dump(o->input, o->op == "kda");
     const DeltaMode mode = o->mode == "chunk" ? DeltaMode::Chunk : DeltaMode::Recurrent;
-    auto out = x.compute == DType::F64 ? run_cpu<double>(x, mode) : run_cpu<float>(x, mode);
+    std::map<std::string, Tensor> out;
+#ifdef HLA_HAS_CUDA
+    if (o->device == "cuda") out = run_cuda(x, mode);
+    else
+#endif
+      out = x.compute == DType::F64 ? run_cpu<double>(x, mode) : run_cpu<float>(x, mode);
     for (auto& [name, t] : out) t = t.to(x.io);
     write_safetensors(o->output, out);
   });

@@ -10,6 +10,7 @@
 // all in the input's element type CT except Gc.
 #include <algorithm>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "backends/cuda/delta_rule_cuda.h"
@@ -34,6 +35,17 @@ struct ChunkArgs {
   int H, HV, V, group;
   float* Gc;
   void *W, *U, *P, *kg, *qg, *h, *vn;
+  // Wide state pass (all of V per block) over segments of the sequences, see state_wide_kernel.
+  const int4* seg;     // per segment: {first token, end token, first (global) chunk, sequence}
+  const int* seg_off;  // [N+1] index of each sequence's first segment
+  float* segbuf;       // [segments,HV,K,V+K] fp32: [E | M] of each segment (segmented runs only)
+  float* segstart;     // [segments,HV,K,V] fp32: the state entering each segment
+};
+
+struct StateCfg {
+  bool wide = false, segmented = false;
+  int cols = 16;     // column-tiled pass: V columns per block
+  int64_t nseg = 0;  // wide pass: segments (one per sequence when not segmented)
 };
 
 // Row pitch in elements: the row plus 16 bytes, so the 8 rows a fragment load touches fall in
@@ -401,6 +413,198 @@ __global__ void __launch_bounds__(StateSmem<CT, KDA, K, BV>::kWarps * 32) state_
 }
 
 // ---------------------------------------------------------------------------------------------
+// Wide state pass: one block per (segment, value head, 16·NW columns), NW warps, each warp owning
+// 16 columns of S (all K rows, in fp32 mma accumulators). The columns of S never interact, so a
+// warp's S^T copy and v_new^T are private to it (no block barrier around them); the block shares
+// the W, K and U tiles, which are read once per chunk for all of V instead of once per 16 columns.
+// A segment is a run of whole chunks of one sequence (the whole sequence when not segmented).
+//   LOCAL = false: S starts from the state entering the segment (a.state[n] unsegmented, else
+//     a.segstart[segment]); records h and v_new; unsegmented, writes the final state to a.state.
+//   LOCAL = true: runs the segment from the virtual state [0 | I] (V + K columns; the identity
+//     columns see U = 0), so its final value is [E | M]: the segment maps an entering state S0 to
+//     M S0 + E. Written to a.segbuf; nothing else.
+template <class CT, bool KDA, int K, int NW>
+struct WideSmem {
+  static constexpr int kCols = 16 * NW;
+  static constexpr int kLdK = pitch<CT>(K), kLdVn = pitch<CT>(C);
+  __host__ __device__ static int ld_u(int V) { return pitch<CT>(V); }
+  __host__ __device__ static size_t stage(int V) {
+    return sizeof(CT) * (2 * C * kLdK + C * ld_u(V)) + sizeof(float) * (KDA ? K : C);
+  }
+  static constexpr size_t kFixed = sizeof(CT) * (kCols * kLdK + kCols * kLdVn);
+  __host__ __device__ static int stages(int V) { return 2 * stage(V) + kFixed <= 220 * 1024 ? 2 : 1; }
+  __host__ __device__ static size_t bytes(int V) { return stages(V) * stage(V) + kFixed; }
+};
+
+template <class CT, bool KDA, int K, int NW, bool LOCAL>
+__global__ void __launch_bounds__(NW * 32) state_wide_kernel(ChunkArgs a, int segmented) {
+  using L = WideSmem<CT, KDA, K, NW>;
+  constexpr int MT = K / 16, LDK = L::kLdK, LDVN = L::kLdVn;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int sg = blockIdx.x, j = blockIdx.y, h = j / a.group, HV = a.HV, V = a.V;
+  const int4 seg = a.seg[sg];
+  const int bos = seg.x, eos = seg.y, cbeg = seg.z, n = seg.w, nchunks = (eos - bos + C - 1) / C;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int ncols = LOCAL ? V + K : V, wc = blockIdx.z * L::kCols + 16 * warp;  // this warp's first column
+  const bool active = wc < ncols, need_u = int(blockIdx.z) * L::kCols < V;
+  const int LDU = L::ld_u(V), nst = L::stages(V);
+  const size_t stage_bytes = L::stage(V);
+  auto sW = [&](int s) { return reinterpret_cast<CT*>(smem + s * stage_bytes); };
+  auto sKg = [&](int s) { return sW(s) + C * LDK; };
+  auto sU = [&](int s) { return sKg(s) + C * LDK; };
+  auto sGs = [&](int s) { return reinterpret_cast<float*>(sU(s) + C * LDU); };
+  CT* sS = reinterpret_cast<CT*>(smem + nst * stage_bytes) + 16 * warp * LDK;  // this warp's S^T [16][K]
+  CT* sVn = reinterpret_cast<CT*>(smem + nst * stage_bytes) + L::kCols * LDK + 16 * warp * LDVN;  // [16][64]
+
+  const CT* Wg = static_cast<const CT*>(a.W);
+  const CT* Ug = static_cast<const CT*>(a.U);
+  const CT* Kg = static_cast<const CT*>(KDA ? a.kg : a.k);
+  CT* hg = static_cast<CT*>(a.h);
+  CT* vng = static_cast<CT*>(a.vn);
+  auto load_chunk = [&](int c, int s) {
+    const int tc = bos + c * C, lc = min(C, eos - tc);
+    load_rows_async(sW(s), LDK, C, K, lc, [&](int i) { return Wg + (size_t(tc + i) * HV + j) * K; });
+    load_rows_async(sKg(s), LDK, C, K, lc, [&](int i) {
+      return Kg + (KDA ? (size_t(tc + i) * HV + j) * K : (size_t(tc + i) * a.H + h) * K);
+    });
+    if (need_u) load_rows_async(sU(s), LDU, C, V, lc, [&](int i) { return Ug + (size_t(tc + i) * HV + j) * V; });
+    if constexpr (KDA) {
+      for (int d = threadIdx.x; d < K; d += blockDim.x) sGs(s)[d] = a.Gc[(size_t(tc + lc - 1) * HV + j) * K + d];
+    } else {
+      for (int i = threadIdx.x; i < lc; i += blockDim.x) sGs(s)[i] = a.Gc[size_t(tc + i) * HV + j];
+    }
+  };
+
+  float S[MT][2][4];
+  {
+    const float* init = LOCAL ? nullptr : segmented ? a.segstart + size_t(sg * HV + j) * K * V
+                                                    : a.state + size_t(n * HV + j) * K * V;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+      for_each_acc(S[mt], [&](int r, int c, float& x) {
+        const int row = 16 * mt + r, col = wc + c;
+        if constexpr (LOCAL) x = col >= V && col - V == row ? 1.f : 0.f;
+        else x = active ? init[size_t(row) * V + col] : 0.f;
+      });
+  }
+
+  if (nst == 2 && nchunks > 0) load_chunk(0, 0);
+  cp_async_commit();
+  for (int c = 0; c < nchunks; ++c) {
+    const int tc = bos + c * C, lc = min(C, eos - tc);
+    int s = 0;
+    if (nst == 2) {
+      s = c & 1;
+      if (c + 1 < nchunks) load_chunk(c + 1, s ^ 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      load_chunk(c, 0);
+      cp_async_commit();
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    if (active) {
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+        for_each_acc(S[mt], [&](int r, int col, float& x) { sS[col * LDK + 16 * mt + r] = from_f32<CT>(x); });
+      __syncwarp();
+      if constexpr (!LOCAL) {
+        // The state entering this chunk, for the output pass: this warp's 16 rows of h^T.
+        constexpr int vec = 16 / sizeof(CT), per_row = K / vec;
+        CT* dst = hg + (size_t(cbeg + c) * HV + j) * V * K + size_t(wc) * K;
+        for (int idx = lane; idx < 16 * per_row; idx += 32) {
+          const int r = idx / per_row, e = (idx % per_row) * vec;
+          *reinterpret_cast<uint4*>(dst + r * K + e) = *reinterpret_cast<const uint4*>(sS + r * LDK + e);
+        }
+      }
+      const float* Gs = sGs(s);
+      const float Gl = KDA ? 0.f : Gs[lc - 1];
+      const CT* u = sU(s);
+      // v_new = U − W S (64 rows x this warp's 16 columns).
+#pragma unroll
+      for (int vm = 0; vm < 4; ++vm) {
+        float acc[2][4] = {};
+        warp_mma<CT, 2>(acc, View<CT, true>{sW(s) + 16 * vm * LDK, LDK}, View<CT, true>{sS, LDK}, K);
+        for_each_acc(acc, [&](int r, int col, float& x) {
+          const int i = 16 * vm + r, gc = wc + col;
+          const float uu = gc < V && i < lc ? to_f32(u[i * LDU + gc]) : 0.f;
+          const float vn = i < lc ? uu - x : 0.f;
+          if (!LOCAL && i < lc) vng[(size_t(tc + i) * HV + j) * V + gc] = from_f32<CT>(vn);
+          const float fac = KDA ? 1.f : (i < lc ? fast_exp<CT>(Gl - Gs[i]) : 0.f);
+          sVn[col * LDVN + i] = from_f32<CT>(vn * fac);
+        });
+      }
+      __syncwarp();
+      // S ← e^{G_last} S + Kg^T v_new
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        const int d0 = 16 * mt;
+        for_each_acc(S[mt], [&](int r, int, float& x) { x *= fast_exp<CT>(KDA ? Gs[d0 + r] : Gl); });
+        warp_mma<CT, 2>(S[mt], View<CT, false>{sKg(s) + d0, LDK}, View<CT, true>{sVn, LDVN}, C);
+      }
+    }
+    __syncthreads();
+  }
+  if (!active) return;
+  if constexpr (LOCAL) {
+    float* out = a.segbuf + size_t(sg * HV + j) * K * (V + K);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+      for_each_acc(S[mt], [&](int r, int c, float& x) { out[size_t(16 * mt + r) * (V + K) + wc + c] = x; });
+  } else if (!segmented) {
+    float* out = a.state + size_t(n * HV + j) * K * V;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+      for_each_acc(S[mt], [&](int r, int c, float& x) { out[size_t(16 * mt + r) * V + wc + c] = x; });
+  }
+}
+
+// Combine of a segmented state pass: one block (128 threads) per (sequence, value head, 16 columns
+// of V), walking the sequence's segments in order: records the state entering each segment, then
+// S ← M S + E in fp32; the last value is the final state. M (K x K) is staged in shared memory.
+template <int K>
+__global__ void __launch_bounds__(128) state_combine_kernel(ChunkArgs a) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  float* sM = reinterpret_cast<float*>(smem);  // [K][K+4]
+  float* sS = sM + K * (K + 4);                // [K][16]
+  constexpr int LDM = K + 4, RPT = K / 8;      // rows per thread
+  const int n = blockIdx.x, j = blockIdx.y, v0 = blockIdx.z * 16, HV = a.HV, V = a.V;
+  const int t = threadIdx.x, c = t & 15, r0 = t >> 4;  // thread: column c, rows r0 + 8i
+  float* state = a.state + size_t(n * HV + j) * K * V;
+  float x[RPT];
+#pragma unroll
+  for (int i = 0; i < RPT; ++i) x[i] = state[size_t(r0 + 8 * i) * V + v0 + c];
+  for (int sg = a.seg_off[n]; sg < a.seg_off[n + 1]; ++sg) {
+    float* start = a.segstart + size_t(sg * HV + j) * K * V;
+    const float* buf = a.segbuf + size_t(sg * HV + j) * K * (V + K);
+#pragma unroll
+    for (int i = 0; i < RPT; ++i) {
+      start[size_t(r0 + 8 * i) * V + v0 + c] = x[i];
+      sS[(r0 + 8 * i) * 16 + c] = x[i];
+    }
+    for (int idx = t; idx < K * K / 4; idx += 128) {
+      const int r = idx / (K / 4), m = (idx % (K / 4)) * 4;
+      *reinterpret_cast<float4*>(sM + r * LDM + m) = *reinterpret_cast<const float4*>(buf + size_t(r) * (V + K) + V + m);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < RPT; ++i) x[i] = buf[size_t(r0 + 8 * i) * (V + K) + v0 + c];
+    for (int m = 0; m < K; m += 4) {
+      const float s0 = sS[m * 16 + c], s1 = sS[(m + 1) * 16 + c], s2 = sS[(m + 2) * 16 + c], s3 = sS[(m + 3) * 16 + c];
+#pragma unroll
+      for (int i = 0; i < RPT; ++i) {
+        const float4 mm = *reinterpret_cast<const float4*>(sM + (r0 + 8 * i) * LDM + m);
+        x[i] += mm.x * s0 + mm.y * s1 + mm.z * s2 + mm.w * s3;
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < RPT; ++i) state[size_t(r0 + 8 * i) * V + v0 + c] = x[i];
+}
+
+// ---------------------------------------------------------------------------------------------
 // output: one block (4 warps, 16 rows each) per (chunk, value head, BV columns of V).
 template <class CT, int K, int BV>
 struct OutSmem {
@@ -483,33 +687,80 @@ void launch_output(const ChunkArgs& a, int64_t chunks, cudaStream_t stream) {
   check_cuda(cudaGetLastError(), "delta rule output kernel");
 }
 
-// state_cols: V columns per state block (16 or 32). The output pass takes as many V columns per
-// block as fit (all of V up to 128 for 16-bit inputs), so Q and P are read once per chunk rather
-// than once per column tile: it is the memory-bound pass.
+// The wide state pass (K ≤ 128, V ≤ 128): 8 warps, 128 columns per block. Segmented, it runs
+// three launches: the segments' [E | M] from [0 | I] (V + K columns), the combine along each
+// sequence, then the segments again from their entering states, recording h and v_new.
+constexpr int kWideWarps = 8;
 template <class CT, bool KDA, int K>
-void launch(const ChunkArgs& a, int64_t chunks, int64_t n_seqs, int state_cols, cudaStream_t s) {
+void launch_wide(const ChunkArgs& a, const StateCfg& st, int64_t n_seqs, cudaStream_t s) {
+  using WL = WideSmem<CT, KDA, K, kWideWarps>;
+  const size_t bytes = WL::bytes(a.V);
+  const unsigned cols = WL::kCols;
+  if (st.segmented) {
+    auto k1 = state_wide_kernel<CT, KDA, K, kWideWarps, true>;
+    check_cuda(cudaFuncSetAttribute(k1, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)), "state smem");
+    k1<<<dim3(unsigned(st.nseg), unsigned(a.HV), (unsigned(a.V + K) + cols - 1) / cols), cols * 2, bytes, s>>>(a, 1);
+    check_cuda(cudaGetLastError(), "delta rule segment state kernel");
+    const size_t cb = sizeof(float) * (K * (K + 4) + K * 16);
+    auto kc = state_combine_kernel<K>;
+    check_cuda(cudaFuncSetAttribute(kc, cudaFuncAttributeMaxDynamicSharedMemorySize, int(cb)), "combine smem");
+    kc<<<dim3(unsigned(n_seqs), unsigned(a.HV), unsigned(a.V / 16)), 128, cb, s>>>(a);
+    check_cuda(cudaGetLastError(), "delta rule state combine kernel");
+  }
+  auto k3 = state_wide_kernel<CT, KDA, K, kWideWarps, false>;
+  check_cuda(cudaFuncSetAttribute(k3, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)), "state smem");
+  k3<<<dim3(unsigned(st.nseg), unsigned(a.HV), (unsigned(a.V) + cols - 1) / cols), cols * 2, bytes, s>>>(
+      a, st.segmented ? 1 : 0);
+  check_cuda(cudaGetLastError(), "delta rule wide state kernel");
+}
+
+// state_cols: V columns per state block (16 or 32) of the column-tiled pass, or the wide pass.
+// The output pass takes as many V columns per block as fit (all of V up to 128 for 16-bit
+// inputs), so Q and P are read once per chunk rather than once per column tile: it is the
+// memory-bound pass.
+template <class CT, bool KDA, int K>
+void launch(const ChunkArgs& a, int64_t chunks, int64_t n_seqs, const StateCfg& st, cudaStream_t s) {
   launch_prep<CT, KDA, K>(a, chunks, s);
-  if (state_cols == 32) launch_state<CT, KDA, K, 32>(a, n_seqs, s);
-  else launch_state<CT, KDA, K, 16>(a, n_seqs, s);
+  if constexpr (K <= 128) {
+    if (st.wide) launch_wide<CT, KDA, K>(a, st, n_seqs, s);
+  }
+  if (!st.wide) {
+    if (st.cols == 32) launch_state<CT, KDA, K, 32>(a, n_seqs, s);
+    else launch_state<CT, KDA, K, 16>(a, n_seqs, s);
+  }
   if (a.V % 128 == 0 && sizeof(CT) == 2) launch_output<CT, KDA, K, 128>(a, chunks, s);
   else if (a.V % 64 == 0) launch_output<CT, KDA, K, 64>(a, chunks, s);
   else launch_output<CT, KDA, K, 16>(a, chunks, s);
 }
 
 template <class CT, bool KDA>
-void dispatch_k(const ChunkArgs& a, int K, int64_t chunks, int64_t n_seqs, int state_cols, cudaStream_t s) {
+void dispatch_k(const ChunkArgs& a, int K, int64_t chunks, int64_t n_seqs, const StateCfg& st, cudaStream_t s) {
   switch (K) {
-    case 32: return launch<CT, KDA, 32>(a, chunks, n_seqs, state_cols, s);
-    case 64: return launch<CT, KDA, 64>(a, chunks, n_seqs, state_cols, s);
-    case 128: return launch<CT, KDA, 128>(a, chunks, n_seqs, state_cols, s);
-    case 256: return launch<CT, KDA, 256>(a, chunks, n_seqs, state_cols, s);
+    case 32: return launch<CT, KDA, 32>(a, chunks, n_seqs, st, s);
+    case 64: return launch<CT, KDA, 64>(a, chunks, n_seqs, st, s);
+    case 128: return launch<CT, KDA, 128>(a, chunks, n_seqs, st, s);
+    case 256: return launch<CT, KDA, 256>(a, chunks, n_seqs, st, s);
   }
 }
 
 template <class CT>
-void dispatch(const ChunkArgs& a, const DeltaRuleDims& d, int64_t chunks, int state_cols, cudaStream_t s) {
-  if (d.gate == DeltaGate::PerKey) dispatch_k<CT, true>(a, int(d.K), chunks, d.num_seqs(), state_cols, s);
-  else dispatch_k<CT, false>(a, int(d.K), chunks, d.num_seqs(), state_cols, s);
+void dispatch(const ChunkArgs& a, const DeltaRuleDims& d, int64_t chunks, const StateCfg& st, cudaStream_t s) {
+  if (d.gate == DeltaGate::PerKey) dispatch_k<CT, true>(a, int(d.K), chunks, d.num_seqs(), st, s);
+  else dispatch_k<CT, false>(a, int(d.K), chunks, d.num_seqs(), st, s);
+}
+
+template <class CT>
+size_t wide_smem(const DeltaRuleDims& d) {
+  auto b = [&](auto kda) {
+    constexpr bool KDA = decltype(kda)::value;
+    switch (d.K) {
+      case 32: return WideSmem<CT, KDA, 32, kWideWarps>::bytes(int(d.V));
+      case 64: return WideSmem<CT, KDA, 64, kWideWarps>::bytes(int(d.V));
+      case 128: return WideSmem<CT, KDA, 128, kWideWarps>::bytes(int(d.V));
+      default: return size_t(1) << 30;
+    }
+  };
+  return d.gate == DeltaGate::PerKey ? b(std::true_type{}) : b(std::false_type{});
 }
 
 size_t align_up(size_t x) { return (x + 255) & ~size_t(255); }
@@ -526,7 +777,7 @@ void check_delta_dims(const DeltaRuleDims& d, DType dt, const char* what) {
         std::string(what) + ": V must be a multiple of 16 in [16, 256], got " + std::to_string(d.V));
 }
 
-DeltaChunkPlan::DeltaChunkPlan(const DeltaRuleDims& d, DType dt, int state_cols) : d_(d), dt_(dt) {
+DeltaChunkPlan::DeltaChunkPlan(const DeltaRuleDims& d, DType dt, int state_cols, int seg_chunks) : d_(d), dt_(dt) {
   d.validate();
   check_delta_dims(d, dt, "delta rule chunk (cuda)");
   check(!(dt == DType::F16 && d.gate == DeltaGate::PerKey),
@@ -535,6 +786,7 @@ DeltaChunkPlan::DeltaChunkPlan(const DeltaRuleDims& d, DType dt, int state_cols)
   check(d.tokens() * d.HV * std::max(d.K, d.V) < (int64_t(1) << 31), "delta rule chunk (cuda): too many tokens");
   const int64_t N = d.num_seqs(), T = d.tokens(), HV = d.HV, K = d.K, V = d.V;
   std::vector<int32_t> tab, cu(N + 1), off(N + 1);
+  int64_t max_chunks = 0;
   for (int64_t n = 0; n < N; ++n) {
     off[n] = int32_t(tab.size() / 2);
     cu[n] = int32_t(d.cu_seqlens[n]);
@@ -542,18 +794,46 @@ DeltaChunkPlan::DeltaChunkPlan(const DeltaRuleDims& d, DType dt, int state_cols)
       tab.push_back(int32_t(t));
       tab.push_back(int32_t(n));
     }
+    max_chunks = std::max<int64_t>(max_chunks, tab.size() / 2 - off[n]);
   }
   cu[N] = int32_t(T);
   off[N] = int32_t(tab.size() / 2);
   chunks_ = int64_t(tab.size() / 2);
-  check(state_cols == 0 || state_cols == 16 || (state_cols == 32 && d.V % 32 == 0),
-        "delta rule chunk (cuda): state_cols must be 0, 16 or 32 (32 only when 32 divides V)");
-  // The state pass is sequential over chunks: with fewer than two blocks per multiprocessor it is
-  // latency-bound, and narrower column tiles double its blocks.
-  int dev = 0, sms = 0;
+  check(state_cols == 0 || state_cols == -1 || state_cols == 16 || (state_cols == 32 && d.V % 32 == 0),
+        "delta rule chunk (cuda): state_cols must be 0, -1, 16 or 32 (32 only when 32 divides V)");
+  int dev = 0, sms = 0, optin = 0;
   check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
   check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "multiprocessor count");
-  state_cols_ = state_cols ? state_cols : (d.V % 32 == 0 && N * HV * (V / 32) >= 2 * sms) ? 32 : 16;
+  check_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "shared memory limit");
+  const size_t wbytes = dt == DType::F32 ? wide_smem<float>(d) : wide_smem<__half>(d);
+  const bool wide_ok = K <= 128 && V <= 128 && wbytes <= size_t(optin);
+  check(state_cols != -1 || wide_ok, "delta rule chunk (cuda): the wide state pass needs K, V <= 128");
+  wide_ = state_cols == -1 || (state_cols == 0 && wide_ok);
+  // The column-tiled pass is sequential over chunks: with fewer than two blocks per
+  // multiprocessor it is latency-bound, and narrower column tiles double its blocks.
+  state_cols_ = state_cols > 0 ? state_cols : (d.V % 32 == 0 && N * HV * (V / 32) >= 2 * sms) ? 32 : 16;
+  // Segments of the wide pass: where sequences x heads fill under a third of the multiprocessors,
+  // cut each sequence into runs of seg_len chunks so about one segment x head runs per multiprocessor.
+  int64_t seg_len = 0;
+  if (wide_ && seg_chunks > 0) seg_len = seg_chunks;
+  else if (wide_ && seg_chunks == 0) {
+    const int64_t split = sms / std::max<int64_t>(1, N * HV);
+    if (split >= 3 && max_chunks >= 16) seg_len = std::max<int64_t>(4, (max_chunks + split - 1) / split);
+  }
+  segmented_ = seg_len > 0;
+  std::vector<int32_t> seg, seg_off(N + 1);
+  for (int64_t n = 0; n < N; ++n) {
+    seg_off[n] = int32_t(seg.size() / 4);
+    const int64_t b0 = d.cu_seqlens[n], e0 = d.cu_seqlens[n + 1];
+    if (!segmented_) {
+      seg.insert(seg.end(), {int32_t(b0), int32_t(e0), off[n], int32_t(n)});
+      continue;
+    }
+    for (int64_t t = b0, c = off[n]; t < e0; t += seg_len * C, c += seg_len)
+      seg.insert(seg.end(), {int32_t(t), int32_t(std::min(e0, t + seg_len * C)), int32_t(c), int32_t(n)});
+  }
+  seg_off[N] = int32_t(seg.size() / 4);
+  nseg_ = int64_t(seg.size() / 4);
   const size_t es = dtype_size(dt), kda = d.gate == DeltaGate::PerKey;
   const size_t sizes[] = {
       tab.size() * 4, cu.size() * 4, off.size() * 4,
@@ -562,15 +842,20 @@ DeltaChunkPlan::DeltaChunkPlan(const DeltaRuleDims& d, DType dt, int state_cols)
       size_t(T * HV * C) * es,                            // P
       kda ? size_t(T * HV * K) * es : 0, kda ? size_t(T * HV * K) * es : 0,  // kg, qg
       size_t(chunks_ * HV * K * V) * es,                  // h
-      size_t(T * HV * V) * es};                           // vn
-  for (size_t s : sizes) ws_bytes_ += align_up(s);
+      size_t(T * HV * V) * es,                            // vn
+      seg.size() * 4, seg_off.size() * 4,                 // segment table
+      segmented_ ? size_t(nseg_ * HV * K * (K + V)) * 4 : 0,  // segbuf
+      segmented_ ? size_t(nseg_ * HV * K * V) * 4 : 0};       // segstart
+  size_t offs[std::size(sizes)];
+  for (size_t i = 0; i < std::size(sizes); ++i) offs[i] = ws_bytes_, ws_bytes_ += align_up(sizes[i]);
   check_cuda(cudaMalloc(&ws_, std::max<size_t>(ws_bytes_, 256)), "delta rule workspace");
-  check_cuda(cudaMemcpy(ws_, tab.data(), tab.size() * 4, cudaMemcpyHostToDevice), "chunk table upload");
-  check_cuda(cudaMemcpy(static_cast<char*>(ws_) + align_up(sizes[0]), cu.data(), cu.size() * 4, cudaMemcpyHostToDevice),
-             "cu_seqlens upload");
-  check_cuda(cudaMemcpy(static_cast<char*>(ws_) + align_up(sizes[0]) + align_up(sizes[1]), off.data(), off.size() * 4,
-                        cudaMemcpyHostToDevice),
-             "chunk offsets upload");
+  char* base = static_cast<char*>(ws_);
+  check_cuda(cudaMemcpy(base + offs[0], tab.data(), tab.size() * 4, cudaMemcpyHostToDevice), "chunk table upload");
+  check_cuda(cudaMemcpy(base + offs[1], cu.data(), cu.size() * 4, cudaMemcpyHostToDevice), "cu_seqlens upload");
+  check_cuda(cudaMemcpy(base + offs[2], off.data(), off.size() * 4, cudaMemcpyHostToDevice), "chunk offsets upload");
+  check_cuda(cudaMemcpy(base + offs[11], seg.data(), seg.size() * 4, cudaMemcpyHostToDevice), "segments upload");
+  check_cuda(cudaMemcpy(base + offs[12], seg_off.data(), seg_off.size() * 4, cudaMemcpyHostToDevice),
+             "segment offsets upload");
 }
 
 DeltaChunkPlan::~DeltaChunkPlan() { cudaFree(ws_); }
@@ -600,10 +885,16 @@ void DeltaChunkPlan::forward(const void* q, const void* k, const void* v, const 
   a.qg = take(kda ? size_t(T * HV * K) * es : 0);
   a.h = take(size_t(chunks_ * HV * K * V) * es);
   a.vn = take(size_t(T * HV * V) * es);
+  a.seg = reinterpret_cast<const int4*>(take(size_t(nseg_) * 16));
+  a.seg_off = reinterpret_cast<const int*>(take(size_t(d_.num_seqs() + 1) * 4));
+  a.segbuf = reinterpret_cast<float*>(take(segmented_ ? size_t(nseg_ * HV * K * (K + V)) * 4 : 0));
+  a.segstart = reinterpret_cast<float*>(take(segmented_ ? size_t(nseg_ * HV * K * V) * 4 : 0));
+  StateCfg st;
+  st.wide = wide_, st.segmented = segmented_, st.cols = state_cols_, st.nseg = nseg_;
   switch (dt_) {
-    case DType::F32: return dispatch<float>(a, d_, chunks_, state_cols_, stream);
-    case DType::F16: return dispatch<__half>(a, d_, chunks_, state_cols_, stream);
-    default: return dispatch<__nv_bfloat16>(a, d_, chunks_, state_cols_, stream);
+    case DType::F32: return dispatch<float>(a, d_, chunks_, st, stream);
+    case DType::F16: return dispatch<__half>(a, d_, chunks_, st, stream);
+    default: return dispatch<__nv_bfloat16>(a, d_, chunks_, st, stream);
   }
 }
 

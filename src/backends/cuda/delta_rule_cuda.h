@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "core/dtype.h"
+#include "core/tensor.h"
 #include "ops/delta_rule.h"
 
 namespace hla::cuda {
@@ -20,7 +21,8 @@ bool device_available();
 // Throws hla::Error naming `what` when a CUDA call failed.
 void check_cuda(cudaError_t e, const char* what);
 
-// Chunked forward (chunk 64, WY/UT form) for one fixed set of sequence lengths. Three launches:
+// Chunked forward (chunk 64, WY/UT form) for one fixed set of sequence lengths. Three launches
+// (five with a segmented state pass):
 //   prep   (chunk x value head, token-parallel): gate cumsum, L = strict-tril(beta K K^T ⊙ decay),
 //          T = (I+L)^{-1}, W = T(beta K ⊙ e^G), U = T(beta V), causal P = s Q K^T ⊙ decay;
 //   state  (sequence x value head x V-tile, sequential over chunks): v_new = U − W S,
@@ -33,8 +35,13 @@ void check_cuda(cudaError_t e, const char* what);
 class DeltaChunkPlan {
  public:
   // Uploads the chunk table and allocates the workspace for `d` (d.cu_seqlens on the host).
-  // state_cols: V columns per block of the sequential state pass (16 or 32; 0 picks by occupancy).
-  DeltaChunkPlan(const DeltaRuleDims& d, DType dt, int state_cols = 0);
+  // state_cols: how the sequential state pass splits V. 16 or 32: that many V columns per block
+  // (column-tiled pass); -1: the wide pass, all of V per block (8 warps, 16 columns each, sharing
+  // the W/K/U tiles; K, V ≤ 128); 0: wide where it fits, else column tiles picked by occupancy.
+  // seg_chunks (wide pass only): cut each sequence into segments of that many chunks, run in
+  // parallel from [0 | I] and merged through their transition matrices M (see state_wide_kernel);
+  // 0 picks by how many blocks sequences x heads give; −1 never segments.
+  DeltaChunkPlan(const DeltaRuleDims& d, DType dt, int state_cols = 0, int seg_chunks = 0);
   ~DeltaChunkPlan();
   DeltaChunkPlan(const DeltaChunkPlan&) = delete;
   DeltaChunkPlan& operator=(const DeltaChunkPlan&) = delete;
@@ -44,6 +51,8 @@ class DeltaChunkPlan {
                float* state, void* o, cudaStream_t stream) const;
 
   int64_t chunks() const { return chunks_; }
+  bool wide() const { return wide_; }
+  int64_t segments() const { return segmented_ ? nseg_ : 0; }  // 0 when not segmented
   size_t workspace_bytes() const { return ws_bytes_; }
 
  private:
@@ -51,6 +60,8 @@ class DeltaChunkPlan {
   DType dt_;
   int64_t chunks_ = 0;
   int state_cols_ = 16;
+  bool wide_ = false, segmented_ = false;
+  int64_t nseg_ = 0;
   size_t ws_bytes_ = 0;
   void* ws_ = nullptr;  // one allocation: chunk table, cu_seqlens, chunk offsets, intermediates
 };
@@ -65,5 +76,17 @@ void delta_rule_decode(const DeltaRuleDims& d, DType dt, int64_t n_seqs, int64_t
                        const void* k, const void* v, const float* g, const float* beta, float scale,
                        float* state_pool, const int32_t* slot_in, const int32_t* slot_out, void* o,
                        cudaStream_t stream);
+
+// Forward on host tensors (any float dtype; q, k, v run in `dt` = F32, F16 or BF16, g, beta and
+// the state in F32), laid out as the CPU op takes them: q,k [T,H,K], v [T,HV,V], g [T,HV(,K)],
+// beta [T,HV], h0 [N,HV,K,V]. Chunk mode runs DeltaChunkPlan; recurrent mode the decode kernel
+// with each sequence's tokens as one multi-token step (equal lengths only). Returns o [T,HV,V]
+// in `dt` and the final state [N,HV,K,V] in F32. There is no CUDA backward yet.
+struct DeltaForwardHost {
+  Tensor o, ht;
+};
+DeltaForwardHost delta_rule_forward_host(const DeltaRuleDims& d, DeltaMode mode, DType dt, const Tensor& q,
+                                         const Tensor& k, const Tensor& v, const Tensor& g, const Tensor& beta,
+                                         const Tensor& h0, float scale);
 
 }  // namespace hla::cuda
