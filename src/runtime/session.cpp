@@ -17,29 +17,42 @@ Sampler::Sampler(const SamplingParams& p) : p_(p), rng_(p.seed) {
 int64_t Sampler::sample(const float* logits, int64_t vocab) {
   if (p_.temperature == 0.0f)  // greedy; the lowest id wins ties, as torch.argmax
     return int64_t(std::max_element(logits, logits + vocab) - logits);
-  std::vector<int64_t> idx(static_cast<size_t>(vocab));
-  std::iota(idx.begin(), idx.end(), 0);
+  // Unnormalised probabilities at this temperature. Sorting a 150k vocabulary for every token would
+  // cost more than the forward pass of a small model, so only the candidates get sorted.
+  const float mx = *std::max_element(logits, logits + vocab);
+  prob_.resize(size_t(vocab));
+  for (int64_t i = 0; i < vocab; ++i) prob_[size_t(i)] = std::exp(double(logits[i] - mx) / p_.temperature);
+  auto draw = [&](const int64_t* ids, int64_t n, double mass) {  // one id of ids[0..n) by probability
+    double u = std::uniform_real_distribution<double>(0.0, mass)(rng_);
+    for (int64_t i = 0; i < n; ++i)
+      if ((u -= prob_[size_t(ids[i])]) < 0) return ids[i];
+    return ids[n - 1];  // u landed on the rounding slack at the very end
+  };
+  idx_.resize(size_t(vocab));
+  std::iota(idx_.begin(), idx_.end(), int64_t(0));
+  if (p_.top_k == 0 && p_.top_p >= 1.0f)
+    return draw(idx_.data(), vocab, std::accumulate(prob_.begin(), prob_.end(), 0.0));
+  auto more_likely = [&](int64_t a, int64_t b) { return prob_[size_t(a)] != prob_[size_t(b)] ? prob_[size_t(a)] > prob_[size_t(b)] : a < b; };
+  // The k most likely (top_k), sorted; the nucleus is the shortest prefix of them holding top_p of
+  // their mass. Without top_k, the candidate set doubles until it holds the nucleus.
   const int64_t k = p_.top_k > 0 ? std::min(p_.top_k, vocab) : vocab;
-  std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), [&](int64_t a, int64_t b) {
-    return logits[a] != logits[b] ? logits[a] > logits[b] : a < b;
-  });
-  idx.resize(size_t(k));
-  std::vector<double> prob(idx.size());
-  const double mx = logits[idx[0]];
-  double sum = 0;
-  for (size_t i = 0; i < idx.size(); ++i) sum += prob[i] = std::exp((logits[idx[i]] - mx) / p_.temperature);
-  // nucleus: the smallest prefix (by probability) whose mass reaches top_p
-  double mass = 0;
-  size_t keep = idx.size();
-  for (size_t i = 0; i < idx.size(); ++i) {
-    mass += prob[i] / sum;
-    if (mass >= p_.top_p) {
-      keep = i + 1;
-      break;
-    }
+  double total = 0;
+  if (p_.top_k > 0) {
+    std::nth_element(idx_.begin(), idx_.begin() + (k - 1), idx_.end(), more_likely);
+    for (int64_t i = 0; i < k; ++i) total += prob_[size_t(idx_[size_t(i)])];
+  } else {
+    total = std::accumulate(prob_.begin(), prob_.end(), 0.0);
   }
-  std::discrete_distribution<size_t> dist(prob.begin(), prob.begin() + long(keep));
-  return idx[dist(rng_)];
+  for (int64_t n = std::min<int64_t>(k, 64);; n = std::min(k, 2 * n)) {
+    if (n < k) std::nth_element(idx_.begin(), idx_.begin() + (n - 1), idx_.begin() + k, more_likely);
+    std::sort(idx_.begin(), idx_.begin() + n, more_likely);
+    double mass = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      mass += prob_[size_t(idx_[size_t(i)])];
+      if (mass >= p_.top_p * total) return draw(idx_.data(), i + 1, mass);
+    }
+    if (n == k) return draw(idx_.data(), n, mass);
+  }
 }
 
 std::vector<float> Session::append(const std::vector<int64_t>& ids) {

@@ -25,6 +25,8 @@ class Sampler {
  private:
   SamplingParams p_;
   std::mt19937_64 rng_;
+  std::vector<double> prob_;  // scratch, reused across tokens
+  std::vector<int64_t> idx_;
 };
 
 class Session {
