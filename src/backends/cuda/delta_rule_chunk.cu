@@ -808,17 +808,21 @@ DeltaChunkPlan::DeltaChunkPlan(const DeltaRuleDims& d, DType dt, int state_cols,
   const size_t wbytes = dt == DType::F32 ? wide_smem<float>(d) : wide_smem<__half>(d);
   const bool wide_ok = K <= 128 && V <= 128 && wbytes <= size_t(optin);
   check(state_cols != -1 || wide_ok, "delta rule chunk (cuda): the wide state pass needs K, V <= 128");
-  wide_ = state_cols == -1 || (state_cols == 0 && wide_ok);
+  // Measured (H200, bench_delta_rule): the wide pass is within ±5% of the column-tiled one where
+  // sequences x heads fill the multiprocessors, 1.5-1.9x slower at 16-32 (one block per head), and
+  // segmented it gains 3% at 16 (8 segments); so auto picks it only in those two cases.
+  const int64_t seqs_heads = std::max<int64_t>(1, N * HV);
+  wide_ = state_cols == -1 || (state_cols == 0 && wide_ok && (seqs_heads >= sms || sms / seqs_heads >= 8));
   // The column-tiled pass is sequential over chunks: with fewer than two blocks per
   // multiprocessor it is latency-bound, and narrower column tiles double its blocks.
   state_cols_ = state_cols > 0 ? state_cols : (d.V % 32 == 0 && N * HV * (V / 32) >= 2 * sms) ? 32 : 16;
-  // Segments of the wide pass: where sequences x heads fill under a third of the multiprocessors,
+  // Segments of the wide pass: where sequences x heads fill under an eighth of the multiprocessors,
   // cut each sequence into runs of seg_len chunks so about one segment x head runs per multiprocessor.
   int64_t seg_len = 0;
   if (wide_ && seg_chunks > 0) seg_len = seg_chunks;
   else if (wide_ && seg_chunks == 0) {
     const int64_t split = sms / std::max<int64_t>(1, N * HV);
-    if (split >= 3 && max_chunks >= 16) seg_len = std::max<int64_t>(4, (max_chunks + split - 1) / split);
+    if (split >= 8 && max_chunks >= 16) seg_len = std::max<int64_t>(4, (max_chunks + split - 1) / split);
   }
   segmented_ = seg_len > 0;
   std::vector<int32_t> seg, seg_off(N + 1);
