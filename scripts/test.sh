@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # All tests: the GoogleTest suite (ctest; tests that need ../shared/fixtures skip without them) and
-# the safetensors/config fuzzers for a bounded time. Assumes scripts/setup.sh (or the same build).
+# the libFuzzer targets of the parsers (safetensors, config.json, tokenizer.json, chat templates) for a
+# bounded time. Assumes scripts/setup.sh (or the same build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null
@@ -17,8 +18,8 @@ if [ -x "$nvcc" ]; then
 fi
 # libFuzzer needs clang and an instrumented build of the library.
 CC=clang CXX=clang++ cmake -S . -B build/fuzz -DHLA_FUZZ=ON -DHLA_TESTS=OFF >/dev/null
-cmake --build build/fuzz -j"$(nproc)" --target fuzz_safetensors fuzz_config
-for target in safetensors config; do
+cmake --build build/fuzz -j"$(nproc)" --target fuzz_safetensors fuzz_config fuzz_tokenizer fuzz_chat_template
+for target in safetensors config tokenizer chat_template; do
   work=$(mktemp -d)
   build/fuzz/fuzz_$target -max_total_time="${HLA_FUZZ_SECONDS:-60}" -max_len=8192 "$work" fuzz/corpus/$target 2>&1 | tail -1
   rm -rf "$work"

@@ -1040,10 +1040,16 @@ class Parser {
     const Token& tk = t_[p_++];
     auto n = make(Node::Literal, tk.line);
     switch (tk.type) {
-      case Tok::Number:
-        if (tk.value.find('.') != std::string::npos) n->lit = Value::real(std::stod(tk.value));
-        else n->lit = Value::integer(std::stoll(tk.value));
+      case Tok::Number: {
+        long long v = 0;
+        const char* end = tk.value.data() + tk.value.size();
+        if (tk.value.find('.') == std::string::npos && std::from_chars(tk.value.data(), end, v).ptr == end) {
+          n->lit = Value::integer(v);
+        } else {  // a fraction, or an integer past 64 bits: a double, as JavaScript reads every number
+          n->lit = Value::real(std::strtod(tk.value.c_str(), nullptr));
+        }
         return n;
+      }
       case Tok::String: {
         std::string s = tk.value;
         while (is(Tok::String)) s += t_[p_++].value;  // adjacent literals join
@@ -1769,6 +1775,9 @@ Value make_namespace(std::vector<Value>& args) {
 }  // namespace
 
 ChatTemplate::ChatTemplate(std::string_view source, std::string name) : name_(std::move(name)) {
+  // The lexer walks code points; JSON strings are valid UTF-8 already, raw bytes may not be.
+  if (const size_t bad = invalid_utf8_at(source); bad != std::string_view::npos)
+    throw Error(name_ + ": invalid UTF-8 at byte " + std::to_string(bad));
   try {
     root_ = Parser(lex(std::string(source))).program();
   } catch (const RenderError& e) {
