@@ -254,7 +254,7 @@ struct OpenAIServer::Impl {
     auto sent_done = std::make_shared<bool>(false);
     res.set_chunked_content_provider(
         "text/event-stream",
-        [this, r, text, chunk, sent_done](size_t, httplib::DataSink& sink) {
+        [r, text, chunk, sent_done](size_t, httplib::DataSink& sink) {
          try {
           std::vector<int64_t> toks;
           bool done = r->wait(&toks, std::chrono::milliseconds(500));
