@@ -170,20 +170,25 @@ struct OpenAIServer::Impl {
     std::vector<std::string> stops;
     if (!b.has("stop")) return stops;
     const json& st = b.j["stop"];
-    if (st.is_string()) stops.push_back(st.get<std::string>());
-    else if (st.is_array() && st.size() <= 4 && std::all_of(st.begin(), st.end(), [](auto& x) { return x.is_string(); }))
+    if (st.is_string())
+      stops.push_back(st.get<std::string>());
+    else if (st.is_array() && st.size() <= 4 &&
+             std::all_of(st.begin(), st.end(), [](auto& x) { return x.is_string(); }))
       for (auto& x : st) stops.push_back(x.get<std::string>());
-    else throw ApiError{400, "'stop' must be a string or an array of up to 4 strings", "stop"};
+    else
+      throw ApiError{400, "'stop' must be a string or an array of up to 4 strings", "stop"};
     for (auto& x : stops)
       if (x.empty()) throw ApiError{400, "'stop' strings must not be empty", "stop"};
-    if (!stops.empty() && !tm.tokenizer) throw ApiError{400, "'stop' strings need a tokenizer; this model has none", "stop"};
+    if (!stops.empty() && !tm.tokenizer)
+      throw ApiError{400, "'stop' strings need a tokenizer; this model has none", "stop"};
     return stops;
   }
 
   void check_prompt_length(const std::vector<int64_t>& ids, const char* param) const {
     if (int64_t(ids.size()) > opt.max_prompt_tokens)
-      throw ApiError{400, "prompt has " + std::to_string(ids.size()) + " tokens, over this server's limit of " +
-                              std::to_string(opt.max_prompt_tokens),
+      throw ApiError{400,
+                     "prompt has " + std::to_string(ids.size()) + " tokens, over this server's limit of " +
+                         std::to_string(opt.max_prompt_tokens),
                      param};
   }
 
@@ -194,8 +199,9 @@ struct OpenAIServer::Impl {
         if (!v.is_number_integer()) throw ApiError{400, "'prompt' token arrays must hold integers only", "prompt"};
         const int64_t id = v.get<int64_t>();
         if (id < 0 || id >= model.spec().vocab)
-          throw ApiError{400, "'prompt' token id " + std::to_string(id) + " is outside the vocabulary [0, " +
-                                  std::to_string(model.spec().vocab) + ")",
+          throw ApiError{400,
+                         "'prompt' token id " + std::to_string(id) + " is outside the vocabulary [0, " +
+                             std::to_string(model.spec().vocab) + ")",
                          "prompt"};
         ids.push_back(id);
       }
@@ -214,7 +220,8 @@ struct OpenAIServer::Impl {
 
   std::shared_ptr<Request> submit(std::vector<int64_t> ids, GenerationParams p) {
     auto r = engine.submit(std::move(ids), std::move(p));
-    if (!r) throw ApiError{429, "the server is at its limit of concurrent requests; retry later", "", "rate_limit_error"};
+    if (!r)
+      throw ApiError{429, "the server is at its limit of concurrent requests; retry later", "", "rate_limit_error"};
     return r;
   }
 
@@ -241,8 +248,10 @@ struct OpenAIServer::Impl {
       done = r.wait(&out, std::chrono::milliseconds(200));
       *text_out += text.push(std::vector<int64_t>(out.begin() + long(before), out.end()));
     }
-    if (text.stopped()) r.cancel();
-    else *text_out += text.finish();
+    if (text.stopped())
+      r.cancel();
+    else
+      *text_out += text.finish();
     if (r.finish_reason().rfind("error", 0) == 0) throw ApiError{500, r.finish_reason(), "", "server_error"};
     return out;
   }
@@ -255,28 +264,30 @@ struct OpenAIServer::Impl {
     res.set_chunked_content_provider(
         "text/event-stream",
         [r, text, chunk, sent_done](size_t, httplib::DataSink& sink) {
-         try {
-          std::vector<int64_t> toks;
-          bool done = r->wait(&toks, std::chrono::milliseconds(500));
-          std::string piece = text->push(toks);
-          if (text->stopped()) r->cancel(), done = true;  // a stop string ends the request here
-          else if (done) piece += text->finish();
-          std::string out;
-          if (!toks.empty() || !piece.empty()) out += "data: " + chunk(toks, piece, false).dump() + "\n\n";
-          if (done) out += "data: " + chunk({}, "", true).dump() + "\n\ndata: [DONE]\n\n";
-          if (out.empty()) out = ": keep-alive\n\n";  // also detects a client that went away
-          if (!sink.write(out.data(), out.size())) return false;  // the client left
-          if (done) {
-            *sent_done = true;
-            sink.done();
+          try {
+            std::vector<int64_t> toks;
+            bool done = r->wait(&toks, std::chrono::milliseconds(500));
+            std::string piece = text->push(toks);
+            if (text->stopped())
+              r->cancel(), done = true;  // a stop string ends the request here
+            else if (done)
+              piece += text->finish();
+            std::string out;
+            if (!toks.empty() || !piece.empty()) out += "data: " + chunk(toks, piece, false).dump() + "\n\n";
+            if (done) out += "data: " + chunk({}, "", true).dump() + "\n\ndata: [DONE]\n\n";
+            if (out.empty()) out = ": keep-alive\n\n";              // also detects a client that went away
+            if (!sink.write(out.data(), out.size())) return false;  // the client left
+            if (done) {
+              *sent_done = true;
+              sink.done();
+            }
+            return true;
+          } catch (const std::exception& e) {  // never let one stream take the server down
+            r->cancel();
+            const std::string err = "data: " + error_body({500, e.what(), "", "server_error"}).dump() + "\n\n";
+            sink.write(err.data(), err.size());
+            return false;
           }
-          return true;
-         } catch (const std::exception& e) {  // never let one stream take the server down
-          r->cancel();
-          const std::string err = "data: " + error_body({500, e.what(), "", "server_error"}).dump() + "\n\n";
-          sink.write(err.data(), err.size());
-          return false;
-         }
         },
         [this, r, sent_done](bool) {
           if (*sent_done) return;
@@ -296,27 +307,34 @@ struct OpenAIServer::Impl {
     auto text = std::make_shared<TextStream>(tm.tokenizer.get(), stop_strings(b));
     const bool streaming = b.boolean("stream", false);
     auto r = submit(std::move(ids), std::move(p));
-    const json base = {{"id", new_id("cmpl-")}, {"object", "text_completion"}, {"created", unix_now()},
-                       {"model", opt.model_name}};
+    const json base = {
+        {"id", new_id("cmpl-")}, {"object", "text_completion"}, {"created", unix_now()}, {"model", opt.model_name}};
     if (!streaming) {
       std::string out_text;
       std::vector<int64_t> out = collect(*r, *text, &out_text);
       json body = base;
-      body["choices"] = json::array({{{"index", 0}, {"text", out_text}, {"token_ids", out}, {"logprobs", nullptr},
+      body["choices"] = json::array({{{"index", 0},
+                                      {"text", out_text},
+                                      {"token_ids", out},
+                                      {"logprobs", nullptr},
                                       {"finish_reason", finish_reason(*r, *text)}}});
       body["usage"] = usage(*r, int64_t(out.size()));
       res.set_content(body.dump(), "application/json");
       return;
     }
     auto generated = std::make_shared<int64_t>(0);
-    stream(res, r, text, [this, r, text, base, generated](const std::vector<int64_t>& toks, const std::string& piece, bool final) {
-      json c = base;
-      *generated += int64_t(toks.size());
-      c["choices"] = json::array({{{"index", 0}, {"text", piece}, {"token_ids", toks}, {"logprobs", nullptr},
-                                   {"finish_reason", final ? json(finish_reason(*r, *text)) : json(nullptr)}}});
-      if (final) c["usage"] = usage(*r, *generated);
-      return c;
-    });
+    stream(res, r, text,
+           [this, r, text, base, generated](const std::vector<int64_t>& toks, const std::string& piece, bool final) {
+             json c = base;
+             *generated += int64_t(toks.size());
+             c["choices"] = json::array({{{"index", 0},
+                                          {"text", piece},
+                                          {"token_ids", toks},
+                                          {"logprobs", nullptr},
+                                          {"finish_reason", final ? json(finish_reason(*r, *text)) : json(nullptr)}}});
+             if (final) c["usage"] = usage(*r, *generated);
+             return c;
+           });
   }
 
   // messages -> [{role, content}] for the template; content may be a string or text parts.
@@ -335,7 +353,8 @@ struct OpenAIServer::Impl {
         content = m["content"].get<std::string>();
       } else if (m.contains("content") && m["content"].is_array()) {
         for (auto& part : m["content"]) {
-          if (!part.is_object() || part.value("type", "") != "text" || !part.contains("text") || !part["text"].is_string())
+          if (!part.is_object() || part.value("type", "") != "text" || !part.contains("text") ||
+              !part["text"].is_string())
             throw ApiError{400, "only text content parts are supported", "messages"};
           content += part["text"].get<std::string>();
         }
@@ -352,7 +371,8 @@ struct OpenAIServer::Impl {
     check_model(b);
     nlohmann::ordered_json msgs = chat_messages(b);
     if (!tm.tokenizer || !tm.tokenizer->has_chat_template())
-      throw ApiError{400, "this model directory has no tokenizer with a chat template: use /v1/completions", "messages"};
+      throw ApiError{400, "this model directory has no tokenizer with a chat template: use /v1/completions",
+                     "messages"};
     std::vector<int64_t> ids;
     try {
       ids = tm.encode_chat(msgs);
@@ -380,17 +400,22 @@ struct OpenAIServer::Impl {
     }
     auto first = std::make_shared<bool>(true);
     auto generated = std::make_shared<int64_t>(0);
-    stream(res, r, text, [this, r, text, id, created, first, generated](const std::vector<int64_t>& toks, const std::string& piece, bool final) {
-      json c = {{"id", id}, {"object", "chat.completion.chunk"}, {"created", created}, {"model", opt.model_name}};
-      *generated += int64_t(toks.size());
-      json delta = json::object();
-      if (*first) delta["role"] = "assistant", *first = false;
-      if (!final) delta["content"] = piece;
-      c["choices"] = json::array({{{"index", 0}, {"delta", delta}, {"logprobs", nullptr},
-                                   {"finish_reason", final ? json(finish_reason(*r, *text)) : json(nullptr)}}});
-      if (final) c["usage"] = usage(*r, *generated);
-      return c;
-    });
+    stream(
+        res, r, text,
+        [this, r, text, id, created, first, generated](const std::vector<int64_t>& toks, const std::string& piece,
+                                                       bool final) {
+          json c = {{"id", id}, {"object", "chat.completion.chunk"}, {"created", created}, {"model", opt.model_name}};
+          *generated += int64_t(toks.size());
+          json delta = json::object();
+          if (*first) delta["role"] = "assistant", *first = false;
+          if (!final) delta["content"] = piece;
+          c["choices"] = json::array({{{"index", 0},
+                                       {"delta", delta},
+                                       {"logprobs", nullptr},
+                                       {"finish_reason", final ? json(finish_reason(*r, *text)) : json(nullptr)}}});
+          if (final) c["usage"] = usage(*r, *generated);
+          return c;
+        });
   }
 
   std::string metrics_text() {
@@ -415,7 +440,8 @@ struct OpenAIServer::Impl {
     metric("hla_engine_steps_total", "counter", "Batched forward steps.", int64_t(s.steps));
     metric("hla_cancelled_requests_total", "counter", "Requests cancelled because the client disconnected.",
            cancelled.load());
-    t += "# HELP hla_http_responses_total HTTP responses by endpoint and status.\n# TYPE hla_http_responses_total counter\n";
+    t += "# HELP hla_http_responses_total HTTP responses by endpoint and status.\n# TYPE hla_http_responses_total "
+         "counter\n";
     std::lock_guard<std::mutex> lock(metrics_mu);
     for (auto& [k, v] : responses)
       t += "hla_http_responses_total{endpoint=\"" + k.first + "\",status=\"" + std::to_string(k.second) + "\"} " +
@@ -450,12 +476,15 @@ struct OpenAIServer::Impl {
                json m = {{"id", opt.model_name}, {"object", "model"}, {"created", unix_now()}, {"owned_by", "hla"}};
                s.set_content(json{{"object", "list"}, {"data", json::array({m})}}.dump(), "application/json");
              }));
-    http.Get("/health", guarded("/health", [](auto&, auto& s) { s.set_content(R"({"status":"ok"})", "application/json"); }));
-    http.Get("/metrics", guarded("/metrics", [this](auto&, auto& s) { s.set_content(metrics_text(), "text/plain; version=0.0.4"); }));
+    http.Get("/health",
+             guarded("/health", [](auto&, auto& s) { s.set_content(R"({"status":"ok"})", "application/json"); }));
+    http.Get("/metrics", guarded("/metrics", [this](auto&, auto& s) {
+               s.set_content(metrics_text(), "text/plain; version=0.0.4");
+             }));
     // Anything else (unknown path, oversized body, bad method): a JSON error, never an HTML page.
     http.set_error_handler([](const httplib::Request&, httplib::Response& res) {
       if (!res.body.empty()) return;
-      const std::string msg = res.status == 413 ? "request body exceeds the server's size limit"
+      const std::string msg = res.status == 413   ? "request body exceeds the server's size limit"
                               : res.status == 404 ? "no such endpoint"
                                                   : "bad request";
       res.set_content(error_body({res.status, msg, ""}).dump(), "application/json");
