@@ -65,10 +65,11 @@ LabPreset lab_preset(const std::string& name) {
   p.layouts = {"attention", "kda-3:1", "gdn-3:1", "kda-7:1", "lightning-7:1", "kda", "gdn", "sparse-3:1"};
   if (name == "smoke") {
     p.tasks = {"mqar"};
-    p.sizes = {{"s", 64, 4, 2, 32, 2, 16, 128, 16}};
+    // a small linear state (2 heads × 8×8 per layer) so that 16 pairs exceed it within minutes of training
+    p.sizes = {{"s", 64, 4, 2, 32, 2, 8, 128, 16}};
     p.seeds = {0};
     p.lrs = {3e-3};
-    p.steps = 400, p.batch = 16, p.eval_examples = 64;
+    p.steps = 2000, p.batch = 32, p.eval_examples = 128;
   } else if (name == "standard") {
     p.tasks = {"mqar", "multihop", "niah", "copy", "selective_copy", "parity", "s5", "induction", "brown"};
     p.sizes = {{"s", 128, 8, 4, 32, 4, 32, 384, 64}, {"m", 256, 8, 4, 64, 4, 64, 768, 64}};
@@ -278,11 +279,13 @@ void run_lab(const LabPreset& P, const std::string& out) {
     auto at_hard = [&](int64_t lv) { return lv == hard; };
     const double a = mean_of("mqar", "attention", sz, at_hard), k = mean_of("mqar", "kda", sz, at_hard),
                  g = mean_of("mqar", "gdn", sz, at_hard);
-    claim("Pure linear layouts fail recall as the number of pairs grows (MQAR, attention − best pure linear ≥ 0.2 at the most pairs)",
-          !std::isnan(a) && !std::isnan(k), a - std::max(k, g) >= 0.2,
-          "MQAR accuracy at " + std::to_string(hard) + " pairs: attention " + num(a) + ", kda " + num(k) + ", gdn " + num(g) +
-              "; over all pair counts: attention " + num(mean_of("mqar", "attention", sz, all)) + ", kda " +
-              num(mean_of("mqar", "kda", sz, all)) + ", gdn " + num(mean_of("mqar", "gdn", sz, all)) + ".");
+    const double am = mean_of("mqar", "attention", sz, all), km = mean_of("mqar", "kda", sz, all),
+                 gm = mean_of("mqar", "gdn", sz, all);
+    claim("Pure linear layouts fall behind full attention on recall (MQAR accuracy over all pair counts, attention − best "
+          "pure linear ≥ 0.2)",
+          !std::isnan(am) && !std::isnan(km), am - std::max(km, std::isnan(gm) ? km : gm) >= 0.2,
+          "mean MQAR accuracy: attention " + num(am) + ", kda " + num(km) + ", gdn " + num(gm) + "; at " +
+              std::to_string(hard) + " pairs: attention " + num(a) + ", kda " + num(k) + ", gdn " + num(g) + ".");
     const double h3 = mean_of("mqar", "kda-3:1", sz, all), g3 = mean_of("mqar", "gdn-3:1", sz, all),
                  aa = mean_of("mqar", "attention", sz, all);
     claim("3:1 hybrids match full attention on recall (within 0.05 on MQAR)", !std::isnan(h3) && !std::isnan(aa),

@@ -240,7 +240,7 @@ std::unique_ptr<Task> make_task(const std::string& name, const std::string& pres
   check(preset == "smoke" || preset == "standard", "preset must be smoke or standard (is '" + preset + "')");
   const bool s = preset == "smoke";
   if (name == "mqar")
-    return s ? std::make_unique<Mqar>(0, 32, 32, std::vector<int64_t>{4, 8, 16}, std::vector<int64_t>{4, 8, 16, 24, 32})
+    return s ? std::make_unique<Mqar>(0, 32, 32, std::vector<int64_t>{4, 8, 16}, std::vector<int64_t>{4, 8, 16})
              : std::make_unique<Mqar>(256, 256, 256, std::vector<int64_t>{8, 16, 32}, std::vector<int64_t>{8, 16, 32, 48, 64});
   if (name == "multihop") return s ? std::make_unique<MultiHop>(8, 8, 64, 32) : std::make_unique<MultiHop>(16, 16, 256, 128);
   if (name == "niah")
