@@ -82,6 +82,7 @@ void register_generate(CLI::App& app) {
     });
     if (text) std::fputs(text->finish().c_str(), stdout);
     std::printf("\n");
+    std::fflush(stdout);  // the ids line before the stats line, also when both go to one file
     if (o->stats) {
       const double pre = std::chrono::duration<double>(t1 - t0).count();
       const double dec = std::chrono::duration<double>(clock::now() - t1).count();
