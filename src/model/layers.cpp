@@ -375,7 +375,7 @@ class MultiLatentAttention : public Mixer {
   // ties). Returns {} when every query may see all its causal keys (dense attention).
   std::vector<std::vector<int32_t>> select_keys(const float* x, const float* qr, int64_t n, int64_t past,
                                                 LayerCache& lc) const {
-    const int64_t D = s_.hidden, IH = s_.index_heads, ID = s_.index_dim, dr = s_.qk_rope, Rq = s_.q_lora_rank;
+    const int64_t D = s_.hidden, IH = s_.index_heads, ID = s_.index_dim, Rq = s_.q_lora_rank;
     auto iq = buffer(n * IH * ID), ik = buffer(n * ID), w = buffer(n * IH);
     linear(qr, iq_.f32(), iq.data(), n, Rq, IH * ID);
     linear(x, ik_.f32(), ik.data(), n, D, ID);
@@ -385,7 +385,6 @@ class MultiLatentAttention : public Mixer {
       rope(iq.data() + t * IH * ID, IH, ID, index_freq_, past + t, RopePairs::HalfSplit, attn_factor_);
       rope(ik.data() + t * ID, 1, ID, index_freq_, past + t, RopePairs::HalfSplit, attn_factor_);
     }
-    (void)dr;
     append_rows(lc.index_k, ik.data(), n, ID);
     const int64_t S = past + n, topk = s_.index_topk;
     if (S <= topk) return {};
@@ -467,7 +466,7 @@ class MoeFfn : public Ffn {
   }
 
   void forward(const float* x, float* out, int64_t T) const override {
-    const int64_t D = s_.hidden, E = s_.n_experts, k = s_.top_k;
+    const int64_t D = s_.hidden, E = s_.n_experts;
     auto logits = buffer(T * E);
     linear(x, router_.f32(), logits.data(), T, D, E);
     std::vector<std::vector<std::pair<int64_t, float>>> tokens_of(static_cast<size_t>(E));  // expert -> (token, weight)
@@ -475,7 +474,6 @@ class MoeFfn : public Ffn {
       std::vector<std::pair<int64_t, float>> picks = route(logits.data() + t * E);
       for (auto& [e, w] : picks) tokens_of[size_t(e)].emplace_back(t, w);
     }
-    (void)k;
     std::fill(out, out + T * D, 0.0f);
     for (int64_t e = 0; e < E; ++e) {
       const auto& list = tokens_of[size_t(e)];
