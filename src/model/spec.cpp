@@ -358,6 +358,8 @@ ModelSpec parse_model_spec(const Config& root) {
     throw Error(root.field_error("model_type", "'" + mt +
                                                    "' is not a supported architecture (qwen3_next, qwen3_5, kimi_linear, deepseek_v32, hla_hybrid)"));
   parse_common(c, s);
+  // Vision-language configs may say tie_word_embeddings only at the top level.
+  if (!c.has("tie_word_embeddings")) s.tie_embeddings = root.get_bool("tie_word_embeddings", false);
   if (s.eos_token_ids.empty()) s.eos_token_ids = eos_ids(root);
   switch (s.arch) {
     case Arch::Qwen3Next:
