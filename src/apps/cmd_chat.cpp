@@ -1,9 +1,12 @@
-// hla chat --model DIR: an interactive, multi-turn chat on the terminal. Replies stream as they are
-// generated. A turn re-uses the conversation's hybrid cache: when the new rendered prompt extends
+// hla chat [--model DIR]: an interactive, multi-turn chat on the terminal. Replies stream as they
+// are generated. Without --model it talks to the demo model shipped in the repository
+// (models/brown-hybrid, a small hybrid hla trained on the Brown corpus). A tokenizer without a chat
+// template gets plain continuation: the conversation as lines of text. A turn re-uses the conversation's hybrid cache: when the new rendered prompt extends
 // what the cache already holds, only the new tokens are prefilled (recurrent state cannot be
 // rolled back, so anything else starts over). Commands: /reset, /exit (or end of input).
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <iostream>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -15,6 +18,20 @@
 
 namespace hla::cli {
 
+namespace {
+
+// models/brown-hybrid beside the build directory of this binary (build/hla -> models/...).
+std::string shipped_demo_model() {
+  std::error_code ec;
+  const auto exe = std::filesystem::read_symlink("/proc/self/exe", ec);
+  if (ec) return "";
+  for (auto dir = exe.parent_path(); !dir.empty() && dir != dir.parent_path(); dir = dir.parent_path())
+    if (std::filesystem::exists(dir / "models/brown-hybrid/config.json")) return (dir / "models/brown-hybrid").string();
+  return "";
+}
+
+}  // namespace
+
 void register_chat(CLI::App& app) {
   auto* cmd = app.add_subcommand("chat", "Interactive multi-turn chat (needs tokenizer.json with a chat template)");
   struct Options {
@@ -23,14 +40,22 @@ void register_chat(CLI::App& app) {
     SamplingParams sampling{0.7f, 40, 0.95f, 0};
   };
   auto o = std::make_shared<Options>();
-  cmd->add_option("--model", o->model, "model directory")->required();
+  cmd->add_option("--model", o->model, "model directory (default: the shipped demo model)");
   cmd->add_option("--system", o->system, "system prompt");
   cmd->add_option("--max-new-tokens", o->max_new, "longest reply")->default_val(512);
   add_sampling_options(cmd, o->sampling);
   cmd->callback([o] {
+    if (o->model.empty()) o->model = shipped_demo_model();
+    check(!o->model.empty(), "--model is needed (the demo model models/brown-hybrid was not found)");
     TextModel tm = load_text_model(o->model);
     const Tokenizer& tok = tm.need_tokenizer();
-    check(tok.has_chat_template(), o->model + "/tokenizer_config.json: no chat_template");
+    // With a template: the model's own chat format. Without: each turn is a line of plain text.
+    auto render = [&](const nlohmann::ordered_json& msgs) {
+      if (tok.has_chat_template()) return tm.encode_chat(msgs);
+      std::string text;
+      for (auto& m : msgs) text += m["content"].get<std::string>() + "\n";
+      return tm.encode_prompt(text);
+    };
     Sampler sampler(o->sampling);
     auto session = std::make_unique<Session>(*tm.model);
     std::vector<int64_t> history;  // the tokens folded into session's cache
@@ -42,7 +67,8 @@ void register_chat(CLI::App& app) {
       if (!o->system.empty()) messages.push_back({{"role", "system"}, {"content", o->system}});
     };
     reset();
-    std::fprintf(stderr, "hla chat: %s. /reset starts over, /exit quits.\n", tm.model->spec().model_type.c_str());
+    std::fprintf(stderr, "hla chat: %s (%s)%s. /reset starts over, /exit quits.\n", o->model.c_str(),
+                 tm.model->spec().model_type.c_str(), tok.has_chat_template() ? "" : ", no chat template: plain continuation");
     std::string line;
     while (true) {
       std::fputs("> ", stdout);
@@ -55,7 +81,7 @@ void register_chat(CLI::App& app) {
       }
       if (line.empty()) continue;
       messages.push_back({{"role", "user"}, {"content", line}});
-      const std::vector<int64_t> ids = tm.encode_chat(messages);
+      const std::vector<int64_t> ids = render(messages);
       const bool extends = history.size() < ids.size() && std::equal(history.begin(), history.end(), ids.begin());
       if (!extends) {
         session = std::make_unique<Session>(*tm.model);
