@@ -88,7 +88,7 @@ void register_chat(CLI::App& app) {
         history.clear();
       }
       const std::vector<int64_t> fresh(ids.begin() + int64_t(history.size()), ids.end());
-      Detokenizer text(tok);
+      Detokenizer text(tok, tm.stop_ids);
       std::string reply;
       const auto t0 = std::chrono::steady_clock::now();
       auto t1 = t0;

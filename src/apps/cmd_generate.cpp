@@ -65,7 +65,7 @@ void register_generate(CLI::App& app) {
     const std::vector<int64_t> prompt = o->prompt.empty() ? parsed : tm.encode_prompt(o->prompt);
     const bool as_text = !o->prompt.empty() && !o->print_ids;
     std::unique_ptr<Detokenizer> text;
-    if (as_text) text = std::make_unique<Detokenizer>(*tm.tokenizer);
+    if (as_text) text = std::make_unique<Detokenizer>(*tm.tokenizer, tm.stop_ids);
     Session session(*m);
     Sampler sampler(o->sampling);
     using clock = std::chrono::steady_clock;

@@ -2,6 +2,7 @@
 // a tokenizer.json), and the ids that end a generation. Shared by `hla generate --prompt`,
 // `hla chat` and `hla serve`.
 #pragma once
+#include <algorithm>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -27,17 +28,23 @@ struct TextModel {
 
 TextModel load_text_model(const std::string& dir);
 
-// Text of generated ids as they come (whole UTF-8 characters only), special tokens skipped. Ids
-// past the tokenizer's vocabulary are no text: checkpoints pad vocab_size beyond it (Qwen3:
-// 151936 rows for 151669 tokens) and a sampler may still pick one.
+// Text of generated ids as they come (whole UTF-8 characters only), special tokens skipped. The
+// stop ids are no text (a byte-level model may stop at "\n"), nor are ids past the tokenizer's
+// vocabulary: checkpoints pad vocab_size beyond it (Qwen3: 151936 rows for 151669 tokens) and a
+// sampler may still pick one.
 class Detokenizer {
  public:
-  explicit Detokenizer(const Tokenizer& tok) : tok_(tok), stream_(tok, true) {}
-  std::string push(int64_t id) { return id < tok_.vocab_size() ? stream_.push(int32_t(id)) : std::string(); }
+  explicit Detokenizer(const Tokenizer& tok, std::vector<int64_t> stop_ids = {})
+      : tok_(tok), stop_(std::move(stop_ids)), stream_(tok, true) {}
+  std::string push(int64_t id) {
+    const bool text = id < tok_.vocab_size() && std::find(stop_.begin(), stop_.end(), id) == stop_.end();
+    return text ? stream_.push(int32_t(id)) : std::string();
+  }
   std::string finish() { return stream_.finish(); }
 
  private:
   const Tokenizer& tok_;
+  std::vector<int64_t> stop_;
   Tokenizer::StreamDecoder stream_;
 };
 
