@@ -57,7 +57,7 @@ void register_generate(CLI::App& app) {
   cmd->add_option("--device", o->device, "cpu or cuda")->default_val("cpu");
   cmd->add_flag("--stats", o->stats, "print prefill and decode speed to stderr");
   cmd->callback([o] {
-    check(o->device == "cpu", "--device " + o->device + ": this build has no CUDA backend (build with -DHLA_CUDA=ON)");
+    require_cpu_model_device(o->device);
     check(!o->prompt_ids.empty() || !o->prompt.empty(), "give --prompt-ids or --prompt");
     const std::vector<int64_t> parsed = o->prompt.empty() ? parse_ids(o->prompt_ids) : std::vector<int64_t>{};
     TextModel tm = load_text_model(o->model);

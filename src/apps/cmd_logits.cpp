@@ -20,7 +20,7 @@ void register_logits(CLI::App& app) {
   cmd->add_option("--device", device, "cpu or cuda")->default_val("cpu");
   cmd->callback([opts] {
     auto& [model_dir, in_path, out_path, dev] = *opts;
-    check(dev == "cpu", "--device " + dev + ": this build has no CUDA backend (build with -DHLA_CUDA=ON)");
+    require_cpu_model_device(dev);
     SafeTensorsFile in(in_path);
     check(in.has("input_ids"), in_path + ": no tensor 'input_ids'");
     Tensor ids = in.get("input_ids");

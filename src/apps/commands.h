@@ -2,9 +2,21 @@
 #pragma once
 #include <CLI/CLI.hpp>
 
+#include "core/error.h"
 #include "runtime/session.h"
 
 namespace hla::cli {
+
+// --device for whole-model commands: the model runs on the CPU; with CUDA built in, only the
+// delta-rule ops (hla op) run on the GPU so far.
+inline void require_cpu_model_device(const std::string& device) {
+  if (device == "cpu") return;
+#ifdef HLA_HAS_CUDA
+  throw Error("--device " + device + ": the model runs on the CPU only for now (hla op runs its kernels on CUDA)");
+#else
+  throw Error("--device " + device + ": this build has no CUDA backend (build with -DHLA_CUDA=ON)");
+#endif
+}
 
 // --temperature --top-k --top-p --seed, with the command's defaults already in `p`.
 inline void add_sampling_options(CLI::App* cmd, SamplingParams& p) {
