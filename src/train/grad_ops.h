@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "backends/cpu/nn.h"
+
 namespace hla::train {
 
 template <class T>
@@ -105,19 +107,7 @@ inline void gated_rms_bwd(const T* o, const T* z, const T* w, const T* dy, T* do
   rms_bwd(o, w, dn.data(), do_, dw, rows, dim, eps, false);
 }
 
-// LayerNorm with bias (biased variance): the DSA indexer's key norm.
-template <class T>
-inline void layer_norm_fwd(const T* x, const T* w, const T* b, T* y, int64_t rows, int64_t dim, T eps) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* xr = x + r * dim;
-    T mean = 0, var = 0;
-    for (int64_t i = 0; i < dim; ++i) mean += xr[i];
-    mean /= T(dim);
-    for (int64_t i = 0; i < dim; ++i) var += (xr[i] - mean) * (xr[i] - mean);
-    const T s = T(1) / std::sqrt(var / T(dim) + eps);
-    for (int64_t i = 0; i < dim; ++i) y[r * dim + i] = (xr[i] - mean) * s * w[i] + b[i];
-  }
-}
+// LayerNorm with bias (biased variance), the DSA indexer's key norm; the forward is cpu::layer_norm.
 template <class T>
 inline void layer_norm_bwd(const T* x, const T* w, const T* dy, T* dx, T* dw, T* db, int64_t rows, int64_t dim, T eps) {
   Vec<T> xh(static_cast<size_t>(dim)), g(static_cast<size_t>(dim));

@@ -466,7 +466,7 @@ struct Attn : Base<T> {
     iq = zeros<T>(N * IH * ID), ik_raw = zeros<T>(N * ID), ik = zeros<T>(N * ID), iw = zeros<T>(N * IH);
     iq_p.fwd(x_, iq.data(), N);
     ik_p.fwd(x_, ik_raw.data(), N);
-    layer_norm_fwd(ik_raw.data(), ik_w->w.data(), ik_b->w.data(), ik.data(), N, ID, T(1e-6));
+    cpu::layer_norm(ik_raw.data(), ik_w->w.data(), ik_b->w.data(), ik.data(), N, ID, T(1e-6));
     iw_p.fwd(x_, iw.data(), N);
     sel.assign(size_t(N), {});
     const auto& cu = *c.cu;

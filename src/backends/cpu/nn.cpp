@@ -42,19 +42,6 @@ void gated_rms_norm(float* o, const float* gate, const float* w, int64_t rows, i
   }
 }
 
-void layer_norm(const float* x, const float* w, const float* b, float* y, int64_t rows, int64_t dim,
-                float eps) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = x + r * dim;
-    float mean = 0, var = 0;
-    for (int64_t i = 0; i < dim; ++i) mean += xr[i];
-    mean /= float(dim);
-    for (int64_t i = 0; i < dim; ++i) var += (xr[i] - mean) * (xr[i] - mean);
-    const float s = 1.0f / std::sqrt(var / float(dim) + eps);
-    for (int64_t i = 0; i < dim; ++i) y[r * dim + i] = (xr[i] - mean) * s * w[i] + b[i];
-  }
-}
-
 void causal_conv1d_silu(const float* x, const float* w, float* state, float* y, int64_t T, int64_t C,
                         int64_t Kw) {
   const int64_t P = Kw - 1;  // taps that reach into the past

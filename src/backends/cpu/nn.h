@@ -21,8 +21,18 @@ enum class GateAct { SiLU, Sigmoid };
 void gated_rms_norm(float* o, const float* gate, const float* w, int64_t rows, int64_t dim, float eps,
                     GateAct act);
 // LayerNorm with bias (biased variance), DeepSeek's indexer key norm.
-void layer_norm(const float* x, const float* w, const float* b, float* y, int64_t rows, int64_t dim,
-                float eps);
+template <class T>
+void layer_norm(const T* x, const T* w, const T* b, T* y, int64_t rows, int64_t dim, T eps) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* xr = x + r * dim;
+    T mean = 0, var = 0;
+    for (int64_t i = 0; i < dim; ++i) mean += xr[i];
+    mean /= T(dim);
+    for (int64_t i = 0; i < dim; ++i) var += (xr[i] - mean) * (xr[i] - mean);
+    const T s = T(1) / std::sqrt(var / T(dim) + eps);
+    for (int64_t i = 0; i < dim; ++i) y[r * dim + i] = (xr[i] - mean) * s * w[i] + b[i];
+  }
+}
 
 // Depthwise causal conv1d + SiLU over one sequence, channel-last x[T,C], weight [C,Kw] (tap Kw-1 is
 // the current token). `state` [C,Kw-1] holds the previous Kw-1 inputs (zeros at the start) and is
