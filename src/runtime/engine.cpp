@@ -72,8 +72,7 @@ std::shared_ptr<Request> Engine::submit(std::vector<int64_t> prompt, GenerationP
 
 EngineStats Engine::stats() const {
   std::lock_guard<std::mutex> lock(mu_);
-  EngineStats s = stats_;
-  return s;
+  return stats_;
 }
 
 void Engine::loop() {
