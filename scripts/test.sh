@@ -19,8 +19,15 @@ fi
 # libFuzzer needs clang and an instrumented build of the library.
 CC=clang CXX=clang++ cmake -S . -B build/fuzz -DHLA_FUZZ=ON -DHLA_TESTS=OFF >/dev/null
 cmake --build build/fuzz -j"$(nproc)" --target fuzz_safetensors fuzz_config fuzz_tokenizer fuzz_chat_template
+# A fixed seed keeps CI reproducible; HLA_FUZZ_SEED=0 asks libFuzzer for a fresh one.
 for target in safetensors config tokenizer chat_template; do
   work=$(mktemp -d)
-  build/fuzz/fuzz_$target -max_total_time="${HLA_FUZZ_SECONDS:-60}" -max_len=8192 "$work" fuzz/corpus/$target 2>&1 | tail -1
+  if ! build/fuzz/fuzz_$target -max_total_time="${HLA_FUZZ_SECONDS:-60}" -seed="${HLA_FUZZ_SEED:-1}" -max_len=8192 \
+      -artifact_prefix="$work/" "$work" fuzz/corpus/$target >"$work/log" 2>&1; then
+    tail -40 "$work/log"
+    echo "fuzz_$target found a failing input; reproduce with: build/fuzz/fuzz_$target FILE" >&2
+    exit 1
+  fi
+  tail -1 "$work/log"
   rm -rf "$work"
 done

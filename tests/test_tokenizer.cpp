@@ -247,6 +247,9 @@ TEST(Tokenizer, BrokenFilesGiveOneLineErrorsNamingTheField) {
   auto t8 = tok;
   t8["normalizer"] = {{"type", "NFKC"}};
   EXPECT_NE(load_error(t8).find("normalizer.type"), std::string::npos);
+  auto t9 = tok;  // found by fuzz_tokenizer: one huge id once sized the id tables at 40 GiB
+  t9["added_tokens"][0]["id"] = 2000000000;
+  EXPECT_NE(load_error(t9).find("model.vocab: ids are too sparse"), std::string::npos) << load_error(t9);
   EXPECT_NE(load_error(tok, {{"eos_token", "<nope>"}}).find("tokenizer_config.json: eos_token"), std::string::npos);
   EXPECT_NE(load_error(tok, {{"chat_template", "{% if %}"}}).find("chat_template"), std::string::npos);
 }

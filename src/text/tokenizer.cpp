@@ -200,6 +200,12 @@ Tokenizer::Tokenizer(const json& tok, const json& cfg, const std::string& source
                       F.flag(a, "single_word", path, false)});
     max_id = std::max(max_id, added_.back().id);
   }
+  // Ids index dense tables (id -> bytes, special flag); real vocabularies are dense with a few holes.
+  // A stray huge id would make those tables gigabytes, so sparse ids are an error, not an allocation.
+  const size_t n_tokens = vocab.size() + added_.size();
+  if (size_t(max_id) >= 16 * n_tokens + 4096)
+    F.fail("model.vocab", "ids are too sparse: largest id " + std::to_string(max_id) + " for " +
+                              std::to_string(n_tokens) + " tokens");
   token_bytes_.resize(size_t(max_id) + 1);
   special_.assign(size_t(max_id) + 1, 0);
   token_ids_.reserve(vocab.size() + added_.size());
