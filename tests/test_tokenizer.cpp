@@ -322,6 +322,17 @@ TEST(ChatTemplate, Subset) {
   }
   EXPECT_THROW(render("{% for x in %}"), Error);
   EXPECT_THROW(render("{{ none + 1 }}"), Error);
+  // Deep nesting (found by fuzz_chat_template as a stack overflow) is an error, moderate nesting works.
+  auto nested = [](int n) { return "{{ " + std::string(size_t(n), '(') + "1" + std::string(size_t(n), ')') + " }}"; };
+  EXPECT_EQ(render(nested(40)), "1");
+  EXPECT_THROW(render(nested(100000)), Error);
+  EXPECT_THROW(render("{{ " + std::string(100000, '[') + " }}"), Error);
+  std::string nots;
+  for (int i = 0; i < 100000; ++i) nots += "not ";
+  EXPECT_THROW(render("{{ " + nots + "1 }}"), Error);
+  std::string ifs;
+  for (int i = 0; i < 1000; ++i) ifs += "{% if true %}";
+  EXPECT_THROW(render(ifs), Error);
 }
 
 }  // namespace

@@ -732,6 +732,17 @@ class Parser {
   }
   int line() const { return p_ < t_.size() ? t_[p_].line : 0; }
 
+  // Real templates nest a handful of levels; the bound keeps hostile input ("[[[[…", "not not …")
+  // from overflowing the stack here, in rendering and in freeing the tree.
+  static constexpr int kMaxNesting = 128;
+  struct Nest {
+    int& depth;
+    explicit Nest(Parser& p) : depth(p.depth_) {
+      if (++depth > kMaxNesting) p.error("nesting deeper than " + std::to_string(kMaxNesting) + " levels");
+    }
+    ~Nest() { --depth; }
+  };
+
   NodePtr any() {
     if (p_ >= t_.size()) error("unexpected end of template");
     switch (t_[p_].type) {
@@ -772,6 +783,7 @@ class Parser {
   }
 
   NodePtr statement() {
+    Nest nest(*this);
     expect(Tok::OpenStmt, "'{%'");
     if (!is(Tok::Name)) error("expected a statement name");
     const std::string name = t_[p_++].value;
@@ -858,6 +870,7 @@ class Parser {
   }
 
   NodePtr expression() {
+    Nest nest(*this);
     auto a = logic_or();
     if (!is_name("if")) return a;
     ++p_;
@@ -892,6 +905,7 @@ class Parser {
   NodePtr logic_not() {
     if (!is_name("not")) return comparison();
     ++p_;
+    Nest nest(*this);
     auto n = make(Node::Unary, line());
     n->str = "not", n->x = logic_not();
     return n;
@@ -955,6 +969,7 @@ class Parser {
   }
   NodePtr unary_sign() {
     if ((is(Tok::Unary) || is(Tok::Additive)) && (t_[p_].value == "-" || t_[p_].value == "+")) {
+      Nest nest(*this);
       auto n = make(Node::Unary, line());
       n->str = t_[p_++].value;
       n->x = unary_sign();
@@ -1093,6 +1108,7 @@ class Parser {
 
   std::vector<Token> t_;
   size_t p_ = 0;
+  int depth_ = 0;  // current nesting of statements and expressions (see Nest)
 };
 
 // ---------------------------------------------------------------------------------------------
