@@ -3,6 +3,10 @@
 // writer, and `hla train` producing a model directory that `hla generate` loads.
 #include <gtest/gtest.h>
 
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <fstream>
 #include <set>
 
@@ -181,6 +185,55 @@ TEST(LabCli, TrainWritesAModelThatGenerateLoads) {
   EXPECT_EQ(std::count(out.begin(), out.end(), ' '), 2) << out;
   EXPECT_NE(run_command(cli_path() + " train --config " + (d / "cfg.json") + " --data nosuchtask --out " + (d / "x"), &out), 0);
   EXPECT_NE(out.find("unknown task"), std::string::npos) << out;
+}
+
+// `kill -9` of the real binary at three moments of a run that checkpoints every step (so kills land
+// inside checkpoint writes too), then --resume: the run finishes from its last good checkpoint and
+// its loss curve equals the uninterrupted run's (to OpenBLAS round-off, see above).
+TEST(LabCli, KillNineThenResumeMatchesUninterruptedRun) {
+  TempDir d;
+  std::ofstream(d / "cfg.json") << tiny_cfg().dump();
+  const std::string args = " train --config " + (d / "cfg.json") +
+                           " --data parity --steps 120 --batch 4 --ckpt-every 1 --log-every 0 --eval-examples 2 --out ";
+  std::string out;
+  ASSERT_EQ(run_command(cli_path() + args + (d / "a"), &out), 0) << out;
+  const std::string latest = d / "b/checkpoints/latest";
+  int kills = 0;
+  std::string last_seen;
+  for (int k = 0; k < 3; ++k) {
+    const pid_t pid = fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+      const std::string cmd = "exec " + cli_path() + args + (d / "b") + (k ? " --resume" : "") + " >/dev/null 2>&1";
+      execl("/bin/sh", "sh", "-c", cmd.c_str(), static_cast<char*>(nullptr));
+      _exit(127);
+    }
+    // Kill once this run has written a checkpoint of its own, a few milliseconds later each time.
+    for (int waited = 0; waited < 30000; ++waited) {
+      if (std::filesystem::exists(latest) && read_file(latest) != last_seen) break;
+      usleep(1000);
+    }
+    usleep(useconds_t(1000 + 3000 * k));
+    kill(pid, SIGKILL);
+    int status = 0;
+    waitpid(pid, &status, 0);
+    kills += WIFSIGNALED(status);
+    last_seen = read_file(latest);
+  }
+  ASSERT_GE(kills, 1) << "every run finished before its kill";
+  ASSERT_EQ(run_command(cli_path() + args + (d / "b") + " --resume", &out), 0) << out;
+  EXPECT_NE(out.find("resumed from step"), std::string::npos) << out;
+  auto curve = [&](const std::string& run) {
+    std::ifstream f(d / (run + "/checkpoints/step-00000120/trainer_state.json"));
+    return nlohmann::json::parse(f).at("curve");
+  };
+  const auto ca = curve("a"), cb = curve("b");
+  ASSERT_EQ(ca.size(), 120u);
+  ASSERT_EQ(cb.size(), ca.size());
+  for (size_t i = 0; i < ca.size(); ++i) {
+    EXPECT_EQ(cb[i][0], ca[i][0]);
+    EXPECT_NEAR(cb[i][1].get<double>(), ca[i][1].get<double>(), 1e-4) << "step " << i;
+  }
 }
 
 // The demo model shipped in the repository (trained by hla on Brown) loads and writes text, and
