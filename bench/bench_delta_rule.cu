@@ -5,6 +5,7 @@
 // Inputs are drawn on the device (q,v normal; k L2-normalised; g = log-sigmoid clamped at −5;
 // beta in (0,1)), bf16 like the FLA side of anchors/anchor_bench.py. Times are medians over
 // repeated launches after a warm-up, measured with CUDA events.
+// Forward+backward rows (*_chunk_bwd, *_chunk_fwdbwd) time DeltaChunkBackward after the forward.
 //   bench_delta_rule [--quick] [--only=SUBSTRING of "op,shape"]
 #include <cuda_bf16.h>
 
@@ -154,6 +155,59 @@ void bench_chunk(bool kda, int64_t H, int64_t K, std::vector<int64_t> lens, cons
   }
 }
 
+// Training step of the op: the forward (bf16, the plan's own state-pass pick) then the backward
+// (DeltaChunkBackward: fp32 recompute and fp32 gradients). Rows: *_chunk_bwd (backward alone) and
+// *_chunk_fwdbwd (both). TFLOP/s counts 3x the forward's useful FLOPs (the backward does about
+// twice the forward's products); GB/s the forward's bytes plus dout read and the gradients written
+// (dq, dk, dv fp32, dg, dbeta).
+void bench_chunk_bwd(bool kda, int64_t H, int64_t K, std::vector<int64_t> lens, const std::string& shape, int reps) {
+  DeltaRuleDims d;
+  d.H = H, d.HV = H, d.K = K, d.V = K, d.gate = kda ? DeltaGate::PerKey : DeltaGate::Scalar;
+  d.cu_seqlens = {0};
+  for (int64_t l : lens) d.cu_seqlens.push_back(d.cu_seqlens.back() + l);
+  const char* op_b = kda ? "kda_chunk_bwd" : "gdn_chunk_bwd";
+  const char* op_fb = kda ? "kda_chunk_fwdbwd" : "gdn_chunk_fwdbwd";
+  if (!selected(op_b, shape) && !selected(op_fb, shape)) return;
+  const int64_t T = d.tokens(), N = d.num_seqs(), V = K;
+  Inputs in(T, H, H, K, V, kda, N);
+  Inputs grads_in(T, H, H, K, V, kda, 0);  // its v is the bf16 dout
+  float *dq, *dk, *dv, *dg, *db;
+  const size_t nq = T * H * K, nv = T * H * V, ng = T * H * (kda ? K : 1);
+  ck(cudaMalloc(&dq, nq * 4), "alloc dq");
+  ck(cudaMalloc(&dk, nq * 4), "alloc dk");
+  ck(cudaMalloc(&dv, nv * 4), "alloc dv");
+  ck(cudaMalloc(&dg, ng * 4), "alloc dg");
+  ck(cudaMalloc(&db, T * H * 4), "alloc dbeta");
+  const float scale = 1.f / std::sqrt(float(K));
+  const double flops = 3 * 4.0 * T * H * K * V;
+  const double fwd_bytes = 2.0 * (2 * T * H * K + 2 * T * H * V) + 4.0 * T * H * (kda ? K + 1 : 2) + 8.0 * N * H * K * V;
+  const double bwd_bytes = 2.0 * (2 * T * H * K + 2 * T * H * V) + 8.0 * T * H * (kda ? K + 1 : 2) +
+                           4.0 * (2 * T * H * K + T * H * V) + 4.0 * N * H * K * V;
+  cuda::DeltaChunkPlan plan(d, DType::BF16);
+  cuda::DeltaChunkBackward bwd(d, DType::BF16);
+  auto backward = [&] {
+    bwd.backward(in.q, in.k, in.v, in.g, in.beta, scale, nullptr, grads_in.v, nullptr, dq, dk, dv, dg, db, nullptr,
+                 nullptr);
+  };
+  if (selected(op_b, shape)) {
+    const double us = median_us(backward, 2, reps);
+    ck(cudaGetLastError(), "chunk backward");
+    row(op_b, shape, us, 2 * 4.0 * T * H * K * V, bwd_bytes);
+  }
+  if (selected(op_fb, shape)) {
+    const double us = median_us(
+        [&] {
+          ck(cudaMemsetAsync(in.state, 0, size_t(N) * H * K * V * 4), "state");
+          plan.forward(in.q, in.k, in.v, in.g, in.beta, scale, in.state, in.o, nullptr);
+          backward();
+        },
+        2, reps);
+    ck(cudaGetLastError(), "chunk forward+backward");
+    row(op_fb, shape, us, flops, fwd_bytes + bwd_bytes);
+  }
+  for (float* x : {dq, dk, dv, dg, db}) cudaFree(x);
+}
+
 void bench_decode(bool kda, int64_t B, int64_t H, int64_t K, int reps) {
   DeltaRuleDims d;
   d.H = H, d.HV = H, d.K = K, d.V = K, d.gate = kda ? DeltaGate::PerKey : DeltaGate::Scalar;
@@ -205,6 +259,15 @@ int main(int argc, char** argv) {
       bench_chunk(kda, s.H, 128, std::vector<int64_t>(s.B, s.T), "B" + std::to_string(s.B) + " T" + std::to_string(s.T) +
                   " H" + std::to_string(s.H) + " D128", reps);
     bench_chunk(kda, 64, 128, varlen, "varlen[1300 547 2048 963 271 3063] H64 D128", reps);
+  }
+  // Forward + backward on the issue's training shapes.
+  const std::vector<S> train = {{1, 16384, 32}, {4, 4096, 32}, {1, 65536, 16}, {8, 2048, 64}};
+  for (bool kda : {false, true}) {
+    for (const S& s : train)
+      bench_chunk_bwd(kda, s.H, 128, std::vector<int64_t>(s.B, s.T),
+                      "B" + std::to_string(s.B) + " T" + std::to_string(s.T) + " H" + std::to_string(s.H) + " D128",
+                      quick ? 3 : 10);
+    bench_chunk_bwd(kda, 64, 128, varlen, "varlen[1300 547 2048 963 271 3063] H64 D128", quick ? 3 : 10);
   }
   for (bool kda : {false, true})
     for (int64_t B : {1, 64, 256}) bench_decode(kda, B, 32, 128, quick ? 20 : 100);

@@ -2,6 +2,8 @@
 # as ../shared/anchors/anchor_bench.py draws them (bf16; k L2-normalised; g = logsigmoid clamped at -5,
 # fp32 for KDA, bf16 for GDN; beta bf16). Needs FLA_PATH = a folder holding a copy of FLA's fla/
 # package (never committed). Prints CSV rows: op,shape,dtype,us (median of triton's do_bench).
+# *_chunk_fwdbwd rows: the forward then autograd's backward with a random dout (what a training
+# step of the op costs), on the training shapes.
 import os
 import sys
 
@@ -68,3 +70,27 @@ for name, fn, kda in [("gdn", fused_recurrent_gated_delta_rule, False), ("kda", 
             ms = do_bench(lambda: fn(q, k, v, g, beta, initial_state=h0, output_final_state=True), warmup=25, rep=rep,
                           return_mode="median")
         row(f"{name}_decode", f"B{B} H32 D128", ms)
+
+train = [(1, 16384, 32), (4, 4096, 32), (1, 65536, 16), (8, 2048, 64)]
+for name, fn, kda in [("gdn", chunk_gated_delta_rule, False), ("kda", chunk_kda, True)]:
+    if only not in f"{name}_chunk_fwdbwd":
+        continue
+    cases = [(f"B{B} T{T} H{H} D128", T, H, B, None) for B, T, H in train]
+    cases.append(("varlen[1300 547 2048 963 271 3063] H64 D128", sum(varlen), 64, 1, varlen))
+    for shape, T, H, B, lens in cases:
+        try:
+            q, k, v, g, beta = inputs(T, H, 128, kda, B)
+            xs = [x.detach().clone().requires_grad_(True) for x in (q, k, v, g, beta)]
+            do = torch.randn_like(v)
+            kw = {}
+            if lens is not None:
+                kw["cu_seqlens"] = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), device=dev, dtype=torch.int32)
+
+            def step():
+                o, _ = fn(*xs, output_final_state=False, **kw)
+                torch.autograd.backward(o, do)
+
+            ms = do_bench(step, warmup=5, rep=rep, grad_to_none=xs, return_mode="median")
+            row(f"{name}_chunk_fwdbwd", shape, ms)
+        except Exception as e:  # FLA's GDN backward may refuse Hopper with some Triton versions: record it
+            print(f"# fla_{name}_chunk_fwdbwd {shape} error {repr(e)[:300]}", flush=True)

@@ -5,6 +5,8 @@
 # Expects third_party_local/fixtures/ops (copied op fixtures) and third_party_local/fla (FLA's fla/).
 # BIN names the folder of hla_cuda_tests and bench_delta_rule (default build-cuda; binaries built
 # on the CPU machine can be carried instead when the device machine lacks the CPU build's packages).
+# Time limits and the sanitizer's test filter can be narrowed for short device sessions:
+# TEST_TIMEOUT, SAN_TIMEOUT (each tool), SAN_FILTER (gtest filter), BENCH_TIMEOUT, FLA_TIMEOUT.
 set -u
 OUT=${OUT:-/tmp/hla_out}
 mkdir -p "$OUT"
@@ -22,19 +24,19 @@ if has build; then
 fi
 if has test; then
   # The log is written whole first: a pipe into head would kill the tests at its 60th line.
-  timeout 180 $BIN/hla_cuda_tests >"$OUT/test.log" 2>&1
+  timeout ${TEST_TIMEOUT:-180} $BIN/hla_cuda_tests >"$OUT/test.log" 2>&1
   echo "tests rc=$?"
-  grep -E "^\[ (fixture|op|cli) |FAILED|PASSED|Failure|Expected|error" "$OUT/test.log" | head -60
+  grep -E "^\[ (fixture|op|cli|bwd|fixture bwd) |FAILED|PASSED|Failure|Expected|error" "$OUT/test.log" | head -${TEST_LINES:-60}
 fi
 if has sanitize; then
   for tool in memcheck racecheck; do
-    timeout 150 compute-sanitizer --tool $tool --error-exitcode 9 $BIN/hla_cuda_tests \
-      --gtest_filter='*Fixtures*:*Decode*:*Deterministic*' >"$OUT/sanitize_$tool.log" 2>&1
+    timeout ${SAN_TIMEOUT:-150} compute-sanitizer --tool $tool --error-exitcode 9 $BIN/hla_cuda_tests \
+      --gtest_filter="${SAN_FILTER:-*Fixtures*:*Decode*:*Deterministic*}" >"$OUT/sanitize_$tool.log" 2>&1
     echo "sanitizer $tool rc=$? $(grep -E 'ERROR SUMMARY' "$OUT/sanitize_$tool.log" | tail -1)"
   done
 fi
 if has bench; then
-  timeout 150 $BIN/bench_delta_rule ${QUICK:+--quick} 2>&1 | tee "$OUT/bench_hla.csv"
+  timeout ${BENCH_TIMEOUT:-150} $BIN/bench_delta_rule ${QUICK:+--quick} 2>&1 | tee "$OUT/bench_hla.csv"
 fi
 if has fla; then
   FLA_PATH=$PWD/third_party_local PYTHONUNBUFFERED=1 timeout ${FLA_TIMEOUT:-240} python3 bench/fla_peer_bench.py ${QUICK:+--quick} ${FLA_ONLY:+--only=$FLA_ONLY} 2>&1 |

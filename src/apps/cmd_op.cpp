@@ -10,7 +10,9 @@
 // Computes in double when in_q is F64, else in f32; writes in in_q's dtype.
 // --device cuda runs the CUDA forward (chunk: the chunked kernels; recurrent: the decode kernel
 // over all tokens) in in_q's dtype where the kernels take it (BF16, F16 and F32; F64 dumps run in
-// F32). The CUDA backward does not exist yet: a dump with cotangents is refused (exit 1).
+// F32). With cotangents the gradients come from the CUDA chunked backward (DeltaChunkBackward,
+// in either mode: the gradients are the same function), computed in fp32 from inputs rounded to
+// in_q's dtype, written in in_q's dtype like the outputs; it takes K in {32, 64, 128}, V ≤ 128.
 #include <cmath>
 #include <map>
 #include <memory>
@@ -111,12 +113,21 @@ std::map<std::string, Tensor> run_cpu(const OpDump& x, DeltaMode mode) {
 
 #ifdef HLA_HAS_CUDA
 std::map<std::string, Tensor> run_cuda(const OpDump& x, DeltaMode mode) {
-  check(!x.dout.defined() && !x.dht.defined(),
-        "--device cuda: the CUDA backward does not exist yet (the dump has in_do/in_dht); use --device cpu");
   const DType dt = x.io == DType::BF16 || x.io == DType::F16 ? x.io : DType::F32;
-  auto r = cuda::delta_rule_forward_host(x.d, mode, dt, x.q, x.k, x.v, x.g, x.beta, x.h0,
-                                         float(1.0 / std::sqrt(double(x.d.K))));
-  return {{"out_o", r.o.reshape({x.B, x.T, x.d.HV, x.d.V})}, {"out_ht", r.ht}};
+  const float scale = float(1.0 / std::sqrt(double(x.d.K)));
+  auto r = cuda::delta_rule_forward_host(x.d, mode, dt, x.q, x.k, x.v, x.g, x.beta, x.h0, scale);
+  std::map<std::string, Tensor> out{{"out_o", r.o.reshape({x.B, x.T, x.d.HV, x.d.V})}, {"out_ht", r.ht}};
+  if (x.dout.defined() || x.dht.defined()) {
+    const Tensor dout = x.dout.defined() ? x.dout : Tensor::zeros(x.compute, {x.B, x.T, x.d.HV, x.d.V});
+    auto b = cuda::delta_rule_backward_host(x.d, dt, x.q, x.k, x.v, x.g, x.beta, x.h0, dout, x.dht, scale);
+    out["grad_q"] = b.dq.reshape(x.q.shape());
+    out["grad_k"] = b.dk.reshape(x.k.shape());
+    out["grad_v"] = b.dv.reshape(x.v.shape());
+    out["grad_g"] = b.dg.reshape(x.g.shape());
+    out["grad_beta"] = b.dbeta.reshape(x.beta.shape());
+    out["grad_h0"] = b.dh0.reshape(x.h0.shape());
+  }
+  return out;
 }
 #endif
 

@@ -344,6 +344,190 @@ TEST(CudaDeltaRule, DecodeFromSlotPool) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Backward (DeltaChunkBackward): against the fp64 recurrent backward, the op fixtures' gradients,
+// and bitwise repeatability.
+struct Grads {
+  std::vector<double> dq, dk, dv, dg, dbeta, dh0;
+};
+const char* kGradNames[] = {"dq", "dk", "dv", "dg", "dbeta", "dh0"};
+std::vector<double>* grad(Grads& g, int i) {
+  std::vector<double>* r[] = {&g.dq, &g.dk, &g.dv, &g.dg, &g.dbeta, &g.dh0};
+  return r[i];
+}
+
+// Cotangents: dout standard normal, dht small (empty = none).
+struct Cotangents {
+  std::vector<double> dout, dht;
+};
+Cotangents make_cotangents(const Problem& p, bool with_dht, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<double> nd;
+  Cotangents c;
+  c.dout.resize(p.d.tokens() * p.d.HV * p.d.V);
+  for (auto& x : c.dout) x = nd(rng);
+  if (with_dht) {
+    c.dht.resize(p.h0.size());
+    for (auto& x : c.dht) x = 0.1 * nd(rng);
+  }
+  return c;
+}
+
+// The CPU recurrent backward in T (double: the oracle; float: the plain 16-bit reference).
+template <class T>
+Grads cpu_backward(const Problem& p, const std::vector<double>& q, const std::vector<double>& k,
+                   const std::vector<double>& v, const std::vector<double>& dout, const std::vector<double>& dht,
+                   bool with_h0) {
+  auto cv = [](const std::vector<double>& x) { return std::vector<T>(x.begin(), x.end()); };
+  const auto tq = cv(q), tk = cv(k), tv = cv(v), tg = cv(p.g), tb = cv(p.beta), th = cv(p.h0), tdo = cv(dout),
+             tdh = cv(dht);
+  std::vector<T> dq(tq.size()), dk(tk.size()), dv(tv.size()), dg(tg.size()), db(tb.size()), dh0(th.size());
+  delta_rule_backward_recurrent<T>(p.d, tq.data(), tk.data(), tv.data(), tg.data(), tb.data(), T(p.scale),
+                                   with_h0 ? th.data() : nullptr, tdo.data(), dht.empty() ? nullptr : tdh.data(),
+                                   dq.data(), dk.data(), dv.data(), dg.data(), db.data(), dh0.data());
+  auto back = [](const std::vector<T>& x) { return std::vector<double>(x.begin(), x.end()); };
+  return {back(dq), back(dk), back(dv), back(dg), back(db), back(dh0)};
+}
+
+Grads gpu_backward(const Problem& p, DType dt, const Cotangents& c, bool with_h0) {
+  const int64_t T = p.d.tokens();
+  DevBuf q(p.q, dt), k(p.k, dt), v(p.v, dt), g(p.g, DType::F32), beta(p.beta, DType::F32), h0(p.h0, DType::F32),
+      dout(c.dout, dt), dht(c.dht.empty() ? std::vector<double>(1) : c.dht, DType::F32);
+  // Poisoned (NaN) outputs: every element must be written.
+  DevBuf dq(size_t(T * p.d.H * p.d.K), DType::F32, 0xff), dk(size_t(T * p.d.H * p.d.K), DType::F32, 0xff),
+      dv(size_t(T * p.d.HV * p.d.V), DType::F32, 0xff), dg(p.g.size(), DType::F32, 0xff),
+      db(p.beta.size(), DType::F32, 0xff), dh0(p.h0.size(), DType::F32, 0xff);
+  cuda::DeltaChunkBackward bwd(p.d, dt);
+  bwd.backward(q.p, k.p, v.p, g.f32(), beta.f32(), float(p.scale), with_h0 ? h0.f32() : nullptr, dout.p,
+               c.dht.empty() ? nullptr : dht.f32(), dq.f32(), dk.f32(), dv.f32(), dg.f32(), db.f32(), dh0.f32(),
+               nullptr);
+  cuda::check_cuda(cudaDeviceSynchronize(), "chunk backward");
+  return {dq.get(), dk.get(), dv.get(), dg.get(), db.get(), dh0.get()};
+}
+
+const std::vector<Case>& bwd_shapes() {
+  static const std::vector<Case> s = {
+      {DeltaGate::Scalar, 2, 4, 64, 64, {130, 1, 64, 77}},
+      {DeltaGate::PerKey, 2, 4, 64, 64, {130, 1, 64, 77}},
+      {DeltaGate::Scalar, 1, 2, 128, 128, {200, 65}},
+      {DeltaGate::PerKey, 1, 2, 128, 128, {200, 65}},
+      {DeltaGate::Scalar, 2, 2, 32, 48, {77, 77}},
+      {DeltaGate::PerKey, 2, 2, 32, 48, {77, 77}},
+      {DeltaGate::Scalar, 1, 2, 128, 64, {129}},
+      {DeltaGate::PerKey, 1, 1, 64, 32, {1}},
+      {DeltaGate::Scalar, 1, 1, 64, 32, {1}},
+      {DeltaGate::PerKey, 2, 6, 128, 96, {63, 191, 5}},
+  };
+  return s;
+}
+
+TEST(CudaDeltaRule, BackwardFp32MatchesFp64Recurrence) {
+  HLA_REQUIRE_GPU();
+  uint32_t seed = 300;
+  for (const Case& s : bwd_shapes()) {
+    for (int variant = 0; variant < 2; ++variant) {  // {random h0, dht} and {zero h0, no dht}
+      const bool with_h0 = variant == 0, with_dht = variant == 0;
+      const Problem p = make_problem(s.gate, s.H, s.HV, s.K, s.V, s.lens, seed++);
+      const Cotangents c = make_cotangents(p, with_dht, seed++);
+      const Grads ref = cpu_backward<double>(p, p.q, p.k, p.v, c.dout, c.dht, with_h0);
+      Grads got = gpu_backward(p, DType::F32, c, with_h0);
+      Grads r = ref;
+      std::printf("[ bwd fp32 ] %-40s %s", name(s).c_str(), with_h0 ? "h0+dht " : "zero   ");
+      for (int i = 0; i < 6; ++i) {
+        const double e = rel_l2(*grad(got, i), *grad(r, i));
+        std::printf(" %s %.1e", kGradNames[i], e);
+        EXPECT_LT(e, 1e-4) << name(s) << " " << kGradNames[i] << (with_h0 ? " h0+dht" : " zero");
+      }
+      std::printf("\n");
+    }
+  }
+}
+
+// 16-bit inputs (q, k, v, dout rounded): no worse than 2x the error of the fp32 recurrent backward
+// on the same rounded inputs, both against the fp64 truth on the unrounded ones.
+TEST(CudaDeltaRule, Backward16BitWithinTwicePlainRecurrence) {
+  HLA_REQUIRE_GPU();
+  uint32_t seed = 400;
+  for (DType dt : {DType::BF16, DType::F16}) {
+    for (const Case& s : bwd_shapes()) {
+      const Problem p = make_problem(s.gate, s.H, s.HV, s.K, s.V, s.lens, seed++);
+      const Cotangents c = make_cotangents(p, true, seed++);
+      const Grads ref = cpu_backward<double>(p, p.q, p.k, p.v, c.dout, c.dht, true);
+      Grads plain = cpu_backward<float>(p, round_to(p.q, dt), round_to(p.k, dt), round_to(p.v, dt),
+                                        round_to(c.dout, dt), c.dht, true);
+      Grads got = gpu_backward(p, dt, c, true);
+      Grads r = ref;
+      std::printf("[ bwd %s ] %-40s", dtype_name(dt), name(s).c_str());
+      for (int i = 0; i < 6; ++i) {
+        const double e = rel_l2(*grad(got, i), *grad(r, i)), pe = rel_l2(*grad(plain, i), *grad(r, i));
+        std::printf(" %s %.1e (x%.2f)", kGradNames[i], e, e / pe);
+        EXPECT_LE(e, 2 * pe) << dtype_name(dt) << " " << name(s) << " " << kGradNames[i];
+      }
+      std::printf("\n");
+    }
+  }
+}
+
+TEST(CudaDeltaRule, BackwardIsDeterministic) {
+  HLA_REQUIRE_GPU();
+  for (DeltaGate gate : {DeltaGate::Scalar, DeltaGate::PerKey}) {
+    const Problem p = make_problem(gate, 2, 4, 128, 128, {300, 17, 128}, 9);
+    const Cotangents c = make_cotangents(p, true, 10);
+    const int64_t T = p.d.tokens();
+    DevBuf q(p.q, DType::BF16), k(p.k, DType::BF16), v(p.v, DType::BF16), g(p.g, DType::F32),
+        beta(p.beta, DType::F32), h0(p.h0, DType::F32), dout(c.dout, DType::BF16), dht(c.dht, DType::F32);
+    cuda::DeltaChunkBackward bwd(p.d, DType::BF16);
+    std::vector<std::vector<uint8_t>> first;
+    for (int run = 0; run < 2; ++run) {
+      DevBuf dq(size_t(T * p.d.H * p.d.K), DType::F32, 0), dk(size_t(T * p.d.H * p.d.K), DType::F32, 0),
+          dv(size_t(T * p.d.HV * p.d.V), DType::F32, 0), dg(p.g.size(), DType::F32, 0),
+          db(p.beta.size(), DType::F32, 0), dh0(p.h0.size(), DType::F32, 0);
+      bwd.backward(q.p, k.p, v.p, g.f32(), beta.f32(), float(p.scale), h0.f32(), dout.p, dht.f32(), dq.f32(),
+                   dk.f32(), dv.f32(), dg.f32(), db.f32(), dh0.f32(), nullptr);
+      cuda::check_cuda(cudaDeviceSynchronize(), "chunk backward");
+      std::vector<std::vector<uint8_t>> now = {dq.raw(), dk.raw(), dv.raw(), dg.raw(), db.raw(), dh0.raw()};
+      if (run == 0) first = now;
+      else
+        for (int i = 0; i < 6; ++i) EXPECT_TRUE(first[i] == now[i]) << kGradNames[i];
+    }
+  }
+}
+
+// The op fixtures' gradients (FLA's naive recurrences through autograd, fp64): fp32 within 1e-4.
+TEST(CudaDeltaRule, BackwardMatchesOpFixtures) {
+  HLA_REQUIRE_GPU();
+  HLA_REQUIRE_FIXTURES();
+  for (const char* f : {"gdn_B1_T130_H2_K64_V64", "gdn_B2_T77_H3_K32_V48", "kda_B1_T130_H2_K64_V64",
+                        "kda_B2_T77_H3_K32_V48"}) {
+    SafeTensorsFile st(fixture(std::string("ops/") + f + ".safetensors"));
+    auto vec = [&](const char* n) {
+      const Tensor t = st.get(n);
+      std::vector<double> x(t.numel());
+      for (int64_t i = 0; i < t.numel(); ++i) x[i] = t.flat(i);
+      return x;
+    };
+    const Tensor q = st.get("in_q"), v = st.get("in_v");
+    Problem p;
+    const int64_t B = q.size(0), T = q.size(1);
+    p.d.H = q.size(2), p.d.HV = v.size(2), p.d.K = q.size(3), p.d.V = v.size(3);
+    p.d.gate = f[0] == 'k' ? DeltaGate::PerKey : DeltaGate::Scalar;
+    for (int64_t b = 0; b <= B; ++b) p.d.cu_seqlens.push_back(b * T);
+    p.q = vec("in_q"), p.k = vec("in_k"), p.v = vec("in_v"), p.g = vec("in_g"), p.beta = vec("in_beta");
+    p.h0 = vec("in_h0");
+    p.scale = 1.0 / std::sqrt(double(p.d.K));
+    Cotangents c{vec("in_do"), vec("in_dht")};
+    Grads got = gpu_backward(p, DType::F32, c, true);
+    Grads want{vec("grad_q"), vec("grad_k"), vec("grad_v"), vec("grad_g"), vec("grad_beta"), vec("grad_h0")};
+    std::printf("[ fixture bwd ] %-26s", f);
+    for (int i = 0; i < 6; ++i) {
+      const double e = rel_l2(*grad(got, i), *grad(want, i));
+      std::printf(" %s %.1e", kGradNames[i], e);
+      EXPECT_LT(e, 1e-4) << f << " " << kGradNames[i];
+    }
+    std::printf("\n");
+  }
+}
+
 // `hla op --device cuda`'s path (delta_rule_forward_host) against the CPU path on the op fixtures,
 // fp32, chunk and recurrent modes; then the command itself where the hla binary sits beside this
 // test binary (build dir, or the carried bin/ folder).
@@ -412,11 +596,20 @@ TEST(CudaDeltaRule, OpCommandOnCuda) {
   for (const char* f : kOpFixtures) {
     const std::string src = fixture(std::string("ops/") + f + ".safetensors"), op = std::string(f).substr(0, 3);
     SafeTensorsFile st(src);
-    // The fixture holds cotangents: refused in one line, exit 1 (no silent CPU fallback).
+    // The fixture holds cotangents: the CUDA backward's gradients against the CPU command's.
     std::string out;
-    EXPECT_EQ(run_command(hla + " op " + op + " --device cuda --input " + src + " --output " + (tmp / "x"), &out), 1);
-    EXPECT_EQ(std::count(out.begin(), out.end(), '\n'), 1) << out;
-    EXPECT_NE(out.find("CUDA backward does not exist yet"), std::string::npos) << out;
+    {
+      const std::string args = " op " + op + " --input " + src + " --output ";
+      ASSERT_EQ(run_command(hla + args + (tmp / "gpu_grad.safetensors") + " --device cuda", &out), 0) << out;
+      ASSERT_EQ(run_command(hla + args + (tmp / "cpu_grad.safetensors") + " --device cpu", &out), 0) << out;
+      SafeTensorsFile gpu(tmp / "gpu_grad.safetensors"), cpu(tmp / "cpu_grad.safetensors");
+      for (const char* t : {"grad_q", "grad_k", "grad_v", "grad_g", "grad_beta", "grad_h0"}) {
+        ASSERT_TRUE(gpu.has(t)) << t;
+        const double e = rel_l2(gpu.get(t), cpu.get(t));
+        std::printf("[ cli ] %-26s F64  grad      %-9s vs cpu %.2e\n", f, t, e);
+        EXPECT_LT(e, 1e-4) << f << " " << t;
+      }
+    }
     for (DType dt : {DType::F64, DType::BF16}) {
       std::map<std::string, Tensor> m;
       for (const char* n : {"in_q", "in_k", "in_v", "in_g", "in_beta", "in_h0"}) m[n] = st.get(n).to(dt);
@@ -444,7 +637,11 @@ TEST(CudaDeltaRule, OpCommandOnCuda) {
 TEST(CudaDeltaRule, RejectsUnsupportedShapes) {
   HLA_REQUIRE_GPU();
   DeltaRuleDims d;
-  d.H = 1, d.HV = 1, d.K = 96, d.V = 64, d.cu_seqlens = {0, 10};
+  d.H = 1, d.HV = 1, d.K = 256, d.V = 64, d.cu_seqlens = {0, 10};
+  EXPECT_THROW(cuda::DeltaChunkBackward(d, DType::BF16), Error);  // the backward takes K ≤ 128
+  d.K = 64, d.V = 256;
+  EXPECT_THROW(cuda::DeltaChunkBackward(d, DType::BF16), Error);  // and V ≤ 128
+  d.K = 96, d.V = 64;
   EXPECT_THROW(cuda::DeltaChunkPlan(d, DType::BF16), Error);
   d.K = 64, d.V = 40;
   EXPECT_THROW(cuda::DeltaChunkPlan(d, DType::BF16), Error);

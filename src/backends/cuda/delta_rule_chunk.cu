@@ -40,6 +40,9 @@ struct ChunkArgs {
   const int* seg_off;  // [N+1] index of each sequence's first segment
   float* segbuf;       // [segments,HV,K,V+K] fp32: [E | M] of each segment (segmented runs only)
   float* segstart;     // [segments,HV,K,V] fp32: the state entering each segment
+  // Recorded for the backward only (nullptr in a plain forward): T = (I+L)^{-1} and the decayed key
+  // Gram matrix Mkk[i][j] = Σ_d k_i k_j e^{G_i−G_j} (j < i, without beta), fp32 [chunks,HV,64,64].
+  float *Tm, *Mkk;
 };
 
 struct StateCfg {
@@ -131,6 +134,7 @@ __global__ void __launch_bounds__(128) prep_kernel(ChunkArgs a) {
         if (i < len) Pg[tok(i) * C + jj] = from_f32<CT>(jj <= i ? x * a.scale * dec : 0.f);
       } else {
         sL[i * kLdF + jj] = jj < i ? x * sBeta[i] * dec : 0.f;
+        if (a.Mkk) a.Mkk[(size_t(chunk) * HV + j) * C * C + i * C + jj] = jj < i ? x * dec : 0.f;
       }
     });
   };
@@ -227,6 +231,9 @@ __global__ void __launch_bounds__(128) prep_kernel(ChunkArgs a) {
     }
     __syncthreads();
   }
+  // The backward's copy of T (same element-to-thread map as step 4, which scales sT in place).
+  if (a.Tm)
+    for (int e = tid; e < C * C; e += blockDim.x) a.Tm[(size_t(chunk) * HV + j) * C * C + e] = sT[(e / C) * kLdF + e % C];
 
   // 4. W = T diag(beta) (K ⊙ e^G), U = T diag(beta) V. beta (and GDN's row decay e^{G_j}) scale
   //    T's columns, so the right operands are the raw K and V tiles; only KDA, whose decay is per
@@ -728,6 +735,7 @@ void launch(const ChunkArgs& a, int64_t chunks, int64_t n_seqs, const StateCfg& 
     if (st.cols == 32) launch_state<CT, KDA, K, 32>(a, n_seqs, s);
     else launch_state<CT, KDA, K, 16>(a, n_seqs, s);
   }
+  if (!a.o) return;  // recording for the backward: no output pass
   if (a.V % 128 == 0 && sizeof(CT) == 2) launch_output<CT, KDA, K, 128>(a, chunks, s);
   else if (a.V % 64 == 0) launch_output<CT, KDA, K, 64>(a, chunks, s);
   else launch_output<CT, KDA, K, 16>(a, chunks, s);
@@ -866,7 +874,19 @@ DeltaChunkPlan::~DeltaChunkPlan() { cudaFree(ws_); }
 
 void DeltaChunkPlan::forward(const void* q, const void* k, const void* v, const float* g, const float* beta,
                              float scale, float* state, void* o, cudaStream_t stream) const {
-  if (chunks_ == 0) return;
+  run(q, k, v, g, beta, scale, state, o, nullptr, nullptr, nullptr, stream);
+}
+
+DeltaChunkPlan::Saved DeltaChunkPlan::record(const void* q, const void* k, const void* v, const float* g,
+                                             const float* beta, float scale, float* state, float* Tm, float* Mkk,
+                                             cudaStream_t stream) const {
+  Saved s{};
+  run(q, k, v, g, beta, scale, state, nullptr, Tm, Mkk, &s, stream);
+  return s;
+}
+
+void DeltaChunkPlan::run(const void* q, const void* k, const void* v, const float* g, const float* beta, float scale,
+                         float* state, void* o, float* Tm, float* Mkk, Saved* saved, cudaStream_t stream) const {
   const size_t es = dtype_size(dt_), kda = d_.gate == DeltaGate::PerKey;
   const int64_t T = d_.tokens(), HV = d_.HV, K = d_.K, V = d_.V;
   char* p = static_cast<char*>(ws_);
@@ -893,6 +913,10 @@ void DeltaChunkPlan::forward(const void* q, const void* k, const void* v, const 
   a.seg_off = reinterpret_cast<const int*>(take(size_t(d_.num_seqs() + 1) * 4));
   a.segbuf = reinterpret_cast<float*>(take(segmented_ ? size_t(nseg_ * HV * K * (K + V)) * 4 : 0));
   a.segstart = reinterpret_cast<float*>(take(segmented_ ? size_t(nseg_ * HV * K * V) * 4 : 0));
+  a.Tm = Tm, a.Mkk = Mkk;
+  if (saved)
+    *saved = Saved{a.chunk_tab, a.cu, a.chunk_off, a.Gc, a.W, a.P, a.kg, a.qg, a.h, a.vn};
+  if (chunks_ == 0) return;
   StateCfg st;
   st.wide = wide_, st.segmented = segmented_, st.cols = state_cols_, st.nseg = nseg_;
   switch (dt_) {

@@ -50,6 +50,23 @@ class DeltaChunkPlan {
   void forward(const void* q, const void* k, const void* v, const float* g, const float* beta, float scale,
                float* state, void* o, cudaStream_t stream) const;
 
+  // For the backward (DeltaChunkBackward): runs prep and the state pass only (no output), also
+  // writing T = (I+L)^{-1} and the decayed key Gram matrix Mkk (without beta), both fp32
+  // [chunks,HV,64,64], and returns where this plan's workspace holds what the backward reads
+  // (valid until the next call on this plan). Gc is fp32 [T,HV(,K)]; W [T,HV,K], P [T,HV,64]
+  // (s·Mqk⊙decay, causal part only: entries above the diagonal are unspecified), kg, qg [T,HV,K]
+  // (KDA only), h [chunks,HV,V,K] (state entering each chunk, transposed), vn [T,HV,V], all in the
+  // plan's element type.
+  struct Saved {
+    const int2* chunk_tab;  // per chunk: {first token, sequence}
+    const int* cu;          // [N+1] token offsets
+    const int* chunk_off;   // [N+1] first chunk of each sequence
+    const float* Gc;
+    const void *W, *P, *kg, *qg, *h, *vn;
+  };
+  Saved record(const void* q, const void* k, const void* v, const float* g, const float* beta, float scale,
+               float* state, float* Tm, float* Mkk, cudaStream_t stream) const;
+
   int64_t chunks() const { return chunks_; }
   bool wide() const { return wide_; }
   int64_t segments() const { return segmented_ ? nseg_ : 0; }  // 0 when not segmented
@@ -64,6 +81,44 @@ class DeltaChunkPlan {
   int64_t nseg_ = 0;
   size_t ws_bytes_ = 0;
   void* ws_ = nullptr;  // one allocation: chunk table, cu_seqlens, chunk offsets, intermediates
+
+  void run(const void* q, const void* k, const void* v, const float* g, const float* beta, float scale, float* state,
+           void* o, float* Tm, float* Mkk, Saved* saved, cudaStream_t stream) const;
+};
+
+// Chunked backward (chunk 64) for one fixed set of sequence lengths: given dout [T,HV,V] (element
+// type `dt`) and optionally dht [N,HV,K,V] (fp32), computes dq, dk [T,H,K] (summed over the value
+// heads of a group, in a fixed order), dv [T,HV,V], dg like g, dbeta [T,HV] and optionally dh0
+// [N,HV,K,V]. Every gradient is fp32, whatever `dt`: they feed fp32 optimizer state, and a 16-bit
+// dq/dk/dv would add a rounding the CPU backward does not have.
+// Numerics: 16-bit inputs are widened to fp32 once, and the whole backward — the forward recompute
+// included (an fp32 DeltaChunkPlan) — runs in fp32 with 3xTF32 tensor-core products, so its error
+// is that of the input rounding alone (about a plain fp32 recurrence on the rounded inputs).
+// Launches: convert (16-bit only); record (prep + state pass of the fp32 forward, keeping T and
+// Mkk); dstate (sequence x value head x V-tile, reverse over chunks: dS and dv_new); state terms
+// and intra-chunk (chunk x value head: dq, dk, dv, dbeta, dg); a group sum of dq, dk when HV > H.
+// K must be 32, 64 or 128 and V a multiple of 16 up to 128; KDA's gates g ≥ −10 as in the forward.
+class DeltaChunkBackward {
+ public:
+  DeltaChunkBackward(const DeltaRuleDims& d, DType dt);
+  ~DeltaChunkBackward();
+  DeltaChunkBackward(const DeltaChunkBackward&) = delete;
+  DeltaChunkBackward& operator=(const DeltaChunkBackward&) = delete;
+
+  // h0, dht and dh0 may be nullptr (zeros / not wanted). Outputs are overwritten.
+  void backward(const void* q, const void* k, const void* v, const float* g, const float* beta, float scale,
+                const float* h0, const void* dout, const float* dht, float* dq, float* dk, float* dv, float* dg,
+                float* dbeta, float* dh0, cudaStream_t stream) const;
+
+  size_t workspace_bytes() const { return ws_bytes_; }
+
+ private:
+  DeltaRuleDims d_;
+  DType dt_;
+  DeltaChunkPlan fwd_;  // fp32 forward, for the recompute
+  int state_cols_ = 16;
+  size_t ws_bytes_ = 0;
+  void* ws_ = nullptr;
 };
 
 // Recurrent decode / verify for a batch of N sequences with `tokens` new tokens each (1 for decode,
@@ -81,12 +136,22 @@ void delta_rule_decode(const DeltaRuleDims& d, DType dt, int64_t n_seqs, int64_t
 // the state in F32), laid out as the CPU op takes them: q,k [T,H,K], v [T,HV,V], g [T,HV(,K)],
 // beta [T,HV], h0 [N,HV,K,V]. Chunk mode runs DeltaChunkPlan; recurrent mode the decode kernel
 // with each sequence's tokens as one multi-token step (equal lengths only). Returns o [T,HV,V]
-// in `dt` and the final state [N,HV,K,V] in F32. There is no CUDA backward yet.
+// in `dt` and the final state [N,HV,K,V] in F32.
 struct DeltaForwardHost {
   Tensor o, ht;
 };
 DeltaForwardHost delta_rule_forward_host(const DeltaRuleDims& d, DeltaMode mode, DType dt, const Tensor& q,
                                          const Tensor& k, const Tensor& v, const Tensor& g, const Tensor& beta,
                                          const Tensor& h0, float scale);
+
+// Backward on host tensors, same layouts (dout [T,HV,V] runs in `dt` like q, k, v; dht [N,HV,K,V]
+// may be undefined = zeros): DeltaChunkBackward. Returns fp32 gradients shaped like the inputs
+// (dq, dk [T,H,K], dv [T,HV,V], dg [T,HV(,K)], dbeta [T,HV], dh0 [N,HV,K,V]).
+struct DeltaBackwardHost {
+  Tensor dq, dk, dv, dg, dbeta, dh0;
+};
+DeltaBackwardHost delta_rule_backward_host(const DeltaRuleDims& d, DType dt, const Tensor& q, const Tensor& k,
+                                           const Tensor& v, const Tensor& g, const Tensor& beta, const Tensor& h0,
+                                           const Tensor& dout, const Tensor& dht, float scale);
 
 }  // namespace hla::cuda

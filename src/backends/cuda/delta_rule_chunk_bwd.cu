@@ -1,0 +1,682 @@
+// Chunked backward of the delta rule on CUDA (DeltaChunkBackward, see delta_rule_cuda.h), the
+// staging of the CPU backward (backends/cpu/delta_rule_chunk.cpp) on the GPU.
+//
+// Per chunk (rows i, j < 64 of one value head) with S the state entering it, G the chunk-local
+// gate cumsum, s the scale, the forward computed (fp32 recompute, DeltaChunkPlan::record):
+//   Mkk = K K^T ⊙ decay (strict),  T = (I + diag(β) Mkk)^{-1},  W = T diag(β) (K ⊙ e^G),
+//   U = T diag(β) V,  Vn = U − W S,  P = s Q K^T ⊙ decay (causal),
+//   O = s (Q ⊙ e^G) S + P Vn,      S' = diag(e^{G_last}) S + (K ⊙ e^{G_last−G})^T Vn.
+// The backward, given dO and dS' (the gradient of the state leaving the chunk):
+//   dstate (reverse over chunks, per V-tile):  dVn = P^T dO + Kr dS';
+//                                              dS = e^{G_last} dS' + s (Q⊙e^G)^T dO − W^T dVn
+//   state terms (per chunk):  dq  = s (dO S^T) ⊙ e^G;  dW = −dVn S^T;  dk = (Vn dS'^T) ⊙ e^{G_last−G};
+//                             dG_last += e^{G_last} Σ_v dS' ⊙ S
+//   intra-chunk (per chunk):  dBk = T^T dW, dBv = T^T dVn (dv = β dBv, dk += β dBk ⊙ e^G);
+//                             dT = dW (K⊙e^G)^T diag(β) + dVn V^T diag(β);  dL = −T^T dT T^T (strict);
+//                             dMkk = β dL;  dMq = s dO Vn^T (causal); then the Gram matrices' terms
+//                             and dg = reverse cumsum of the per-row gate terms + the Kr terms.
+// Every matmul runs on tensor cores in 3xTF32 over fp32 shared-memory tiles (mma.cuh's float
+// path), 16x16 output tiles spread over the warps. Row reductions (dbeta, GDN's dg) go through
+// fixed shuffle trees and fixed-order sums; per-element accumulators (dq, dk and the gate terms,
+// fp32 [T,HV,K] in global memory) are read-modify-written by exactly one thread per phase. No
+// atomics: two runs are bitwise equal.
+#include <algorithm>
+#include <string>
+
+#include "backends/cuda/delta_rule_cuda.h"
+#include "backends/cuda/kernel_util.cuh"
+#include "backends/cuda/mma.cuh"
+#include "core/error.h"
+
+namespace hla::cuda {
+namespace {
+
+constexpr int C = 64;         // chunk length (the forward's)
+constexpr int kLdM = C + 4;   // fp32 64x64 tiles
+constexpr int kNP = 20;       // dbeta partial sums per row: K/16 + V/16 + 64/16 ≤ 8 + 8 + 4
+constexpr int kThreads = 256; // per-chunk kernels: 8 warps
+
+using VK = View<float, true>;   // M(x, k) = p[x·ld + k]
+using VT = View<float, false>;  // M(x, k) = p[k·ld + x]
+
+struct BwdArgs {
+  // Recorded by the fp32 forward (DeltaChunkPlan::Saved) plus T and Mkk.
+  const int2* chunk_tab;
+  const int *cu, *chunk_off;
+  const float *Gc, *W, *P, *kg, *qg, *h, *vn, *Tm, *Mkk;
+  // Inputs, fp32: q, k [T,H,K]; v, dout [T,HV,V]; beta [T,HV]; dht [N,HV,K,V] or nullptr.
+  const float *q, *k, *v, *dout, *beta, *dht;
+  float scale;
+  int H, HV, V, group;
+  // Scratch: dh [chunks,HV,K,V] (gradient of the state leaving each chunk), dvn [T,HV,V],
+  // dw, dge (per-element gate terms of G_i), pkr (per-element terms of Kr_i) [T,HV,K].
+  float *dh, *dvn, *dw, *dge, *pkr;
+  // Outputs: dqh, dkh [T,HV,K] per value head (the outputs themselves when HV == H), dv, dg, dbeta, dh0.
+  float *dqh, *dkh, *dv, *dg, *dbeta, *dh0;
+};
+
+// A 16·M16 x 16·N16 output in 16x16 tiles over the block's warps: body(acc, m0, n0) accumulates
+// the tile at (m0, n0) with warp_mma, epi(row, col, value) consumes its elements.
+template <class Body, class Epi>
+__device__ __forceinline__ void tiles(int M, int N, Body&& body, Epi&& epi) {
+  const int warp = threadIdx.x >> 5, nw = blockDim.x >> 5, tn = N / 16;
+  for (int t = warp; t < (M / 16) * tn; t += nw) {
+    const int m0 = (t / tn) * 16, n0 = (t % tn) * 16;
+    float acc[2][4] = {};
+    body(acc, m0, n0);
+    for_each_acc(acc, [&](int r, int c, float& x) { epi(m0 + r, n0 + c, x); });
+  }
+}
+
+// Same, where epi also returns a per-element term to sum along the row: each tile's 16-column
+// partial sum (lanes of a quad combined by a fixed shuffle tree) lands in part[row·kNP + slot + n0/16].
+template <class Body, class Epi>
+__device__ __forceinline__ void tiles_rowsum(int M, int N, float* part, int slot, Body&& body, Epi&& epi) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5, tn = N / 16;
+  for (int t = warp; t < (M / 16) * tn; t += nw) {
+    const int m0 = (t / tn) * 16, n0 = (t % tn) * 16;
+    float acc[2][4] = {};
+    body(acc, m0, n0);
+    float s0 = 0.f, s1 = 0.f;  // rows lane/4 and lane/4 + 8 of the tile
+    for_each_acc(acc, [&](int r, int c, float& x) {
+      const float y = epi(m0 + r, n0 + c, x);
+      if (r < 8) s0 += y;
+      else s1 += y;
+    });
+    s0 += __shfl_xor_sync(~0u, s0, 1);
+    s1 += __shfl_xor_sync(~0u, s1, 1);
+    s0 += __shfl_xor_sync(~0u, s0, 2);
+    s1 += __shfl_xor_sync(~0u, s1, 2);
+    if ((lane & 3) == 0) {
+      part[(m0 + lane / 4) * kNP + slot + n0 / 16] = s0;
+      part[(m0 + lane / 4 + 8) * kNP + slot + n0 / 16] = s1;
+    }
+  }
+}
+
+// Where a chunk is: its first token, length, and the (token, value head) row index.
+struct ChunkPos {
+  int t0, len, j, h;
+  __device__ ChunkPos(const BwdArgs& a, int chunk, int jv) : j(jv), h(jv / a.group) {
+    const int2 ct = a.chunk_tab[chunk];
+    t0 = ct.x;
+    len = min(C, a.cu[ct.y + 1] - t0);
+  }
+  __device__ size_t tok(const BwdArgs& a, int i) const { return size_t(t0 + i) * a.HV + j; }
+  __device__ size_t qk(const BwdArgs& a, int i) const { return size_t(t0 + i) * a.H + h; }
+};
+
+// G_i[d] (GDN: G_i) for a row i < len.
+template <bool KDA, int K>
+__device__ __forceinline__ float gate(const BwdArgs& a, const ChunkPos& p, int i, int d) {
+  return KDA ? a.Gc[p.tok(a, i) * K + d] : a.Gc[p.tok(a, i)];
+}
+
+// ---------------------------------------------------------------------------------------------
+// dstate: one block per (sequence, value head, BV columns of V), walking the chunks last to first
+// with dS [K x BV] in fp32 mma accumulators (warp w: rows 16·(w·MT + mt)). Per chunk it records dS
+// (the gradient of the state leaving the chunk) and dVn, then steps dS back across the chunk.
+template <bool KDA, int K, int BV>
+struct DStateSmem {
+  static constexpr int kWarps = K >= 64 ? 4 : 2;
+  static constexpr int kLdK = K + 4, kLdB = BV + 4;
+  static constexpr size_t kBytes = sizeof(float) * (3 * C * kLdK + C * kLdM + 2 * C * kLdB + K * kLdB + (KDA ? K : C));
+};
+
+template <bool KDA, int K, int BV>
+__global__ void __launch_bounds__(DStateSmem<KDA, K, BV>::kWarps * 32) dstate_kernel(BwdArgs a) {
+  using L = DStateSmem<KDA, K, BV>;
+  constexpr int NW = L::kWarps, MT = K / 16 / NW, VMT = 4 / NW, NTS = BV / 8, LDK = L::kLdK, LDB = L::kLdB;
+  extern __shared__ __align__(16) unsigned char smem[];
+  float* sQ = reinterpret_cast<float*>(smem);  // [64][K] Qd = s Q ⊙ e^G
+  float* sKr = sQ + C * LDK;                   // [64][K] Kr = K ⊙ e^{G_last−G}
+  float* sW = sKr + C * LDK;                   // [64][K]
+  float* sP = sW + C * LDK;                    // [64][64] P, causal
+  float* sdO = sP + C * kLdM;                  // [64][BV]
+  float* sdVn = sdO + C * LDB;                 // [64][BV] −dVn
+  float* sdS = sdVn + C * LDB;                 // [K][BV] dS'
+  float* sG = sdS + K * LDB;                   // GDN: G rows [64]; KDA: G_last [K]
+  const int n = blockIdx.x, j = blockIdx.y, v0 = blockIdx.z * BV, h = j / a.group, HV = a.HV, V = a.V;
+  const int bos = a.cu[n], eos = a.cu[n + 1], nchunks = (eos - bos + C - 1) / C, coff = a.chunk_off[n];
+  const int warp = threadIdx.x >> 5;
+
+  float dS[MT][NTS][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+    for_each_acc(dS[mt], [&](int r, int c, float& x) {
+      const int d = 16 * (warp * MT + mt) + r;
+      x = a.dht ? a.dht[(size_t(n * HV + j) * K + d) * V + v0 + c] : 0.f;
+    });
+
+  for (int c = nchunks - 1; c >= 0; --c) {
+    const int tc = bos + c * C, lc = min(C, eos - tc), gc = coff + c;
+    auto tok = [&](int i) { return size_t(tc + i) * HV + j; };
+    load_rows_async(sQ, LDK, C, K, lc, [&](int i) { return KDA ? a.qg + tok(i) * K : a.q + (size_t(tc + i) * a.H + h) * K; });
+    load_rows_async(sKr, LDK, C, K, lc, [&](int i) { return KDA ? a.kg + tok(i) * K : a.k + (size_t(tc + i) * a.H + h) * K; });
+    load_rows_async(sW, LDK, C, K, lc, [&](int i) { return a.W + tok(i) * K; });
+    load_rows_async(sP, kLdM, C, C, lc, [&](int i) { return a.P + tok(i) * C; });
+    load_rows_async(sdO, LDB, C, BV, lc, [&](int i) { return a.dout + tok(i) * V + v0; });
+    cp_async_commit();
+    if constexpr (KDA) {
+      for (int d = threadIdx.x; d < K; d += blockDim.x) sG[d] = a.Gc[tok(lc - 1) * K + d];
+    } else {
+      for (int i = threadIdx.x; i < C; i += blockDim.x) sG[i] = i < lc ? a.Gc[tok(i)] : 0.f;
+    }
+    // dS' → the B operand of Kr dS', and to dh for the per-chunk kernels.
+    float* dh = a.dh + (size_t(gc) * HV + j) * K * V;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+      for_each_acc(dS[mt], [&](int r, int col, float& x) {
+        const int d = 16 * (warp * MT + mt) + r;
+        sdS[d * LDB + col] = x;
+        dh[size_t(d) * V + v0 + col] = x;
+      });
+    cp_async_wait<0>();
+    __syncthreads();
+    // P holds its causal part only (j ≤ i); GDN's Q and K rows get their decays here (KDA's qg, kg
+    // come decayed from the forward).
+    for (int idx = threadIdx.x; idx < C * C; idx += blockDim.x)
+      if (idx % C > idx / C) sP[(idx / C) * kLdM + idx % C] = 0.f;
+    if constexpr (!KDA) {
+      const float Gl = sG[lc - 1];
+      for (int idx = threadIdx.x; idx < lc * K; idx += blockDim.x) {
+        const int i = idx / K, d = idx % K;
+        sQ[i * LDK + d] *= a.scale * expf(sG[i]);
+        sKr[i * LDK + d] *= expf(Gl - sG[i]);
+      }
+    }
+    __syncthreads();
+    // dVn = P^T dO + Kr dS' (16-row tiles of this warp).
+#pragma unroll
+    for (int vm = 0; vm < VMT; ++vm) {
+      const int i0 = 16 * (warp * VMT + vm);
+      float acc[NTS][4] = {};
+      warp_mma<float, NTS>(acc, VK{sKr + i0 * LDK, LDK}, VT{sdS, LDB}, K);
+      warp_mma<float, NTS>(acc, VT{sP + i0, kLdM}, VT{sdO, LDB}, C);
+      for_each_acc(acc, [&](int r, int col, float& x) {
+        const int i = i0 + r;
+        if (i < lc) a.dvn[tok(i) * V + v0 + col] = x;
+        sdVn[i * LDB + col] = i < lc ? -x : 0.f;
+      });
+    }
+    __syncthreads();
+    // dS = e^{G_last} dS' + Qd^T dO − W^T dVn.
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      const int d0 = 16 * (warp * MT + mt);
+      for_each_acc(dS[mt], [&](int r, int, float& x) { x *= expf(KDA ? sG[d0 + r] : sG[lc - 1]); });
+      warp_mma<float, NTS>(dS[mt], VT{sQ + d0, LDK}, VT{sdO, LDB}, C);
+      warp_mma<float, NTS>(dS[mt], VT{sW + d0, LDK}, VT{sdVn, LDB}, C);
+    }
+    __syncthreads();
+  }
+  if (a.dh0) {
+    float* out = a.dh0 + size_t(n * HV + j) * K * V;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+      for_each_acc(dS[mt], [&](int r, int c, float& x) { out[size_t(16 * (warp * MT + mt) + r) * V + v0 + c] = x; });
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// State terms: one block (8 warps) per (chunk, value head). First writer of dqh, dkh, dge, pkr, dw.
+template <int K>
+__host__ __device__ size_t state_terms_smem(int V) {
+  const int big = V * (K + 4) > K * (V + 4) ? V * (K + 4) : K * (V + 4);
+  return sizeof(float) * (size_t(big) + 2 * C * (V + 4));
+}
+
+template <bool KDA, int K>
+__global__ void __launch_bounds__(kThreads) state_terms_kernel(BwdArgs a) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int V = a.V, LDV = V + 4, LDS = K + 4;
+  const ChunkPos p(a, blockIdx.x, blockIdx.y);
+  const int len = p.len;
+  float* sBig = reinterpret_cast<float*>(smem);  // S^T [V][K], then dS' [K][V]
+  float* sA = sBig + (V * (K + 4) > K * (V + 4) ? V * (K + 4) : K * (V + 4));  // [64][V]: dO, then Vn
+  float* sB = sA + C * LDV;                                                  // [64][V]: dVn
+  const float* hc = a.h + (size_t(blockIdx.x) * a.HV + p.j) * V * K;        // S^T
+  load_rows_async(sBig, LDS, V, K, V, [&](int r) { return hc + size_t(r) * K; });
+  load_rows_async(sA, LDV, C, V, len, [&](int i) { return a.dout + p.tok(a, i) * V; });
+  load_rows_async(sB, LDV, C, V, len, [&](int i) { return a.dvn + p.tok(a, i) * V; });
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+  // dq = s (dO S^T) ⊙ e^G, its gate term q ⊙ dq; dW = −dVn S^T.
+  tiles(C, K, [&](auto& acc, int m0, int n0) { warp_mma<float, 2>(acc, VK{sA + m0 * LDV, LDV}, VT{sBig + n0, LDS}, V); },
+        [&](int i, int d, float x) {
+          if (i >= len) return;
+          const float y = a.scale * x * expf(gate<KDA, K>(a, p, i, d));
+          a.dqh[p.tok(a, i) * K + d] = y;
+          a.dge[p.tok(a, i) * K + d] = a.q[p.qk(a, i) * K + d] * y;
+        });
+  tiles(C, K, [&](auto& acc, int m0, int n0) { warp_mma<float, 2>(acc, VK{sB + m0 * LDV, LDV}, VT{sBig + n0, LDS}, V); },
+        [&](int i, int d, float x) {
+          if (i < len) a.dw[p.tok(a, i) * K + d] = -x;
+        });
+  __syncthreads();
+  const float* dsn = a.dh + (size_t(blockIdx.x) * a.HV + p.j) * K * V;
+  load_rows_async(sBig, LDV, K, V, K, [&](int r) { return dsn + size_t(r) * V; });
+  load_rows_async(sA, LDV, C, V, len, [&](int i) { return a.vn + p.tok(a, i) * V; });
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+  // dk = (Vn dS'^T) ⊙ e^{G_last−G}; pkr = k ⊙ that (Kr_i's dependence on the gates after row i).
+  tiles(C, K, [&](auto& acc, int m0, int n0) { warp_mma<float, 2>(acc, VK{sA + m0 * LDV, LDV}, VK{sBig + n0 * LDV, LDV}, V); },
+        [&](int i, int d, float x) {
+          if (i >= len) return;
+          const float y = x * expf(gate<KDA, K>(a, p, len - 1, d) - gate<KDA, K>(a, p, i, d));
+          a.dkh[p.tok(a, i) * K + d] = y;
+          a.pkr[p.tok(a, i) * K + d] = a.k[p.qk(a, i) * K + d] * y;
+        });
+  __syncthreads();
+  // dG_last += e^{G_last} Σ_v dS' ⊙ S, per key row (GDN sums the rows later).
+  for (int d = threadIdx.x; d < K; d += blockDim.x) {
+    float s = 0.f;
+    for (int v = 0; v < V; ++v) s += sBig[d * LDV + v] * hc[size_t(v) * K + d];
+    a.dge[p.tok(a, len - 1) * K + d] += s * expf(gate<KDA, K>(a, p, len - 1, d));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Intra-chunk terms: one block (8 warps) per (chunk, value head), after state_terms. Four fp32
+// regions R1..R4 of 64 x max(K, V, 64) and two 64x64 tiles (T; dT, then dMkk) are reused across
+// the phases (comments name what each holds).
+__host__ __device__ inline int intra_ld(int K, int V) { return (K > V ? (K > C ? K : C) : (V > C ? V : C)) + 4; }
+__host__ __device__ inline size_t intra_smem(int K, int V) {
+  return sizeof(float) * (size_t(4) * C * intra_ld(K, V) + 2 * C * kLdM + 4 * C + C * kNP);
+}
+
+template <bool KDA, int K>
+__global__ void __launch_bounds__(kThreads) intra_kernel(BwdArgs a) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int V = a.V, LD = intra_ld(K, V);
+  const ChunkPos p(a, blockIdx.x, blockIdx.y);
+  const int len = p.len, tid = threadIdx.x;
+  float* R1 = reinterpret_cast<float*>(smem);
+  float* R2 = R1 + C * LD;
+  float* R3 = R2 + C * LD;
+  float* R4 = R3 + C * LD;
+  float* sT = R4 + C * LD;      // T [64][64]
+  float* sM = sT + C * kLdM;    // dT, then dMkk = β dL
+  float* sBeta = sM + C * kLdM; // [64]
+  float* sDiag = sBeta + C;     // [64] dMq[i][i] (no decay: straight to dq, dk)
+  float* sRow = sDiag + C;      // [2][64] GDN: per-row sums of dge and pkr
+  float* sPart = sRow + 2 * C;  // [64][kNP] dbeta partial sums
+  const size_t mat = (size_t(blockIdx.x) * a.HV + p.j) * C * C;
+  auto G = [&](int i, int d) { return gate<KDA, K>(a, p, i, d); };
+  auto qv = [&](int i, int d) { return a.q[p.qk(a, i) * K + d]; };
+  auto kv = [&](int i, int d) { return a.k[p.qk(a, i) * K + d]; };
+  auto dqh = [&](int i, int d) -> float& { return a.dqh[p.tok(a, i) * K + d]; };
+  auto dkh = [&](int i, int d) -> float& { return a.dkh[p.tok(a, i) * K + d]; };
+  auto dge = [&](int i, int d) -> float& { return a.dge[p.tok(a, i) * K + d]; };
+
+  // R1 = dW, R2 = dVn, R3 = K, R4 = V.
+  load_rows_async(sT, kLdM, C, C, C, [&](int i) { return a.Tm + mat + size_t(i) * C; });
+  load_rows_async(R1, LD, C, K, len, [&](int i) { return a.dw + p.tok(a, i) * K; });
+  load_rows_async(R2, LD, C, V, len, [&](int i) { return a.dvn + p.tok(a, i) * V; });
+  load_rows_async(R3, LD, C, K, len, [&](int i) { return a.k + p.qk(a, i) * K; });
+  load_rows_async(R4, LD, C, V, len, [&](int i) { return a.v + p.tok(a, i) * V; });
+  cp_async_commit();
+  if (tid < C) sBeta[tid] = tid < len ? a.beta[p.tok(a, tid)] : 0.f;
+  for (int e = tid; e < C * kNP; e += blockDim.x) sPart[e] = 0.f;
+  cp_async_wait<0>();
+  __syncthreads();
+
+  // dBk = T^T dW: dk += β dBk ⊙ e^G (and its gate term); dbeta += Σ dBk ⊙ K ⊙ e^G.
+  tiles_rowsum(C, K, sPart, 0, [&](auto& acc, int m0, int n0) { warp_mma<float, 2>(acc, VT{sT + m0, kLdM}, VT{R1 + n0, LD}, C); },
+               [&](int i, int d, float x) {
+                 if (i >= len) return 0.f;
+                 const float e = expf(G(i, d)), kk = R3[i * LD + d], y = sBeta[i] * x * e;
+                 dkh(i, d) += y;
+                 dge(i, d) += kk * y;
+                 return x * kk * e;
+               });
+  // dBv = T^T dVn: dv = β dBv; dbeta += Σ dBv ⊙ V.
+  tiles_rowsum(C, V, sPart, K / 16, [&](auto& acc, int m0, int n0) { warp_mma<float, 2>(acc, VT{sT + m0, kLdM}, VT{R2 + n0, LD}, C); },
+               [&](int i, int c, float x) {
+                 if (i >= len) return 0.f;
+                 a.dv[p.tok(a, i) * V + c] = sBeta[i] * x;
+                 return x * R4[i * LD + c];
+               });
+  __syncthreads();
+  // R3 = K ⊙ e^G. dT = (dW (K⊙e^G)^T + dVn V^T) diag(β), lower part (T is lower triangular).
+  for (int idx = tid; idx < len * K; idx += blockDim.x) R3[(idx / K) * LD + idx % K] *= expf(G(idx / K, idx % K));
+  __syncthreads();
+  tiles(C, C,
+        [&](auto& acc, int m0, int n0) {
+          warp_mma<float, 2>(acc, VK{R1 + m0 * LD, LD}, VK{R3 + n0 * LD, LD}, K);
+          warp_mma<float, 2>(acc, VK{R2 + m0 * LD, LD}, VK{R4 + n0 * LD, LD}, V);
+        },
+        [&](int i, int jj, float x) { sM[i * kLdM + jj] = jj <= i ? sBeta[jj] * x : 0.f; });
+  __syncthreads();
+  // R1 = Y = dT T^T; then dL = −T^T Y (strictly lower): sM = dMkk = β dL, dbeta += Σ dL ⊙ Mkk.
+  tiles(C, C, [&](auto& acc, int m0, int n0) { warp_mma<float, 2>(acc, VK{sM + m0 * kLdM, kLdM}, VK{sT + n0 * kLdM, kLdM}, C); },
+        [&](int i, int jj, float x) { R1[i * LD + jj] = x; });
+  __syncthreads();
+  tiles_rowsum(C, C, sPart, K / 16 + V / 16,
+               [&](auto& acc, int m0, int n0) { warp_mma<float, 2>(acc, VT{sT + m0, kLdM}, VT{R1 + n0, LD}, C); },
+               [&](int i, int jj, float x) {
+                 if (jj >= i || i >= len) {
+                   sM[i * kLdM + jj] = 0.f;
+                   return 0.f;
+                 }
+                 sM[i * kLdM + jj] = -sBeta[i] * x;
+                 return -x * a.Mkk[mat + i * C + jj];
+               });
+  __syncthreads();
+  // R2 = dO, R3 = Vn. R1 = dMq = s dO Vn^T strictly below the diagonal (GDN: times the decay
+  // e^{G_i−G_j}, and so is dMkk), its diagonal to sDiag.
+  load_rows_async(R2, LD, C, V, len, [&](int i) { return a.dout + p.tok(a, i) * V; });
+  load_rows_async(R3, LD, C, V, len, [&](int i) { return a.vn + p.tok(a, i) * V; });
+  cp_async_commit();
+  if constexpr (!KDA) {
+    for (int idx = tid; idx < C * C; idx += blockDim.x) {
+      const int i = idx / C, jj = idx % C;
+      if (jj < i && i < len) sM[i * kLdM + jj] *= expf(G(i, 0) - G(jj, 0));
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+  tiles(C, C, [&](auto& acc, int m0, int n0) { warp_mma<float, 2>(acc, VK{R2 + m0 * LD, LD}, VK{R3 + n0 * LD, LD}, V); },
+        [&](int i, int jj, float x) {
+          const float y = a.scale * x;
+          if (jj == i) sDiag[i] = y;
+          float val = jj < i && i < len ? y : 0.f;
+          if (!KDA && jj < i && i < len) val *= expf(G(i, 0) - G(jj, 0));
+          R1[i * LD + jj] = val;
+        });
+  __syncthreads();
+
+  // The Gram matrices: dq += dMq·K (decayed), dk += dMkk·K + dMq^T·Q + dMkk^T·K (decayed), and
+  // their gate terms q⊙dQrow + k⊙dKrow − k⊙dKcol.
+  if constexpr (!KDA) {
+    // Scalar decay, already inside dMq and dMkk: plain products with R2 = Q, R3 = K.
+    load_rows_async(R2, LD, C, K, len, [&](int i) { return a.q + p.qk(a, i) * K; });
+    load_rows_async(R3, LD, C, K, len, [&](int i) { return a.k + p.qk(a, i) * K; });
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    tiles(C, K, [&](auto& acc, int m0, int n0) { warp_mma<float, 2>(acc, VK{R1 + m0 * LD, LD}, VT{R3 + n0, LD}, C); },
+          [&](int i, int d, float x) {
+            if (i >= len) return;
+            dqh(i, d) += x;
+            dge(i, d) += R2[i * LD + d] * x;
+          });
+    __syncthreads();
+    tiles(C, K, [&](auto& acc, int m0, int n0) { warp_mma<float, 2>(acc, VK{sM + m0 * kLdM, kLdM}, VT{R3 + n0, LD}, C); },
+          [&](int i, int d, float x) {
+            if (i >= len) return;
+            dkh(i, d) += x;
+            dge(i, d) += R3[i * LD + d] * x;
+          });
+    __syncthreads();
+    tiles(C, K,
+          [&](auto& acc, int m0, int n0) {
+            warp_mma<float, 2>(acc, VT{R1 + m0, LD}, VT{R2 + n0, LD}, C);
+            warp_mma<float, 2>(acc, VT{sM + m0, kLdM}, VT{R3 + n0, LD}, C);
+          },
+          [&](int i, int d, float x) {
+            if (i >= len) return;
+            dkh(i, d) += x;
+            dge(i, d) -= R3[i * LD + d] * x;
+          });
+    __syncthreads();
+  } else {
+    // Per-key decay, factored per 16-row block B around its row m as in the forward's prep:
+    // e^{G_i−G_j} = e^{G_i−G_m} e^{G_m−G_j}, each factor ≤ 1 outside block B and ≤ e^{8|g|} inside.
+    // R2 = K ⊙ e^{G_m−G} (rows < 16B+16), R3 = Q ⊙ e^{G−G_m}, R4 = K ⊙ e^{G−G_m} (rows ≥ 16B).
+    for (int B = 0; B < 4 && 16 * B < len; ++B) {
+      const int b0 = 16 * B, m = min(b0 + 8, len - 1);
+      for (int idx = tid; idx < (b0 + 16) * K; idx += blockDim.x) {
+        const int i = idx / K, d = idx % K;
+        R2[i * LD + d] = i < len ? kv(i, d) * expf(G(m, d) - G(i, d)) : 0.f;
+      }
+      for (int idx = tid; idx < (C - b0) * K; idx += blockDim.x) {
+        const int i = b0 + idx / K, d = idx % K;
+        const float f = i < len ? expf(G(i, d) - G(m, d)) : 0.f;
+        R3[i * LD + d] = i < len ? qv(i, d) * f : 0.f;
+        R4[i * LD + d] = i < len ? kv(i, d) * f : 0.f;
+      }
+      __syncthreads();
+      tiles(16, K, [&](auto& acc, int, int n0) { warp_mma<float, 2>(acc, VK{R1 + b0 * LD, LD}, VT{R2 + n0, LD}, b0 + 16); },
+            [&](int r, int d, float x) {
+              const int i = b0 + r;
+              if (i >= len) return;
+              const float y = x * expf(G(i, d) - G(m, d));
+              dqh(i, d) += y;
+              dge(i, d) += qv(i, d) * y;
+            });
+      __syncthreads();
+      tiles(16, K, [&](auto& acc, int, int n0) { warp_mma<float, 2>(acc, VK{sM + b0 * kLdM, kLdM}, VT{R2 + n0, LD}, b0 + 16); },
+            [&](int r, int d, float x) {
+              const int i = b0 + r;
+              if (i >= len) return;
+              const float y = x * expf(G(i, d) - G(m, d));
+              dkh(i, d) += y;
+              dge(i, d) += kv(i, d) * y;
+            });
+      __syncthreads();
+      tiles(16, K,
+            [&](auto& acc, int, int n0) {
+              warp_mma<float, 2>(acc, VT{R1 + b0 * LD + b0, LD}, VT{R3 + b0 * LD + n0, LD}, C - b0);
+              warp_mma<float, 2>(acc, VT{sM + b0 * kLdM + b0, kLdM}, VT{R4 + b0 * LD + n0, LD}, C - b0);
+            },
+            [&](int r, int d, float x) {
+              const int jj = b0 + r;
+              if (jj >= len) return;
+              const float y = x * expf(G(m, d) - G(jj, d));
+              dkh(jj, d) += y;
+              dge(jj, d) -= kv(jj, d) * y;
+            });
+      __syncthreads();
+    }
+  }
+
+  // The undecayed diagonal of dMq; dbeta; dg_t = Σ_{i≥t} dG_i + Σ_{i<t} pkr_i (GDN: summed over K first).
+  for (int idx = tid; idx < len * K; idx += blockDim.x) {
+    const int i = idx / K, d = idx % K;
+    dqh(i, d) += sDiag[i] * kv(i, d);
+    dkh(i, d) += sDiag[i] * qv(i, d);
+  }
+  if (tid < len) {
+    float s = 0.f;
+    for (int e = 0; e < kNP; ++e) s += sPart[tid * kNP + e];
+    a.dbeta[p.tok(a, tid)] = s;
+  }
+  if constexpr (KDA) {
+    for (int d = tid; d < K; d += blockDim.x) {
+      float run = 0.f;
+      for (int i = len - 1; i >= 0; --i) a.dg[p.tok(a, i) * K + d] = run += dge(i, d);
+      run = 0.f;
+      for (int i = 0; i < len; ++i) {
+        a.dg[p.tok(a, i) * K + d] += run;
+        run += a.pkr[p.tok(a, i) * K + d];
+      }
+    }
+  } else {
+    if (tid < len) {
+      float s = 0.f, r = 0.f;
+      for (int d = 0; d < K; ++d) s += dge(tid, d), r += a.pkr[p.tok(a, tid) * K + d];
+      sRow[tid] = s;
+      sRow[C + tid] = r;
+    }
+    __syncthreads();
+    if (tid == 0) {
+      float run = 0.f;
+      for (int i = len - 1; i >= 0; --i) a.dg[p.tok(a, i)] = run += sRow[i];
+      run = 0.f;
+      for (int i = 0; i < len; ++i) {
+        a.dg[p.tok(a, i)] += run;
+        run += sRow[C + i];
+      }
+    }
+  }
+}
+
+// dq, dk [T,H,K] = Σ over the value heads of each group of dqh, dkh [T,HV,K], in head order.
+__global__ void group_sum_kernel(const float* dqh, const float* dkh, float* dq, float* dk, size_t n, int H, int K,
+                                 int group) {
+  for (size_t e = blockIdx.x * size_t(blockDim.x) + threadIdx.x; e < n; e += size_t(gridDim.x) * blockDim.x) {
+    const size_t row = e / K, t = row / H;
+    const int hh = int(row % H), d = int(e % K);
+    float sq = 0.f, sk = 0.f;
+    for (int r = 0; r < group; ++r) {
+      const size_t src = (t * H * group + size_t(hh) * group + r) * K + d;
+      sq += dqh[src];
+      sk += dkh[src];
+    }
+    dq[e] = sq;
+    dk[e] = sk;
+  }
+}
+
+template <class CT>
+__global__ void widen_kernel(const CT* x, float* y, size_t n) {
+  for (size_t e = blockIdx.x * size_t(blockDim.x) + threadIdx.x; e < n; e += size_t(gridDim.x) * blockDim.x)
+    y[e] = to_f32(x[e]);
+}
+
+void widen(DType dt, const void* x, float* y, size_t n, cudaStream_t s) {
+  const unsigned blocks = unsigned(std::min<size_t>((n + 255) / 256, 4096));
+  if (n == 0) return;
+  if (dt == DType::BF16) widen_kernel<<<blocks, 256, 0, s>>>(static_cast<const __nv_bfloat16*>(x), y, n);
+  else widen_kernel<<<blocks, 256, 0, s>>>(static_cast<const __half*>(x), y, n);
+  check_cuda(cudaGetLastError(), "delta rule backward widen kernel");
+}
+
+template <class F>
+void set_smem(F* kern, size_t bytes, const char* what) {
+  check_cuda(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)), what);
+}
+
+template <bool KDA, int K>
+void launch_bwd(const BwdArgs& a, int64_t chunks, int64_t n_seqs, int cols, cudaStream_t s) {
+  if (n_seqs == 0) return;
+  if (cols == 32) {
+    using L = DStateSmem<KDA, K, 32>;
+    auto kern = dstate_kernel<KDA, K, 32>;
+    set_smem(kern, L::kBytes, "dstate smem");
+    kern<<<dim3(unsigned(n_seqs), unsigned(a.HV), unsigned(a.V / 32)), L::kWarps * 32, L::kBytes, s>>>(a);
+  } else {
+    using L = DStateSmem<KDA, K, 16>;
+    auto kern = dstate_kernel<KDA, K, 16>;
+    set_smem(kern, L::kBytes, "dstate smem");
+    kern<<<dim3(unsigned(n_seqs), unsigned(a.HV), unsigned(a.V / 16)), L::kWarps * 32, L::kBytes, s>>>(a);
+  }
+  check_cuda(cudaGetLastError(), "delta rule dstate kernel");
+  if (chunks == 0) return;
+  const dim3 grid(unsigned(chunks), unsigned(a.HV));
+  const size_t b1 = state_terms_smem<K>(a.V), b2 = intra_smem(K, a.V);
+  set_smem(state_terms_kernel<KDA, K>, b1, "state terms smem");
+  state_terms_kernel<KDA, K><<<grid, kThreads, b1, s>>>(a);
+  check_cuda(cudaGetLastError(), "delta rule backward state terms kernel");
+  set_smem(intra_kernel<KDA, K>, b2, "intra smem");
+  intra_kernel<KDA, K><<<grid, kThreads, b2, s>>>(a);
+  check_cuda(cudaGetLastError(), "delta rule backward intra kernel");
+}
+
+template <bool KDA>
+void dispatch_bwd(const BwdArgs& a, int K, int64_t chunks, int64_t n_seqs, int cols, cudaStream_t s) {
+  switch (K) {
+    case 32: return launch_bwd<KDA, 32>(a, chunks, n_seqs, cols, s);
+    case 64: return launch_bwd<KDA, 64>(a, chunks, n_seqs, cols, s);
+    default: return launch_bwd<KDA, 128>(a, chunks, n_seqs, cols, s);
+  }
+}
+
+size_t align_up(size_t x) { return (x + 255) & ~size_t(255); }
+
+}  // namespace
+
+DeltaChunkBackward::DeltaChunkBackward(const DeltaRuleDims& d, DType dt) : d_(d), dt_(dt), fwd_(d, DType::F32) {
+  check(d.K == 32 || d.K == 64 || d.K == 128,
+        "delta rule chunk backward (cuda): K must be 32, 64 or 128, got " + std::to_string(d.K));
+  check(d.V <= 128, "delta rule chunk backward (cuda): V must be at most 128, got " + std::to_string(d.V));
+  check_delta_dims(d, dt, "delta rule chunk backward (cuda)");
+  const int64_t N = d.num_seqs(), T = d.tokens(), H = d.H, HV = d.HV, K = d.K, V = d.V, chunks = fwd_.chunks();
+  int dev = 0, sms = 0;
+  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "multiprocessor count");
+  // The reverse state pass is sequential over chunks like the forward's column-tiled pass: narrower
+  // column tiles where sequences x heads would leave it under two blocks per multiprocessor.
+  state_cols_ = (V % 32 == 0 && N * HV * (V / 32) >= 2 * sms) ? 32 : 16;
+  const bool wide = dt != DType::F32;
+  const size_t f = 4;
+  const size_t sizes[] = {
+      wide ? size_t(T * H * K) * f : 0, wide ? size_t(T * H * K) * f : 0,     // q, k widened
+      wide ? size_t(T * HV * V) * f : 0, wide ? size_t(T * HV * V) * f : 0,   // v, dout widened
+      size_t(N * HV * K * V) * f,                                            // recompute state
+      size_t(chunks * HV * C * C) * f, size_t(chunks * HV * C * C) * f,      // T, Mkk
+      size_t(chunks * HV * K * V) * f,                                       // dh
+      size_t(T * HV * V) * f,                                                // dvn
+      size_t(T * HV * K) * f, size_t(T * HV * K) * f, size_t(T * HV * K) * f,  // dw, dge, pkr
+      HV > H ? size_t(T * HV * K) * f : 0, HV > H ? size_t(T * HV * K) * f : 0};  // dqh, dkh
+  for (size_t sz : sizes) ws_bytes_ += align_up(sz);
+  check_cuda(cudaMalloc(&ws_, std::max<size_t>(ws_bytes_, 256)), "delta rule backward workspace");
+}
+
+DeltaChunkBackward::~DeltaChunkBackward() { cudaFree(ws_); }
+
+void DeltaChunkBackward::backward(const void* q, const void* k, const void* v, const float* g, const float* beta,
+                                  float scale, const float* h0, const void* dout, const float* dht, float* dq,
+                                  float* dk, float* dv, float* dg, float* dbeta, float* dh0,
+                                  cudaStream_t stream) const {
+  const int64_t N = d_.num_seqs(), T = d_.tokens(), H = d_.H, HV = d_.HV, K = d_.K, V = d_.V, chunks = fwd_.chunks();
+  const bool wide = dt_ != DType::F32;
+  char* p = static_cast<char*>(ws_);
+  auto take = [&](size_t bytes) {
+    float* r = reinterpret_cast<float*>(p);
+    p += align_up(bytes);
+    return r;
+  };
+  float* qf = take(wide ? size_t(T * H * K) * 4 : 0);
+  float* kf = take(wide ? size_t(T * H * K) * 4 : 0);
+  float* vf = take(wide ? size_t(T * HV * V) * 4 : 0);
+  float* dof = take(wide ? size_t(T * HV * V) * 4 : 0);
+  float* state = take(size_t(N * HV * K * V) * 4);
+  float* Tm = take(size_t(chunks * HV * C * C) * 4);
+  float* Mkk = take(size_t(chunks * HV * C * C) * 4);
+  BwdArgs a{};
+  a.dh = take(size_t(chunks * HV * K * V) * 4);
+  a.dvn = take(size_t(T * HV * V) * 4);
+  a.dw = take(size_t(T * HV * K) * 4);
+  a.dge = take(size_t(T * HV * K) * 4);
+  a.pkr = take(size_t(T * HV * K) * 4);
+  float* dqh = take(HV > H ? size_t(T * HV * K) * 4 : 0);
+  float* dkh = take(HV > H ? size_t(T * HV * K) * 4 : 0);
+  if (wide) {
+    widen(dt_, q, qf, size_t(T * H * K), stream);
+    widen(dt_, k, kf, size_t(T * H * K), stream);
+    widen(dt_, v, vf, size_t(T * HV * V), stream);
+    widen(dt_, dout, dof, size_t(T * HV * V), stream);
+  } else {
+    qf = static_cast<float*>(const_cast<void*>(q));
+    kf = static_cast<float*>(const_cast<void*>(k));
+    vf = static_cast<float*>(const_cast<void*>(v));
+    dof = static_cast<float*>(const_cast<void*>(dout));
+  }
+  const size_t state_bytes = size_t(N * HV * K * V) * 4;
+  if (h0) check_cuda(cudaMemcpyAsync(state, h0, state_bytes, cudaMemcpyDeviceToDevice, stream), "backward h0 copy");
+  else check_cuda(cudaMemsetAsync(state, 0, state_bytes, stream), "backward h0 zero");
+  const DeltaChunkPlan::Saved sv = fwd_.record(qf, kf, vf, g, beta, scale, state, Tm, Mkk, stream);
+  a.chunk_tab = sv.chunk_tab, a.cu = sv.cu, a.chunk_off = sv.chunk_off, a.Gc = sv.Gc;
+  a.W = static_cast<const float*>(sv.W), a.P = static_cast<const float*>(sv.P);
+  a.kg = static_cast<const float*>(sv.kg), a.qg = static_cast<const float*>(sv.qg);
+  a.h = static_cast<const float*>(sv.h), a.vn = static_cast<const float*>(sv.vn);
+  a.Tm = Tm, a.Mkk = Mkk;
+  a.q = qf, a.k = kf, a.v = vf, a.dout = dof, a.beta = beta, a.dht = dht, a.scale = scale;
+  a.H = int(H), a.HV = int(HV), a.V = int(V), a.group = int(HV / H);
+  a.dqh = HV > H ? dqh : dq, a.dkh = HV > H ? dkh : dk;
+  a.dv = dv, a.dg = dg, a.dbeta = dbeta, a.dh0 = dh0;
+  if (d_.gate == DeltaGate::PerKey) dispatch_bwd<true>(a, int(K), chunks, N, state_cols_, stream);
+  else dispatch_bwd<false>(a, int(K), chunks, N, state_cols_, stream);
+  if (HV > H && T > 0) {
+    const size_t n = size_t(T * H * K);
+    group_sum_kernel<<<unsigned(std::min<size_t>((n + 255) / 256, 4096)), 256, 0, stream>>>(dqh, dkh, dq, dk, n, int(H),
+                                                                                            int(K), int(HV / H));
+    check_cuda(cudaGetLastError(), "delta rule backward group sum kernel");
+  }
+}
+
+}  // namespace hla::cuda
