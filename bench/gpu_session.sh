@@ -6,7 +6,8 @@
 # BIN names the folder of hla_cuda_tests and bench_delta_rule (default build-cuda; binaries built
 # on the CPU machine can be carried instead when the device machine lacks the CPU build's packages).
 # Time limits and the sanitizer's test filter can be narrowed for short device sessions:
-# TEST_TIMEOUT, SAN_TIMEOUT (each tool), SAN_FILTER (gtest filter), BENCH_TIMEOUT, FLA_TIMEOUT.
+# TEST_TIMEOUT, SAN_TIMEOUT (each tool), SAN_FILTER (gtest filter), BENCH_TIMEOUT, FLA_TIMEOUT;
+# the ncu step's kernels and launches: NCU_KERNELS (regex), NCU_COUNT.
 set -u
 OUT=${OUT:-/tmp/hla_out}
 mkdir -p "$OUT"
@@ -46,7 +47,8 @@ if has ncu; then
   # Per-kernel time and limiters of one forward call (prep, state, output) and one decode.
   IFS=';' read -ra cases <<<"${NCU_CASES:-gdn_chunk_fwd,B1 T16384;kda_chunk_fwd,B1 T16384;gdn_decode,B256}"
   for c in "${cases[@]}"; do
-    timeout 120 ncu --clock-control none -k 'regex:prep|state_kernel|output_kernel|decode_kernel' --launch-count 3 \
+    timeout 120 ncu --clock-control none -k "regex:${NCU_KERNELS:-prep|state_kernel|output_kernel|decode_kernel}" \
+      --launch-count ${NCU_COUNT:-3} \
       --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
       $BIN/bench_delta_rule --quick "--only=$c" >"$OUT/ncu_${c%%,*}.txt" 2>&1
     echo "== ncu $c"

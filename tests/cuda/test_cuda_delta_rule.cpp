@@ -389,7 +389,7 @@ Grads cpu_backward(const Problem& p, const std::vector<double>& q, const std::ve
   return {back(dq), back(dk), back(dv), back(dg), back(db), back(dh0)};
 }
 
-Grads gpu_backward(const Problem& p, DType dt, const Cotangents& c, bool with_h0) {
+Grads gpu_backward(const Problem& p, DType dt, const Cotangents& c, bool with_h0, int state_cols = 0) {
   const int64_t T = p.d.tokens();
   DevBuf q(p.q, dt), k(p.k, dt), v(p.v, dt), g(p.g, DType::F32), beta(p.beta, DType::F32), h0(p.h0, DType::F32),
       dout(c.dout, dt), dht(c.dht.empty() ? std::vector<double>(1) : c.dht, DType::F32);
@@ -397,7 +397,7 @@ Grads gpu_backward(const Problem& p, DType dt, const Cotangents& c, bool with_h0
   DevBuf dq(size_t(T * p.d.H * p.d.K), DType::F32, 0xff), dk(size_t(T * p.d.H * p.d.K), DType::F32, 0xff),
       dv(size_t(T * p.d.HV * p.d.V), DType::F32, 0xff), dg(p.g.size(), DType::F32, 0xff),
       db(p.beta.size(), DType::F32, 0xff), dh0(p.h0.size(), DType::F32, 0xff);
-  cuda::DeltaChunkBackward bwd(p.d, dt);
+  cuda::DeltaChunkBackward bwd(p.d, dt, state_cols);
   bwd.backward(q.p, k.p, v.p, g.f32(), beta.f32(), float(p.scale), with_h0 ? h0.f32() : nullptr, dout.p,
                c.dht.empty() ? nullptr : dht.f32(), dq.f32(), dk.f32(), dv.f32(), dg.f32(), db.f32(), dh0.f32(),
                nullptr);
@@ -430,15 +430,18 @@ TEST(CudaDeltaRule, BackwardFp32MatchesFp64Recurrence) {
       const Problem p = make_problem(s.gate, s.H, s.HV, s.K, s.V, s.lens, seed++);
       const Cotangents c = make_cotangents(p, with_dht, seed++);
       const Grads ref = cpu_backward<double>(p, p.q, p.k, p.v, c.dout, c.dht, with_h0);
-      Grads got = gpu_backward(p, DType::F32, c, with_h0);
-      Grads r = ref;
-      std::printf("[ bwd fp32 ] %-40s %s", name(s).c_str(), with_h0 ? "h0+dht " : "zero   ");
-      for (int i = 0; i < 6; ++i) {
-        const double e = rel_l2(*grad(got, i), *grad(r, i));
-        std::printf(" %s %.1e", kGradNames[i], e);
-        EXPECT_LT(e, 1e-4) << name(s) << " " << kGradNames[i] << (with_h0 ? " h0+dht" : " zero");
+      for (int cols : {16, 32}) {  // both widths of the reverse state pass
+        if (s.V % cols) continue;
+        Grads got = gpu_backward(p, DType::F32, c, with_h0, cols);
+        Grads r = ref;
+        std::printf("[ bwd fp32 ] %-40s %s cols%d", name(s).c_str(), with_h0 ? "h0+dht " : "zero   ", cols);
+        for (int i = 0; i < 6; ++i) {
+          const double e = rel_l2(*grad(got, i), *grad(r, i));
+          std::printf(" %s %.1e", kGradNames[i], e);
+          EXPECT_LT(e, 1e-4) << name(s) << " " << kGradNames[i] << (with_h0 ? " h0+dht" : " zero") << " cols " << cols;
+        }
+        std::printf("\n");
       }
-      std::printf("\n");
     }
   }
 }
@@ -476,7 +479,8 @@ TEST(CudaDeltaRule, BackwardIsDeterministic) {
     const int64_t T = p.d.tokens();
     DevBuf q(p.q, DType::BF16), k(p.k, DType::BF16), v(p.v, DType::BF16), g(p.g, DType::F32),
         beta(p.beta, DType::F32), h0(p.h0, DType::F32), dout(c.dout, DType::BF16), dht(c.dht, DType::F32);
-    cuda::DeltaChunkBackward bwd(p.d, DType::BF16);
+    for (int cols : {16, 32}) {
+    cuda::DeltaChunkBackward bwd(p.d, DType::BF16, cols);
     std::vector<std::vector<uint8_t>> first;
     for (int run = 0; run < 2; ++run) {
       DevBuf dq(size_t(T * p.d.H * p.d.K), DType::F32, 0), dk(size_t(T * p.d.H * p.d.K), DType::F32, 0),
@@ -488,7 +492,8 @@ TEST(CudaDeltaRule, BackwardIsDeterministic) {
       std::vector<std::vector<uint8_t>> now = {dq.raw(), dk.raw(), dv.raw(), dg.raw(), db.raw(), dh0.raw()};
       if (run == 0) first = now;
       else
-        for (int i = 0; i < 6; ++i) EXPECT_TRUE(first[i] == now[i]) << kGradNames[i];
+        for (int i = 0; i < 6; ++i) EXPECT_TRUE(first[i] == now[i]) << kGradNames[i] << " cols " << cols;
+    }
     }
   }
 }
@@ -641,6 +646,8 @@ TEST(CudaDeltaRule, RejectsUnsupportedShapes) {
   EXPECT_THROW(cuda::DeltaChunkBackward(d, DType::BF16), Error);  // the backward takes K ≤ 128
   d.K = 64, d.V = 256;
   EXPECT_THROW(cuda::DeltaChunkBackward(d, DType::BF16), Error);  // and V ≤ 128
+  d.V = 48;
+  EXPECT_THROW(cuda::DeltaChunkBackward(d, DType::BF16, 32), Error);  // 32 state columns need 32 | V
   d.K = 96, d.V = 64;
   EXPECT_THROW(cuda::DeltaChunkPlan(d, DType::BF16), Error);
   d.K = 64, d.V = 40;

@@ -68,28 +68,49 @@ __device__ __forceinline__ void tiles(int M, int N, Body&& body, Epi&& epi) {
   }
 }
 
-// Same, where epi also returns a per-element term to sum along the row: each tile's 16-column
-// partial sum (lanes of a quad combined by a fixed shuffle tree) lands in part[row·kNP + slot + n0/16].
-template <class Body, class Epi>
-__device__ __forceinline__ void tiles_rowsum(int M, int N, float* part, int slot, Body&& body, Epi&& epi) {
+// Up to six values an epilogue reads from global memory for one element.
+struct Loaded {
+  float v[6];
+};
+
+// Same tiling, for epilogues that read-modify-write global memory (the per-element accumulators)
+// or read gates from it: pre(row, col) returns what one element needs from global memory, then
+// post(row, col, value, loaded) computes and stores. All loads of a lane's 8 elements are issued
+// before any of its stores — a load after a store to a possibly aliasing address would wait for
+// it, one L2 round trip per element instead of one per tile. post returns a term to sum along the
+// row: with part != nullptr each tile's 16-column partial sums (a quad's lanes combined by a fixed
+// shuffle tree) land in part[row·kNP + slot + n0/16].
+template <class Body, class Pre, class Post>
+__device__ __forceinline__ void tiles_ld(int M, int N, float* part, int slot, Body&& body, Pre&& pre, Post&& post) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5, tn = N / 16;
+  const int r = lane >> 2, q = lane & 3;  // for_each_acc's element map
   for (int t = warp; t < (M / 16) * tn; t += nw) {
     const int m0 = (t / tn) * 16, n0 = (t % tn) * 16;
     float acc[2][4] = {};
     body(acc, m0, n0);
-    float s0 = 0.f, s1 = 0.f;  // rows lane/4 and lane/4 + 8 of the tile
-    for_each_acc(acc, [&](int r, int c, float& x) {
-      const float y = epi(m0 + r, n0 + c, x);
-      if (r < 8) s0 += y;
-      else s1 += y;
-    });
-    s0 += __shfl_xor_sync(~0u, s0, 1);
-    s1 += __shfl_xor_sync(~0u, s1, 1);
-    s0 += __shfl_xor_sync(~0u, s0, 2);
-    s1 += __shfl_xor_sync(~0u, s1, 2);
-    if ((lane & 3) == 0) {
-      part[(m0 + lane / 4) * kNP + slot + n0 / 16] = s0;
-      part[(m0 + lane / 4 + 8) * kNP + slot + n0 / 16] = s1;
+    Loaded ld[2][4];
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) ld[nt][e] = pre(m0 + r + (e >> 1) * 8, n0 + 8 * nt + 2 * q + (e & 1));
+    float s0 = 0.f, s1 = 0.f;  // rows r and r + 8 of the tile
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float y = post(m0 + r + (e >> 1) * 8, n0 + 8 * nt + 2 * q + (e & 1), acc[nt][e], ld[nt][e]);
+        if (e < 2) s0 += y;
+        else s1 += y;
+      }
+    if (part) {
+      s0 += __shfl_xor_sync(~0u, s0, 1);
+      s1 += __shfl_xor_sync(~0u, s1, 1);
+      s0 += __shfl_xor_sync(~0u, s0, 2);
+      s1 += __shfl_xor_sync(~0u, s1, 2);
+      if (q == 0) {
+        part[(m0 + r) * kNP + slot + n0 / 16] = s0;
+        part[(m0 + r + 8) * kNP + slot + n0 / 16] = s1;
+      }
     }
   }
 }
@@ -243,13 +264,19 @@ __global__ void __launch_bounds__(kThreads) state_terms_kernel(BwdArgs a) {
   cp_async_wait<0>();
   __syncthreads();
   // dq = s (dO S^T) ⊙ e^G, its gate term q ⊙ dq; dW = −dVn S^T.
-  tiles(C, K, [&](auto& acc, int m0, int n0) { warp_mma<float, 2>(acc, VK{sA + m0 * LDV, LDV}, VT{sBig + n0, LDS}, V); },
-        [&](int i, int d, float x) {
-          if (i >= len) return;
-          const float y = a.scale * x * expf(gate<KDA, K>(a, p, i, d));
-          a.dqh[p.tok(a, i) * K + d] = y;
-          a.dge[p.tok(a, i) * K + d] = a.q[p.qk(a, i) * K + d] * y;
-        });
+  tiles_ld(C, K, nullptr, 0,
+           [&](auto& acc, int m0, int n0) { warp_mma<float, 2>(acc, VK{sA + m0 * LDV, LDV}, VT{sBig + n0, LDS}, V); },
+           [&](int i, int d) {
+             if (i >= len) return Loaded{};
+             return Loaded{{gate<KDA, K>(a, p, i, d), a.q[p.qk(a, i) * K + d]}};
+           },
+           [&](int i, int d, float x, const Loaded& l) {
+             if (i >= len) return 0.f;
+             const float y = a.scale * x * expf(l.v[0]);
+             a.dqh[p.tok(a, i) * K + d] = y;
+             a.dge[p.tok(a, i) * K + d] = l.v[1] * y;
+             return 0.f;
+           });
   tiles(C, K, [&](auto& acc, int m0, int n0) { warp_mma<float, 2>(acc, VK{sB + m0 * LDV, LDV}, VT{sBig + n0, LDS}, V); },
         [&](int i, int d, float x) {
           if (i < len) a.dw[p.tok(a, i) * K + d] = -x;
@@ -262,13 +289,19 @@ __global__ void __launch_bounds__(kThreads) state_terms_kernel(BwdArgs a) {
   cp_async_wait<0>();
   __syncthreads();
   // dk = (Vn dS'^T) ⊙ e^{G_last−G}; pkr = k ⊙ that (Kr_i's dependence on the gates after row i).
-  tiles(C, K, [&](auto& acc, int m0, int n0) { warp_mma<float, 2>(acc, VK{sA + m0 * LDV, LDV}, VK{sBig + n0 * LDV, LDV}, V); },
-        [&](int i, int d, float x) {
-          if (i >= len) return;
-          const float y = x * expf(gate<KDA, K>(a, p, len - 1, d) - gate<KDA, K>(a, p, i, d));
-          a.dkh[p.tok(a, i) * K + d] = y;
-          a.pkr[p.tok(a, i) * K + d] = a.k[p.qk(a, i) * K + d] * y;
-        });
+  tiles_ld(C, K, nullptr, 0,
+           [&](auto& acc, int m0, int n0) { warp_mma<float, 2>(acc, VK{sA + m0 * LDV, LDV}, VK{sBig + n0 * LDV, LDV}, V); },
+           [&](int i, int d) {
+             if (i >= len) return Loaded{};
+             return Loaded{{gate<KDA, K>(a, p, len - 1, d), gate<KDA, K>(a, p, i, d), a.k[p.qk(a, i) * K + d]}};
+           },
+           [&](int i, int d, float x, const Loaded& l) {
+             if (i >= len) return 0.f;
+             const float y = x * expf(l.v[0] - l.v[1]);
+             a.dkh[p.tok(a, i) * K + d] = y;
+             a.pkr[p.tok(a, i) * K + d] = l.v[2] * y;
+             return 0.f;
+           });
   __syncthreads();
   // dG_last += e^{G_last} Σ_v dS' ⊙ S, per key row (GDN sums the rows later).
   for (int d = threadIdx.x; d < K; d += blockDim.x) {
@@ -324,21 +357,26 @@ __global__ void __launch_bounds__(kThreads) intra_kernel(BwdArgs a) {
   __syncthreads();
 
   // dBk = T^T dW: dk += β dBk ⊙ e^G (and its gate term); dbeta += Σ dBk ⊙ K ⊙ e^G.
-  tiles_rowsum(C, K, sPart, 0, [&](auto& acc, int m0, int n0) { warp_mma<float, 2>(acc, VT{sT + m0, kLdM}, VT{R1 + n0, LD}, C); },
-               [&](int i, int d, float x) {
-                 if (i >= len) return 0.f;
-                 const float e = expf(G(i, d)), kk = R3[i * LD + d], y = sBeta[i] * x * e;
-                 dkh(i, d) += y;
-                 dge(i, d) += kk * y;
-                 return x * kk * e;
-               });
+  tiles_ld(C, K, sPart, 0, [&](auto& acc, int m0, int n0) { warp_mma<float, 2>(acc, VT{sT + m0, kLdM}, VT{R1 + n0, LD}, C); },
+           [&](int i, int d) {
+             if (i >= len) return Loaded{};
+             return Loaded{{G(i, d), dkh(i, d), dge(i, d)}};
+           },
+           [&](int i, int d, float x, const Loaded& l) {
+             if (i >= len) return 0.f;
+             const float e = expf(l.v[0]), kk = R3[i * LD + d], y = sBeta[i] * x * e;
+             dkh(i, d) = l.v[1] + y;
+             dge(i, d) = l.v[2] + kk * y;
+             return x * kk * e;
+           });
   // dBv = T^T dVn: dv = β dBv; dbeta += Σ dBv ⊙ V.
-  tiles_rowsum(C, V, sPart, K / 16, [&](auto& acc, int m0, int n0) { warp_mma<float, 2>(acc, VT{sT + m0, kLdM}, VT{R2 + n0, LD}, C); },
-               [&](int i, int c, float x) {
-                 if (i >= len) return 0.f;
-                 a.dv[p.tok(a, i) * V + c] = sBeta[i] * x;
-                 return x * R4[i * LD + c];
-               });
+  tiles_ld(C, V, sPart, K / 16, [&](auto& acc, int m0, int n0) { warp_mma<float, 2>(acc, VT{sT + m0, kLdM}, VT{R2 + n0, LD}, C); },
+           [&](int, int) { return Loaded{}; },
+           [&](int i, int c, float x, const Loaded&) {
+             if (i >= len) return 0.f;
+             a.dv[p.tok(a, i) * V + c] = sBeta[i] * x;
+             return x * R4[i * LD + c];
+           });
   __syncthreads();
   // R3 = K ⊙ e^G. dT = (dW (K⊙e^G)^T + dVn V^T) diag(β), lower part (T is lower triangular).
   for (int idx = tid; idx < len * K; idx += blockDim.x) R3[(idx / K) * LD + idx % K] *= expf(G(idx / K, idx % K));
@@ -354,16 +392,17 @@ __global__ void __launch_bounds__(kThreads) intra_kernel(BwdArgs a) {
   tiles(C, C, [&](auto& acc, int m0, int n0) { warp_mma<float, 2>(acc, VK{sM + m0 * kLdM, kLdM}, VK{sT + n0 * kLdM, kLdM}, C); },
         [&](int i, int jj, float x) { R1[i * LD + jj] = x; });
   __syncthreads();
-  tiles_rowsum(C, C, sPart, K / 16 + V / 16,
-               [&](auto& acc, int m0, int n0) { warp_mma<float, 2>(acc, VT{sT + m0, kLdM}, VT{R1 + n0, LD}, C); },
-               [&](int i, int jj, float x) {
-                 if (jj >= i || i >= len) {
-                   sM[i * kLdM + jj] = 0.f;
-                   return 0.f;
-                 }
-                 sM[i * kLdM + jj] = -sBeta[i] * x;
-                 return -x * a.Mkk[mat + i * C + jj];
-               });
+  tiles_ld(C, C, sPart, K / 16 + V / 16,
+           [&](auto& acc, int m0, int n0) { warp_mma<float, 2>(acc, VT{sT + m0, kLdM}, VT{R1 + n0, LD}, C); },
+           [&](int i, int jj) { return Loaded{{jj < i && i < len ? a.Mkk[mat + i * C + jj] : 0.f}}; },
+           [&](int i, int jj, float x, const Loaded& l) {
+             if (jj >= i || i >= len) {
+               sM[i * kLdM + jj] = 0.f;
+               return 0.f;
+             }
+             sM[i * kLdM + jj] = -sBeta[i] * x;
+             return -x * l.v[0];
+           });
   __syncthreads();
   // R2 = dO, R3 = Vn. R1 = dMq = s dO Vn^T strictly below the diagonal (GDN: times the decay
   // e^{G_i−G_j}, and so is dMkk), its diagonal to sDiag.
@@ -371,9 +410,11 @@ __global__ void __launch_bounds__(kThreads) intra_kernel(BwdArgs a) {
   load_rows_async(R3, LD, C, V, len, [&](int i) { return a.vn + p.tok(a, i) * V; });
   cp_async_commit();
   if constexpr (!KDA) {
+    if (tid < C) sRow[tid] = tid < len ? G(tid, 0) : 0.f;  // the row gates, for both decays
+    __syncthreads();
     for (int idx = tid; idx < C * C; idx += blockDim.x) {
       const int i = idx / C, jj = idx % C;
-      if (jj < i && i < len) sM[i * kLdM + jj] *= expf(G(i, 0) - G(jj, 0));
+      if (jj < i && i < len) sM[i * kLdM + jj] *= expf(sRow[i] - sRow[jj]);
     }
   }
   cp_async_wait<0>();
@@ -383,13 +424,14 @@ __global__ void __launch_bounds__(kThreads) intra_kernel(BwdArgs a) {
           const float y = a.scale * x;
           if (jj == i) sDiag[i] = y;
           float val = jj < i && i < len ? y : 0.f;
-          if (!KDA && jj < i && i < len) val *= expf(G(i, 0) - G(jj, 0));
+          if (!KDA && jj < i && i < len) val *= expf(sRow[i] - sRow[jj]);
           R1[i * LD + jj] = val;
         });
   __syncthreads();
 
   // The Gram matrices: dq += dMq·K (decayed), dk += dMkk·K + dMq^T·Q + dMkk^T·K (decayed), and
-  // their gate terms q⊙dQrow + k⊙dKrow − k⊙dKcol.
+  // their gate terms q⊙dQrow + k⊙dKrow − k⊙dKcol; the row passes also add the undecayed diagonal
+  // of dMq (dq += dMq_ii k_i, dk += dMq_ii q_i, no gate term).
   if constexpr (!KDA) {
     // Scalar decay, already inside dMq and dMkk: plain products with R2 = Q, R3 = K.
     load_rows_async(R2, LD, C, K, len, [&](int i) { return a.q + p.qk(a, i) * K; });
@@ -397,30 +439,35 @@ __global__ void __launch_bounds__(kThreads) intra_kernel(BwdArgs a) {
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
-    tiles(C, K, [&](auto& acc, int m0, int n0) { warp_mma<float, 2>(acc, VK{R1 + m0 * LD, LD}, VT{R3 + n0, LD}, C); },
-          [&](int i, int d, float x) {
-            if (i >= len) return;
-            dqh(i, d) += x;
-            dge(i, d) += R2[i * LD + d] * x;
-          });
+    auto pre_q = [&](int i, int d) { return i < len ? Loaded{{dqh(i, d), dge(i, d)}} : Loaded{}; };
+    auto pre_k = [&](int i, int d) { return i < len ? Loaded{{dkh(i, d), dge(i, d)}} : Loaded{}; };
+    tiles_ld(C, K, nullptr, 0, [&](auto& acc, int m0, int n0) { warp_mma<float, 2>(acc, VK{R1 + m0 * LD, LD}, VT{R3 + n0, LD}, C); },
+             pre_q, [&](int i, int d, float x, const Loaded& l) {
+               if (i >= len) return 0.f;
+               dqh(i, d) = l.v[0] + x + sDiag[i] * R3[i * LD + d];
+               dge(i, d) = l.v[1] + R2[i * LD + d] * x;
+               return 0.f;
+             });
     __syncthreads();
-    tiles(C, K, [&](auto& acc, int m0, int n0) { warp_mma<float, 2>(acc, VK{sM + m0 * kLdM, kLdM}, VT{R3 + n0, LD}, C); },
-          [&](int i, int d, float x) {
-            if (i >= len) return;
-            dkh(i, d) += x;
-            dge(i, d) += R3[i * LD + d] * x;
-          });
+    tiles_ld(C, K, nullptr, 0, [&](auto& acc, int m0, int n0) { warp_mma<float, 2>(acc, VK{sM + m0 * kLdM, kLdM}, VT{R3 + n0, LD}, C); },
+             pre_k, [&](int i, int d, float x, const Loaded& l) {
+               if (i >= len) return 0.f;
+               dkh(i, d) = l.v[0] + x + sDiag[i] * R2[i * LD + d];
+               dge(i, d) = l.v[1] + R3[i * LD + d] * x;
+               return 0.f;
+             });
     __syncthreads();
-    tiles(C, K,
-          [&](auto& acc, int m0, int n0) {
-            warp_mma<float, 2>(acc, VT{R1 + m0, LD}, VT{R2 + n0, LD}, C);
-            warp_mma<float, 2>(acc, VT{sM + m0, kLdM}, VT{R3 + n0, LD}, C);
-          },
-          [&](int i, int d, float x) {
-            if (i >= len) return;
-            dkh(i, d) += x;
-            dge(i, d) -= R3[i * LD + d] * x;
-          });
+    tiles_ld(C, K, nullptr, 0,
+             [&](auto& acc, int m0, int n0) {
+               warp_mma<float, 2>(acc, VT{R1 + m0, LD}, VT{R2 + n0, LD}, C);
+               warp_mma<float, 2>(acc, VT{sM + m0, kLdM}, VT{R3 + n0, LD}, C);
+             },
+             pre_k, [&](int i, int d, float x, const Loaded& l) {
+               if (i >= len) return 0.f;
+               dkh(i, d) = l.v[0] + x;
+               dge(i, d) = l.v[1] - R3[i * LD + d] * x;
+               return 0.f;
+             });
     __syncthreads();
   } else {
     // Per-key decay, factored per 16-row block B around its row m as in the forward's prep:
@@ -439,78 +486,95 @@ __global__ void __launch_bounds__(kThreads) intra_kernel(BwdArgs a) {
         R4[i * LD + d] = i < len ? kv(i, d) * f : 0.f;
       }
       __syncthreads();
-      tiles(16, K, [&](auto& acc, int, int n0) { warp_mma<float, 2>(acc, VK{R1 + b0 * LD, LD}, VT{R2 + n0, LD}, b0 + 16); },
-            [&](int r, int d, float x) {
-              const int i = b0 + r;
-              if (i >= len) return;
-              const float y = x * expf(G(i, d) - G(m, d));
-              dqh(i, d) += y;
-              dge(i, d) += qv(i, d) * y;
-            });
+      // Rows of block B: {G_i, G_m, accumulator, dge, q_i, k_i}.
+      auto pre_row = [&](float* acc_base) {
+        return [&, acc_base](int r, int d) {
+          const int i = b0 + r;
+          if (i >= len) return Loaded{};
+          const size_t x = p.tok(a, i) * K + d;
+          return Loaded{{G(i, d), G(m, d), acc_base[x], a.dge[x], qv(i, d), kv(i, d)}};
+        };
+      };
+      tiles_ld(16, K, nullptr, 0, [&](auto& acc, int, int n0) { warp_mma<float, 2>(acc, VK{R1 + b0 * LD, LD}, VT{R2 + n0, LD}, b0 + 16); },
+               pre_row(a.dqh), [&](int r, int d, float x, const Loaded& l) {
+                 const int i = b0 + r;
+                 if (i >= len) return 0.f;
+                 const float y = x * expf(l.v[0] - l.v[1]);
+                 dqh(i, d) = l.v[2] + y + sDiag[i] * l.v[5];
+                 dge(i, d) = l.v[3] + l.v[4] * y;
+                 return 0.f;
+               });
       __syncthreads();
-      tiles(16, K, [&](auto& acc, int, int n0) { warp_mma<float, 2>(acc, VK{sM + b0 * kLdM, kLdM}, VT{R2 + n0, LD}, b0 + 16); },
-            [&](int r, int d, float x) {
-              const int i = b0 + r;
-              if (i >= len) return;
-              const float y = x * expf(G(i, d) - G(m, d));
-              dkh(i, d) += y;
-              dge(i, d) += kv(i, d) * y;
-            });
+      tiles_ld(16, K, nullptr, 0, [&](auto& acc, int, int n0) { warp_mma<float, 2>(acc, VK{sM + b0 * kLdM, kLdM}, VT{R2 + n0, LD}, b0 + 16); },
+               pre_row(a.dkh), [&](int r, int d, float x, const Loaded& l) {
+                 const int i = b0 + r;
+                 if (i >= len) return 0.f;
+                 const float y = x * expf(l.v[0] - l.v[1]);
+                 dkh(i, d) = l.v[2] + y + sDiag[i] * l.v[4];
+                 dge(i, d) = l.v[3] + l.v[5] * y;
+                 return 0.f;
+               });
       __syncthreads();
-      tiles(16, K,
-            [&](auto& acc, int, int n0) {
-              warp_mma<float, 2>(acc, VT{R1 + b0 * LD + b0, LD}, VT{R3 + b0 * LD + n0, LD}, C - b0);
-              warp_mma<float, 2>(acc, VT{sM + b0 * kLdM + b0, kLdM}, VT{R4 + b0 * LD + n0, LD}, C - b0);
-            },
-            [&](int r, int d, float x) {
-              const int jj = b0 + r;
-              if (jj >= len) return;
-              const float y = x * expf(G(m, d) - G(jj, d));
-              dkh(jj, d) += y;
-              dge(jj, d) -= kv(jj, d) * y;
-            });
+      tiles_ld(16, K, nullptr, 0,
+               [&](auto& acc, int, int n0) {
+                 warp_mma<float, 2>(acc, VT{R1 + b0 * LD + b0, LD}, VT{R3 + b0 * LD + n0, LD}, C - b0);
+                 warp_mma<float, 2>(acc, VT{sM + b0 * kLdM + b0, kLdM}, VT{R4 + b0 * LD + n0, LD}, C - b0);
+               },
+               pre_row(a.dkh), [&](int r, int d, float x, const Loaded& l) {
+                 const int jj = b0 + r;
+                 if (jj >= len) return 0.f;
+                 const float y = x * expf(l.v[1] - l.v[0]);  // e^{G_m − G_j}
+                 dkh(jj, d) = l.v[2] + y;
+                 dge(jj, d) = l.v[3] - l.v[5] * y;
+                 return 0.f;
+               });
       __syncthreads();
     }
   }
 
-  // The undecayed diagonal of dMq; dbeta; dg_t = Σ_{i≥t} dG_i + Σ_{i<t} pkr_i (GDN: summed over K first).
-  for (int idx = tid; idx < len * K; idx += blockDim.x) {
-    const int i = idx / K, d = idx % K;
-    dqh(i, d) += sDiag[i] * kv(i, d);
-    dkh(i, d) += sDiag[i] * qv(i, d);
-  }
+  // dbeta; dg_t = Σ_{i≥t} dG_i + Σ_{i<t} pkr_i (GDN: summed over K first), scanned in shared
+  // memory (R2 = dge, R3 = pkr) so the global traffic is plain loads, then plain stores.
   if (tid < len) {
     float s = 0.f;
     for (int e = 0; e < kNP; ++e) s += sPart[tid * kNP + e];
     a.dbeta[p.tok(a, tid)] = s;
   }
+  for (int idx = tid; idx < len * K; idx += blockDim.x) {
+    const int i = idx / K, d = idx % K;
+    R2[i * LD + d] = dge(i, d);
+    R3[i * LD + d] = a.pkr[p.tok(a, i) * K + d];
+  }
+  __syncthreads();
   if constexpr (KDA) {
     for (int d = tid; d < K; d += blockDim.x) {
       float run = 0.f;
-      for (int i = len - 1; i >= 0; --i) a.dg[p.tok(a, i) * K + d] = run += dge(i, d);
+      for (int i = len - 1; i >= 0; --i) R2[i * LD + d] = run += R2[i * LD + d];
       run = 0.f;
       for (int i = 0; i < len; ++i) {
-        a.dg[p.tok(a, i) * K + d] += run;
-        run += a.pkr[p.tok(a, i) * K + d];
+        a.dg[p.tok(a, i) * K + d] = R2[i * LD + d] + run;
+        run += R3[i * LD + d];
       }
     }
   } else {
     if (tid < len) {
       float s = 0.f, r = 0.f;
-      for (int d = 0; d < K; ++d) s += dge(tid, d), r += a.pkr[p.tok(a, tid) * K + d];
+      for (int d = 0; d < K; ++d) s += R2[tid * LD + d], r += R3[tid * LD + d];
       sRow[tid] = s;
       sRow[C + tid] = r;
     }
     __syncthreads();
     if (tid == 0) {
       float run = 0.f;
-      for (int i = len - 1; i >= 0; --i) a.dg[p.tok(a, i)] = run += sRow[i];
+      for (int i = len - 1; i >= 0; --i) sRow[i] = run += sRow[i];
       run = 0.f;
       for (int i = 0; i < len; ++i) {
-        a.dg[p.tok(a, i)] += run;
-        run += sRow[C + i];
+        const float pk = sRow[C + i];
+        sRow[C + i] = run;
+        run += pk;
       }
     }
+    __syncthreads();
+    if (tid < len) a.dg[p.tok(a, tid)] = sRow[tid] + sRow[C + tid];
   }
 }
 
@@ -589,7 +653,8 @@ size_t align_up(size_t x) { return (x + 255) & ~size_t(255); }
 
 }  // namespace
 
-DeltaChunkBackward::DeltaChunkBackward(const DeltaRuleDims& d, DType dt) : d_(d), dt_(dt), fwd_(d, DType::F32) {
+DeltaChunkBackward::DeltaChunkBackward(const DeltaRuleDims& d, DType dt, int state_cols)
+    : d_(d), dt_(dt), fwd_(d, DType::F32) {
   check(d.K == 32 || d.K == 64 || d.K == 128,
         "delta rule chunk backward (cuda): K must be 32, 64 or 128, got " + std::to_string(d.K));
   check(d.V <= 128, "delta rule chunk backward (cuda): V must be at most 128, got " + std::to_string(d.V));
@@ -598,9 +663,14 @@ DeltaChunkBackward::DeltaChunkBackward(const DeltaRuleDims& d, DType dt) : d_(d)
   int dev = 0, sms = 0;
   check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
   check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "multiprocessor count");
-  // The reverse state pass is sequential over chunks like the forward's column-tiled pass: narrower
-  // column tiles where sequences x heads would leave it under two blocks per multiprocessor.
-  state_cols_ = (V % 32 == 0 && N * HV * (V / 32) >= 2 * sms) ? 32 : 16;
+  check(state_cols == 0 || state_cols == 16 || (state_cols == 32 && V % 32 == 0),
+        "delta rule chunk backward (cuda): state_cols must be 0, 16 or 32 (32 only when 32 divides V)");
+  // The reverse state pass is sequential over chunks and its fp32 tiles (139 KB at K=128, 16
+  // columns; 156 KB at 32) allow one block per multiprocessor, so its time is about the number of
+  // waves of blocks times one block's walk: 32 columns where that halves the waves (1x16384x32x128:
+  // 256 blocks of 16 columns are two waves on 132 SMs, 128 of 32 one), else 16.
+  auto waves = [&](int64_t cols) { return (N * HV * (V / cols) + sms - 1) / sms; };
+  state_cols_ = state_cols ? state_cols : (V % 32 == 0 && waves(32) < waves(16)) ? 32 : 16;
   const bool wide = dt != DType::F32;
   const size_t f = 4;
   const size_t sizes[] = {

@@ -100,7 +100,9 @@ class DeltaChunkPlan {
 // K must be 32, 64 or 128 and V a multiple of 16 up to 128; KDA's gates g ≥ −10 as in the forward.
 class DeltaChunkBackward {
  public:
-  DeltaChunkBackward(const DeltaRuleDims& d, DType dt);
+  // state_cols: V columns per block of the reverse state pass, 16 or 32 (32 only when 32 divides
+  // V); 0 picks by how many waves of blocks each gives (one block per multiprocessor fits).
+  DeltaChunkBackward(const DeltaRuleDims& d, DType dt, int state_cols = 0);
   ~DeltaChunkBackward();
   DeltaChunkBackward(const DeltaChunkBackward&) = delete;
   DeltaChunkBackward& operator=(const DeltaChunkBackward&) = delete;
@@ -111,6 +113,7 @@ class DeltaChunkBackward {
                 float* dbeta, float* dh0, cudaStream_t stream) const;
 
   size_t workspace_bytes() const { return ws_bytes_; }
+  int state_cols() const { return state_cols_; }
 
  private:
   DeltaRuleDims d_;
