@@ -480,20 +480,20 @@ TEST(CudaDeltaRule, BackwardIsDeterministic) {
     DevBuf q(p.q, DType::BF16), k(p.k, DType::BF16), v(p.v, DType::BF16), g(p.g, DType::F32),
         beta(p.beta, DType::F32), h0(p.h0, DType::F32), dout(c.dout, DType::BF16), dht(c.dht, DType::F32);
     for (int cols : {16, 32}) {
-    cuda::DeltaChunkBackward bwd(p.d, DType::BF16, cols);
-    std::vector<std::vector<uint8_t>> first;
-    for (int run = 0; run < 2; ++run) {
-      DevBuf dq(size_t(T * p.d.H * p.d.K), DType::F32, 0), dk(size_t(T * p.d.H * p.d.K), DType::F32, 0),
-          dv(size_t(T * p.d.HV * p.d.V), DType::F32, 0), dg(p.g.size(), DType::F32, 0),
-          db(p.beta.size(), DType::F32, 0), dh0(p.h0.size(), DType::F32, 0);
-      bwd.backward(q.p, k.p, v.p, g.f32(), beta.f32(), float(p.scale), h0.f32(), dout.p, dht.f32(), dq.f32(),
-                   dk.f32(), dv.f32(), dg.f32(), db.f32(), dh0.f32(), nullptr);
-      cuda::check_cuda(cudaDeviceSynchronize(), "chunk backward");
-      std::vector<std::vector<uint8_t>> now = {dq.raw(), dk.raw(), dv.raw(), dg.raw(), db.raw(), dh0.raw()};
-      if (run == 0) first = now;
-      else
-        for (int i = 0; i < 6; ++i) EXPECT_TRUE(first[i] == now[i]) << kGradNames[i] << " cols " << cols;
-    }
+      cuda::DeltaChunkBackward bwd(p.d, DType::BF16, cols);
+      std::vector<std::vector<uint8_t>> first;
+      for (int run = 0; run < 2; ++run) {
+        DevBuf dq(size_t(T * p.d.H * p.d.K), DType::F32, 0), dk(size_t(T * p.d.H * p.d.K), DType::F32, 0),
+            dv(size_t(T * p.d.HV * p.d.V), DType::F32, 0), dg(p.g.size(), DType::F32, 0),
+            db(p.beta.size(), DType::F32, 0), dh0(p.h0.size(), DType::F32, 0);
+        bwd.backward(q.p, k.p, v.p, g.f32(), beta.f32(), float(p.scale), h0.f32(), dout.p, dht.f32(), dq.f32(),
+                     dk.f32(), dv.f32(), dg.f32(), db.f32(), dh0.f32(), nullptr);
+        cuda::check_cuda(cudaDeviceSynchronize(), "chunk backward");
+        std::vector<std::vector<uint8_t>> now = {dq.raw(), dk.raw(), dv.raw(), dg.raw(), db.raw(), dh0.raw()};
+        if (run == 0) first = now;
+        else
+          for (int i = 0; i < 6; ++i) EXPECT_TRUE(first[i] == now[i]) << kGradNames[i] << " cols " << cols;
+      }
     }
   }
 }

@@ -667,7 +667,7 @@ DeltaChunkBackward::DeltaChunkBackward(const DeltaRuleDims& d, DType dt, int sta
         "delta rule chunk backward (cuda): state_cols must be 0, 16 or 32 (32 only when 32 divides V)");
   // The reverse state pass is sequential over chunks and its fp32 tiles (139 KB at K=128, 16
   // columns; 156 KB at 32) allow one block per multiprocessor, so its time is about the number of
-  // waves of blocks times one block's walk: 32 columns where that halves the waves (1x16384x32x128:
+  // waves of blocks times one block's walk: 32 columns where that needs fewer waves (1x16384x32x128:
   // 256 blocks of 16 columns are two waves on 132 SMs, 128 of 32 one), else 16.
   auto waves = [&](int64_t cols) { return (N * HV * (V / cols) + sms - 1) / sms; };
   state_cols_ = state_cols ? state_cols : (V % 32 == 0 && waves(32) < waves(16)) ? 32 : 16;
