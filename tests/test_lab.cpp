@@ -185,6 +185,13 @@ TEST(LabCli, TrainWritesAModelThatGenerateLoads) {
   EXPECT_EQ(std::count(out.begin(), out.end(), ' '), 2) << out;
   EXPECT_NE(run_command(cli_path() + " train --config " + (d / "cfg.json") + " --data nosuchtask --out " + (d / "x"), &out), 0);
   EXPECT_NE(out.find("unknown task"), std::string::npos) << out;
+  // --device cuda trains where CUDA is built in and a GPU is present, else fails with one clear line.
+  if (run_command(cli_path() + " train --config " + (d / "cfg.json") +
+                      " --data parity --device cuda --steps 1 --batch 2 --eval-examples 2 --out " + (d / "y"),
+                  &out) != 0)
+    EXPECT_NE(out.find("--device cuda: "), std::string::npos) << out;
+  else
+    EXPECT_NE(out.find("parity length=32 accuracy"), std::string::npos) << out;
 }
 
 // `kill -9` of the real binary at three moments of a run that checkpoints every step (so kills land

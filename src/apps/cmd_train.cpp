@@ -1,5 +1,6 @@
 // hla train --config C --data TASK|brown --out DIR [--steps N ...] [--resume]: trains an hla_hybrid
-// model from scratch on CPU (fp32) and writes checkpoints that `hla generate --model DIR` loads.
+// model from scratch in fp32 (on the CPU; --device cuda runs the delta-rule op of its GDN/KDA layers on
+// the GPU) and writes checkpoints that `hla generate --model DIR` loads.
 #include <cstdio>
 #include <filesystem>
 #include <memory>
@@ -10,13 +11,17 @@
 #include "eval/data.h"
 #include "model/model.h"
 #include "train/trainer.h"
+#ifdef HLA_HAS_CUDA
+#include "backends/cuda/delta_rule_cuda.h"
+#include "backends/cuda/train_kernels.h"
+#endif
 
 namespace hla::cli {
 
 void register_train(CLI::App& app) {
   auto* cmd = app.add_subcommand("train", "Train an hla_hybrid model on a synthetic task or the Brown corpus (CPU, fp32)");
   struct Options {
-    std::string config, data, out, preset = "smoke";
+    std::string config, data, out, preset = "smoke", device = "cpu";
     int64_t steps = 200, batch = 16, accum = 1, seq_len = 128, warmup = -1, ckpt_every = 0, log_every = 10, eval_n = 200;
     double lr = 1e-3, wd = 0.1, clip = 1.0, dsa_warmup = 0.1;
     uint64_t seed = 0;
@@ -40,6 +45,9 @@ void register_train(CLI::App& app) {
   cmd->add_option("--ckpt-every", o->ckpt_every, "checkpoint every N steps (always at the end)")->default_val(0);
   cmd->add_option("--log-every", o->log_every, "progress line every N steps")->default_val(10);
   cmd->add_option("--eval-examples", o->eval_n, "held-out examples per test level evaluated at the end")->default_val(200);
+  cmd->add_option("--device", o->device, "cpu, or cuda: the GDN/KDA layers' delta-rule op runs on the GPU, the rest on the CPU")
+      ->check(CLI::IsMember({"cpu", "cuda"}))
+      ->capture_default_str();
   cmd->add_flag("--resume", o->resume, "continue from the latest checkpoint in --out");
   cmd->callback([o] {
     train::prefer_passive_omp_wait();
@@ -65,6 +73,14 @@ void register_train(CLI::App& app) {
     std::map<std::string, Tensor> init;
     Model::random(spec, o->seed, &init);
     train::TrainModel<float> model(spec, [&](const std::string& n) { return init.at(n); });
+    if (o->device == "cuda") {
+#ifdef HLA_HAS_CUDA
+      check(cuda::device_available(), "--device cuda: no CUDA device found");
+      model.set_delta_rule_kernels(&cuda::delta_rule_training_kernels());
+#else
+      throw Error("--device cuda: this build has no CUDA backend (build with -DHLA_CUDA=ON)");
+#endif
+    }
     std::fprintf(stderr, "hla train: %s on %s, %lld layers, %.2fM parameters\n", spec.model_type.c_str(), o->data.c_str(),
                  (long long)spec.n_layers, double(Model::count_params(spec, nullptr)) / 1e6);
     train::TrainOptions t;

@@ -1,6 +1,7 @@
 #include "train/train_model.h"
 
 #include <cstring>
+#include <type_traits>
 
 #include "core/error.h"
 #include "model/hybrid_layers.h"
@@ -22,6 +23,7 @@ struct Ctx {
   double index_scale = 0;  // weight of each query's indexer KL
   double* index_loss = nullptr;
   bool dense = false;      // DSA warm-up
+  const DeltaRuleKernels* delta = nullptr;  // another backend's delta-rule op (float models only)
 };
 
 namespace {
@@ -140,6 +142,9 @@ struct DeltaCore {
     q = zeros<T>(c.N * d.H * d.K), k = zeros<T>(c.N * d.H * d.K), o = zeros<T>(c.N * d.HV * d.V);
     l2norm_forward<T>(qr.data(), q.data(), c.N * d.H, d.K);
     l2norm_forward<T>(kr.data(), k.data(), c.N * d.H, d.K);
+    if constexpr (std::is_same_v<T, float>) {
+      if (c.delta) return c.delta->forward(d, q.data(), k.data(), v.data(), g.data(), beta.data(), scale, o.data());
+    }
     Vec<T> state = zeros<T>(d.num_seqs() * d.HV * d.K * d.V);
     delta_rule_forward<T>(d, q.data(), k.data(), v.data(), g.data(), beta.data(), scale, state.data(), o.data(),
                           DeltaMode::Chunk);
@@ -149,8 +154,17 @@ struct DeltaCore {
     const int64_t N = c.N;
     Vec<T> dq = zeros<T>(N * d.H * d.K), dk = zeros<T>(N * d.H * d.K);
     dv = zeros<T>(N * d.HV * d.V), dg = zeros<T>(N * d.g_stride()), dbeta = zeros<T>(N * d.HV);
-    delta_rule_backward<T>(d, q.data(), k.data(), v.data(), g.data(), beta.data(), scale, nullptr, dout, nullptr,
-                           dq.data(), dk.data(), dv.data(), dg.data(), dbeta.data(), nullptr, DeltaMode::Chunk);
+    bool done = false;
+    if constexpr (std::is_same_v<T, float>) {
+      if (c.delta) {
+        c.delta->backward(d, q.data(), k.data(), v.data(), g.data(), beta.data(), scale, dout, dq.data(), dk.data(),
+                          dv.data(), dg.data(), dbeta.data());
+        done = true;
+      }
+    }
+    if (!done)
+      delta_rule_backward<T>(d, q.data(), k.data(), v.data(), g.data(), beta.data(), scale, nullptr, dout, nullptr,
+                             dq.data(), dk.data(), dv.data(), dg.data(), dbeta.data(), nullptr, DeltaMode::Chunk);
     dqr = zeros<T>(N * d.H * d.K), dkr = zeros<T>(N * d.H * d.K);
     l2norm_backward<T>(qr.data(), dq.data(), dqr.data(), N * d.H, d.K);
     l2norm_backward<T>(kr.data(), dk.data(), dkr.data(), N * d.H, d.K);
@@ -739,7 +753,7 @@ std::vector<T> TrainModel<T>::forward(const Batch& b) {
   check(int64_t(b.labels.size()) == N && !b.cu_seqlens.empty() && b.cu_seqlens.front() == 0 && b.cu_seqlens.back() == N,
         "internal: batch ids, labels and cu_seqlens disagree");
   Ctx c{&b.cu_seqlens, N};
-  c.dense = dense_;
+  c.dense = dense_, c.delta = delta_kernels_;
   Vec<T> h = zeros<T>(N * D), x = zeros<T>(N * D), y = zeros<T>(N * D);
   for (int64_t t = 0; t < N; ++t) {
     const int64_t id = b.ids[size_t(t)];
@@ -805,7 +819,7 @@ typename TrainModel<T>::Loss TrainModel<T>::forward_backward(const Batch& b, dou
     rms_bwd(h_final_.data() + rows_[size_t(r)] * D, final_norm_->w.data(), dhf.data() + r * D, dh.data() + rows_[size_t(r)] * D,
             final_norm_->g.data(), 1, D, eps, s.zero_centered_norm);
   Ctx c{&b.cu_seqlens, N};
-  c.dense = dense_;
+  c.dense = dense_, c.delta = delta_kernels_;
   c.index_scale = 1.0 / index_norm;
   c.index_loss = &loss.index_sum;
   for (int64_t l = s.n_layers - 1; l >= 0; --l) {

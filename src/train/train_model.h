@@ -18,6 +18,7 @@
 
 #include "core/tensor.h"
 #include "model/spec.h"
+#include "ops/delta_rule.h"
 
 namespace hla::train {
 
@@ -34,6 +35,20 @@ struct Param {
 struct Batch {
   std::vector<int64_t> ids, labels, cu_seqlens;  // [N], [N], [S+1]
   int64_t labelled() const;
+};
+
+// The delta-rule op inside the GDN/KDA layers of a training step (chunk form, zero initial state,
+// fp32): the CPU op unless a backend supplies another (`hla train --device cuda` passes the CUDA
+// kernels, backends/cuda/train_kernels.h). q,k [T,H,K], v,o [T,HV,V], g [T,HV(,K)], beta [T,HV].
+struct DeltaRuleKernels {
+  std::function<void(const DeltaRuleDims&, const float* q, const float* k, const float* v, const float* g,
+                     const float* beta, float scale, float* o)>
+      forward;
+  // Gradients (overwritten) from dout.
+  std::function<void(const DeltaRuleDims&, const float* q, const float* k, const float* v, const float* g,
+                     const float* beta, float scale, const float* dout, float* dq, float* dk, float* dv, float* dg,
+                     float* dbeta)>
+      backward;
 };
 
 template <class T>
@@ -60,6 +75,8 @@ class TrainModel {
   std::map<std::string, Tensor> export_weights() const;
   // DSA warm-up: sparse layers attend to every causal key while their indexer learns.
   void set_dense_attention(bool dense);
+  // Runs the GDN/KDA layers' delta-rule op through `k` (must outlive the model); nullptr: the CPU op.
+  void set_delta_rule_kernels(const DeltaRuleKernels* k) { delta_kernels_ = k; }
   const ModelSpec& spec() const { return spec_; }
 
   struct Layer;
@@ -74,6 +91,7 @@ class TrainModel {
   std::vector<T> h_final_, hf_;                // last residual stream; final-normed labelled rows
   std::vector<int64_t> rows_;                  // the labelled rows
   bool dense_ = false;
+  const DeltaRuleKernels* delta_kernels_ = nullptr;
   std::vector<T> forward(const Batch& b);  // logits [rows_, vocab]
 };
 
