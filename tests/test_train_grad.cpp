@@ -17,8 +17,9 @@ using namespace hla::train;
 namespace {
 
 // A tiny hla_hybrid config over `pattern` (K kda, G gdn, L lightning, A attention, W sliding, S sparse).
-nlohmann::json tiny_config(const std::string& pattern, bool tie = true) {
-  return {{"model_type", "hla_hybrid"},  {"vocab_size", 23},           {"hidden_size", 16},
+// attn_conv: the attention layers' short conv kernel (0 = plain attention).
+nlohmann::json tiny_config(const std::string& pattern, bool tie = true, int64_t attn_conv = 0) {
+  return {{"attention_conv_kernel_dim", attn_conv},{"model_type", "hla_hybrid"},  {"vocab_size", 23},           {"hidden_size", 16},
           {"num_hidden_layers", int64_t(pattern.size())},               {"layer_pattern", pattern},
           {"intermediate_size", 24},     {"num_attention_heads", 4},   {"num_key_value_heads", 2},
           {"head_dim", 6},               {"partial_rotary_factor", 0.67}, {"sliding_window", 3},
@@ -66,8 +67,8 @@ std::unique_ptr<TrainModel<T>> make_train(const ModelSpec& s, const std::map<std
 // The trainable model and the inference model (loaded from the checkpoint it would write, run
 // with its caches on a packed batch) give the same logits.
 TEST(TrainModel, LogitsMatchInferenceModel) {
-  for (std::string pattern : {"KGLAWS", "SA", "WLAG"}) {
-    const nlohmann::json cfg = tiny_config(pattern, pattern != "SA");
+  for (auto [pattern, conv] : std::vector<std::pair<std::string, int64_t>>{{"KGLAWS", 0}, {"SA", 0}, {"WLAG", 0}, {"ASWK", 3}}) {
+    const nlohmann::json cfg = tiny_config(pattern, pattern != "SA", conv);
     const ModelSpec s = spec_of(cfg);
     auto tm = make_train<float>(s, random_weights(s, 3));
     Batch b = tiny_batch(s.vocab, {11, 7}, 5);
@@ -94,8 +95,8 @@ TEST(TrainModel, LogitsMatchInferenceModel) {
 }
 
 // Central differences in double: for each parameter tensor, up to `per_tensor` coordinates.
-void check_gradients(const std::string& pattern, bool tie, bool dense) {
-  const ModelSpec s = spec_of(tiny_config(pattern, tie));
+void check_gradients(const std::string& pattern, bool tie, bool dense, int64_t attn_conv = 0) {
+  const ModelSpec s = spec_of(tiny_config(pattern, tie, attn_conv));
   auto w = random_weights(s, 11);
   auto m = make_train<double>(s, w);
   m->set_dense_attention(dense);
@@ -148,3 +149,41 @@ TEST(TrainGrad, SlidingWindowLayer) { check_gradients("W", true, false); }
 TEST(TrainGrad, SparseLayerAndIndexerKL) { check_gradients("S", true, false); }
 TEST(TrainGrad, SparseLayerDenseWarmup) { check_gradients("S", true, true); }
 TEST(TrainGrad, HybridStack) { check_gradients("KAGL", false, false); }
+TEST(TrainGrad, AttentionLayersWithShortConv) { check_gradients("ASW", true, false, 3); }
+
+// Prefill then token-by-token decode through the caches (recurrent states, KV, and the attention
+// layers' conv state) gives the logits of one full forward.
+TEST(TrainModel, HybridDecodeEqualsFullForward) {
+  for (int64_t conv : {0, 3}) {
+    const nlohmann::json cfg = tiny_config("KGLAWS", true, conv);
+    const ModelSpec s = spec_of(cfg);
+    const auto w = random_weights(s, 21);
+    TempDir dir;
+    write_safetensors(dir / "model.safetensors", w);
+    std::ofstream(dir / "config.json") << cfg.dump();
+    auto m = Model::load(dir.str());
+    const std::vector<int64_t> ids = tiny_batch(s.vocab, {12}, 9).ids;
+    auto run = [&](SequenceCache& c, const std::vector<int64_t>& part) {
+      SeqBatch sb;
+      sb.cu_seqlens = {0, int64_t(part.size())};
+      sb.caches = {&c};
+      return m->forward(part, sb, true);
+    };
+    SequenceCache full = m->new_cache(), inc = m->new_cache();
+    const Tensor ref = run(full, ids);
+    std::vector<float> got;
+    const Tensor pre = run(inc, std::vector<int64_t>(ids.begin(), ids.begin() + 5));
+    got.assign(pre.f32(), pre.f32() + pre.numel());
+    for (size_t t = 5; t < ids.size(); ++t) {
+      const Tensor one = run(inc, {ids[t]});
+      got.insert(got.end(), one.f32(), one.f32() + one.numel());
+    }
+    ASSERT_EQ(int64_t(got.size()), ref.numel());
+    double err = 0, mx = 0;
+    for (int64_t i = 0; i < ref.numel(); ++i) {
+      err = std::max(err, std::fabs(double(got[size_t(i)]) - ref.f32()[i]));
+      mx = std::max(mx, std::fabs(double(ref.f32()[i])));
+    }
+    EXPECT_LT(err / mx, 1e-5) << "attention conv " << conv;
+  }
+}

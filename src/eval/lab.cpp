@@ -94,6 +94,7 @@ nlohmann::json lab_model_config(const std::string& layout, const LabSize& s, int
           {"partial_rotary_factor", 1.0}, {"rope_theta", 10000.0},     {"sliding_window", 64},
           {"index_n_heads", 2},           {"index_head_dim", 16},      {"index_topk", s.index_topk},
           {"linear_num_value_heads", s.lin_heads}, {"linear_key_head_dim", s.lin_dim}, {"linear_conv_kernel_dim", 4},
+          {"attention_conv_kernel_dim", 4},  // every mixer gets the same short conv in front (Based, Zoology)
           {"rms_norm_eps", 1e-6},         {"tie_word_embeddings", true}};
 }
 
@@ -229,7 +230,7 @@ void run_lab(const LabPreset& P, const std::string& out) {
      << "Cells: mean ± sample std over seeds (— with one seed).\n\nModel sizes:\n\n";
   for (const LabSize& s : P.sizes)
     md << "- `" << s.name << "`: hidden " << s.hidden << ", " << s.layers << " layers (8 for the 7:1 layouts), attention "
-       << s.heads << "×" << s.head_dim << " (RoPE), linear " << s.lin_heads << " heads × " << s.lin_dim
+       << s.heads << "×" << s.head_dim << " (RoPE; a short conv of 4 in front, as every linear layer has), linear " << s.lin_heads << " heads × " << s.lin_dim
        << " (state " << s.lin_heads * s.lin_dim * s.lin_dim << " floats per layer), SwiGLU " << s.intermediate
        << ", DSA top-k " << s.index_topk << " (indexer 2×16, dense warm-up 10% of steps)\n";
   md << "\nLayouts (layer pattern repeated over the layers; K kda, G gdn, L lightning, A attention, S DSA-sparse attention):\n\n";

@@ -218,9 +218,14 @@ class GatedAttention : public Mixer {
     p.bind(pre + "o_proj.weight", {D, nh * hd}, &o_);
     p.bind(pre + "q_norm.weight", {hd}, &q_norm_, Init::Zeros);
     p.bind(pre + "k_norm.weight", {hd}, &k_norm_, Init::Zeros);
+    if (s.attn_conv_kernel > 0)
+      p.bind(pre + "conv1d.weight", {s.attn_conv_channels(), 1, s.attn_conv_kernel}, &conv_w_, Init::Conv);
   }
 
-  void init_cache(LayerCache& c) const override { c.k.clear(), c.v.clear(), c.index_k.clear(); }
+  void init_cache(LayerCache& c) const override {
+    c.k.clear(), c.v.clear(), c.index_k.clear();
+    c.conv.assign(size_t(s_.attn_conv_channels() * std::max<int64_t>(s_.attn_conv_kernel - 1, 0)), 0.0f);
+  }
 
   void forward(const float* x, float* out, const SeqBatch& b, int64_t layer) const override {
     const int64_t T = b.tokens(), D = s_.hidden, nh = s_.n_heads, nkv = s_.n_kv_heads, hd = s_.head_dim;
@@ -233,6 +238,7 @@ class GatedAttention : public Mixer {
       std::memcpy(q.data() + r * hd, qg.data() + r * 2 * hd, sizeof(float) * size_t(hd));
       std::memcpy(gate.data() + r * hd, qg.data() + r * 2 * hd + hd, sizeof(float) * size_t(hd));
     }
+    if (s_.attn_conv_kernel > 0) short_conv(q.data(), k.data(), v.data(), b, layer);
     rms_norm(q.data(), q_norm_.f32(), q.data(), T * nh, hd, s_.norm_eps, true);
     rms_norm(k.data(), k_norm_.f32(), k.data(), T * nkv, hd, s_.norm_eps, true);
     for (int64_t i = 0; i < b.num_seqs(); ++i) {
@@ -255,9 +261,34 @@ class GatedAttention : public Mixer {
   }
 
  private:
+  // q [T,nh·hd], k, v [T,nkv·hd] <- SiLU(causal conv) over the channels [q|k|v], per sequence from its
+  // cached last inputs (ModelSpec::attn_conv_kernel).
+  void short_conv(float* q, float* k, float* v, const SeqBatch& b, int64_t layer) const {
+    const int64_t T = b.tokens(), Q = s_.n_heads * s_.head_dim, KV = s_.n_kv_heads * s_.head_dim, C = Q + 2 * KV;
+    auto in = buffer(T * C), y = buffer(T * C);
+    const std::pair<float*, int64_t> parts[] = {{q, Q}, {k, KV}, {v, KV}};
+    auto move_rows = [&](float* packed, bool pack) {  // [q|k|v] rows <-> the three tensors
+      for (int64_t t = 0; t < T; ++t) {
+        float* row = packed + t * C;
+        for (auto [x, w] : parts) {
+          if (pack) std::memcpy(row, x + t * w, sizeof(float) * size_t(w));
+          else std::memcpy(x + t * w, row, sizeof(float) * size_t(w));
+          row += w;
+        }
+      }
+    };
+    move_rows(in.data(), true);
+    for (int64_t i = 0; i < b.num_seqs(); ++i) {
+      const int64_t t0 = b.cu_seqlens[size_t(i)];
+      causal_conv1d_silu(in.data() + t0 * C, conv_w_.f32(), b.caches[size_t(i)]->layers[size_t(layer)].conv.data(),
+                         y.data() + t0 * C, b.len(i), C, s_.attn_conv_kernel);
+    }
+    move_rows(y.data(), false);
+  }
+
   const ModelSpec& s_;
   std::vector<float> inv_freq_;
-  Tensor q_, k_, v_, o_, q_norm_, k_norm_;
+  Tensor q_, k_, v_, o_, q_norm_, k_norm_, conv_w_;
   int64_t window_ = 0;
   std::unique_ptr<DsaIndexer> indexer_;
 };

@@ -60,6 +60,9 @@ int64_t ModelSpec::state_bytes_per_sequence() const {
       const int64_t conv_dim = k == MixerKind::GatedDeltaNet ? 2 * s.lin_nk * s.lin_dk + s.lin_nv * s.lin_dv
                                                               : 3 * s.lin_nv * s.lin_dk;
       floats += s.lin_nv * s.lin_dk * s.lin_dv + conv_dim * (s.conv_kernel - 1);
+    } else if (s.attn_conv_kernel > 0 && (k == MixerKind::GatedAttention || k == MixerKind::SlidingAttention ||
+                                          k == MixerKind::SparseAttention)) {
+      floats += s.attn_conv_channels() * (s.attn_conv_kernel - 1);  // the attention conv's last inputs
     }
   return floats * int64_t(sizeof(float));
 }
@@ -316,6 +319,8 @@ void parse_hybrid(const Config& c, ModelSpec& s) {
           c.field_error("partial_rotary_factor", "gives an odd or too large rotary dim (yarn is not supported here)"));
   }
   if (any({MixerKind::SlidingAttention})) s.sliding_window = positive(c, "sliding_window");
+  s.attn_conv_kernel = c.get_int("attention_conv_kernel_dim", 0);
+  check(s.attn_conv_kernel >= 0, c.field_error("attention_conv_kernel_dim", "must be 0 (none) or positive"));
   if (any({MixerKind::SparseAttention})) {
     s.index_heads = positive(c, "index_n_heads");
     s.index_dim = positive(c, "index_head_dim");

@@ -54,6 +54,12 @@ struct ModelSpec {
   int64_t index_heads = 0, index_dim = 0, index_topk = 0;
   // hla_hybrid sliding-window attention: each query sees itself and the window-1 keys before it
   int64_t sliding_window = 0;
+  // hla_hybrid: attention layers (full, sliding, sparse) pass q, k, v through a depthwise causal conv
+  // of this kernel + SiLU, as GDN passes its [q|k|v] (H3 and Based put such a short conv in front of
+  // every mixer): a key then carries the tokens before it, so recall need not wait for a learned
+  // previous-token head. 0: none (plain attention).
+  int64_t attn_conv_kernel = 0;
+  int64_t attn_conv_channels() const { return (n_heads + 2 * n_kv_heads) * head_dim; }  // [q|k|v]
   // MoE
   int64_t n_experts = 0, top_k = 0, moe_intermediate = 0, shared_intermediate = 0;
   int64_t n_group = 1, topk_group = 1;

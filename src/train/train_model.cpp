@@ -431,6 +431,10 @@ struct Attn : Base<T> {
   Linear<T> qp, kp, vp, out;
   Param<T>*qn, *kn;
   Vec<T> x, qg, qraw, kraw, q, k, v, gate, o, lse, og;
+  // optional short conv over [q|k|v] (ModelSpec::attn_conv_kernel): its input and pre-activation
+  Param<T>* conv = nullptr;
+  int64_t kw = 0, C = 0;
+  Vec<T> conv_in, conv_pre;
   // DSA indexer
   int64_t IH = 0, ID = 0, topk = 0;
   Linear<T> iq_p, ik_p, iw_p;
@@ -448,6 +452,8 @@ struct Attn : Base<T> {
     out.bind(b, p + "o_proj.weight", nh * hd, D);
     qn = b(p + "q_norm.weight", {hd}, false);
     kn = b(p + "k_norm.weight", {hd}, false);
+    kw = s.attn_conv_kernel, C = s.attn_conv_channels();
+    if (kw > 0) conv = b(p + "conv1d.weight", {C, 1, kw});
     if (kind == MixerKind::SlidingAttention) window = s.sliding_window;
     if (kind == MixerKind::SparseAttention) {
       IH = s.index_heads, ID = s.index_dim, topk = s.index_topk;
@@ -462,6 +468,19 @@ struct Attn : Base<T> {
     std::vector<float> f(static_cast<size_t>(rot / 2));
     for (int64_t i = 0; i < rot / 2; ++i) f[size_t(i)] = 1.0f / std::pow(float(theta), float(2 * i) / float(rot));
     return f;
+  }
+
+  // Rows of the three tensors q [N,nh·hd], k, v [N,nkv·hd] <-> rows of packed [N,C] = [q|k|v].
+  void move_qkv(T* q_, T* k_, T* v_, T* packed, int64_t N, bool pack) const {
+    const std::pair<T*, int64_t> parts[] = {{q_, nh * hd}, {k_, nkv * hd}, {v_, nkv * hd}};
+    for (int64_t t = 0; t < N; ++t) {
+      T* row = packed + t * C;
+      for (auto [a, w] : parts) {
+        if (pack) std::copy_n(a + t * w, w, row);
+        else std::copy_n(row, w, a + t * w);
+        row += w;
+      }
+    }
   }
 
   // Keys of packed row t (sequence start t0), as positions relative to t0.
@@ -511,6 +530,13 @@ struct Attn : Base<T> {
     for (int64_t r = 0; r < N * nh; ++r) {
       std::copy_n(qg.begin() + r * 2 * hd, hd, qraw.begin() + r * hd);
       std::copy_n(qg.begin() + r * 2 * hd + hd, hd, gate.begin() + r * hd);
+    }
+    if (conv) {  // q, k, v <- SiLU(conv) over [q|k|v]
+      conv_in = zeros<T>(N * C), conv_pre = zeros<T>(N * C);
+      Vec<T> act = zeros<T>(N * C);
+      move_qkv(qraw.data(), kraw.data(), v.data(), conv_in.data(), N, true);
+      conv_fwd(conv_in.data(), conv->w.data(), conv_pre.data(), act.data(), *c.cu, C, kw);
+      move_qkv(qraw.data(), kraw.data(), v.data(), act.data(), N, false);
     }
     q = zeros<T>(N * nh * hd), k = zeros<T>(N * nkv * hd);
     rms_fwd(qraw.data(), qn->w.data(), q.data(), N * nh, hd, eps, true);
@@ -620,6 +646,12 @@ struct Attn : Base<T> {
     Vec<T> dqraw = zeros<T>(N * nh * hd), dkraw = zeros<T>(N * nkv * hd), dqg = zeros<T>(N * nh * 2 * hd);
     rms_bwd(qraw.data(), qn->w.data(), dq.data(), dqraw.data(), qn->g.data(), N * nh, hd, eps, true);
     rms_bwd(kraw.data(), kn->w.data(), dk.data(), dkraw.data(), kn->g.data(), N * nkv, hd, eps, true);
+    if (conv) {  // back through SiLU(conv) to the projections' outputs
+      Vec<T> dact = zeros<T>(N * C), din = zeros<T>(N * C);
+      move_qkv(dqraw.data(), dkraw.data(), dv.data(), dact.data(), N, true);
+      conv_bwd(conv_in.data(), conv->w.data(), conv_pre.data(), dact.data(), din.data(), conv->g.data(), *c.cu, C, kw);
+      move_qkv(dqraw.data(), dkraw.data(), dv.data(), din.data(), N, false);
+    }
     for (int64_t r = 0; r < N * nh; ++r) {
       std::copy_n(dqraw.begin() + r * hd, hd, dqg.begin() + r * 2 * hd);
       std::copy_n(dgate.begin() + r * hd, hd, dqg.begin() + r * 2 * hd + hd);
