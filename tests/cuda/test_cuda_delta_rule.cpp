@@ -260,28 +260,39 @@ TEST(CudaDeltaRule, ChunkIsDeterministic) {
   }
 }
 
-// The op fixtures (flash-linear-attention's naive recurrences, fp64): fp32 inputs within 1e-4.
+// The op fixtures (flash-linear-attention's naive recurrences, fp64) and their tensors.
+const char* kOpFixtures[] = {"gdn_B1_T130_H2_K64_V64", "gdn_B2_T77_H3_K32_V48", "kda_B1_T130_H2_K64_V64",
+                             "kda_B2_T77_H3_K32_V48"};
+
+std::vector<double> fixture_vec(const SafeTensorsFile& st, const char* name) {
+  const Tensor t = st.get(name);
+  std::vector<double> x(t.numel());
+  for (int64_t i = 0; i < t.numel(); ++i) x[i] = t.flat(i);
+  return x;
+}
+
+// A fixture's inputs as a Problem ([B,T,...] tensors packed as B sequences of T tokens).
+Problem fixture_problem(const SafeTensorsFile& st, bool kda) {
+  const Tensor q = st.get("in_q"), v = st.get("in_v");
+  Problem p;
+  const int64_t B = q.size(0), T = q.size(1);
+  p.d.H = q.size(2), p.d.HV = v.size(2), p.d.K = q.size(3), p.d.V = v.size(3);
+  p.d.gate = kda ? DeltaGate::PerKey : DeltaGate::Scalar;
+  for (int64_t b = 0; b <= B; ++b) p.d.cu_seqlens.push_back(b * T);
+  p.q = fixture_vec(st, "in_q"), p.k = fixture_vec(st, "in_k"), p.v = fixture_vec(st, "in_v");
+  p.g = fixture_vec(st, "in_g"), p.beta = fixture_vec(st, "in_beta"), p.h0 = fixture_vec(st, "in_h0");
+  p.scale = 1.0 / std::sqrt(double(p.d.K));
+  return p;
+}
+
+// Forward on the op fixtures: fp32 inputs within 1e-4.
 TEST(CudaDeltaRule, ChunkMatchesOpFixtures) {
   HLA_REQUIRE_GPU();
   HLA_REQUIRE_FIXTURES();
-  for (const char* f : {"gdn_B1_T130_H2_K64_V64", "gdn_B2_T77_H3_K32_V48", "kda_B1_T130_H2_K64_V64",
-                        "kda_B2_T77_H3_K32_V48"}) {
+  for (const char* f : kOpFixtures) {
     SafeTensorsFile st(fixture(std::string("ops/") + f + ".safetensors"));
-    auto vec = [&](const char* n) {
-      const Tensor t = st.get(n);
-      std::vector<double> x(t.numel());
-      for (int64_t i = 0; i < t.numel(); ++i) x[i] = t.flat(i);
-      return x;
-    };
-    const Tensor q = st.get("in_q"), v = st.get("in_v");
-    Problem p;
-    const int64_t B = q.size(0), T = q.size(1);
-    p.d.H = q.size(2), p.d.HV = v.size(2), p.d.K = q.size(3), p.d.V = v.size(3);
-    p.d.gate = f[0] == 'k' ? DeltaGate::PerKey : DeltaGate::Scalar;
-    for (int64_t b = 0; b <= B; ++b) p.d.cu_seqlens.push_back(b * T);
-    p.q = vec("in_q"), p.k = vec("in_k"), p.v = vec("in_v"), p.g = vec("in_g"), p.beta = vec("in_beta");
-    p.h0 = vec("in_h0");
-    p.scale = 1.0 / std::sqrt(double(p.d.K));
+    auto vec = [&](const char* n) { return fixture_vec(st, n); };
+    const Problem p = fixture_problem(st, f[0] == 'k');
     const Result got = gpu_chunk(p, DType::F32);
     const double eo = rel_l2(got.o, vec("out_o")), eh = rel_l2(got.ht, vec("out_ht"));
     std::printf("[ fixture ] %-26s o %.2e  ht %.2e\n", f, eo, eh);
@@ -502,24 +513,10 @@ TEST(CudaDeltaRule, BackwardIsDeterministic) {
 TEST(CudaDeltaRule, BackwardMatchesOpFixtures) {
   HLA_REQUIRE_GPU();
   HLA_REQUIRE_FIXTURES();
-  for (const char* f : {"gdn_B1_T130_H2_K64_V64", "gdn_B2_T77_H3_K32_V48", "kda_B1_T130_H2_K64_V64",
-                        "kda_B2_T77_H3_K32_V48"}) {
+  for (const char* f : kOpFixtures) {
     SafeTensorsFile st(fixture(std::string("ops/") + f + ".safetensors"));
-    auto vec = [&](const char* n) {
-      const Tensor t = st.get(n);
-      std::vector<double> x(t.numel());
-      for (int64_t i = 0; i < t.numel(); ++i) x[i] = t.flat(i);
-      return x;
-    };
-    const Tensor q = st.get("in_q"), v = st.get("in_v");
-    Problem p;
-    const int64_t B = q.size(0), T = q.size(1);
-    p.d.H = q.size(2), p.d.HV = v.size(2), p.d.K = q.size(3), p.d.V = v.size(3);
-    p.d.gate = f[0] == 'k' ? DeltaGate::PerKey : DeltaGate::Scalar;
-    for (int64_t b = 0; b <= B; ++b) p.d.cu_seqlens.push_back(b * T);
-    p.q = vec("in_q"), p.k = vec("in_k"), p.v = vec("in_v"), p.g = vec("in_g"), p.beta = vec("in_beta");
-    p.h0 = vec("in_h0");
-    p.scale = 1.0 / std::sqrt(double(p.d.K));
+    auto vec = [&](const char* n) { return fixture_vec(st, n); };
+    const Problem p = fixture_problem(st, f[0] == 'k');
     Cotangents c{vec("in_do"), vec("in_dht")};
     Grads got = gpu_backward(p, DType::F32, c, true);
     Grads want{vec("grad_q"), vec("grad_k"), vec("grad_v"), vec("grad_g"), vec("grad_beta"), vec("grad_h0")};
@@ -536,28 +533,6 @@ TEST(CudaDeltaRule, BackwardMatchesOpFixtures) {
 // `hla op --device cuda`'s path (delta_rule_forward_host) against the CPU path on the op fixtures,
 // fp32, chunk and recurrent modes; then the command itself where the hla binary sits beside this
 // test binary (build dir, or the carried bin/ folder).
-Problem fixture_problem(const SafeTensorsFile& st, bool kda) {
-  auto vec = [&](const char* n) {
-    const Tensor t = st.get(n);
-    std::vector<double> x(t.numel());
-    for (int64_t i = 0; i < t.numel(); ++i) x[i] = t.flat(i);
-    return x;
-  };
-  const Tensor q = st.get("in_q"), v = st.get("in_v");
-  Problem p;
-  const int64_t B = q.size(0), T = q.size(1);
-  p.d.H = q.size(2), p.d.HV = v.size(2), p.d.K = q.size(3), p.d.V = v.size(3);
-  p.d.gate = kda ? DeltaGate::PerKey : DeltaGate::Scalar;
-  for (int64_t b = 0; b <= B; ++b) p.d.cu_seqlens.push_back(b * T);
-  p.q = vec("in_q"), p.k = vec("in_k"), p.v = vec("in_v"), p.g = vec("in_g"), p.beta = vec("in_beta");
-  p.h0 = vec("in_h0");
-  p.scale = 1.0 / std::sqrt(double(p.d.K));
-  return p;
-}
-
-const char* kOpFixtures[] = {"gdn_B1_T130_H2_K64_V64", "gdn_B2_T77_H3_K32_V48", "kda_B1_T130_H2_K64_V64",
-                             "kda_B2_T77_H3_K32_V48"};
-
 TEST(CudaDeltaRule, OpForwardMatchesCpuPathOnFixtures) {
   HLA_REQUIRE_GPU();
   HLA_REQUIRE_FIXTURES();
