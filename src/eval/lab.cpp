@@ -270,8 +270,8 @@ void run_lab(const LabPreset& P, const std::string& out) {
   auto num = [](double v) { return std::isnan(v) ? std::string("n/a") : fmt("%.3f", v); };
   md << "\n## Claims (size `" << sz << "`)\n\n";
   auto claim = [&](const std::string& text, bool measured, bool holds, const std::string& numbers) {
-    md << "- **" << text << "**: " << (!measured ? "not measured in this preset" : holds ? "holds" : "does not hold") << ". "
-       << numbers << "\n";
+    md << "- **" << text << "**: " << (!measured ? "not measured in this run" : holds ? "holds" : "does not hold") << "."
+       << (measured ? " " + numbers : "") << "\n";
   };
   {
     int64_t hard = 0;
