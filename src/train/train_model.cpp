@@ -154,17 +154,15 @@ struct DeltaCore {
     const int64_t N = c.N;
     Vec<T> dq = zeros<T>(N * d.H * d.K), dk = zeros<T>(N * d.H * d.K);
     dv = zeros<T>(N * d.HV * d.V), dg = zeros<T>(N * d.g_stride()), dbeta = zeros<T>(N * d.HV);
-    bool done = false;
-    if constexpr (std::is_same_v<T, float>) {
-      if (c.delta) {
-        c.delta->backward(d, q.data(), k.data(), v.data(), g.data(), beta.data(), scale, dout, dq.data(), dk.data(),
-                          dv.data(), dg.data(), dbeta.data());
-        done = true;
+    [&] {  // the op's backward: another backend's kernels where set (float models), else the CPU op
+      if constexpr (std::is_same_v<T, float>) {
+        if (c.delta)
+          return c.delta->backward(d, q.data(), k.data(), v.data(), g.data(), beta.data(), scale, dout, dq.data(),
+                                   dk.data(), dv.data(), dg.data(), dbeta.data());
       }
-    }
-    if (!done)
       delta_rule_backward<T>(d, q.data(), k.data(), v.data(), g.data(), beta.data(), scale, nullptr, dout, nullptr,
                              dq.data(), dk.data(), dv.data(), dg.data(), dbeta.data(), nullptr, DeltaMode::Chunk);
+    }();
     dqr = zeros<T>(N * d.H * d.K), dkr = zeros<T>(N * d.H * d.K);
     l2norm_backward<T>(qr.data(), dq.data(), dqr.data(), N * d.H, d.K);
     l2norm_backward<T>(kr.data(), dk.data(), dkr.data(), N * d.H, d.K);
