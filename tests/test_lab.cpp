@@ -243,6 +243,35 @@ TEST(LabCli, KillNineThenResumeMatchesUninterruptedRun) {
   }
 }
 
+// `hla lab` end to end on a few steps: report, results.json in the schema (one record per
+// task, difficulty, layout, size, seed), plots; a bad layout name is one clear line.
+TEST(LabCli, LabWritesReportResultsAndPlots) {
+  TempDir d;
+  std::string out;
+  ASSERT_EQ(run_command(cli_path() + " lab --preset smoke --layouts attention,gdn --steps 3 --out " + (d / "lab"), &out), 0)
+      << out;
+  const auto results = nlohmann::json::parse(read_file(d / "lab/results.json"));
+  ASSERT_EQ(results.size(), 6u);  // 2 layouts x 3 pair counts
+  std::set<std::string> layouts;
+  for (const auto& r : results) {
+    EXPECT_EQ(r.size(), 7u) << r.dump();
+    EXPECT_EQ(r.at("task"), "mqar");
+    EXPECT_EQ(r.at("metric"), "accuracy");
+    EXPECT_EQ(r.at("size"), "s");
+    const double v = r.at("value").get<double>();
+    EXPECT_TRUE(v >= 0 && v <= 1) << v;
+    layouts.insert(r.at("layout").get<std::string>());
+  }
+  EXPECT_EQ(layouts, (std::set<std::string>{"attention", "gdn"}));
+  const std::string report = read_file(d / "lab/report.md");
+  EXPECT_NE(report.find("| attention |"), std::string::npos) << report;
+  EXPECT_NE(report.find("Pure linear layouts fall behind full attention"), std::string::npos);
+  for (const char* png : {"plots/mqar_s_accuracy.png", "plots/mqar_s_training.png"})
+    EXPECT_EQ(read_file(d / (std::string("lab/") + png)).substr(1, 3), "PNG") << png;
+  EXPECT_NE(run_command(cli_path() + " lab --layouts nosuch --out " + (d / "x"), &out), 0);
+  EXPECT_NE(out.find("unknown layout 'nosuch'"), std::string::npos) << out;
+}
+
 // The demo model shipped in the repository (trained by hla on Brown) loads and writes text, and
 // predicts held-out English far better than chance (256 byte values).
 TEST(LabDemo, ShippedModelWritesEnglishBytes) {
