@@ -151,8 +151,8 @@ TEST(TrainGrad, SparseLayerDenseWarmup) { check_gradients("S", true, true); }
 TEST(TrainGrad, HybridStack) { check_gradients("KAGL", false, false); }
 TEST(TrainGrad, AttentionLayersWithShortConv) { check_gradients("ASW", true, false, 3); }
 
-// Prefill then token-by-token decode through the caches (recurrent states, KV, and the attention
-// layers' conv state) gives the logits of one full forward.
+// Prefill then token-by-token decode through the caches (recurrent states, KV, the sliding window's
+// last rows, and the attention layers' conv state) gives the logits of one full forward.
 TEST(TrainModel, HybridDecodeEqualsFullForward) {
   for (int64_t conv : {0, 3}) {
     const nlohmann::json cfg = tiny_config("KGLAWS", true, conv);
@@ -179,6 +179,9 @@ TEST(TrainModel, HybridDecodeEqualsFullForward) {
       got.insert(got.end(), one.f32(), one.f32() + one.numel());
     }
     ASSERT_EQ(int64_t(got.size()), ref.numel());
+    // the sliding-window layer (index 4, window 3) holds only the 2 rows the next token can see
+    EXPECT_EQ(int64_t(inc.layers[4].k.size()), 2 * s.n_kv_heads * s.head_dim);
+    EXPECT_EQ(int64_t(full.layers[4].v.size()), 2 * s.n_kv_heads * s.head_dim);
     double err = 0, mx = 0;
     for (int64_t i = 0; i < ref.numel(); ++i) {
       err = std::max(err, std::fabs(double(got[size_t(i)]) - ref.f32()[i]));

@@ -1,6 +1,6 @@
 // hla info --model DIR (or --config FILE): the layer layout of a hybrid model, its parameters, and
 // what its cache costs: KV bytes per token of context (attention layers only) against the constant
-// recurrent state per sequence (linear layers and short-conv histories).
+// recurrent state per sequence (linear layers, short-conv histories, sliding-window KV).
 #include <algorithm>
 #include <cstdio>
 #include <filesystem>
@@ -82,8 +82,8 @@ void register_info(CLI::App& app) {
     std::printf("layout          %s   (L linear, F full, W sliding window, S sparse)\n", layout.c_str());
     std::printf("hidden / vocab  %lld / %lld\n", (long long)s.hidden, (long long)s.vocab);
     std::printf("parameters      %lld (%.2f M)\n", (long long)params, double(params) / 1e6);
-    std::printf("kv cache        %s per token (f32; attention layers only)\n", human_bytes(kv).c_str());
-    std::printf("recurrent state %s per sequence, constant (f32; linear layers and short convs)\n", human_bytes(st).c_str());
+    std::printf("kv cache        %s per token (f32; full and sparse attention layers)\n", human_bytes(kv).c_str());
+    std::printf("recurrent state %s per sequence, constant (f32; linear layers, short convs, sliding windows)\n", human_bytes(st).c_str());
     for (int64_t ctx : {4096, 32768, 131072})
       std::printf("cache at %6lld  %s per sequence\n", (long long)ctx, human_bytes(kv * double(ctx) + st).c_str());
   });

@@ -250,11 +250,19 @@ class GatedAttention : public Mixer {
       }
       append_rows(c.k, k.data() + t0 * nkv * hd, n, nkv * hd);
       append_rows(c.v, v.data() + t0 * nkv * hd, n, nkv * hd);
+      // Rows held before this call: all `past` ones, or the last window−1 of them in a sliding layer;
+      // key indices below count from the first held row.
+      const int64_t held = int64_t(c.k.size()) / (nkv * hd) - n;
       std::vector<std::vector<int32_t>> sel;
-      if (window_ > 0) sel = window_keys(n, past, window_);
+      if (window_ > 0) sel = window_keys(n, held, window_);
       if (indexer_) sel = indexer_->select(x + t0 * D, n, past, c.index_k);
-      attention(q.data() + t0 * nh * hd, c.k.data(), c.v.data(), o.data() + t0 * nh * hd, n, past + n, nh, nkv, hd,
+      attention(q.data() + t0 * nh * hd, c.k.data(), c.v.data(), o.data() + t0 * nh * hd, n, held + n, nh, nkv, hd,
                 hd, 1.0f / std::sqrt(float(hd)), sel.empty() ? nullptr : &sel);
+      if (window_ > 0) {  // keep only what later tokens can still see: memory stays window-bounded
+        const size_t drop = size_t(std::max<int64_t>(held + n - (window_ - 1), 0) * nkv * hd);
+        c.k.erase(c.k.begin(), c.k.begin() + std::ptrdiff_t(drop));
+        c.v.erase(c.v.begin(), c.v.begin() + std::ptrdiff_t(drop));
+      }
     }
     for (int64_t j = 0; j < T * nh * hd; ++j) o[size_t(j)] *= sigmoid(gate[size_t(j)]);
     linear(o.data(), o_.f32(), out, T, nh * hd, D);

@@ -41,7 +41,7 @@ int64_t ModelSpec::kv_bytes_per_token() const {
   const ModelSpec& s = *this;
   int64_t floats = 0;
   for (auto k : s.mixers) {
-    if (k == MixerKind::GatedAttention || k == MixerKind::SlidingAttention || k == MixerKind::SparseAttention)
+    if (k == MixerKind::GatedAttention || k == MixerKind::SparseAttention)  // sliding layers: a constant window
       floats += 2 * s.n_kv_heads * s.head_dim;
     if (k == MixerKind::SparseAttention) floats += s.index_dim;
     if (k == MixerKind::MLA || k == MixerKind::SparseMLA) floats += s.n_heads * (s.qk_nope + s.qk_rope + s.v_head);
@@ -60,9 +60,9 @@ int64_t ModelSpec::state_bytes_per_sequence() const {
       const int64_t conv_dim = k == MixerKind::GatedDeltaNet ? 2 * s.lin_nk * s.lin_dk + s.lin_nv * s.lin_dv
                                                               : 3 * s.lin_nv * s.lin_dk;
       floats += s.lin_nv * s.lin_dk * s.lin_dv + conv_dim * (s.conv_kernel - 1);
-    } else if (s.attn_conv_kernel > 0 && (k == MixerKind::GatedAttention || k == MixerKind::SlidingAttention ||
-                                          k == MixerKind::SparseAttention)) {
-      floats += s.attn_conv_channels() * (s.attn_conv_kernel - 1);  // the attention conv's last inputs
+    } else if (k == MixerKind::GatedAttention || k == MixerKind::SlidingAttention || k == MixerKind::SparseAttention) {
+      floats += s.attn_conv_channels() * std::max<int64_t>(s.attn_conv_kernel - 1, 0);  // the conv's last inputs
+      if (k == MixerKind::SlidingAttention) floats += (s.sliding_window - 1) * 2 * s.n_kv_heads * s.head_dim;
     }
   return floats * int64_t(sizeof(float));
 }
