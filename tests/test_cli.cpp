@@ -3,9 +3,12 @@
 #include <gtest/gtest.h>
 
 #include <filesystem>
+#include <map>
+#include <sstream>
 #include <nlohmann/json.hpp>
 
 #include "core/safetensors.h"
+#include "model/spec.h"
 #include "tests/common.h"
 
 using namespace hla;
@@ -228,4 +231,35 @@ TEST(CliErrors, BadTokensAndInputs) {
   expect_clean_error("logits --model " + m + " --input " + (tmp / "in3.safetensors") + " --output " + (tmp / "o.safetensors"),
                      "int64");
   expect_clean_error("generate --model " + m + " --prompt-ids 1 --device cuda", "cuda");
+}
+
+// `hla bench` on the shipped demo model (a KDA 3:1 hybrid): one CSV row per case, the tokens each
+// case ran, and a cache that grows with the prompt only through the attention layer's KV.
+TEST(Cli, BenchPrintsOneRowPerCase) {
+  const std::string model = (fs::path(__FILE__).parent_path().parent_path() / "models/brown-hybrid").string();
+  std::string out;
+  ASSERT_EQ(run_command(hla_cmd("bench --model " + model + " --prefill 100,300 --decode-batch 1,4 --decode-steps 3 --chunk 64"),
+                        &out),
+            0)
+      << out;
+  std::stringstream ss(out);
+  std::string line;
+  std::getline(ss, line);
+  EXPECT_EQ(line, "case,tokens,seconds,tokens_per_s,cache_mib,peak_rss_mib");
+  std::map<std::string, std::vector<double>> rows;
+  while (std::getline(ss, line)) {
+    std::stringstream ls(line);
+    std::string name, cell;
+    std::getline(ls, name, ',');
+    while (std::getline(ls, cell, ',')) rows[name].push_back(std::stod(cell));
+    ASSERT_EQ(rows[name].size(), 5u) << line;
+    for (double v : rows[name]) EXPECT_GT(v, 0) << line;
+  }
+  ASSERT_EQ(rows.size(), 4u) << out;
+  EXPECT_EQ(rows["prefill_100"][0], 100);
+  EXPECT_EQ(rows["decode_batch_4"][0], 12);  // 4 sequences x 3 timed steps
+  const double kv_per_token = double(load_model_spec(model).kv_bytes_per_token()) / (1024.0 * 1024.0);
+  EXPECT_NEAR(rows["prefill_300"][3] - rows["prefill_100"][3], 200 * kv_per_token, 0.02);
+  expect_clean_error("bench --model " + model + " --prefill 0", "--prefill");
+  expect_clean_error("bench --model " + model + " --device cuda", "cuda");
 }

@@ -36,5 +36,6 @@ void register_chat(CLI::App& app);
 void register_tokenize(CLI::App& app);
 void register_train(CLI::App& app);
 void register_lab(CLI::App& app);
+void register_bench(CLI::App& app);
 
 }  // namespace hla::cli

@@ -29,6 +29,7 @@ int main(int argc, char** argv) {
   hla::cli::register_tokenize(app);
   hla::cli::register_train(app);
   hla::cli::register_lab(app);
+  hla::cli::register_bench(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
