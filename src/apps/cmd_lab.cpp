@@ -7,7 +7,6 @@
 #include "apps/commands.h"
 #include "core/error.h"
 #include "eval/lab.h"
-#include "train/trainer.h"
 
 namespace hla::cli {
 
@@ -36,7 +35,6 @@ void register_lab(CLI::App& app) {
   cmd->add_option("--steps", o->steps, "training steps per run instead of the preset's");
   cmd->add_option("--seeds", o->seeds, "number of seeds instead of the preset's");
   cmd->callback([o] {
-    train::prefer_passive_omp_wait();
     eval::LabPreset p = eval::lab_preset(o->preset);
     if (!o->tasks.empty()) p.tasks = split(o->tasks);
     if (!o->layouts.empty()) p.layouts = split(o->layouts);

@@ -50,7 +50,6 @@ void register_train(CLI::App& app) {
       ->capture_default_str();
   cmd->add_flag("--resume", o->resume, "continue from the latest checkpoint in --out");
   cmd->callback([o] {
-    train::prefer_passive_omp_wait();
     check(o->steps > 0 && o->batch > 0 && o->accum > 0, "--steps, --batch and --accum must be positive");
     Config cfg = Config::load(o->config);
     nlohmann::json j = cfg.raw();

@@ -114,11 +114,8 @@ inline void layer_norm_bwd(const T* x, const T* w, const T* dy, T* dx, T* dw, T*
   for (int64_t r = 0; r < rows; ++r) {
     const T* xr = x + r * dim;
     const T* dyr = dy + r * dim;
-    T mean = 0, var = 0;
-    for (int64_t i = 0; i < dim; ++i) mean += xr[i];
-    mean /= T(dim);
-    for (int64_t i = 0; i < dim; ++i) var += (xr[i] - mean) * (xr[i] - mean);
-    const T s = T(1) / std::sqrt(var / T(dim) + eps);
+    T mean, s;
+    cpu::layer_norm_stats(xr, dim, eps, mean, s);
     T mg = 0, mgx = 0;
     for (int64_t i = 0; i < dim; ++i) {
       xh[size_t(i)] = (xr[i] - mean) * s;

@@ -1,12 +1,7 @@
 #include "train/trainer.h"
 
-#include <unistd.h>
-
 #include <chrono>
 #include <cstdio>
-#include <cstdlib>
-#include <fstream>
-#include <iterator>
 
 #include "core/error.h"
 #include "train/checkpoint.h"
@@ -33,24 +28,6 @@ void restore(TrainModel<float>& model, AdamW& opt, const CheckpointData& c, int6
 }
 
 }  // namespace
-
-void prefer_passive_omp_wait() {
-  if (std::getenv("OMP_WAIT_POLICY")) return;
-  std::ifstream f("/proc/self/cmdline", std::ios::binary);
-  const std::string all((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  std::vector<std::string> args;
-  for (size_t i = 0; i < all.size();) {
-    const size_t end = all.find('\0', i);
-    args.push_back(all.substr(i, end - i));
-    i = end == std::string::npos ? all.size() : end + 1;
-  }
-  if (args.empty()) return;
-  std::vector<char*> argv;
-  for (auto& a : args) argv.push_back(a.data());
-  argv.push_back(nullptr);
-  ::setenv("OMP_WAIT_POLICY", "passive", 1);
-  ::execv("/proc/self/exe", argv.data());  // on failure, carry on with the current policy
-}
 
 TrainResult train_loop(TrainModel<float>& model, const nlohmann::json& config, const TrainOptions& o,
                        const MicroBatchFn& micro) {

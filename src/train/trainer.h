@@ -36,13 +36,6 @@ struct TrainResult {
 // arguments, so that a resumed run sees the batches an uninterrupted one would.
 using MicroBatchFn = std::function<Batch(int64_t step, int64_t i)>;
 
-// Training runs thousands of short OpenMP regions; with libgomp's default spin-waiting, on a
-// shared 2-core machine the idle thread burns the core the other one needs (MQAR step of a 4-layer
-// d=64 model: 1.7k tokens/s spinning vs 10.6k passive, load average 6). libgomp reads
-// OMP_WAIT_POLICY only at start-up, so this re-executes the process with it set to passive unless
-// the user set it. Returns only if no re-exec was needed (or possible).
-void prefer_passive_omp_wait();
-
 TrainResult train_loop(TrainModel<float>& model, const nlohmann::json& config, const TrainOptions& opt,
                        const MicroBatchFn& micro);
 

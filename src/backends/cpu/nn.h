@@ -20,16 +20,23 @@ void rms_norm(const float* x, const float* w, float* y, int64_t rows, int64_t di
 enum class GateAct { SiLU, Sigmoid };
 void gated_rms_norm(float* o, const float* gate, const float* w, int64_t rows, int64_t dim, float eps,
                     GateAct act);
+// Mean and 1/sqrt(biased variance + eps) of one row of `dim` (LayerNorm forward and backward).
+template <class T>
+void layer_norm_stats(const T* xr, int64_t dim, T eps, T& mean, T& inv_std) {
+  mean = 0;
+  T var = 0;
+  for (int64_t i = 0; i < dim; ++i) mean += xr[i];
+  mean /= T(dim);
+  for (int64_t i = 0; i < dim; ++i) var += (xr[i] - mean) * (xr[i] - mean);
+  inv_std = T(1) / std::sqrt(var / T(dim) + eps);
+}
 // LayerNorm with bias (biased variance), DeepSeek's indexer key norm.
 template <class T>
 void layer_norm(const T* x, const T* w, const T* b, T* y, int64_t rows, int64_t dim, T eps) {
   for (int64_t r = 0; r < rows; ++r) {
     const T* xr = x + r * dim;
-    T mean = 0, var = 0;
-    for (int64_t i = 0; i < dim; ++i) mean += xr[i];
-    mean /= T(dim);
-    for (int64_t i = 0; i < dim; ++i) var += (xr[i] - mean) * (xr[i] - mean);
-    const T s = T(1) / std::sqrt(var / T(dim) + eps);
+    T mean, s;
+    layer_norm_stats(xr, dim, eps, mean, s);
     for (int64_t i = 0; i < dim; ++i) y[r * dim + i] = (xr[i] - mean) * s * w[i] + b[i];
   }
 }
