@@ -53,6 +53,31 @@ std::vector<std::vector<int32_t>> DsaIndexer::select(const float* x, int64_t n, 
   return sel;
 }
 
+void DsaIndexer::bind_device(Device& dev) {
+  proj_d = dev.upload_matrix(stack_rows({{&wq, 0, IH * ID}, {&wk, 0, ID}, {&w_proj, 0, IH}}));
+  k_norm_w_d = dev.upload_vector(k_norm_w);
+  k_norm_b_d = dev.upload_vector(k_norm_b);
+}
+
+const int32_t* DsaIndexer::select_device(Device& dev, const float* x, const DevBatch& b, int64_t i,
+                                         int64_t layer) const {
+  const int64_t n = b.len(i), t0 = b.cu_seqlens[size_t(i)], past = b.past[size_t(i)], W = IH * ID + ID + IH;
+  float* P = dev.scratch(n * W);
+  dev.linear(x + t0 * D, D, proj_d, P, n);
+  float* iq = dev.scratch(n * IH * ID);
+  float* ik = dev.scratch(n * ID);
+  float* w = dev.scratch(n * IH);
+  dev.copy(iq, {IH * ID, 1, 0}, P, {W, 1, 0}, n, IH * ID, 1);
+  dev.copy(ik, {ID, 1, 0}, P + IH * ID, {W, 1, 0}, n, ID, 1);
+  dev.copy(w, {IH, 1, 0}, P + IH * ID + ID, {W, 1, 0}, n, IH, 1);
+  dev.layer_norm(ik, k_norm_w_d, k_norm_b_d, ik, n, ID, 1e-6f);
+  float* keys = dev.cache_rows(layer, CachePart::IndexK, b.slots[size_t(i)], past + n, ID);
+  dev.copy(keys + past * ID, {ID, 1, 0}, ik, {ID, 1, 0}, n, ID, 1);
+  int32_t* sel = dev.scratch_i32(n * topk);
+  dev.dsa_select(iq, w, keys, n, past + n, IH, ID, topk, sel);
+  return sel;
+}
+
 namespace {
 
 // See hybrid_layers.h. Weights: q/k/v/g_proj [H·dk, D], o_norm [dk], o_proj [D, H·dk]; the

@@ -67,6 +67,12 @@ struct DsaIndexer {
   // Keys per new query (x [n, D] at positions past..), appending the new index keys to index_k;
   // {} when every query can see all its causal keys.
   std::vector<std::vector<int32_t>> select(const float* x, int64_t n, int64_t past, std::vector<float>& index_k) const;
+  // The same for sequence i of b on a device (x [T, D] all tokens of b): selected [n, topk] in
+  // scratch; the new index keys go to the slot's IndexK rows of `layer`.
+  DevMatrix proj_d;  // [wq; wk; weights_proj]
+  const float *k_norm_w_d = nullptr, *k_norm_b_d = nullptr;
+  void bind_device(Device& dev);
+  const int32_t* select_device(Device& dev, const float* x, const DevBatch& b, int64_t i, int64_t layer) const;
 };
 
 }  // namespace hla

@@ -50,6 +50,20 @@ struct DeltaCore {
     c.conv.assign(size_t(conv_dim * (kw - 1)), 0.0f);
     c.state.assign(size_t(nv * dk * dv), 0.0f);
   }
+  // The same on a device, over every sequence of b at once; conv_in rows have stride ld_in.
+  void run_device(Device& dev, const float* conv_in, int64_t ld_in, const float* conv_w, const float* g,
+                  const float* beta, float* o, const DevBatch& b, int64_t layer) const {
+    const int64_t T = b.tokens();
+    float* mixed = dev.scratch(T * conv_dim);
+    dev.causal_conv_silu(conv_in, ld_in, conv_w, mixed, conv_dim, kw, b,
+                         dev.cache_pool(layer, CachePart::Conv, conv_dim * (kw - 1)));
+    dev.l2norm(mixed, conv_dim, T, nk, dk);
+    dev.l2norm(mixed + nk * dk, conv_dim, T, nk, dk);
+    DeltaRuleDims d;
+    d.H = nk, d.HV = nv, d.K = dk, d.V = dv, d.gate = gate;
+    dev.delta_rule(d, mixed, mixed + nk * dk, mixed + 2 * nk * dk, conv_dim, g, beta, 1.0f / std::sqrt(float(dk)), b,
+                   dev.cache_pool(layer, CachePart::State, nv * dk * dv), o);
+  }
 };
 
 // Qwen3-Next / Qwen3.5 Gated DeltaNet (`linear_attn.*`).
@@ -119,11 +133,52 @@ class GatedDeltaNet : public Mixer {
     linear(o.data(), out_proj_.f32(), out, T, nv * dv, D);
   }
 
+  // On a device both checkpoint layouts become one [q | k | v | z] and one [b | a] projection.
+  void bind_device(Device& dev) override {
+    const int64_t nk = s_.lin_nk, nv = s_.lin_nv, dk = s_.lin_dk, dv = s_.lin_dv, r = nv / nk, C = core_.conv_dim;
+    std::vector<RowSlice> qkvz, ba;
+    if (grouped_) {
+      const int64_t G = 2 * dk + 2 * r * dv;
+      const int64_t off[4] = {0, dk, 2 * dk, 2 * dk + r * dv}, len[4] = {dk, dk, r * dv, r * dv};
+      for (int part = 0; part < 4; ++part)
+        for (int64_t g = 0; g < nk; ++g) qkvz.push_back({&in_qkvz_, g * G + off[part], len[part]});
+      for (int part = 0; part < 2; ++part)
+        for (int64_t g = 0; g < nk; ++g) ba.push_back({&in_ba_, g * 2 * r + part * r, r});
+    } else {
+      qkvz = {{&in_qkvz_, 0, C}, {&in_z_, 0, nv * dv}};
+      ba = {{&in_b_, 0, nv}, {&in_a_, 0, nv}};
+    }
+    dev_ = {dev.upload_matrix(stack_rows(qkvz)), dev.upload_matrix(stack_rows(ba)), dev.upload_matrix(out_proj_),
+            dev.upload_vector(conv_w_),          dev.upload_vector(A_log_),          dev.upload_vector(dt_bias_),
+            dev.upload_vector(norm_)};
+  }
+
+  void forward_device(Device& dev, const float* x, float* out, const DevBatch& b, int64_t layer) const override {
+    const int64_t T = b.tokens(), D = s_.hidden, nv = s_.lin_nv, dv = s_.lin_dv, C = core_.conv_dim;
+    const int64_t W = C + nv * dv;
+    float* qkvz = dev.scratch(T * W);
+    float* ba = dev.scratch(T * 2 * nv);
+    dev.linear(x, D, dev_.qkvz, qkvz, T);
+    dev.linear(x, D, dev_.ba, ba, T);
+    float* beta = dev.scratch(T * nv);
+    float* g = dev.scratch(T * nv);
+    dev.sigmoid(ba, 2 * nv, beta, T, nv);
+    dev.gate_softplus(ba + nv, 2 * nv, dev_.A_log, dev_.dt_bias, g, T, nv, 1);
+    float* o = dev.scratch(T * nv * dv);
+    core_.run_device(dev, qkvz, W, dev_.conv, g, beta, o, b, layer);
+    dev.gated_rms_norm(o, qkvz + C, W, dev_.norm, T, nv, dv, s_.norm_eps, GateAct::SiLU);
+    dev.linear(o, nv * dv, dev_.out, out, T);
+  }
+
  private:
   const ModelSpec& s_;
   DeltaCore core_;
   bool grouped_;
   Tensor in_qkvz_, in_ba_, in_z_, in_b_, in_a_, conv_w_, A_log_, dt_bias_, norm_, out_proj_;
+  struct {
+    DevMatrix qkvz, ba, out;
+    const float *conv, *A_log, *dt_bias, *norm;
+  } dev_{};
 };
 
 // Kimi-Linear's Kimi Delta Attention (`self_attn.*`): per-channel decay from a low-rank gate.
@@ -185,10 +240,51 @@ class KimiDeltaAttention : public Mixer {
     linear(o.data(), o_.f32(), out, T, HK, D);
   }
 
+  // On a device: one [q | k | v] projection and one [f_a | g_a] low-rank input projection.
+  void bind_device(Device& dev) override {
+    const int64_t HK = s_.lin_nv * s_.lin_dk, dk = s_.lin_dk;
+    dev_ = {dev.upload_matrix(stack_rows({{&q_, 0, HK}, {&k_, 0, HK}, {&v_, 0, HK}})),
+            dev.upload_matrix(stack_rows({{&f_a_, 0, dk}, {&g_a_, 0, dk}})),
+            dev.upload_matrix(f_b_),
+            dev.upload_matrix(g_b_),
+            dev.upload_matrix(b_),
+            dev.upload_matrix(o_),
+            dev.upload_vector(conv_w_),
+            dev.upload_vector(A_log_),
+            dev.upload_vector(dt_bias_),
+            dev.upload_vector(o_norm_)};
+  }
+
+  void forward_device(Device& dev, const float* x, float* out, const DevBatch& b, int64_t layer) const override {
+    const int64_t T = b.tokens(), D = s_.hidden, H = s_.lin_nv, dk = s_.lin_dk, HK = H * dk;
+    float* qkv = dev.scratch(T * 3 * HK);
+    float* lo = dev.scratch(T * 2 * dk);  // [f_a x | g_a x]
+    float* graw = dev.scratch(T * HK);
+    float* g = dev.scratch(T * HK);
+    float* braw = dev.scratch(T * H);
+    float* beta = dev.scratch(T * H);
+    dev.linear(x, D, dev_.qkv, qkv, T);
+    dev.linear(x, D, dev_.lowrank, lo, T);
+    dev.linear(lo, 2 * dk, dev_.f_b, graw, T);
+    dev.gate_softplus(graw, HK, dev_.A_log, dev_.dt_bias, g, T, H, dk);
+    dev.linear(x, D, dev_.b, braw, T);
+    dev.sigmoid(braw, H, beta, T, H);
+    float* o = dev.scratch(T * HK);
+    core_.run_device(dev, qkv, 3 * HK, dev_.conv, g, beta, o, b, layer);
+    float* og = dev.scratch(T * HK);
+    dev.linear(lo + dk, 2 * dk, dev_.g_b, og, T);
+    dev.gated_rms_norm(o, og, HK, dev_.o_norm, T, H, dk, s_.norm_eps, GateAct::Sigmoid);
+    dev.linear(o, HK, dev_.o, out, T);
+  }
+
  private:
   const ModelSpec& s_;
   DeltaCore core_;
   Tensor q_, k_, v_, conv_w_, f_a_, f_b_, dt_bias_, A_log_, b_, g_a_, g_b_, o_norm_, o_;
+  struct {
+    DevMatrix qkv, lowrank, f_b, g_b, b, o;
+    const float *conv, *A_log, *dt_bias, *o_norm;
+  } dev_{};
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -268,6 +364,58 @@ class GatedAttention : public Mixer {
     linear(o.data(), o_.f32(), out, T, nh * hd, D);
   }
 
+  void bind_device(Device& dev) override {
+    const int64_t nh = s_.n_heads, KV = s_.n_kv_heads * s_.head_dim;
+    dev_.qkv = dev.upload_matrix(stack_rows({{&q_, 0, nh * 2 * s_.head_dim}, {&k_, 0, KV}, {&v_, 0, KV}}));
+    dev_.o = dev.upload_matrix(o_);
+    dev_.q_norm = dev.upload_vector(q_norm_);
+    dev_.k_norm = dev.upload_vector(k_norm_);
+    dev_.inv_freq = dev.upload_vector(vector_tensor(inv_freq_));
+    if (s_.attn_conv_kernel > 0) dev_.conv = dev.upload_vector(conv_w_);
+    if (indexer_) indexer_->bind_device(dev);
+  }
+
+  // The device cache keeps every KV row; a sliding layer restricts its queries to the window.
+  void forward_device(Device& dev, const float* x, float* out, const DevBatch& b, int64_t layer) const override {
+    const int64_t T = b.tokens(), D = s_.hidden, nh = s_.n_heads, nkv = s_.n_kv_heads, hd = s_.head_dim;
+    const int64_t Q = nh * hd, KV = nkv * hd, W = 2 * Q + 2 * KV;  // projection rows: [q|gate per head], k, v
+    float* qkv = dev.scratch(T * W);
+    dev.linear(x, D, dev_.qkv, qkv, T);
+    float* q = dev.scratch(T * Q);
+    float* k = dev.scratch(T * KV);
+    float* v = dev.scratch(T * KV);
+    dev.copy(q, {Q, hd, 1}, qkv, {W, 2 * hd, 1}, T, nh, hd);
+    dev.copy(k, {KV, 1, 0}, qkv + 2 * Q, {W, 1, 0}, T, KV, 1);
+    dev.copy(v, {KV, 1, 0}, qkv + 2 * Q + KV, {W, 1, 0}, T, KV, 1);
+    if (s_.attn_conv_kernel > 0) {  // SiLU(causal conv) over the channels [q | k | v]
+      const int64_t C = Q + 2 * KV, kw = s_.attn_conv_kernel;
+      float* packed = dev.scratch(T * C);
+      float* y = dev.scratch(T * C);
+      const std::pair<float*, int64_t> parts[] = {{q, 0}, {k, Q}, {v, Q + KV}};
+      for (auto [p, col] : parts) dev.copy(packed + col, {C, 1, 0}, p, {p == q ? Q : KV, 1, 0}, T, p == q ? Q : KV, 1);
+      dev.causal_conv_silu(packed, C, dev_.conv, y, C, kw, b, dev.cache_pool(layer, CachePart::Conv, C * (kw - 1)));
+      for (auto [p, col] : parts) dev.copy(p, {p == q ? Q : KV, 1, 0}, y + col, {C, 1, 0}, T, p == q ? Q : KV, 1);
+    }
+    dev.rms_norm(q, hd, dev_.q_norm, q, hd, T * nh, hd, s_.norm_eps, true);
+    dev.rms_norm(k, hd, dev_.k_norm, k, hd, T * nkv, hd, s_.norm_eps, true);
+    const int64_t rot = int64_t(inv_freq_.size()) * 2;
+    dev.rope(q, T, nh, Q, hd, dev_.inv_freq, rot, b, RopePairs::HalfSplit, 1.0f);
+    dev.rope(k, T, nkv, KV, hd, dev_.inv_freq, rot, b, RopePairs::HalfSplit, 1.0f);
+    float* o = dev.scratch(T * Q);
+    for (int64_t i = 0; i < b.num_seqs(); ++i) {
+      const int64_t t0 = b.cu_seqlens[size_t(i)], n = b.len(i), past = b.past[size_t(i)], slot = b.slots[size_t(i)];
+      float* kc = dev.cache_rows(layer, CachePart::K, slot, past + n, KV);
+      float* vc = dev.cache_rows(layer, CachePart::V, slot, past + n, KV);
+      dev.copy(kc + past * KV, {KV, 1, 0}, k + t0 * KV, {KV, 1, 0}, n, KV, 1);
+      dev.copy(vc + past * KV, {KV, 1, 0}, v + t0 * KV, {KV, 1, 0}, n, KV, 1);
+      const int32_t* sel = indexer_ ? indexer_->select_device(dev, x, b, i, layer) : nullptr;
+      dev.attention(q + t0 * Q, kc, vc, o + t0 * Q, n, past + n, nh, nkv, hd, hd, 1.0f / std::sqrt(float(hd)), window_,
+                    sel, indexer_ ? indexer_->topk : 0);
+    }
+    dev.sigmoid_mul(o, qkv + hd, W, 2 * hd, T, nh, hd);
+    dev.linear(o, Q, dev_.o, out, T);
+  }
+
  private:
   // q [T,nh·hd], k, v [T,nkv·hd] <- SiLU(causal conv) over the channels [q|k|v], per sequence from its
   // cached last inputs (ModelSpec::attn_conv_kernel).
@@ -299,6 +447,10 @@ class GatedAttention : public Mixer {
   Tensor q_, k_, v_, o_, q_norm_, k_norm_, conv_w_;
   int64_t window_ = 0;
   std::unique_ptr<DsaIndexer> indexer_;
+  struct {
+    DevMatrix qkv, o;
+    const float *q_norm, *k_norm, *inv_freq, *conv;
+  } dev_{};
 };
 
 // yarn's blend of interpolated and extrapolated frequencies (DeepSeek-V3.2 checkpoints).
@@ -408,6 +560,90 @@ class MultiLatentAttention : public Mixer {
     linear(o.data(), o_.f32(), out, T, nh * dv, D);
   }
 
+  void bind_device(Device& dev) override {
+    if (s_.q_lora_rank > 0) {
+      dev_.q_a = dev.upload_matrix(q_a_);
+      dev_.q_a_norm = dev.upload_vector(q_a_norm_);
+    }
+    dev_.q_b = dev.upload_matrix(q_b_);
+    dev_.kv_a = dev.upload_matrix(kv_a_);
+    dev_.kv_a_norm = dev.upload_vector(kv_a_norm_);
+    dev_.kv_b = dev.upload_matrix(kv_b_);
+    dev_.o = dev.upload_matrix(o_);
+    if (rope_) dev_.inv_freq = dev.upload_vector(vector_tensor(inv_freq_));
+    if (sparse_) {
+      dev_.iq = dev.upload_matrix(iq_);
+      dev_.ik_iw = dev.upload_matrix(stack_rows({{&ik_, 0, s_.index_dim}, {&iw_, 0, s_.index_heads}}));
+      dev_.ik_norm_w = dev.upload_vector(ik_norm_w_);
+      dev_.ik_norm_b = dev.upload_vector(ik_norm_b_);
+      dev_.index_freq = dev.upload_vector(vector_tensor(index_freq_));
+    }
+  }
+
+  void forward_device(Device& dev, const float* x, float* out, const DevBatch& b, int64_t layer) const override {
+    const int64_t T = b.tokens(), D = s_.hidden, nh = s_.n_heads, dn = s_.qk_nope, dr = s_.qk_rope;
+    const int64_t dq = dn + dr, dv = s_.v_head, R = s_.kv_lora_rank, Rq = s_.q_lora_rank;
+    float* q = dev.scratch(T * nh * dq);
+    float* qr = nullptr;
+    if (Rq > 0) {
+      qr = dev.scratch(T * Rq);
+      dev.linear(x, D, dev_.q_a, qr, T);
+      dev.rms_norm(qr, Rq, dev_.q_a_norm, qr, Rq, T, Rq, 1e-6f, false);
+      dev.linear(qr, Rq, dev_.q_b, q, T);
+    } else {
+      dev.linear(x, D, dev_.q_b, q, T);
+    }
+    float* c = dev.scratch(T * (R + dr));
+    float* lat = dev.scratch(T * R);
+    float* kv = dev.scratch(T * nh * (dn + dv));
+    dev.linear(x, D, dev_.kv_a, c, T);
+    dev.rms_norm(c, R + dr, dev_.kv_a_norm, lat, R, T, R, 1e-6f, false);
+    dev.linear(lat, R, dev_.kv_b, kv, T);
+    if (rope_) {  // one rope key per token, shared by all heads
+      const int64_t rot = int64_t(inv_freq_.size()) * 2;
+      dev.rope(c + R, T, 1, R + dr, 0, dev_.inv_freq, rot, b, RopePairs::Interleaved, attn_factor_);
+      dev.rope(q + dn, T, nh, nh * dq, dq, dev_.inv_freq, rot, b, RopePairs::Interleaved, attn_factor_);
+    }
+    // Indexer projections of all tokens: iq [T, IH·ID] (RoPE'd), ik [T, ID] (LayerNorm, RoPE'd), w [T, IH].
+    const int64_t IH = s_.index_heads, ID = s_.index_dim;
+    float *iq = nullptr, *ik = nullptr, *w = nullptr;
+    if (sparse_) {
+      iq = dev.scratch(T * IH * ID);
+      float* kw = dev.scratch(T * (ID + IH));
+      ik = dev.scratch(T * ID);
+      w = dev.scratch(T * IH);
+      dev.linear(qr, Rq, dev_.iq, iq, T);
+      dev.linear(x, D, dev_.ik_iw, kw, T);
+      dev.copy(ik, {ID, 1, 0}, kw, {ID + IH, 1, 0}, T, ID, 1);
+      dev.copy(w, {IH, 1, 0}, kw + ID, {ID + IH, 1, 0}, T, IH, 1);
+      dev.layer_norm(ik, dev_.ik_norm_w, dev_.ik_norm_b, ik, T, ID, 1e-6f);
+      const int64_t rot = int64_t(index_freq_.size()) * 2;
+      dev.rope(iq, T, IH, IH * ID, ID, dev_.index_freq, rot, b, RopePairs::HalfSplit, attn_factor_);
+      dev.rope(ik, T, 1, ID, 0, dev_.index_freq, rot, b, RopePairs::HalfSplit, attn_factor_);
+    }
+    float* o = dev.scratch(T * nh * dv);
+    for (int64_t i = 0; i < b.num_seqs(); ++i) {
+      const int64_t t0 = b.cu_seqlens[size_t(i)], n = b.len(i), past = b.past[size_t(i)], slot = b.slots[size_t(i)];
+      float* K = dev.cache_rows(layer, CachePart::K, slot, past + n, nh * dq);
+      float* V = dev.cache_rows(layer, CachePart::V, slot, past + n, nh * dv);
+      const float* kvs = kv + t0 * nh * (dn + dv);
+      dev.copy(K + past * nh * dq, {nh * dq, dq, 1}, kvs, {nh * (dn + dv), dn + dv, 1}, n, nh, dn);
+      dev.copy(K + past * nh * dq + dn, {nh * dq, dq, 1}, c + t0 * (R + dr) + R, {R + dr, 0, 1}, n, nh, dr);
+      dev.copy(V + past * nh * dv, {nh * dv, dv, 1}, kvs + dn, {nh * (dn + dv), dn + dv, 1}, n, nh, dv);
+      const int32_t* sel = nullptr;
+      if (sparse_) {
+        float* keys = dev.cache_rows(layer, CachePart::IndexK, slot, past + n, ID);
+        dev.copy(keys + past * ID, {ID, 1, 0}, ik + t0 * ID, {ID, 1, 0}, n, ID, 1);
+        int32_t* s = dev.scratch_i32(n * s_.index_topk);
+        dev.dsa_select(iq + t0 * IH * ID, w + t0 * IH, keys, n, past + n, IH, ID, s_.index_topk, s);
+        sel = s;
+      }
+      dev.attention(q + t0 * nh * dq, K, V, o + t0 * nh * dv, n, past + n, nh, nh, dq, dv, s_.mla_scale(), 0, sel,
+                    sparse_ ? s_.index_topk : 0);
+    }
+    dev.linear(o, nh * dv, dev_.o, out, T);
+  }
+
  private:
   // Lightning indexer for n new queries of one sequence: I[t,u] = Σ_h w[t,h]·ReLU(iq[t,h]·ik[u]·ID^-0.5),
   // w = weights_proj(x)·IH^-0.5; query t keeps the top index_topk causal keys (lowest index wins
@@ -466,6 +702,10 @@ class MultiLatentAttention : public Mixer {
   float attn_factor_ = 1.0f;
   Tensor q_a_, q_a_norm_, q_b_, kv_a_, kv_a_norm_, kv_b_, o_;
   Tensor iq_, ik_, ik_norm_w_, ik_norm_b_, iw_;
+  struct {
+    DevMatrix q_a, q_b, kv_a, kv_b, o, iq, ik_iw;
+    const float *q_a_norm, *kv_a_norm, *inv_freq, *ik_norm_w, *ik_norm_b, *index_freq;
+  } dev_{};
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -479,6 +719,10 @@ class DenseFfn : public Ffn {
     mlp_.bind(p, pre, s.hidden, s.intermediate);
   }
   void forward(const float* x, float* out, int64_t T) const override { mlp_.forward(x, out, T); }
+  void bind_device(Device& dev) override { mlp_.bind_device(dev); }
+  void forward_device(Device& dev, const float* x, float* out, int64_t T) const override {
+    mlp_.forward_device(dev, x, out, T);
+  }
 
  private:
   SwiGLU mlp_;
@@ -501,6 +745,56 @@ class MoeFfn : public Ffn {
     if (s.shared_intermediate > 0) {
       shared_.bind(p, pre + (s.shared_gate ? "shared_expert." : "shared_experts."), D, s.shared_intermediate);
       if (s.shared_gate) p.bind(pre + "shared_expert_gate.weight", {1, D}, &shared_gate_);
+    }
+  }
+
+  void bind_device(Device& dev) override {
+    router_d_ = dev.upload_matrix(router_);
+    for (auto& e : experts_) e.bind_device(dev);
+    if (s_.shared_intermediate > 0) {
+      shared_.bind_device(dev);
+      if (s_.shared_gate) shared_gate_d_ = dev.upload_matrix(shared_gate_);
+    }
+  }
+
+  // Routing runs on the host from the device's router logits (one copy of [T, E] per layer); each
+  // expert then runs one GEMM over its gathered tokens.
+  void forward_device(Device& dev, const float* x, float* out, int64_t T) const override {
+    const int64_t D = s_.hidden, E = s_.n_experts;
+    float* logits_d = dev.scratch(T * E);
+    dev.linear(x, D, router_d_, logits_d, T);
+    auto logits = buffer(T * E);
+    dev.to_host(logits_d, logits.data(), T * E);
+    std::vector<std::vector<int32_t>> tok(static_cast<size_t>(E));
+    std::vector<std::vector<float>> wt(static_cast<size_t>(E));
+    for (int64_t t = 0; t < T; ++t)
+      for (auto& [e, w] : route(logits.data() + t * E)) {
+        tok[size_t(e)].push_back(int32_t(t));
+        wt[size_t(e)].push_back(w);
+      }
+    dev.zero(out, T * D);
+    float* xin = dev.scratch(T * D);
+    float* y = dev.scratch(T * D);
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t n = int64_t(tok[size_t(e)].size());
+      if (n == 0) continue;
+      const int32_t* idx = dev.upload_i32(tok[size_t(e)]);
+      dev.gather_rows(x, idx, xin, n, D);
+      experts_[size_t(e)].forward_device(dev, xin, y, n);
+      dev.scatter_add_rows(out, idx, dev.upload_f32(wt[size_t(e)]), y, n, D);
+    }
+    if (s_.shared_intermediate > 0) {
+      shared_.forward_device(dev, x, y, T);
+      std::vector<int32_t> all(static_cast<size_t>(T));
+      std::iota(all.begin(), all.end(), 0);
+      const float* gate = dev.upload_f32(std::vector<float>(size_t(T), 1.0f));
+      if (s_.shared_gate) {
+        float* g = dev.scratch(T);
+        dev.linear(x, D, shared_gate_d_, g, T);
+        dev.sigmoid(g, 1, g, T, 1);
+        gate = g;
+      }
+      dev.scatter_add_rows(out, dev.upload_i32(all), gate, y, T, D);
     }
   }
 
@@ -590,6 +884,7 @@ class MoeFfn : public Ffn {
   Tensor router_, bias_, shared_gate_;
   std::vector<SwiGLU> experts_;
   SwiGLU shared_;
+  DevMatrix router_d_, shared_gate_d_;
 };
 
 }  // namespace
@@ -608,6 +903,51 @@ void SwiGLU::forward(const float* x, float* out, int64_t T) const {
   linear(x, up.f32(), u.data(), T, D, I);
   for (int64_t j = 0; j < T * I; ++j) g[size_t(j)] = silu(g[size_t(j)]) * u[size_t(j)];
   linear(g.data(), down.f32(), out, T, I, D);
+}
+
+void SwiGLU::bind_device(Device& dev) {
+  gate_up_d = dev.upload_matrix(stack_rows({{&gate, 0, I}, {&up, 0, I}}));
+  down_d = dev.upload_matrix(down);
+}
+
+void SwiGLU::forward_device(Device& dev, const float* x, float* out, int64_t T) const {
+  float* gu = dev.scratch(T * 2 * I);
+  float* h = dev.scratch(T * I);
+  dev.linear(x, D, gate_up_d, gu, T);
+  dev.swiglu(gu, h, T, I);
+  dev.linear(h, I, down_d, out, T);
+}
+
+void Mixer::bind_device(Device& dev) {
+  throw Error("this model's mixer layers have no " + dev.name() + " form yet (lightning attention runs on the CPU only)");
+}
+
+void Mixer::forward_device(Device& dev, const float*, float*, const DevBatch&, int64_t) const {
+  throw Error("this model's mixer layers have no " + dev.name() + " form yet");
+}
+
+Tensor stack_rows(const std::vector<RowSlice>& slices) {
+  check(!slices.empty(), "internal: stack_rows of nothing");
+  const int64_t cols = slices[0].t->size(1);
+  int64_t rows = 0;
+  for (auto& sl : slices) {
+    check(sl.t->dim() == 2 && sl.t->size(1) == cols && sl.row0 + sl.rows <= sl.t->size(0),
+          "internal: stack_rows slices disagree");
+    rows += sl.rows;
+  }
+  Tensor out = Tensor::f32({rows, cols});
+  float* dst = out.f32();
+  for (auto& sl : slices) {
+    std::memcpy(dst, sl.t->f32() + sl.row0 * cols, sizeof(float) * size_t(sl.rows * cols));
+    dst += sl.rows * cols;
+  }
+  return out;
+}
+
+Tensor vector_tensor(const std::vector<float>& v) {
+  Tensor t = Tensor::f32({int64_t(v.size())});
+  std::copy(v.begin(), v.end(), t.f32());
+  return t;
 }
 
 std::unique_ptr<Mixer> make_mixer(const ModelSpec& s, int64_t layer, Params& p) {

@@ -7,6 +7,7 @@
 
 #include "core/tensor.h"
 #include "model/cache.h"
+#include "backends/device.h"
 #include "model/params.h"
 #include "model/spec.h"
 
@@ -18,12 +19,18 @@ class Mixer {
   // out [T, D] = mixer(x [T, D]); reads and advances caches[i]->layers[layer].
   virtual void forward(const float* x, float* out, const SeqBatch& b, int64_t layer) const = 0;
   virtual void init_cache(LayerCache& c) const = 0;
+  // The same layer on a Device: bind_device() uploads the weights once; forward_device() reads and
+  // advances the cache slots of b.slots in dev. Layers without a device form refuse both.
+  virtual void bind_device(Device& dev);
+  virtual void forward_device(Device& dev, const float* x, float* out, const DevBatch& b, int64_t layer) const;
 };
 
 class Ffn {
  public:
   virtual ~Ffn() = default;
   virtual void forward(const float* x, float* out, int64_t T) const = 0;
+  virtual void bind_device(Device& dev) = 0;
+  virtual void forward_device(Device& dev, const float* x, float* out, int64_t T) const = 0;
 };
 
 // The mixer and FFN of layer `layer`, with the checkpoint names of its architecture.
@@ -37,6 +44,19 @@ struct SwiGLU {
   void bind(Params& p, const std::string& prefix, int64_t D, int64_t I, const char* gate_name = "gate_proj",
             const char* up_name = "up_proj", const char* down_name = "down_proj");
   void forward(const float* x, float* out, int64_t T) const;
+  DevMatrix gate_up_d, down_d;  // [gate; up] [2I, D] and down on the bound device
+  void bind_device(Device& dev);
+  void forward_device(Device& dev, const float* x, float* out, int64_t T) const;
 };
+
+// Rows of several matrices (each [rows, cols], same cols) stacked into one, so a device runs one
+// GEMM where the CPU form runs several: {tensor, first row, row count} per slice.
+struct RowSlice {
+  const Tensor* t;
+  int64_t row0, rows;
+};
+Tensor stack_rows(const std::vector<RowSlice>& slices);
+// A host vector as a 1-D f32 tensor (RoPE frequencies to upload).
+Tensor vector_tensor(const std::vector<float>& v);
 
 }  // namespace hla

@@ -107,6 +107,66 @@ Tensor Model::forward(const std::vector<int64_t>& ids, const SeqBatch& b, bool a
   return logits;
 }
 
+void Model::bind_device(Device& dev) {
+  dev_.embed = dev.upload_matrix(embed_);
+  dev_.lm_head = lm_head_.raw() == embed_.raw() ? dev_.embed : dev.upload_matrix(lm_head_);
+  dev_.norm_in.clear(), dev_.norm_post.clear();
+  for (int64_t l = 0; l < spec_.n_layers; ++l) {
+    dev_.norm_in.push_back(dev.upload_vector(norm_in_[size_t(l)]));
+    dev_.norm_post.push_back(dev.upload_vector(norm_post_[size_t(l)]));
+    mixers_[size_t(l)]->bind_device(dev);
+    ffns_[size_t(l)]->bind_device(dev);
+  }
+  dev_.final_norm = dev.upload_vector(final_norm_);
+  bound_ = &dev;
+}
+
+Tensor Model::forward(Device& dev, const std::vector<int64_t>& ids, DevBatch& b, bool all_logits) const {
+  const ModelSpec& s = spec_;
+  check(bound_ == &dev, "internal: the model is not bound to device " + dev.name());
+  const int64_t N = b.num_seqs(), T = b.tokens(), D = s.hidden;
+  check(int64_t(ids.size()) == T && int64_t(b.cu_seqlens.size()) == N + 1 && int64_t(b.past.size()) == N,
+        "internal: ids, cu_seqlens, slots and past disagree");
+  for (int64_t id : ids)
+    check(id >= 0 && id < s.vocab, "token id " + std::to_string(id) + " is outside the vocabulary [0, " +
+                                       std::to_string(s.vocab) + ")");
+  for (int64_t i = 0; i < N; ++i)
+    check(b.slots[size_t(i)] >= 0 && b.slots[size_t(i)] < dev.max_slots(), "internal: cache slot out of range");
+  dev.begin_forward();
+  std::vector<int32_t> ids32(ids.begin(), ids.end()), cu(b.cu_seqlens.begin(), b.cu_seqlens.end()),
+      slots(b.slots.begin(), b.slots.end()), pos(static_cast<size_t>(T));
+  for (int64_t i = 0; i < N; ++i)
+    for (int64_t t = 0; t < b.len(i); ++t) pos[size_t(b.cu_seqlens[size_t(i)] + t)] = int32_t(b.past[size_t(i)] + t);
+  b.d_cu = dev.upload_i32(cu), b.d_slots = dev.upload_i32(slots), b.d_pos = dev.upload_i32(pos);
+  float* h = dev.scratch(T * D);
+  float* x = dev.scratch(T * D);
+  float* y = dev.scratch(T * D);
+  dev.embed(dev_.embed, dev.upload_i32(ids32), h, T);
+  for (int64_t l = 0; l < s.n_layers; ++l) {
+    dev.rms_norm(h, D, dev_.norm_in[size_t(l)], x, D, T, D, s.norm_eps, s.zero_centered_norm);
+    mixers_[size_t(l)]->forward_device(dev, x, y, b, l);
+    dev.add(h, y, T * D);
+    dev.rms_norm(h, D, dev_.norm_post[size_t(l)], x, D, T, D, s.norm_eps, s.zero_centered_norm);
+    ffns_[size_t(l)]->forward_device(dev, x, y, T);
+    dev.add(h, y, T * D);
+  }
+  std::vector<int32_t> rows;
+  for (int64_t i = 0; i < N; ++i) {
+    if (all_logits)
+      for (int64_t t = b.cu_seqlens[size_t(i)]; t < b.cu_seqlens[size_t(i + 1)]; ++t) rows.push_back(int32_t(t));
+    else if (b.len(i) > 0)
+      rows.push_back(int32_t(b.cu_seqlens[size_t(i + 1)] - 1));
+  }
+  const int64_t R = int64_t(rows.size());
+  dev.gather_rows(h, dev.upload_i32(rows), y, R, D);
+  dev.rms_norm(y, D, dev_.final_norm, x, D, R, D, s.norm_eps, s.zero_centered_norm);
+  float* logits_d = dev.scratch(R * s.vocab);
+  dev.linear(x, D, dev_.lm_head, logits_d, R);
+  Tensor logits = Tensor::f32({R, s.vocab});
+  dev.to_host(logits_d, logits.f32(), R * s.vocab);
+  return logits;
+}
+
 size_t SequenceCache::bytes() const {
   size_t n = 0;
   for (auto& l : layers) n += l.conv.size() + l.state.size() + l.k.size() + l.v.size() + l.index_k.size();

@@ -8,6 +8,7 @@
 
 #include "core/tensor.h"
 #include "model/cache.h"
+#include "backends/device.h"
 #include "model/layers.h"
 #include "model/spec.h"
 
@@ -31,6 +32,12 @@ class Model {
   // ids are checked against the vocabulary; caches advance by their sequence's length.
   Tensor forward(const std::vector<int64_t>& ids, const SeqBatch& batch, bool all_logits) const;
 
+  // Uploads the weights to `dev` (a model is bound to one device at a time).
+  void bind_device(Device& dev);
+  // forward() on the bound device, the cache in its slots: sequence i continues slot b.slots[i]
+  // holding b.past[i] tokens (the caller resets a slot before a new sequence and counts its length).
+  Tensor forward(Device& dev, const std::vector<int64_t>& ids, DevBatch& b, bool all_logits) const;
+
  private:
   Model(ModelSpec spec, Params& p);
   ModelSpec spec_;
@@ -39,6 +46,12 @@ class Model {
   std::vector<std::unique_ptr<Mixer>> mixers_;
   std::vector<std::unique_ptr<Ffn>> ffns_;
   int64_t num_params_ = 0;
+  Device* bound_ = nullptr;
+  struct {
+    DevMatrix embed, lm_head;
+    std::vector<const float*> norm_in, norm_post;
+    const float* final_norm = nullptr;
+  } dev_;
 };
 
 }  // namespace hla

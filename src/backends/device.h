@@ -1,0 +1,130 @@
+// Device: the operations a Model's layers need when they run off the host (Model::forward on a
+// Device). The CUDA backend implements it (backends/cuda/cuda_device); the CPU backend implements it
+// with the oracle's own functions (backends/cpu/cpu_device), so every layer's device wiring is
+// checked against the plain CPU forward on machines without a GPU.
+//
+// Pointers are the device's memory. Activations are fp32 and row-major; `ld` is a row stride in
+// elements. Matrices are uploaded once in the device's weight type (fp32, or bf16 with fp32
+// accumulation); vectors (norms, gates, conv taps) stay fp32. The hybrid cache lives on the device
+// as a pool of `slots` sequences: per (layer, part) a fixed-size block per slot (conv inputs,
+// delta-rule state) and growable rows (KV, index keys).
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "backends/cpu/nn.h"
+#include "core/tensor.h"
+#include "ops/delta_rule.h"
+
+namespace hla {
+
+// A weight matrix W [rows, cols] on the device (y = x · W^T).
+struct DevMatrix {
+  const void* p = nullptr;
+  int64_t rows = 0, cols = 0;
+};
+
+// The tokens of one forward: sequence i owns rows [cu_seqlens[i], cu_seqlens[i+1]), continues cache
+// slot slots[i], which already holds past[i] tokens. The d_* arrays are the device's copies.
+struct DevBatch {
+  std::vector<int64_t> cu_seqlens, slots, past;
+  const int32_t* d_cu = nullptr;     // [N+1]
+  const int32_t* d_slots = nullptr;  // [N]
+  const int32_t* d_pos = nullptr;    // [T]: each token's position in its sequence
+  int64_t num_seqs() const { return int64_t(slots.size()); }
+  int64_t tokens() const { return cu_seqlens.back(); }
+  int64_t len(int64_t i) const { return cu_seqlens[size_t(i + 1)] - cu_seqlens[size_t(i)]; }
+  bool one_token_each() const { return tokens() == num_seqs(); }
+};
+
+// Parts of a layer's cache.
+enum class CachePart { Conv, State, K, V, IndexK };
+
+class Device {
+ public:
+  virtual ~Device() = default;
+  virtual std::string name() const = 0;
+  virtual int64_t max_slots() const = 0;
+
+  // ---- memory -------------------------------------------------------------------------------
+  virtual DevMatrix upload_matrix(const Tensor& w) = 0;  // 2-D (or reshaped to 2-D by the caller)
+  virtual const float* upload_vector(const Tensor& v) = 0;
+  // Scratch valid until the next begin_forward().
+  virtual void begin_forward() = 0;
+  virtual float* scratch(int64_t n) = 0;
+  int32_t* scratch_i32(int64_t n) { return reinterpret_cast<int32_t*>(scratch(n)); }
+  virtual const int32_t* upload_i32(const std::vector<int32_t>& v) = 0;  // into scratch
+  virtual const float* upload_f32(const std::vector<float>& v) = 0;      // into scratch
+  virtual void zero(float* p, int64_t n) = 0;
+  virtual void to_host(const float* src, float* dst, int64_t n) = 0;
+  // Cache: the [slots, n] pool of a fixed-size part (zeros for a fresh slot), and the rows of a
+  // growable part for one slot, grown to hold `rows` rows of `width` (earlier rows kept).
+  virtual float* cache_pool(int64_t layer, CachePart part, int64_t n) = 0;
+  virtual float* cache_rows(int64_t layer, CachePart part, int64_t slot, int64_t rows, int64_t width) = 0;
+  virtual void reset_slot(int64_t slot) = 0;  // zeros its fixed parts, empties its rows
+  virtual int64_t cache_bytes() const = 0;    // device memory the cache holds now
+
+  // ---- compute ------------------------------------------------------------------------------
+  // y [M, W.rows] = x [M, W.cols] (row stride ldx) · W^T.
+  virtual void linear(const float* x, int64_t ldx, const DevMatrix& W, float* y, int64_t M) = 0;
+  virtual void embed(const DevMatrix& table, const int32_t* ids, float* out, int64_t T) = 0;
+  virtual void add(float* h, const float* y, int64_t n) = 0;  // h += y
+  // Generic strided copy over a 3-D index space (a stride of 0 broadcasts).
+  struct Strides {
+    int64_t s0, s1, s2;
+  };
+  virtual void copy(float* dst, Strides dst_st, const float* src, Strides src_st, int64_t n0, int64_t n1,
+                    int64_t n2) = 0;
+  // y (row stride ldy) = RMSNorm(x rows of `dim`, row stride ldx), as cpu::rms_norm.
+  virtual void rms_norm(const float* x, int64_t ldx, const float* w, float* y, int64_t ldy, int64_t rows, int64_t dim,
+                        float eps, bool zero_centered) = 0;
+  virtual void layer_norm(const float* x, const float* w, const float* b, float* y, int64_t rows, int64_t dim,
+                          float eps) = 0;
+  // o [T, heads, dim] = RMSNorm(o)·w·act(gate); token t's gate rows start at gate + t·ld_gate.
+  virtual void gated_rms_norm(float* o, const float* gate, int64_t ld_gate, const float* w, int64_t T, int64_t heads,
+                              int64_t dim, float eps, cpu::GateAct act) = 0;
+  // In place x[t, h, :] /= ||x[t, h, :]|| (+eps), rows at x + t·ld + h·dim.
+  virtual void l2norm(float* x, int64_t ld, int64_t T, int64_t heads, int64_t dim) = 0;
+  // out [T, I] = SiLU(gu[:, :I]) ⊙ gu[:, I:] (gu [T, 2I]).
+  virtual void swiglu(const float* gu, float* out, int64_t T, int64_t I) = 0;
+  // o [T, heads, dim] ⊙= sigmoid(gate), gate row (t, h) at gate + t·ld_gate + h·ld_gate_head.
+  virtual void sigmoid_mul(float* o, const float* gate, int64_t ld_gate, int64_t ld_gate_head, int64_t T,
+                           int64_t heads, int64_t dim) = 0;
+  // y [T, n] = sigmoid(x) (row stride ldx).
+  virtual void sigmoid(const float* x, int64_t ldx, float* y, int64_t T, int64_t n) = 0;
+  // g [T, H·width] = −exp(A_log[h])·softplus(a + dt_bias) (a row stride lda), as gate_softplus_forward.
+  virtual void gate_softplus(const float* a, int64_t lda, const float* A_log, const float* dt_bias, float* g,
+                             int64_t T, int64_t H, int64_t width) = 0;
+  // Depthwise causal conv + SiLU over C channels (x row stride ldx, weight [C, kw]) of every
+  // sequence of `b`, continuing and advancing its slot in conv_pool [slots, C, kw−1].
+  virtual void causal_conv_silu(const float* x, int64_t ldx, const float* w, float* y, int64_t C, int64_t kw,
+                                const DevBatch& b, float* conv_pool) = 0;
+  // RoPE on x[t, h, :rot] (at x + t·ld_token + h·ld_head) at each token's position.
+  virtual void rope(float* x, int64_t T, int64_t heads, int64_t ld_token, int64_t ld_head, const float* inv_freq,
+                    int64_t rot, const DevBatch& b, cpu::RopePairs pairs, float attn_factor) = 0;
+  // The delta rule over every sequence of `b` from its slot in state_pool [slots, HV, K, V]:
+  // q, k [T, H, K], v [T, HV, V] at a common token stride ld (fp32; the device may compute in its
+  // weight type), g [T, HV(·K)], beta [T, HV] contiguous; o [T, HV, V] contiguous.
+  virtual void delta_rule(const DeltaRuleDims& d, const float* q, const float* k, const float* v, int64_t ld,
+                          const float* g, const float* beta, float scale, const DevBatch& b, float* state_pool,
+                          float* o) = 0;
+  // Causal softmax attention of one sequence's n newest queries q [n, nh, dq] over its S cached
+  // keys k [S, nkv, dq] and values v [S, nkv, dv] (query i sits at S−n+i); o [n, nh, dv]. window
+  // > 0: each query sees its last `window` keys. selected [n, topk] (−1 = none): each query sees
+  // only those keys.
+  virtual void attention(const float* q, const float* k, const float* v, float* o, int64_t n, int64_t S, int64_t nh,
+                         int64_t nkv, int64_t dq, int64_t dv, float scale, int64_t window, const int32_t* selected,
+                         int64_t topk) = 0;
+  // DSA lightning-indexer selection for n queries (positions S−n .. S−1) over keys [S, ID]:
+  // selected [n, topk] holds the topk best causal keys by dsa_scores in ascending order (all causal
+  // keys, then −1, when fewer).
+  virtual void dsa_select(const float* iq, const float* w, const float* keys, int64_t n, int64_t S, int64_t IH,
+                          int64_t ID, int64_t topk, int32_t* selected) = 0;
+  // MoE: dst [n, D] = src rows idx; dst[idx[i]] += w[i]·src[i] (idx distinct within a call).
+  virtual void gather_rows(const float* src, const int32_t* idx, float* dst, int64_t n, int64_t D) = 0;
+  virtual void scatter_add_rows(float* dst, const int32_t* idx, const float* w, const float* src, int64_t n,
+                                int64_t D) = 0;
+};
+
+}  // namespace hla

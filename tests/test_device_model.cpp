@@ -1,0 +1,62 @@
+// Every layer's device form (Model::forward on a Device) wired right: on the CpuDevice, whose
+// operations are the CPU oracle's own functions, it must equal the plain CPU forward — for the
+// four fixture architectures and for hla_hybrid's GDN/KDA/attention/sliding/sparse layers with the
+// attention short conv.
+#include <gtest/gtest.h>
+
+#include "backends/cpu/cpu_device.h"
+#include "core/config.h"
+#include "core/error.h"
+#include "tests/common.h"
+#include "tests/device_model_check.h"
+
+using namespace hla;
+
+namespace {
+
+class DeviceWiring : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(DeviceWiring, CpuDeviceEqualsCpuForward) {
+  HLA_REQUIRE_FIXTURES();
+  auto m = Model::load(fixture("models/" + GetParam()));
+  cpu::CpuDevice dev(3);
+  const DeviceModelErrors e = compare_device_model(*m, dev, 21, 5);
+  EXPECT_LT(e.prefill, 1e-5);
+  EXPECT_LT(e.decode, 1e-5);
+  EXPECT_EQ(e.dev_greedy, e.cpu_greedy);
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, DeviceWiring,
+                         ::testing::Values("qwen3_next", "qwen3_5", "kimi_linear", "deepseek_v32"));
+
+TEST(DeviceWiring, HybridLayersEqualCpuForward) {
+  const nlohmann::json j = {
+      {"model_type", "hla_hybrid"}, {"vocab_size", 37},        {"hidden_size", 16},    {"num_hidden_layers", 5},
+      {"layer_pattern", "KGAWS"},   {"intermediate_size", 24}, {"num_attention_heads", 4},
+      {"num_key_value_heads", 2},   {"head_dim", 6},           {"partial_rotary_factor", 0.67},
+      {"sliding_window", 3},        {"index_n_heads", 2},      {"index_head_dim", 4},  {"index_topk", 4},
+      {"linear_num_value_heads", 2}, {"linear_key_head_dim", 4}, {"linear_conv_kernel_dim", 3},
+      {"attention_conv_kernel_dim", 3}};
+  const ModelSpec s = parse_model_spec(Config(j, "test-config.json"));
+  auto m = Model::random(s, 11, nullptr);
+  cpu::CpuDevice dev(3);
+  const DeviceModelErrors e = compare_device_model(*m, dev, 17, 9);
+  EXPECT_LT(e.prefill, 1e-5);
+  EXPECT_LT(e.decode, 1e-5);
+}
+
+TEST(DeviceWiring, LightningIsRefusedByName) {
+  const nlohmann::json j = {{"model_type", "hla_hybrid"}, {"vocab_size", 8},  {"hidden_size", 8},
+                            {"num_hidden_layers", 1},      {"layer_pattern", "L"}, {"intermediate_size", 8},
+                            {"linear_num_value_heads", 2}, {"linear_key_head_dim", 4}};
+  auto m = Model::random(parse_model_spec(Config(j, "test-config.json")), 1, nullptr);
+  cpu::CpuDevice dev(1);
+  try {
+    m->bind_device(dev);
+    FAIL() << "lightning layers bound to a device";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("lightning"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
