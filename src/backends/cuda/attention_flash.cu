@@ -14,7 +14,9 @@
 // unnormalised accumulator and its (max, sum), and a combine kernel merges the splits in a fixed
 // order. The partials live in one per-device workspace sized for the worst case the split rule
 // can produce (allocated at the first call that splits, never again: graph-capture safe after
-// that). No atomics anywhere: results are bitwise reproducible.
+// that). No atomics anywhere: results are bitwise reproducible. The workspace is one per device,
+// used in stream order: two splitting calls running concurrently on different streams of one
+// device would share it (callers keep attention on one stream per device).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
