@@ -245,15 +245,16 @@ TEST(Cli, BenchPrintsOneRowPerCase) {
   std::stringstream ss(out);
   std::string line;
   std::getline(ss, line);
-  EXPECT_EQ(line, "case,tokens,seconds,tokens_per_s,cache_mib,peak_rss_mib");
+  EXPECT_EQ(line, "case,tokens,seconds,tokens_per_s,cache_mib,peak_rss_mib,device_mib");
   std::map<std::string, std::vector<double>> rows;
   while (std::getline(ss, line)) {
     std::stringstream ls(line);
     std::string name, cell;
     std::getline(ls, name, ',');
     while (std::getline(ls, cell, ',')) rows[name].push_back(std::stod(cell));
-    ASSERT_EQ(rows[name].size(), 5u) << line;
-    for (double v : rows[name]) EXPECT_GT(v, 0) << line;
+    ASSERT_EQ(rows[name].size(), 6u) << line;
+    for (int i = 0; i < 5; ++i) EXPECT_GT(rows[name][size_t(i)], 0) << line;
+    EXPECT_EQ(rows[name][5], 0) << "no GPU memory on the CPU: " << line;
   }
   ASSERT_EQ(rows.size(), 4u) << out;
   EXPECT_EQ(rows["prefill_100"][0], 100);

@@ -3,11 +3,14 @@
 // random token ids. Prefill: one prompt of each length, fed in chunks of C tokens as the server
 // does, timed whole. Decode: B sequences after a 128-token prompt each, then N steps of one token
 // per sequence in one packed forward (the first step is a warm-up, not timed). One CSV row per case:
-//   case,tokens,seconds,tokens_per_s,cache_mib,peak_rss_mib
+//   case,tokens,seconds,tokens_per_s,cache_mib,peak_rss_mib,device_mib
 // cache_mib: the hybrid cache the case holds at its end (KV of full-attention layers grows with the
-// context, linear layers' state does not); peak_rss_mib: the process's peak resident memory so far.
+// context, linear layers' state does not); peak_rss_mib: the process's peak resident memory so far;
+// device_mib: GPU memory in use after the case (weights, cache, scratch; 0 on the CPU).
+// --device cuda runs the model on the GPU (--dtype bf16, the default there, or f32).
 #include <sys/resource.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <memory>
@@ -22,7 +25,7 @@ namespace hla::cli {
 namespace {
 
 struct BenchOptions {
-  std::string model, device = "cpu";
+  std::string model, device = "cpu", dtype = "bf16";
   std::vector<int64_t> prefill{1024, 8192, 32768}, batches{1, 16, 64};
   int64_t steps = 32, chunk = 2048;
   uint64_t seed = 0;
@@ -38,7 +41,7 @@ double mib(size_t bytes) { return double(bytes) / (1024.0 * 1024.0); }
 
 class Bench {
  public:
-  Bench(const Model& m, uint64_t seed) : m_(m), rng_(seed), vocab_(m.spec().vocab) {}
+  Bench(const Model& m, Device* dev, uint64_t seed) : m_(m), dev_(dev), rng_(seed), vocab_(m.spec().vocab) {}
 
   std::vector<int64_t> random_ids(int64_t n) {
     std::uniform_int_distribution<int64_t> u(0, vocab_ - 1);
@@ -47,44 +50,68 @@ class Bench {
     return ids;
   }
 
-  // Folds `n` tokens of every cache in `caches` into them, one packed forward.
-  void step(std::vector<SequenceCache>& caches, int64_t n) {
-    SeqBatch b;
-    b.cu_seqlens = {0};
-    for (auto& c : caches) b.caches.push_back(&c), b.cu_seqlens.push_back(b.cu_seqlens.back() + n);
-    m_.forward(random_ids(n * int64_t(caches.size())), b, false);
-  }
-
   void prefill(int64_t len, int64_t chunk) {
-    std::vector<SequenceCache> c{m_.new_cache()};
+    Seqs s = open(1);
     const auto t0 = std::chrono::steady_clock::now();
-    for (int64_t done = 0; done < len; done += chunk) step(c, std::min(chunk, len - done));
-    row("prefill_" + std::to_string(len), len, seconds_since(t0), c);
+    for (int64_t done = 0; done < len; done += chunk) step(s, std::min(chunk, len - done));
+    row("prefill_" + std::to_string(len), len, seconds_since(t0), s);
   }
 
   void decode(int64_t batch, int64_t steps) {
-    std::vector<SequenceCache> c;
-    for (int64_t i = 0; i < batch; ++i) c.push_back(m_.new_cache());
-    step(c, 128);
-    step(c, 1);  // warm-up
+    Seqs s = open(batch);
+    step(s, 128);
+    step(s, 1);  // warm-up
     const auto t0 = std::chrono::steady_clock::now();
-    for (int64_t s = 0; s < steps; ++s) step(c, 1);
-    row("decode_batch_" + std::to_string(batch), batch * steps, seconds_since(t0), c);
+    for (int64_t i = 0; i < steps; ++i) step(s, 1);
+    row("decode_batch_" + std::to_string(batch), batch * steps, seconds_since(t0), s);
   }
 
  private:
+  // B sequences: CPU caches, or device slots 0..B−1 with their lengths.
+  struct Seqs {
+    std::vector<SequenceCache> caches;
+    std::vector<int64_t> past;
+  };
+  Seqs open(int64_t B) {
+    Seqs s;
+    s.past.assign(size_t(B), 0);
+    for (int64_t i = 0; i < B; ++i) {
+      if (dev_) dev_->reset_slot(i);
+      else s.caches.push_back(m_.new_cache());
+    }
+    return s;
+  }
+  // Folds `n` tokens into every sequence of s, one packed forward.
+  void step(Seqs& s, int64_t n) {
+    const int64_t B = int64_t(s.past.size());
+    std::vector<int64_t> cu{0};
+    for (int64_t i = 0; i < B; ++i) cu.push_back(cu.back() + n);
+    if (dev_) {
+      DevBatch b{cu, {}, s.past};
+      for (int64_t i = 0; i < B; ++i) b.slots.push_back(i);
+      m_.forward(*dev_, random_ids(n * B), b, false);
+    } else {
+      SeqBatch b{cu, {}};
+      for (auto& c : s.caches) b.caches.push_back(&c);
+      m_.forward(random_ids(n * B), b, false);
+    }
+    for (auto& p : s.past) p += n;
+  }
   static double seconds_since(std::chrono::steady_clock::time_point t0) {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   }
-  static void row(const std::string& name, int64_t tokens, double s, const std::vector<SequenceCache>& caches) {
+  void row(const std::string& name, int64_t tokens, double s, const Seqs& seqs) const {
     size_t bytes = 0;
-    for (const auto& c : caches) bytes += c.bytes();
-    std::printf("%s,%lld,%.4f,%.1f,%.2f,%.1f\n", name.c_str(), (long long)tokens, s, double(tokens) / s, mib(bytes),
-                peak_rss_mib());
+    for (const auto& c : seqs.caches) bytes += c.bytes();
+    if (dev_)
+      for (int64_t i = 0; i < int64_t(seqs.past.size()); ++i) bytes += size_t(dev_->slot_bytes(i));
+    std::printf("%s,%lld,%.4f,%.1f,%.2f,%.1f,%.1f\n", name.c_str(), (long long)tokens, s, double(tokens) / s, mib(bytes),
+                peak_rss_mib(), dev_ ? mib(size_t(dev_->memory_bytes())) : 0.0);
     std::fflush(stdout);
   }
 
   const Model& m_;
+  Device* dev_;
   std::mt19937_64 rng_;
   int64_t vocab_;
 };
@@ -101,15 +128,19 @@ void register_bench(CLI::App& app) {
   cmd->add_option("--chunk", o->chunk, "prefill chunk (tokens per forward)")->capture_default_str();
   cmd->add_option("--seed", o->seed, "seed of the random token ids")->capture_default_str();
   cmd->add_option("--device", o->device, "cpu or cuda")->default_val("cpu");
+  cmd->add_option("--dtype", o->dtype, "weights on the GPU: f32 or bf16 (the CPU: f32)");
   cmd->callback([o] {
-    require_cpu_model_device(o->device);
+    if (o->device == "cpu" && o->dtype == "bf16") o->dtype = "f32";
     for (int64_t n : o->prefill) check(n > 0, "--prefill: lengths must be positive (got " + std::to_string(n) + ")");
     for (int64_t n : o->batches) check(n > 0, "--decode-batch: sizes must be positive (got " + std::to_string(n) + ")");
     check(o->steps > 0, "--decode-steps must be positive");
     check(o->chunk > 0, "--chunk must be positive");
+    const int64_t slots = *std::max_element(o->batches.begin(), o->batches.end());
+    std::unique_ptr<Device> dev = open_device(o->device, o->dtype, slots);
     auto m = Model::load(o->model);
-    std::printf("case,tokens,seconds,tokens_per_s,cache_mib,peak_rss_mib\n");
-    Bench b(*m, o->seed);
+    if (dev) m->bind_device(*dev);
+    std::printf("case,tokens,seconds,tokens_per_s,cache_mib,peak_rss_mib,device_mib\n");
+    Bench b(*m, dev.get(), o->seed);
     for (int64_t n : o->prefill) b.prefill(n, o->chunk);
     for (int64_t n : o->batches) b.decode(n, o->steps);
   });

@@ -18,7 +18,7 @@ namespace hla::cli {
 namespace {
 
 struct GenerateOptions {
-  std::string model, prompt_ids, prompt, device = "cpu";
+  std::string model, prompt_ids, prompt, device = "cpu", dtype = "f32";
   int64_t max_new = 32;
   SamplingParams sampling;
   bool stats = false, print_ids = false;
@@ -55,18 +55,20 @@ void register_generate(CLI::App& app) {
   cmd->add_option("--max-new-tokens", o->max_new, "tokens to generate")->default_val(32);
   add_sampling_options(cmd, o->sampling);
   cmd->add_option("--device", o->device, "cpu or cuda")->default_val("cpu");
+  cmd->add_option("--dtype", o->dtype, "weights on the GPU: f32 or bf16")->default_val("f32");
   cmd->add_flag("--stats", o->stats, "print prefill and decode speed to stderr");
   cmd->callback([o] {
-    require_cpu_model_device(o->device);
     check(!o->prompt_ids.empty() || !o->prompt.empty(), "give --prompt-ids or --prompt");
     const std::vector<int64_t> parsed = o->prompt.empty() ? parse_ids(o->prompt_ids) : std::vector<int64_t>{};
+    std::unique_ptr<Device> dev = open_device(o->device, o->dtype, 1);
     TextModel tm = load_text_model(o->model);
+    if (dev) tm.model->bind_device(*dev);
     const Model* m = tm.model.get();
     const std::vector<int64_t> prompt = o->prompt.empty() ? parsed : tm.encode_prompt(o->prompt);
     const bool as_text = !o->prompt.empty() && !o->print_ids;
     std::unique_ptr<Detokenizer> text;
     if (as_text) text = std::make_unique<Detokenizer>(*tm.tokenizer, tm.stop_ids);
-    Session session(*m);
+    Session session = dev ? Session(*m, *dev, 0) : Session(*m);
     Sampler sampler(o->sampling);
     using clock = std::chrono::steady_clock;
     auto t0 = clock::now(), t1 = t0;

@@ -2,19 +2,32 @@
 #pragma once
 #include <CLI/CLI.hpp>
 
+#include <memory>
+
+#include "backends/device.h"
 #include "core/error.h"
 #include "runtime/session.h"
+#ifdef HLA_HAS_CUDA
+#include "backends/cuda/cuda_device.h"
+#endif
 
 namespace hla::cli {
 
-// --device for whole-model commands: the model runs on the CPU; with CUDA built in, only the
-// delta-rule ops (hla op) run on the GPU so far.
-inline void require_cpu_model_device(const std::string& device) {
-  if (device == "cpu") return;
+// --device / --dtype of the whole-model commands: nullptr for the CPU (the model's own forward), else
+// the CUDA device with room for `slots` cached sequences and its weights in `dtype` (f32: exact,
+// within 1e-4 of the CPU; bf16: half the bytes, fp32 accumulation).
+inline std::unique_ptr<Device> open_device(const std::string& device, const std::string& dtype, int64_t slots) {
+  check(device == "cpu" || device == "cuda", "--device: expected cpu or cuda, got '" + device + "'");
+  check(dtype == "f32" || dtype == "bf16", "--dtype: expected f32 or bf16, got '" + dtype + "'");
+  if (device == "cpu") {
+    check(dtype == "f32", "--dtype " + dtype + ": the CPU engine computes in f32 only");
+    return nullptr;
+  }
 #ifdef HLA_HAS_CUDA
-  throw Error("--device " + device + ": the model runs on the CPU only for now (hla op runs its kernels on CUDA)");
+  return cuda::make_cuda_device(slots, dtype == "bf16" ? DType::BF16 : DType::F32);
 #else
-  throw Error("--device " + device + ": this build has no CUDA backend (build with -DHLA_CUDA=ON)");
+  (void)slots;
+  throw Error("--device cuda: this build has no CUDA backend (build with -DHLA_CUDA=ON)");
 #endif
 }
 

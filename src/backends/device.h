@@ -62,8 +62,9 @@ class Device {
   // growable part for one slot, grown to hold `rows` rows of `width` (earlier rows kept).
   virtual float* cache_pool(int64_t layer, CachePart part, int64_t n) = 0;
   virtual float* cache_rows(int64_t layer, CachePart part, int64_t slot, int64_t rows, int64_t width) = 0;
-  virtual void reset_slot(int64_t slot) = 0;  // zeros its fixed parts, empties its rows
-  virtual int64_t cache_bytes() const = 0;    // device memory the cache holds now
+  virtual void reset_slot(int64_t slot) = 0;            // zeros its fixed parts, empties its rows
+  virtual int64_t slot_bytes(int64_t slot) const = 0;  // cache memory held for one slot now
+  virtual int64_t memory_bytes() const = 0;            // device memory in use (weights, cache, scratch)
 
   // ---- compute ------------------------------------------------------------------------------
   // y [M, W.rows] = x [M, W.cols] (row stride ldx) · W^T.

@@ -14,16 +14,6 @@ std::vector<double> lightning_log_decay(int64_t heads) {
   return g;
 }
 
-std::vector<std::vector<int32_t>> window_keys(int64_t n, int64_t past, int64_t window) {
-  std::vector<std::vector<int32_t>> sel(static_cast<size_t>(n));
-  for (int64_t t = 0; t < n; ++t) {
-    const int64_t pos = past + t, first = std::max<int64_t>(0, pos - window + 1);
-    sel[size_t(t)].resize(size_t(pos - first + 1));
-    std::iota(sel[size_t(t)].begin(), sel[size_t(t)].end(), int32_t(first));
-  }
-  return sel;
-}
-
 void DsaIndexer::bind(Params& p, const std::string& pre, const ModelSpec& s) {
   D = s.hidden, IH = s.index_heads, ID = s.index_dim, topk = s.index_topk;
   p.bind(pre + "indexer.wq.weight", {IH * ID, D}, &wq);

@@ -21,42 +21,6 @@ namespace hla {
 std::vector<double> lightning_log_decay(int64_t heads);
 std::unique_ptr<Mixer> make_lightning(const ModelSpec& s, Params& p, const std::string& pre);
 
-// Keys of n new queries at positions past..past+n−1 under a sliding window: query at pos sees
-// max(0, pos−window+1) .. pos.
-std::vector<std::vector<int32_t>> window_keys(int64_t n, int64_t past, int64_t window);
-
-// DSA lightning-indexer score of one query against S keys [S, ID]:
-//   score[u] = Σ_h w[h]·IH^-0.5 · ReLU(q_h · k_u · ID^-0.5),   q [IH, ID], w [IH].
-template <class T>
-void dsa_scores(const T* q, const T* w, const T* keys, int64_t S, int64_t IH, int64_t ID, T* score) {
-  const T wscale = T(1) / std::sqrt(T(IH)), sscale = T(1) / std::sqrt(T(ID));
-  for (int64_t u = 0; u < S; ++u) {
-    const T* ku = keys + u * ID;
-    T acc = 0;
-    for (int64_t h = 0; h < IH; ++h) {
-      const T* qh = q + h * ID;
-      T dot = 0;
-      for (int64_t d = 0; d < ID; ++d) dot += qh[d] * ku[d];
-      acc += w[h] * wscale * std::max(dot * sscale, T(0));
-    }
-    score[u] = acc;
-  }
-}
-
-// The `topk` best of score[0..n) in ascending index order (the lower index wins a tie).
-template <class T>
-std::vector<int32_t> dsa_topk(const T* score, int64_t n, int64_t topk) {
-  std::vector<int32_t> idx(static_cast<size_t>(n));
-  std::iota(idx.begin(), idx.end(), 0);
-  if (n <= topk) return idx;
-  std::partial_sort(idx.begin(), idx.begin() + topk, idx.end(), [&](int32_t a, int32_t c) {
-    return score[a] != score[c] ? score[a] > score[c] : a < c;
-  });
-  idx.resize(size_t(topk));
-  std::sort(idx.begin(), idx.end());
-  return idx;
-}
-
 // The DSA indexer of an hla_hybrid sparse-attention layer (`self_attn.indexer.*`). Unlike
 // DeepSeek's it reads x directly (no q latent) and uses no RoPE: index q [IH·ID] = wq·x,
 // index k [ID] = LayerNorm(wk·x), weights [IH] = weights_proj·x.

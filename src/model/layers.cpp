@@ -664,34 +664,12 @@ class MultiLatentAttention : public Mixer {
     const int64_t S = past + n, topk = s_.index_topk;
     if (S <= topk) return {};
     std::vector<std::vector<int32_t>> sel(static_cast<size_t>(n));
-    const float wscale = 1.0f / std::sqrt(float(IH)), sscale = 1.0f / std::sqrt(float(ID));
 #pragma omp parallel for schedule(dynamic)
     for (int64_t t = 0; t < n; ++t) {
-      const int64_t pos = past + t;
-      std::vector<int32_t> idx(static_cast<size_t>(pos + 1));
-      std::iota(idx.begin(), idx.end(), 0);
-      if (pos + 1 <= topk) {
-        sel[size_t(t)] = std::move(idx);
-        continue;
-      }
-      std::vector<float> score(size_t(pos + 1), 0.0f);
-      for (int64_t u = 0; u <= pos; ++u) {
-        const float* ku = lc.index_k.data() + u * ID;
-        float acc = 0;
-        for (int64_t h = 0; h < IH; ++h) {
-          const float* qh = iq.data() + (t * IH + h) * ID;
-          float dot = 0;
-          for (int64_t d = 0; d < ID; ++d) dot += qh[d] * ku[d];
-          acc += w[size_t(t * IH + h)] * wscale * std::max(dot * sscale, 0.0f);
-        }
-        score[size_t(u)] = acc;
-      }
-      std::partial_sort(idx.begin(), idx.begin() + topk, idx.end(), [&](int32_t a, int32_t c) {
-        return score[size_t(a)] != score[size_t(c)] ? score[size_t(a)] > score[size_t(c)] : a < c;
-      });
-      idx.resize(size_t(topk));
-      std::sort(idx.begin(), idx.end());
-      sel[size_t(t)] = std::move(idx);
+      const int64_t causal = past + t + 1;
+      std::vector<float> score(static_cast<size_t>(causal));
+      dsa_scores(iq.data() + t * IH * ID, w.data() + t * IH, lc.index_k.data(), causal, IH, ID, score.data());
+      sel[size_t(t)] = dsa_topk(score.data(), causal, topk);
     }
     return sel;
   }

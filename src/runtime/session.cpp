@@ -57,8 +57,15 @@ int64_t Sampler::sample(const float* logits, int64_t vocab) {
 
 std::vector<float> Session::append(const std::vector<int64_t>& ids) {
   check(!ids.empty(), "empty prompt");
-  SeqBatch b{{0, int64_t(ids.size())}, {&cache_}};
-  Tensor logits = model_.forward(ids, b, false);
+  Tensor logits;
+  if (dev_) {
+    DevBatch b{{0, int64_t(ids.size())}, {slot_}, {dev_length_}};
+    logits = model_.forward(*dev_, ids, b, false);
+    dev_length_ += int64_t(ids.size());
+  } else {
+    SeqBatch b{{0, int64_t(ids.size())}, {&cache_}};
+    logits = model_.forward(ids, b, false);
+  }
   return std::vector<float>(logits.f32(), logits.f32() + logits.numel());
 }
 

@@ -32,6 +32,8 @@ class Sampler {
 class Session {
  public:
   explicit Session(const Model& m) : model_(m), cache_(m.new_cache()) {}
+  // On a device (the model bound to it): the cache is slot `slot` of dev, reset here.
+  Session(const Model& m, Device& dev, int64_t slot) : model_(m), dev_(&dev), slot_(slot) { dev.reset_slot(slot); }
   // Folds `ids` into the cache; returns the logits [vocab] after the last id.
   std::vector<float> append(const std::vector<int64_t>& ids);
   // Prompt, then up to max_new sampled tokens (stops after any id in `eos`). on_token sees each new
@@ -41,11 +43,13 @@ class Session {
                                 const std::function<bool(int64_t)>& on_token = {});
   const SequenceCache& cache() const { return cache_; }
   SequenceCache& cache() { return cache_; }
-  int64_t length() const { return cache_.length; }
+  int64_t length() const { return dev_ ? dev_length_ : cache_.length; }
 
  private:
   const Model& model_;
-  SequenceCache cache_;
+  SequenceCache cache_;  // on the CPU
+  Device* dev_ = nullptr;
+  int64_t slot_ = 0, dev_length_ = 0;
 };
 
 }  // namespace hla

@@ -513,8 +513,8 @@ struct Attn : Base<T> {
           continue;
         }
         Vec<T> score(static_cast<size_t>(S));
-        dsa_scores(iq.data() + t * IH * ID, iw.data() + t * IH, ik.data() + t0 * ID, S, IH, ID, score.data());
-        sel[size_t(t)] = dsa_topk(score.data(), S, topk);
+        cpu::dsa_scores(iq.data() + t * IH * ID, iw.data() + t * IH, ik.data() + t0 * ID, S, IH, ID, score.data());
+        sel[size_t(t)] = cpu::dsa_topk(score.data(), S, topk);
       }
     }
   }

@@ -4,14 +4,20 @@
 #include <cstring>
 
 #include "core/error.h"
-#include "model/hybrid_layers.h"
+
 
 namespace hla::cpu {
+
+void CpuDevice::round(float* p, int64_t n) const {
+  if (bf16_)
+    for (int64_t i = 0; i < n; ++i) p[i] = bf16_to_f32(f32_to_bf16(p[i]));
+}
 
 DevMatrix CpuDevice::upload_matrix(const Tensor& w) {
   check(w.dim() >= 2, "internal: upload_matrix of a " + shape_str(w.shape()) + " tensor");
   const float* p = w.f32();
   weights_.emplace_back(p, p + w.numel());
+  round(weights_.back().data(), w.numel());
   return {weights_.back().data(), w.size(0), w.numel() / w.size(0)};
 }
 
@@ -64,8 +70,18 @@ void CpuDevice::reset_slot(int64_t slot) {
     if (std::get<2>(key) == slot) r.clear();
 }
 
-int64_t CpuDevice::cache_bytes() const {
+int64_t CpuDevice::slot_bytes(int64_t slot) const {
   size_t n = 0;
+  for (auto& [key, pool] : pools_) n += pool.size() / size_t(slots_);
+  for (auto& [key, r] : rows_)
+    if (std::get<2>(key) == slot) n += r.size();
+  return int64_t(n * sizeof(float));
+}
+
+int64_t CpuDevice::memory_bytes() const {
+  size_t n = 0;
+  for (auto* d : {&weights_, &scratch_})
+    for (auto& v : *d) n += v.size();
   for (auto& [key, pool] : pools_) n += pool.size();
   for (auto& [key, r] : rows_) n += r.size();
   return int64_t(n * sizeof(float));
@@ -73,6 +89,12 @@ int64_t CpuDevice::cache_bytes() const {
 
 void CpuDevice::linear(const float* x, int64_t ldx, const DevMatrix& W, float* y, int64_t M) {
   const float* w = static_cast<const float*>(W.p);
+  if (bf16_) {  // the operand rows as bf16
+    std::vector<float> xr(size_t(M * W.cols));
+    for (int64_t m = 0; m < M; ++m) std::memcpy(xr.data() + m * W.cols, x + m * ldx, sizeof(float) * size_t(W.cols));
+    round(xr.data(), M * W.cols);
+    return cpu::linear(xr.data(), w, y, M, W.cols, W.rows);
+  }
   if (ldx == W.cols) return cpu::linear(x, w, y, M, W.cols, W.rows);
   for (int64_t m = 0; m < M; ++m) cpu::linear(x + m * ldx, w, y + m * W.rows, 1, W.cols, W.rows);
 }
@@ -142,7 +164,7 @@ void CpuDevice::causal_conv_silu(const float* x, int64_t ldx, const float* w, fl
   }
 }
 
-void CpuDevice::rope(float* x, int64_t T, int64_t heads, int64_t ld_token, int64_t ld_head, const float* inv_freq,
+void CpuDevice::rope(float* x, int64_t, int64_t heads, int64_t ld_token, int64_t ld_head, const float* inv_freq,
                      int64_t rot, const DevBatch& b, RopePairs pairs, float attn_factor) {
   const std::vector<float> f(inv_freq, inv_freq + rot / 2);
   for (int64_t i = 0; i < b.num_seqs(); ++i)
@@ -164,6 +186,7 @@ void CpuDevice::delta_rule(const DeltaRuleDims& dims, const float* q, const floa
       std::memcpy(ks.data() + t * H * K, k + (t0 + t) * ld, sizeof(float) * size_t(H * K));
       std::memcpy(vs.data() + t * HV * V, v + (t0 + t) * ld, sizeof(float) * size_t(HV * V));
     }
+    round(qs.data(), n * H * K), round(ks.data(), n * H * K), round(vs.data(), n * HV * V);
     DeltaRuleDims d = dims;
     d.cu_seqlens = {0, n};
     delta_rule_forward<float>(d, qs.data(), ks.data(), vs.data(), g + t0 * gs, beta + t0 * HV, scale,
@@ -182,6 +205,11 @@ void CpuDevice::attention(const float* q, const float* k, const float* v, float*
     for (int64_t t = 0; t < n; ++t)
       for (int64_t j = 0; j < topk; ++j)
         if (selected[t * topk + j] >= 0) sel[size_t(t)].push_back(selected[t * topk + j]);
+  }
+  if (bf16_) {  // rounded copies of the operands
+    std::vector<float> qr(q, q + n * nh * dq), kr(k, k + S * nkv * dq), vr(v, v + S * nkv * dv);
+    round(qr.data(), int64_t(qr.size())), round(kr.data(), int64_t(kr.size())), round(vr.data(), int64_t(vr.size()));
+    return cpu::attention(qr.data(), kr.data(), vr.data(), o, n, S, nh, nkv, dq, dv, scale, sel.empty() ? nullptr : &sel);
   }
   cpu::attention(q, k, v, o, n, S, nh, nkv, dq, dv, scale, sel.empty() ? nullptr : &sel);
 }

@@ -1,6 +1,9 @@
 // CpuDevice: the Device interface on host memory, each operation by the CPU oracle's own function
 // (nn.h, the delta-rule CPU forms). Model::forward on a CpuDevice equals the plain CPU forward, so
 // a test can check every layer's device wiring without a GPU; the CUDA device is then held to it.
+// With bf16 = true it rounds what the CUDA device's bf16 mode rounds — weights, GEMM operands,
+// delta-rule q/k/v and attention q/k/v — and nothing else: the plain bf16 implementation of the same
+// math that the CUDA bf16 error is measured against.
 #pragma once
 #include <deque>
 #include <map>
@@ -13,8 +16,8 @@ namespace hla::cpu {
 
 class CpuDevice : public Device {
  public:
-  explicit CpuDevice(int64_t slots) : slots_(slots) {}
-  std::string name() const override { return "cpu-device"; }
+  explicit CpuDevice(int64_t slots, bool bf16 = false) : slots_(slots), bf16_(bf16) {}
+  std::string name() const override { return bf16_ ? "cpu-device (bf16)" : "cpu-device"; }
   int64_t max_slots() const override { return slots_; }
 
   DevMatrix upload_matrix(const Tensor& w) override;
@@ -28,7 +31,8 @@ class CpuDevice : public Device {
   float* cache_pool(int64_t layer, CachePart part, int64_t n) override;
   float* cache_rows(int64_t layer, CachePart part, int64_t slot, int64_t rows, int64_t width) override;
   void reset_slot(int64_t slot) override;
-  int64_t cache_bytes() const override;
+  int64_t slot_bytes(int64_t slot) const override;
+  int64_t memory_bytes() const override;
 
   void linear(const float* x, int64_t ldx, const DevMatrix& W, float* y, int64_t M) override;
   void embed(const DevMatrix& table, const int32_t* ids, float* out, int64_t T) override;
@@ -63,7 +67,10 @@ class CpuDevice : public Device {
                         int64_t D) override;
 
  private:
+  // Rounds n values to bf16 in place when bf16_ (else nothing).
+  void round(float* p, int64_t n) const;
   int64_t slots_;
+  bool bf16_;
   std::deque<std::vector<float>> weights_, scratch_;  // deques: pointers stay valid as they grow
   std::map<std::pair<int64_t, CachePart>, std::vector<float>> pools_;
   std::map<std::tuple<int64_t, CachePart, int64_t>, std::vector<float>> rows_;

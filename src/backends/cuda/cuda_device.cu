@@ -1,0 +1,770 @@
+// CudaDevice: see cuda_device.h. Dense GEMMs go through cuBLASLt; the delta rule through the chunk
+// and decode kernels (delta_rule_cuda.h) where their shapes fit, else an fp32 recurrence kernel;
+// attention through attention_flash in bf16 mode, else the fp32 reference kernel; everything else
+// is a small kernel per operation below. One stream; the host only waits in to_host().
+#include "backends/cuda/cuda_device.h"
+
+#include <cublasLt.h>
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <tuple>
+#include <vector>
+
+#include "backends/cuda/attention_cuda.h"
+#include "backends/cuda/delta_rule_cuda.h"
+#include "core/error.h"
+
+namespace hla::cuda {
+namespace {
+
+using Strides = Device::Strides;
+constexpr int kThreads = 256;
+
+int grid_for(int64_t n, int threads = kThreads) {
+  return int(std::clamp<int64_t>((n + threads - 1) / threads, 1, 65535 * 16));
+}
+#define GRID_STRIDE(i, n) for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (n); i += int64_t(gridDim.x) * blockDim.x)
+
+void check_launch(const char* what) { check_cuda(cudaGetLastError(), what); }
+
+void check_lt(cublasStatus_t s, const char* what) {
+  check(s == CUBLAS_STATUS_SUCCESS, std::string("cublasLt: ") + what + " failed (status " + std::to_string(int(s)) + ")");
+}
+
+__device__ __forceinline__ float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+// Sum over the block in a fixed order (deterministic); every thread gets the total.
+__device__ float block_sum(float v) {
+  __shared__ float part[32];
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  __syncthreads();  // part[] may still be read from the previous call
+  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = v;
+  __syncthreads();
+  float t = 0;
+  for (int w = 0; w < int(blockDim.x + 31) / 32; ++w) t += part[w];
+  return t;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// ---- elementwise and row kernels ------------------------------------------------------------
+
+__global__ void to_bf16_rows(const float* x, int64_t ldx, __nv_bfloat16* y, int64_t M, int64_t K) {
+  GRID_STRIDE(i, M * K) y[i] = __float2bfloat16_rn(x[(i / K) * ldx + i % K]);
+}
+
+template <class W>
+__global__ void embed_kernel(const W* table, const int32_t* ids, float* out, int64_t T, int64_t D) {
+  GRID_STRIDE(i, T * D) out[i] = float(table[int64_t(ids[i / D]) * D + i % D]);
+}
+
+__global__ void add_kernel(float* h, const float* y, int64_t n) {
+  GRID_STRIDE(i, n) h[i] += y[i];
+}
+
+__global__ void copy3_kernel(float* dst, Strides d, const float* src, Strides s, int64_t n0, int64_t n1, int64_t n2) {
+  GRID_STRIDE(i, n0 * n1 * n2) {
+    const int64_t c = i % n2, b = (i / n2) % n1, a = i / (n1 * n2);
+    dst[a * d.s0 + b * d.s1 + c * d.s2] = src[a * s.s0 + b * s.s1 + c * s.s2];
+  }
+}
+
+__global__ void rms_norm_kernel(const float* x, int64_t ldx, const float* w, float* y, int64_t ldy, int64_t dim,
+                                float eps, bool zero_centered) {
+  const float* xr = x + blockIdx.x * ldx;
+  float* yr = y + blockIdx.x * ldy;
+  float ss = 0;
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) ss += xr[i] * xr[i];
+  const float s = 1.0f / sqrtf(block_sum(ss) / float(dim) + eps);
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) yr[i] = xr[i] * s * (zero_centered ? 1.0f + w[i] : w[i]);
+}
+
+__global__ void layer_norm_kernel(const float* x, const float* w, const float* b, float* y, int64_t dim, float eps) {
+  const float* xr = x + blockIdx.x * dim;
+  float* yr = y + blockIdx.x * dim;
+  float sum = 0;
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) sum += xr[i];
+  const float mean = block_sum(sum) / float(dim);
+  float var = 0;
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) var += (xr[i] - mean) * (xr[i] - mean);
+  const float s = 1.0f / sqrtf(block_sum(var) / float(dim) + eps);
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) yr[i] = (xr[i] - mean) * s * w[i] + b[i];
+}
+
+// One block per (token, head) row of o.
+__global__ void gated_rms_norm_kernel(float* o, const float* gate, int64_t ld_gate, const float* w, int64_t heads,
+                                      int64_t dim, float eps, bool silu_gate) {
+  const int64_t t = blockIdx.x / heads, h = blockIdx.x % heads;
+  float* orow = o + blockIdx.x * dim;
+  const float* g = gate + t * ld_gate + h * dim;
+  float ss = 0;
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) ss += orow[i] * orow[i];
+  const float s = 1.0f / sqrtf(block_sum(ss) / float(dim) + eps);
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
+    const float a = silu_gate ? g[i] * sigmoidf(g[i]) : sigmoidf(g[i]);
+    orow[i] = orow[i] * s * w[i] * a;
+  }
+}
+
+// One warp per (token, head) row.
+__global__ void l2norm_kernel(float* x, int64_t ld, int64_t T, int64_t heads, int64_t dim) {
+  const int64_t warp = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / 32, lane = threadIdx.x & 31;
+  if (warp >= T * heads) return;
+  float* r = x + (warp / heads) * ld + (warp % heads) * dim;
+  float ss = 0;
+  for (int64_t i = lane; i < dim; i += 32) ss += r[i] * r[i];
+  const float inv = 1.0f / sqrtf(warp_sum(ss) + 1e-6f);
+  for (int64_t i = lane; i < dim; i += 32) r[i] *= inv;
+}
+
+__global__ void swiglu_kernel(const float* gu, float* out, int64_t T, int64_t I) {
+  GRID_STRIDE(i, T * I) {
+    const float g = gu[(i / I) * 2 * I + i % I], u = gu[(i / I) * 2 * I + I + i % I];
+    out[i] = g * sigmoidf(g) * u;
+  }
+}
+
+__global__ void sigmoid_mul_kernel(float* o, const float* gate, int64_t ld_gate, int64_t ld_gate_head, int64_t T,
+                                   int64_t heads, int64_t dim) {
+  GRID_STRIDE(i, T * heads * dim) {
+    const int64_t c = i % dim, h = (i / dim) % heads, t = i / (dim * heads);
+    o[i] *= sigmoidf(gate[t * ld_gate + h * ld_gate_head + c]);
+  }
+}
+
+__global__ void sigmoid_kernel(const float* x, int64_t ldx, float* y, int64_t T, int64_t n) {
+  GRID_STRIDE(i, T * n) y[i] = sigmoidf(x[(i / n) * ldx + i % n]);
+}
+
+__global__ void gate_softplus_kernel(const float* a, int64_t lda, const float* A_log, const float* dt_bias, float* g,
+                                     int64_t T, int64_t H, int64_t width) {
+  GRID_STRIDE(i, T * H * width) {
+    const int64_t j = i % (H * width), t = i / (H * width), h = j / width;
+    const float x = a[t * lda + j] + (dt_bias ? dt_bias[j] : 0.0f);
+    g[i] = -expf(A_log[h]) * (x > 20.0f ? x : log1pf(expf(x)));
+  }
+}
+
+// The sequence a packed token row belongs to (cu [N+1] ascending).
+__device__ __forceinline__ int seq_of(const int32_t* cu, int N, int64_t t) {
+  int lo = 0, hi = N - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (cu[mid] <= t) lo = mid;
+    else hi = mid - 1;
+  }
+  return lo;
+}
+
+// y[t, c] from the inputs t−P..t of its sequence (the slot's conv state before the first token).
+__global__ void conv_kernel(const float* x, int64_t ldx, const float* w, float* y, int64_t T, int64_t C, int kw,
+                            const int32_t* cu, const int32_t* slots, int N, const float* pool) {
+  const int P = kw - 1;
+  GRID_STRIDE(i, T * C) {
+    const int64_t t = i / C, c = i % C;
+    const int s = seq_of(cu, N, t);
+    const int64_t tt = t - cu[s];
+    const float* st = pool + (int64_t(slots[s]) * C + c) * P;
+    float acc = 0;
+    for (int j = 0; j < kw; ++j) {
+      const int64_t src = tt - P + j;
+      acc += w[c * kw + j] * (src >= 0 ? x[(cu[s] + src) * ldx + c] : st[P + src]);
+    }
+    y[i] = acc * sigmoidf(acc);
+  }
+}
+
+// After conv_kernel: each slot's state becomes the last P inputs of [state | x].
+__global__ void conv_state_kernel(const float* x, int64_t ldx, int64_t C, int kw, const int32_t* cu,
+                                  const int32_t* slots, int N, float* pool) {
+  const int P = kw - 1;
+  GRID_STRIDE(i, int64_t(N) * C) {
+    const int s = int(i / C);
+    const int64_t c = i % C, n = cu[s + 1] - cu[s];
+    float* st = pool + (int64_t(slots[s]) * C + c) * P;
+    for (int j = 0; j < P; ++j) {
+      const int64_t src = n - P + j;
+      st[j] = src >= 0 ? x[(cu[s] + src) * ldx + c] : st[j + n];
+    }
+  }
+}
+
+__global__ void rope_kernel(float* x, int64_t T, int64_t heads, int64_t ld_token, int64_t ld_head, const float* inv_freq,
+                            int64_t half, const int32_t* pos, bool half_split, float attn_factor) {
+  GRID_STRIDE(idx, T * heads * half) {
+    const int64_t i = idx % half, h = (idx / half) % heads, t = idx / (half * heads);
+    const float ang = float(pos[t]) * inv_freq[i];
+    const float c = cosf(ang) * attn_factor, s = sinf(ang) * attn_factor;
+    float* xh = x + t * ld_token + h * ld_head;
+    const int64_t ia = half_split ? i : 2 * i, ib = half_split ? i + half : 2 * i + 1;
+    const float a = xh[ia], b = xh[ib];
+    xh[ia] = a * c - b * s;
+    xh[ib] = b * c + a * s;
+  }
+}
+
+// The delta rule token by token in fp32, for shapes the chunk/decode kernels do not take: one
+// block per (sequence, value head), thread v owns column v of the state.
+constexpr int kMaxRecurrentK = 256;
+__global__ void delta_recurrent_kernel(const float* q, const float* k, const float* v, int64_t ld, const float* g,
+                                       const float* beta, float scale, const int32_t* cu, const int32_t* slots, float* pool,
+                                       float* o, int H, int HV, int K, int V, bool per_key) {
+  extern __shared__ float sh[];  // q, k, decay: K each
+  float *sq = sh, *sk = sh + K, *sg = sh + 2 * K;
+  const int seq = blockIdx.x / HV, hv = blockIdx.x % HV, h = hv / (HV / H), col = threadIdx.x;
+  float* S = pool + (int64_t(slots[seq]) * HV + hv) * K * V;
+  float s[kMaxRecurrentK];
+  if (col < V)
+    for (int j = 0; j < K; ++j) s[j] = S[int64_t(j) * V + col];
+  for (int64_t t = cu[seq]; t < cu[seq + 1]; ++t) {
+    __syncthreads();
+    for (int j = threadIdx.x; j < K; j += blockDim.x) {
+      sq[j] = q[t * ld + h * K + j];
+      sk[j] = k[t * ld + h * K + j];
+      sg[j] = expf(per_key ? g[(t * HV + hv) * K + j] : g[t * HV + hv]);
+    }
+    __syncthreads();
+    if (col >= V) continue;
+    float kv = 0;
+    for (int j = 0; j < K; ++j) kv += (s[j] *= sg[j]) * sk[j];
+    const float u = beta[t * HV + hv] * (v[t * ld + hv * V + col] - kv);
+    float out = 0;
+    for (int j = 0; j < K; ++j) out += (s[j] += sk[j] * u) * sq[j];
+    o[(t * HV + hv) * V + col] = out * scale;
+  }
+  if (col < V)
+    for (int j = 0; j < K; ++j) S[int64_t(j) * V + col] = s[j];
+}
+
+template <class T>
+__global__ void pack_rows(const float* src, int64_t ld, int64_t width, T* dst, int64_t rows) {
+  GRID_STRIDE(i, rows * width) dst[i] = T(src[(i / width) * ld + i % width]);
+}
+template <class T>
+__global__ void unpack(const T* src, float* dst, int64_t n) {
+  GRID_STRIDE(i, n) dst[i] = float(src[i]);
+}
+
+// Attention, fp32: one warp per (query, head), online softmax over the keys it may see.
+constexpr int kMaxHeadDimPerLane = 8;  // head dims up to 256
+__global__ void attention_reference_kernel(const float* q, const float* k, const float* v, float* o, int64_t n,
+                                           int64_t S, int64_t nh, int64_t nkv, int64_t dq, int64_t dv, float scale,
+                                           int64_t window, const int32_t* selected, int64_t topk) {
+  const int64_t warp = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / 32;
+  const int lane = threadIdx.x & 31;
+  if (warp >= n * nh) return;
+  const int64_t i = warp / nh, h = warp % nh, kvh = h / (nh / nkv), pos = S - n + i;
+  float qr[kMaxHeadDimPerLane], acc[kMaxHeadDimPerLane];
+  for (int j = 0; j < kMaxHeadDimPerLane; ++j) {
+    const int64_t d = lane + 32 * j;
+    qr[j] = d < dq ? q[(i * nh + h) * dq + d] : 0.0f;
+    acc[j] = 0;
+  }
+  float m = -INFINITY, l = 0;
+  const int64_t count = selected ? topk : pos + 1 - (window > 0 ? max(int64_t(0), pos - window + 1) : 0);
+  const int64_t first = window > 0 ? max(int64_t(0), pos - window + 1) : 0;
+  for (int64_t j = 0; j < count; ++j) {
+    const int64_t u = selected ? selected[i * topk + j] : first + j;
+    if (u < 0 || u > pos) continue;
+    const float* ku = k + (u * nkv + kvh) * dq;
+    float dot = 0;
+    for (int c = 0; c < kMaxHeadDimPerLane; ++c)
+      if (lane + 32 * c < dq) dot += qr[c] * ku[lane + 32 * c];
+    const float sc = warp_sum(dot) * scale, mn = fmaxf(m, sc);
+    const float corr = expf(m - mn), p = expf(sc - mn);
+    l = l * corr + p;
+    const float* vu = v + (u * nkv + kvh) * dv;
+    for (int c = 0; c < kMaxHeadDimPerLane; ++c)
+      if (lane + 32 * c < dv) acc[c] = acc[c] * corr + p * vu[lane + 32 * c];
+    m = mn;
+  }
+  for (int c = 0; c < kMaxHeadDimPerLane; ++c)
+    if (lane + 32 * c < dv) o[(i * nh + h) * dv + lane + 32 * c] = l > 0 ? acc[c] / l : 0.0f;
+}
+
+// DSA indexer: scores [n, S] (−inf past each query's position), then per query the topk best.
+__global__ void dsa_scores_kernel(const float* iq, const float* w, const float* keys, int64_t n, int64_t S,
+                                  int64_t IH, int64_t ID, float* score) {
+  const float wscale = rsqrtf(float(IH)), sscale = rsqrtf(float(ID));
+  GRID_STRIDE(idx, n * S) {
+    const int64_t t = idx / S, u = idx % S;
+    if (u > S - n + t) {
+      score[idx] = -INFINITY;
+      continue;
+    }
+    float acc = 0;
+    for (int64_t h = 0; h < IH; ++h) {
+      float dot = 0;
+      for (int64_t d = 0; d < ID; ++d) dot += iq[(t * IH + h) * ID + d] * keys[u * ID + d];
+      acc += w[t * IH + h] * wscale * fmaxf(dot * sscale, 0.0f);
+    }
+    score[idx] = acc;
+  }
+}
+
+__device__ __forceinline__ uint32_t order_key(float f) {  // monotone float -> uint32
+  const uint32_t b = __float_as_uint(f);
+  return (b & 0x80000000u) ? ~b : b | 0x80000000u;
+}
+
+// One block per query: the topk-th largest key by a bitwise search of counts, then the keys above
+// it and the lowest-index ties, in index order.
+__global__ void dsa_topk_kernel(const float* score, int64_t n, int64_t S, int64_t topk, int32_t* selected) {
+  const int64_t t = blockIdx.x, causal = S - n + t + 1;
+  const float* sc = score + t * S;
+  int32_t* out = selected + t * topk;
+  if (causal <= topk) {
+    for (int64_t j = threadIdx.x; j < topk; j += blockDim.x) out[j] = j < causal ? int32_t(j) : -1;
+    return;
+  }
+  uint32_t prefix = 0;
+  for (int bit = 31; bit >= 0; --bit) {
+    const uint32_t cand = prefix | (1u << bit);
+    float cnt = 0;
+    for (int64_t u = threadIdx.x; u < causal; u += blockDim.x) cnt += order_key(sc[u]) >= cand ? 1.0f : 0.0f;
+    if (block_sum(cnt) >= float(topk)) prefix = cand;
+  }
+  if (threadIdx.x != 0) return;
+  float above = 0;
+  for (int64_t u = 0; u < causal; ++u) above += order_key(sc[u]) > prefix ? 1.0f : 0.0f;
+  int64_t ties = topk - int64_t(above), m = 0;
+  for (int64_t u = 0; u < causal && m < topk; ++u) {
+    const uint32_t key = order_key(sc[u]);
+    if (key > prefix || (key == prefix && ties-- > 0)) out[m++] = int32_t(u);
+  }
+}
+
+__global__ void gather_rows_kernel(const float* src, const int32_t* idx, float* dst, int64_t n, int64_t D) {
+  GRID_STRIDE(i, n * D) dst[i] = src[int64_t(idx[i / D]) * D + i % D];
+}
+
+__global__ void scatter_add_rows_kernel(float* dst, const int32_t* idx, const float* w, const float* src, int64_t n,
+                                        int64_t D) {
+  GRID_STRIDE(i, n * D) dst[int64_t(idx[i / D]) * D + i % D] += w[i / D] * src[i];
+}
+
+// ---- the device ---------------------------------------------------------------------------------
+
+size_t align_up(size_t n) { return (n + 255) & ~size_t(255); }
+int ptr_alignment(const void* p) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  int al = 256;
+  while (al > 4 && a % uintptr_t(al) != 0) al /= 2;
+  return al;
+}
+
+class CudaDevice : public Device {
+ public:
+  CudaDevice(int64_t slots, DType weights) : slots_(slots), wt_(weights) {
+    check(device_available(), "--device cuda: no CUDA device is available on this machine");
+    check(weights == DType::F32 || weights == DType::BF16, "cuda device: weights must be F32 or BF16");
+    check_cuda(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "stream");
+    check_lt(cublasLtCreate(&lt_), "create");
+    check_cuda(cudaMalloc(&lt_ws_, kLtWorkspace), "cublasLt workspace");
+  }
+  ~CudaDevice() override {
+    cudaStreamSynchronize(stream_);
+    for (void* p : owned_) cudaFree(p);
+    for (auto& c : chunks_) cudaFree(c.first);
+    for (auto& [k, p] : pools_) cudaFree(p);
+    for (auto& [k, r] : rows_) cudaFree(r.p);
+    for (auto& [k, g] : gemms_) {
+      cublasLtMatmulDescDestroy(g.op);
+      for (auto* l : {g.a, g.b, g.d}) cublasLtMatrixLayoutDestroy(l);
+    }
+    cudaFree(lt_ws_);
+    cublasLtDestroy(lt_);
+    cudaStreamDestroy(stream_);
+  }
+
+  std::string name() const override { return "cuda"; }
+  int64_t max_slots() const override { return slots_; }
+
+  DevMatrix upload_matrix(const Tensor& w) override {
+    check(w.dim() >= 2, "internal: upload_matrix of a " + shape_str(w.shape()) + " tensor");
+    const int64_t rows = w.size(0), cols = w.numel() / rows;
+    const float* src = w.f32();
+    void* p = nullptr;
+    if (wt_ == DType::BF16) {
+      std::vector<uint16_t> h(size_t(w.numel()));
+      for (size_t i = 0; i < h.size(); ++i) h[i] = f32_to_bf16(src[i]);
+      p = upload_bytes(h.data(), h.size() * 2);
+    } else {
+      p = upload_bytes(src, size_t(w.numel()) * 4);
+    }
+    return {p, rows, cols};
+  }
+  const float* upload_vector(const Tensor& v) override {
+    return static_cast<const float*>(upload_bytes(v.f32(), size_t(v.numel()) * 4));
+  }
+
+  void begin_forward() override {
+    if (chunks_.size() > 1) {  // last forward outgrew the arena: one chunk of the peak for the next
+      size_t total = 0;
+      for (auto& c : chunks_) total += c.second;
+      check_cuda(cudaStreamSynchronize(stream_), "sync");
+      for (auto& c : chunks_) cudaFree(c.first);
+      chunks_.clear();
+      new_chunk(total);
+    }
+    used_ = 0;
+  }
+  float* scratch(int64_t n) override {
+    const size_t bytes = align_up(size_t(std::max<int64_t>(n, 1)) * 4);
+    if (chunks_.empty() || used_ + bytes > chunks_.back().second) {
+      new_chunk(std::max(bytes, chunks_.empty() ? size_t(64) << 20 : 2 * chunks_.back().second));
+      used_ = 0;
+    }
+    float* p = reinterpret_cast<float*>(static_cast<char*>(chunks_.back().first) + used_);
+    used_ += bytes;
+    return p;
+  }
+  const int32_t* upload_i32(const std::vector<int32_t>& v) override {
+    int32_t* p = scratch_i32(int64_t(v.size()));
+    if (!v.empty()) check_cuda(cudaMemcpyAsync(p, v.data(), v.size() * 4, cudaMemcpyHostToDevice, stream_), "upload");
+    return p;
+  }
+  const float* upload_f32(const std::vector<float>& v) override {
+    float* p = scratch(int64_t(v.size()));
+    if (!v.empty()) check_cuda(cudaMemcpyAsync(p, v.data(), v.size() * 4, cudaMemcpyHostToDevice, stream_), "upload");
+    return p;
+  }
+  void zero(float* p, int64_t n) override { check_cuda(cudaMemsetAsync(p, 0, size_t(n) * 4, stream_), "memset"); }
+  void to_host(const float* src, float* dst, int64_t n) override {
+    check_cuda(cudaMemcpyAsync(dst, src, size_t(n) * 4, cudaMemcpyDeviceToHost, stream_), "copy to host");
+    check_cuda(cudaStreamSynchronize(stream_), "forward");
+  }
+
+  float* cache_pool(int64_t layer, CachePart part, int64_t n) override {
+    auto [it, fresh] = pools_.try_emplace({layer, part}, nullptr);
+    if (fresh) {
+      check_cuda(cudaMalloc(&it->second, size_t(slots_ * n) * 4), "cache pool");
+      check_cuda(cudaMemsetAsync(it->second, 0, size_t(slots_ * n) * 4, stream_), "cache pool");
+      pool_size_[{layer, part}] = n;
+    }
+    check(pool_size_[{layer, part}] == n, "internal: cache part size changed");
+    return static_cast<float*>(it->second);
+  }
+  float* cache_rows(int64_t layer, CachePart part, int64_t slot, int64_t rows, int64_t width) override {
+    Rows& r = rows_[{layer, part, slot}];
+    if (r.cap < rows) {  // grow by doubling, keeping the rows held
+      const int64_t cap = std::max({rows, 2 * r.cap, int64_t(256)});
+      void* p = nullptr;
+      check_cuda(cudaMalloc(&p, size_t(cap * width) * 4), "KV rows");
+      if (r.p) {
+        check_cuda(cudaMemcpyAsync(p, r.p, size_t(r.cap * width) * 4, cudaMemcpyDeviceToDevice, stream_), "KV rows");
+        check_cuda(cudaStreamSynchronize(stream_), "KV rows");
+        cudaFree(r.p);
+      }
+      r.p = static_cast<float*>(p), r.cap = cap, r.width = width;
+    }
+    return r.p;
+  }
+  void reset_slot(int64_t slot) override {
+    for (auto& [key, p] : pools_) {
+      const int64_t n = pool_size_[key];
+      check_cuda(cudaMemsetAsync(static_cast<float*>(p) + slot * n, 0, size_t(n) * 4, stream_), "reset slot");
+    }
+  }
+  int64_t slot_bytes(int64_t slot) const override {
+    int64_t n = 0;
+    for (auto& [key, size] : pool_size_) n += size;
+    for (auto& [key, r] : rows_)
+      if (std::get<2>(key) == slot) n += r.cap * r.width;
+    return n * 4;
+  }
+  int64_t memory_bytes() const override {
+    size_t free = 0, total = 0;
+    check_cuda(cudaMemGetInfo(&free, &total), "memory info");
+    return int64_t(total - free);
+  }
+
+  void linear(const float* x, int64_t ldx, const DevMatrix& W, float* y, int64_t M) override {
+    if (M == 0) return;
+    const void* b = x;
+    int64_t ldb = ldx;
+    if (wt_ == DType::BF16) {  // the activations as bf16 operands
+      auto* xb = reinterpret_cast<__nv_bfloat16*>(scratch((M * W.cols + 1) / 2));
+      to_bf16_rows<<<grid_for(M * W.cols), kThreads, 0, stream_>>>(x, ldx, xb, M, W.cols);
+      check_launch("linear: to bf16");
+      b = xb, ldb = W.cols;
+    }
+    gemm(W, b, ldb, y, M);
+  }
+  void embed(const DevMatrix& table, const int32_t* ids, float* out, int64_t T) override {
+    if (wt_ == DType::BF16)
+      embed_kernel<<<grid_for(T * table.cols), kThreads, 0, stream_>>>(static_cast<const __nv_bfloat16*>(table.p), ids,
+                                                                       out, T, table.cols);
+    else
+      embed_kernel<<<grid_for(T * table.cols), kThreads, 0, stream_>>>(static_cast<const float*>(table.p), ids, out, T,
+                                                                       table.cols);
+    check_launch("embed");
+  }
+  void add(float* h, const float* y, int64_t n) override {
+    add_kernel<<<grid_for(n), kThreads, 0, stream_>>>(h, y, n);
+    check_launch("add");
+  }
+  void copy(float* dst, Strides d, const float* src, Strides s, int64_t n0, int64_t n1, int64_t n2) override {
+    if (n0 * n1 * n2 == 0) return;
+    copy3_kernel<<<grid_for(n0 * n1 * n2), kThreads, 0, stream_>>>(dst, d, src, s, n0, n1, n2);
+    check_launch("copy");
+  }
+  void rms_norm(const float* x, int64_t ldx, const float* w, float* y, int64_t ldy, int64_t rows, int64_t dim,
+                float eps, bool zero_centered) override {
+    if (rows == 0) return;
+    rms_norm_kernel<<<unsigned(rows), row_threads(dim), 0, stream_>>>(x, ldx, w, y, ldy, dim, eps, zero_centered);
+    check_launch("rms_norm");
+  }
+  void layer_norm(const float* x, const float* w, const float* b, float* y, int64_t rows, int64_t dim,
+                  float eps) override {
+    if (rows == 0) return;
+    layer_norm_kernel<<<unsigned(rows), row_threads(dim), 0, stream_>>>(x, w, b, y, dim, eps);
+    check_launch("layer_norm");
+  }
+  void gated_rms_norm(float* o, const float* gate, int64_t ld_gate, const float* w, int64_t T, int64_t heads,
+                      int64_t dim, float eps, cpu::GateAct act) override {
+    if (T == 0) return;
+    gated_rms_norm_kernel<<<unsigned(T * heads), row_threads(dim), 0, stream_>>>(o, gate, ld_gate, w, heads, dim, eps,
+                                                                                 act == cpu::GateAct::SiLU);
+    check_launch("gated_rms_norm");
+  }
+  void l2norm(float* x, int64_t ld, int64_t T, int64_t heads, int64_t dim) override {
+    l2norm_kernel<<<grid_for(T * heads * 32), kThreads, 0, stream_>>>(x, ld, T, heads, dim);
+    check_launch("l2norm");
+  }
+  void swiglu(const float* gu, float* out, int64_t T, int64_t I) override {
+    swiglu_kernel<<<grid_for(T * I), kThreads, 0, stream_>>>(gu, out, T, I);
+    check_launch("swiglu");
+  }
+  void sigmoid_mul(float* o, const float* gate, int64_t ld_gate, int64_t ld_gate_head, int64_t T, int64_t heads,
+                   int64_t dim) override {
+    sigmoid_mul_kernel<<<grid_for(T * heads * dim), kThreads, 0, stream_>>>(o, gate, ld_gate, ld_gate_head, T, heads,
+                                                                             dim);
+    check_launch("sigmoid_mul");
+  }
+  void sigmoid(const float* x, int64_t ldx, float* y, int64_t T, int64_t n) override {
+    sigmoid_kernel<<<grid_for(T * n), kThreads, 0, stream_>>>(x, ldx, y, T, n);
+    check_launch("sigmoid");
+  }
+  void gate_softplus(const float* a, int64_t lda, const float* A_log, const float* dt_bias, float* g, int64_t T,
+                     int64_t H, int64_t width) override {
+    gate_softplus_kernel<<<grid_for(T * H * width), kThreads, 0, stream_>>>(a, lda, A_log, dt_bias, g, T, H, width);
+    check_launch("gate_softplus");
+  }
+  void causal_conv_silu(const float* x, int64_t ldx, const float* w, float* y, int64_t C, int64_t kw,
+                        const DevBatch& b, float* conv_pool) override {
+    const int N = int(b.num_seqs());
+    conv_kernel<<<grid_for(b.tokens() * C), kThreads, 0, stream_>>>(x, ldx, w, y, b.tokens(), C, int(kw), b.d_cu,
+                                                                     b.d_slots, N, conv_pool);
+    conv_state_kernel<<<grid_for(N * C), kThreads, 0, stream_>>>(x, ldx, C, int(kw), b.d_cu, b.d_slots, N, conv_pool);
+    check_launch("causal_conv_silu");
+  }
+  void rope(float* x, int64_t T, int64_t heads, int64_t ld_token, int64_t ld_head, const float* inv_freq, int64_t rot,
+            const DevBatch& b, cpu::RopePairs pairs, float attn_factor) override {
+    const int64_t half = rot / 2;
+    if (T * heads * half == 0) return;
+    rope_kernel<<<grid_for(T * heads * half), kThreads, 0, stream_>>>(
+        x, T, heads, ld_token, ld_head, inv_freq, half, b.d_pos, pairs == cpu::RopePairs::HalfSplit, attn_factor);
+    check_launch("rope");
+  }
+  void delta_rule(const DeltaRuleDims& d, const float* q, const float* k, const float* v, int64_t ld, const float* g,
+                  const float* beta, float scale, const DevBatch& b, float* state_pool, float* o) override;
+  void attention(const float* q, const float* k, const float* v, float* o, int64_t n, int64_t S, int64_t nh,
+                 int64_t nkv, int64_t dq, int64_t dv, float scale, int64_t window, const int32_t* selected,
+                 int64_t topk) override {
+    // bf16 mode rounds the operands of the tensor-core kernel as the GEMMs do; fp32 stays exact.
+    if (wt_ == DType::BF16 && window == 0 && !selected &&
+        attention_flash(q, k, v, o, n, S, nh, nkv, dq, dv, scale, stream_))
+      return;
+    attention_reference(q, k, v, o, n, S, nh, nkv, dq, dv, scale, window, selected, topk, stream_);
+  }
+  void dsa_select(const float* iq, const float* w, const float* keys, int64_t n, int64_t S, int64_t IH, int64_t ID,
+                  int64_t topk, int32_t* selected) override {
+    constexpr int64_t kQueries = 256;  // queries scored at once: bounds the [queries, S] scratch
+    float* score = scratch(std::min(n, kQueries) * S);
+    for (int64_t t0 = 0; t0 < n; t0 += kQueries) {
+      const int64_t m = std::min(kQueries, n - t0);
+      // these m queries are the newest of a sequence of S − (n − t0 − m) keys
+      const int64_t Sm = S - (n - t0 - m);
+      dsa_scores_kernel<<<grid_for(m * Sm), kThreads, 0, stream_>>>(iq + t0 * IH * ID, w + t0 * IH, keys, m, Sm, IH, ID,
+                                                                    score);
+      dsa_topk_kernel<<<unsigned(m), kThreads, 0, stream_>>>(score, m, Sm, topk, selected + t0 * topk);
+      check_launch("dsa_select");
+    }
+  }
+  void gather_rows(const float* src, const int32_t* idx, float* dst, int64_t n, int64_t D) override {
+    if (n == 0) return;
+    gather_rows_kernel<<<grid_for(n * D), kThreads, 0, stream_>>>(src, idx, dst, n, D);
+    check_launch("gather_rows");
+  }
+  void scatter_add_rows(float* dst, const int32_t* idx, const float* w, const float* src, int64_t n,
+                        int64_t D) override {
+    if (n == 0) return;
+    scatter_add_rows_kernel<<<grid_for(n * D), kThreads, 0, stream_>>>(dst, idx, w, src, n, D);
+    check_launch("scatter_add_rows");
+  }
+
+ private:
+  static constexpr size_t kLtWorkspace = size_t(32) << 20;
+  struct Rows {
+    float* p = nullptr;
+    int64_t cap = 0, width = 0;
+  };
+  struct Gemm {  // one cached cuBLASLt plan per (shape, alignment)
+    cublasLtMatmulDesc_t op;
+    cublasLtMatrixLayout_t a, b, d;
+    cublasLtMatmulAlgo_t algo;
+  };
+
+  static unsigned row_threads(int64_t dim) { return dim >= 1024 ? 1024 : dim >= 256 ? 256 : 64; }
+
+  void* upload_bytes(const void* src, size_t bytes) {
+    void* p = nullptr;
+    check_cuda(cudaMalloc(&p, std::max<size_t>(bytes, 4)), "weights (out of GPU memory?)");
+    owned_.push_back(p);
+    check_cuda(cudaMemcpy(p, src, bytes, cudaMemcpyHostToDevice), "weights upload");
+    return p;
+  }
+  void new_chunk(size_t bytes) {
+    void* p = nullptr;
+    check_cuda(cudaMalloc(&p, bytes), "scratch (out of GPU memory?)");
+    chunks_.emplace_back(p, bytes);
+  }
+
+  // y [M, N] = x [M, K] · W^T: in cuBLASLt's column-major terms D [N, M] = W^T(stored [K, N]) · x (stored [K, M], ld ldb).
+  void gemm(const DevMatrix& W, const void* x, int64_t ldb, float* y, int64_t M) {
+    const int64_t N = W.rows, K = W.cols;
+    const cudaDataType_t t = wt_ == DType::BF16 ? CUDA_R_16BF : CUDA_R_32F;
+    const int al_b = ptr_alignment(x), al_d = ptr_alignment(y);
+    auto key = std::make_tuple(M, N, K, ldb, al_b, al_d);
+    auto it = gemms_.find(key);
+    if (it == gemms_.end()) {
+      Gemm g{};
+      check_lt(cublasLtMatmulDescCreate(&g.op, CUBLAS_COMPUTE_32F, CUDA_R_32F), "matmul desc");
+      const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+      check_lt(cublasLtMatmulDescSetAttribute(g.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)), "transa");
+      check_lt(cublasLtMatmulDescSetAttribute(g.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)), "transb");
+      check_lt(cublasLtMatrixLayoutCreate(&g.a, t, uint64_t(K), uint64_t(N), K), "layout A");
+      check_lt(cublasLtMatrixLayoutCreate(&g.b, t, uint64_t(K), uint64_t(M), ldb), "layout B");
+      check_lt(cublasLtMatrixLayoutCreate(&g.d, CUDA_R_32F, uint64_t(N), uint64_t(M), N), "layout D");
+      cublasLtMatmulPreference_t pref;
+      check_lt(cublasLtMatmulPreferenceCreate(&pref), "preference");
+      const uint64_t ws = kLtWorkspace;
+      const uint32_t a256 = 256, ab = uint32_t(al_b), ad = uint32_t(al_d);
+      cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws));
+      cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &a256, sizeof(a256));
+      cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &ab, sizeof(ab));
+      cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &ad, sizeof(ad));
+      cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &ad, sizeof(ad));
+      cublasLtMatmulHeuristicResult_t res{};
+      int found = 0;
+      const cublasStatus_t s = cublasLtMatmulAlgoGetHeuristic(lt_, g.op, g.a, g.b, g.d, g.d, pref, 1, &res, &found);
+      cublasLtMatmulPreferenceDestroy(pref);
+      check(s == CUBLAS_STATUS_SUCCESS && found > 0,
+            "cublasLt: no GEMM algorithm for [" + std::to_string(M) + ", " + std::to_string(K) + "] x [" +
+                std::to_string(K) + ", " + std::to_string(N) + "]");
+      g.algo = res.algo;
+      it = gemms_.emplace(key, g).first;
+    }
+    const Gemm& g = it->second;
+    const float one = 1.0f, zero = 0.0f;
+    check_lt(cublasLtMatmul(lt_, g.op, &one, W.p, g.a, x, g.b, &zero, y, g.d, y, g.d, &g.algo, lt_ws_, kLtWorkspace,
+                            stream_),
+             "matmul");
+  }
+
+  int64_t slots_;
+  DType wt_;
+  cudaStream_t stream_ = nullptr;
+  cublasLtHandle_t lt_ = nullptr;
+  void* lt_ws_ = nullptr;
+  std::vector<void*> owned_;                   // weights
+  std::vector<std::pair<void*, size_t>> chunks_;  // scratch arena
+  size_t used_ = 0;
+  std::map<std::pair<int64_t, CachePart>, void*> pools_;
+  std::map<std::pair<int64_t, CachePart>, int64_t> pool_size_;
+  std::map<std::tuple<int64_t, CachePart, int64_t>, Rows> rows_;
+  std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, int, int>, Gemm> gemms_;
+};
+
+bool fast_delta_shape(const DeltaRuleDims& d) {
+  return (d.K == 32 || d.K == 64 || d.K == 128 || d.K == 256) && d.V % 16 == 0 && d.V >= 16 && d.V <= 256;
+}
+
+void CudaDevice::delta_rule(const DeltaRuleDims& dims, const float* q, const float* k, const float* v, int64_t ld,
+                            const float* g, const float* beta, float scale, const DevBatch& b, float* state_pool,
+                            float* o) {
+  const int64_t N = b.num_seqs(), T = b.tokens(), H = dims.H, HV = dims.HV, K = dims.K, V = dims.V;
+  if (!fast_delta_shape(dims)) {
+    check(K <= kMaxRecurrentK && V <= 1024, "cuda delta rule: K above 256 or V above 1024");
+    const unsigned threads = unsigned((V + 31) / 32 * 32);
+    delta_recurrent_kernel<<<unsigned(N * HV), threads, size_t(3 * K) * 4, stream_>>>(
+        q, k, v, ld, g, beta, scale, b.d_cu, b.d_slots, state_pool, o, int(H), int(HV), int(K), int(V),
+        dims.gate == DeltaGate::PerKey);
+    check_launch("delta rule (recurrent)");
+    return;
+  }
+  // The fast kernels take contiguous q, k [T, H, K], v [T, HV, V] in the weight type.
+  const bool bf16 = wt_ == DType::BF16;
+  const DType dt = bf16 ? DType::BF16 : DType::F32;
+  auto pack = [&](const float* src, int64_t width) -> void* {
+    if (bf16) {
+      auto* dst = reinterpret_cast<__nv_bfloat16*>(scratch((T * width + 1) / 2));
+      pack_rows<<<grid_for(T * width), kThreads, 0, stream_>>>(src, ld, width, dst, T);
+      return dst;
+    }
+    float* dst = scratch(T * width);
+    pack_rows<<<grid_for(T * width), kThreads, 0, stream_>>>(src, ld, width, dst, T);
+    return dst;
+  };
+  void* qc = pack(q, H * K);
+  void* kc = pack(k, H * K);
+  void* vc = pack(v, HV * V);
+  check_launch("delta rule: pack");
+  void* oc = bf16 ? static_cast<void*>(scratch((T * HV * V + 1) / 2)) : o;
+  DeltaRuleDims d = dims;
+  if (b.one_token_each()) {  // decode: the slot pool is the kernel's own state layout
+    delta_rule_decode(d, dt, N, 1, qc, kc, vc, g, beta, scale, state_pool, b.d_slots, nullptr, oc, stream_);
+  } else {  // prefill: the states of the batch's slots gathered into [N, HV, K, V] and back
+    d.cu_seqlens = b.cu_seqlens;
+    const size_t state_bytes = size_t(HV * K * V) * 4;
+    float* states = scratch(N * HV * K * V);
+    for (int64_t i = 0; i < N; ++i)
+      check_cuda(cudaMemcpyAsync(states + i * HV * K * V, state_pool + b.slots[size_t(i)] * HV * K * V, state_bytes,
+                                 cudaMemcpyDeviceToDevice, stream_),
+                 "delta rule: gather states");
+    DeltaChunkPlan plan(d, dt);
+    plan.forward(qc, kc, vc, g, beta, scale, states, oc, stream_);
+    for (int64_t i = 0; i < N; ++i)
+      check_cuda(cudaMemcpyAsync(state_pool + b.slots[size_t(i)] * HV * K * V, states + i * HV * K * V, state_bytes,
+                                 cudaMemcpyDeviceToDevice, stream_),
+                 "delta rule: scatter states");
+  }
+  if (bf16) {
+    unpack<<<grid_for(T * HV * V), kThreads, 0, stream_>>>(static_cast<const __nv_bfloat16*>(oc), o, T * HV * V);
+    check_launch("delta rule: unpack");
+  }
+}
+
+}  // namespace
+
+void attention_reference(const float* q, const float* k, const float* v, float* o, int64_t n, int64_t S, int64_t nh,
+                         int64_t nkv, int64_t dq, int64_t dv, float scale, int64_t window, const int32_t* selected,
+                         int64_t topk, cudaStream_t stream) {
+  check(dq <= 32 * kMaxHeadDimPerLane && dv <= 32 * kMaxHeadDimPerLane, "cuda attention: head dims above 256");
+  attention_reference_kernel<<<grid_for(n * nh * 32, 128), 128, 0, stream>>>(q, k, v, o, n, S, nh, nkv, dq, dv, scale,
+                                                                            window, selected, topk);
+  check_launch("attention");
+}
+
+std::unique_ptr<Device> make_cuda_device(int64_t slots, DType weights) {
+  return std::make_unique<CudaDevice>(slots, weights);
+}
+
+}  // namespace hla::cuda
