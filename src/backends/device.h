@@ -50,9 +50,16 @@ class Device {
   // ---- memory -------------------------------------------------------------------------------
   virtual DevMatrix upload_matrix(const Tensor& w) = 0;  // 2-D (or reshaped to 2-D by the caller)
   virtual const float* upload_vector(const Tensor& v) = 0;
-  // Scratch valid until the next begin_forward().
+  // Scratch valid until the next begin_forward(), or until a release to a mark taken before it
+  // (Model::forward releases each layer's scratch after the layer: work runs in stream order, so
+  // the next layer may reuse the memory).
   virtual void begin_forward() = 0;
   virtual float* scratch(int64_t n) = 0;
+  struct Mark {
+    size_t chunk, used;
+  };
+  virtual Mark scratch_mark() const = 0;
+  virtual void scratch_release(Mark m) = 0;
   int32_t* scratch_i32(int64_t n) { return reinterpret_cast<int32_t*>(scratch(n)); }
   virtual const int32_t* upload_i32(const std::vector<int32_t>& v) = 0;  // into scratch
   virtual const float* upload_f32(const std::vector<float>& v) = 0;      // into scratch

@@ -142,6 +142,7 @@ Tensor Model::forward(Device& dev, const std::vector<int64_t>& ids, DevBatch& b,
   float* x = dev.scratch(T * D);
   float* y = dev.scratch(T * D);
   dev.embed(dev_.embed, dev.upload_i32(ids32), h, T);
+  const Device::Mark layer_scratch = dev.scratch_mark();
   for (int64_t l = 0; l < s.n_layers; ++l) {
     dev.rms_norm(h, D, dev_.norm_in[size_t(l)], x, D, T, D, s.norm_eps, s.zero_centered_norm);
     mixers_[size_t(l)]->forward_device(dev, x, y, b, l);
@@ -149,6 +150,7 @@ Tensor Model::forward(Device& dev, const std::vector<int64_t>& ids, DevBatch& b,
     dev.rms_norm(h, D, dev_.norm_post[size_t(l)], x, D, T, D, s.norm_eps, s.zero_centered_norm);
     ffns_[size_t(l)]->forward_device(dev, x, y, T);
     dev.add(h, y, T * D);
+    dev.scratch_release(layer_scratch);
   }
   std::vector<int32_t> rows;
   for (int64_t i = 0; i < N; ++i) {

@@ -24,6 +24,8 @@ class CpuDevice : public Device {
   const float* upload_vector(const Tensor& v) override;
   void begin_forward() override { scratch_.clear(); }
   float* scratch(int64_t n) override;
+  Mark scratch_mark() const override { return {scratch_.size(), 0}; }
+  void scratch_release(Mark m) override { scratch_.resize(m.chunk); }
   const int32_t* upload_i32(const std::vector<int32_t>& v) override;
   const float* upload_f32(const std::vector<float>& v) override;
   void zero(float* p, int64_t n) override;

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <map>
+#include <memory>
 #include <tuple>
 #include <vector>
 
@@ -370,6 +371,7 @@ class CudaDevice : public Device {
   }
   ~CudaDevice() override {
     cudaStreamSynchronize(stream_);
+    plans_.clear();
     for (void* p : owned_) cudaFree(p);
     for (auto& c : chunks_) cudaFree(c.first);
     for (auto& [k, p] : pools_) cudaFree(p);
@@ -425,6 +427,10 @@ class CudaDevice : public Device {
     used_ += bytes;
     return p;
   }
+  Mark scratch_mark() const override { return {chunks_.size(), used_}; }
+  // Allocations after the mark are all in its chunk past `used`, or in chunks added since (then
+  // the newest chunk restarts; the ones between stay until begin_forward merges them).
+  void scratch_release(Mark m) override { used_ = chunks_.size() == m.chunk ? m.used : 0; }
   const int32_t* upload_i32(const std::vector<int32_t>& v) override {
     int32_t* p = scratch_i32(int64_t(v.size()));
     if (!v.empty()) check_cuda(cudaMemcpyAsync(p, v.data(), v.size() * 4, cudaMemcpyHostToDevice, stream_), "upload");
@@ -622,6 +628,20 @@ class CudaDevice : public Device {
     cublasLtMatmulAlgo_t algo;
   };
 
+  // Chunk plans by shape and sequence lengths: building one allocates and uploads (host waits), so
+  // the layers of a forward, and forwards of the same lengths, share one. Bounded: a server's
+  // ever-changing lengths must not grow it without end.
+  const DeltaChunkPlan& chunk_plan(const DeltaRuleDims& d, DType dt) {
+    auto key = std::make_tuple(d.H, d.HV, d.K, d.V, int(d.gate), int(dt), d.cu_seqlens);
+    auto it = plans_.find(key);
+    if (it != plans_.end()) return *it->second;
+    if (plans_.size() >= 16) {
+      check_cuda(cudaStreamSynchronize(stream_), "delta rule plans");
+      plans_.clear();
+    }
+    return *plans_.emplace(key, std::make_unique<DeltaChunkPlan>(d, dt)).first->second;
+  }
+
   static unsigned row_threads(int64_t dim) { return dim >= 1024 ? 1024 : dim >= 256 ? 256 : 64; }
 
   void* upload_bytes(const void* src, size_t bytes) {
@@ -691,6 +711,8 @@ class CudaDevice : public Device {
   std::map<std::pair<int64_t, CachePart>, int64_t> pool_size_;
   std::map<std::tuple<int64_t, CachePart, int64_t>, Rows> rows_;
   std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, int, int>, Gemm> gemms_;
+  std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, int, int, std::vector<int64_t>>, std::unique_ptr<DeltaChunkPlan>>
+      plans_;
 };
 
 bool fast_delta_shape(const DeltaRuleDims& d) {
@@ -739,8 +761,7 @@ void CudaDevice::delta_rule(const DeltaRuleDims& dims, const float* q, const flo
       check_cuda(cudaMemcpyAsync(states + i * HV * K * V, state_pool + b.slots[size_t(i)] * HV * K * V, state_bytes,
                                  cudaMemcpyDeviceToDevice, stream_),
                  "delta rule: gather states");
-    DeltaChunkPlan plan(d, dt);
-    plan.forward(qc, kc, vc, g, beta, scale, states, oc, stream_);
+    chunk_plan(d, dt).forward(qc, kc, vc, g, beta, scale, states, oc, stream_);
     for (int64_t i = 0; i < N; ++i)
       check_cuda(cudaMemcpyAsync(state_pool + b.slots[size_t(i)] * HV * K * V, states + i * HV * K * V, state_bytes,
                                  cudaMemcpyDeviceToDevice, stream_),

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The whole model on the device machine (issue: the whole model on the GPU). Steps, logs in $OUT:
+#   test      hla_cuda_tests (delta rule, attention, model), then memcheck on the model tests
+#   cli       hla logits --device cuda (f32) against the CPU on the fixtures, the max relative error
+#   bench     hla init of the 2.0B Qwen3.5-shaped model (bench/configs/qwen3_5_2b.json, bf16 on disk)
+#             and hla bench --device cuda --dtype bf16 on it
+#   peer      transformers (+ FLA's kernels) on the same shape: ../shared/anchors/e2e_anchor.py
+# Binaries come built from the CPU machine (bench/carry_delta_rule.sh BUILD BIN); BIN names them.
+#   BIN=third_party_local/bin2 bench/gpu_model_session.sh test cli
+set -u
+OUT=${OUT:-/tmp/hla_out}
+BIN=${BIN:-third_party_local/bin2}
+steps=${*:-test cli bench peer}
+has() { [[ " $steps " == *" $1 "* ]]; }
+mkdir -p "$OUT"
+export LD_LIBRARY_PATH=$PWD/$BIN/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+export HLA_FIXTURES=$PWD/third_party_local/fixtures
+nvidia-smi -L | tee "$OUT/device.txt"
+if has test; then
+  timeout ${TEST_TIMEOUT:-300} $BIN/hla_cuda_tests ${TEST_FILTER:+--gtest_filter=$TEST_FILTER} >"$OUT/test.log" 2>&1
+  echo "tests rc=$?"
+  grep -E "^\[ (model|fixture|op) |FAILED|PASSED|Failure|Expected|Which is|error" "$OUT/test.log" | head -${TEST_LINES:-80}
+  timeout ${SAN_TIMEOUT:-200} compute-sanitizer --tool memcheck --error-exitcode 9 $BIN/hla_cuda_tests \
+    --gtest_filter="${SAN_FILTER:-*CudaModel*Fp32*}" >"$OUT/sanitize_memcheck.log" 2>&1
+  echo "memcheck rc=$? $(grep -E 'ERROR SUMMARY' "$OUT/sanitize_memcheck.log" | tail -1)"
+fi
+if has cli; then
+  for m in qwen3_next qwen3_5 kimi_linear deepseek_v32; do
+    d=$HLA_FIXTURES/models/$m
+    $BIN/hla logits --model "$d" --input "$d/reference.safetensors" --output "$OUT/$m.cpu.safetensors" &&
+      $BIN/hla logits --model "$d" --input "$d/reference.safetensors" --output "$OUT/$m.cuda.safetensors" --device cuda &&
+      python3 -c "
+from safetensors.torch import load_file as L; import sys
+a=L('$OUT/$m.cuda.safetensors')['logits']; b=L('$OUT/$m.cpu.safetensors')['logits']; r=L('$d/reference.safetensors')['logits']
+print('$m', 'cuda vs cpu', float((a-b).abs().max()/b.abs().max()), 'cuda vs transformers', float((a-r).abs().max()/r.abs().max()))" 2>&1 | tail -1
+  done
+fi
+if has bench; then
+  M=/tmp/qwen3_5_2b
+  [ -d $M ] || $BIN/hla init --config bench/configs/qwen3_5_2b.json --out $M --dtype bf16 >"$OUT/init.log" 2>&1 ||
+    { tail "$OUT/init.log"; exit 1; }
+  timeout ${BENCH_TIMEOUT:-300} $BIN/hla bench --model $M --device cuda --dtype bf16 --prefill ${PREFILL:-1024,8192,32768} \
+    --chunk ${CHUNK:-32768} --decode-batch ${BATCHES:-1,16,64} --decode-steps ${STEPS:-64} --decode-prompt 512 2>&1 |
+    tee "$OUT/bench_hla_2b.csv"
+fi
+if has peer; then
+  OUT=$OUT FLA_PATH=$PWD/third_party_local timeout ${PEER_TIMEOUT:-400} python3 third_party_local/e2e_anchor.py \
+    >"$OUT/peer.log" 2>&1
+  echo "peer rc=$?"; cat "$OUT/e2e.json" 2>/dev/null
+fi
