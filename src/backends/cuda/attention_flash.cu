@@ -1,22 +1,35 @@
 // Tensor-core causal softmax attention of one sequence (FlashAttention-2 form, mma.sync bf16).
 //
-// A block owns 64 "rows" of one kv head: row r = i·group + g is query i of the g-th query head
-// sharing that kv head (GQA heads are packed together, so a decode step of a group fills the
-// tile's rows with one K/V read). 4 warps × 16 rows. It loops over 64-key tiles, converting the
-// fp32 K/V (and, once, Q) to bf16 as they go to shared memory; S = Q·Kᵀ and O += P·V run on
-// m16n8k16 bf16 tensor cores with fp32 accumulators; the online softmax (running max and sum,
-// rescaled accumulator) is fp32 in registers, in the log2 domain (exp2 of s·scale·log2 e).
-// P is rounded to bf16 for the second product and the running sum adds the rounded values, so
-// the normalisation matches the weights that were applied.
+// A block owns a tile of "rows" of one kv head: row r = i·group + g is query i of the g-th query
+// head sharing that kv head (GQA heads are packed together, so a decode step of a group fills the
+// tile's rows with one K/V read). One warp per 16 rows. It loops over 64-key tiles; S = Q·Kᵀ and
+// O += P·V run on m16n8k16 bf16 tensor cores (operands through ldmatrix) with fp32 accumulators;
+// the online softmax (running max and sum, rescaled accumulator) is fp32 in registers, in the
+// log2 domain (exp2 of s·scale·log2 e). P is rounded to bf16 for the second product and the
+// running sum adds the rounded values, so the normalisation matches the weights that were applied.
+// Only tiles that cross the causal diagonal (or the end of the key range) are masked.
+//
+// Two configurations of the same kernel:
+//   prefill (n·group ≥ 256 rows per kv head): 128-row tiles (8 warps) so each K/V tile feeds
+//     twice the rows; K and V are first rounded to bf16 into a stream-ordered scratch buffer
+//     (one cheap elementwise pass; every K/V row is then read by many row tiles at half the
+//     bytes), and the kernel streams them with cp.async into double-buffered shared tiles, so the
+//     next tile's copy overlaps the current tile's math;
+//   decode (fewer rows): 64-row tiles (4 warps) reading the fp32 K/V directly and rounding them
+//     on the way to shared memory: each key is read about once, so a conversion pass would only
+//     add traffic.
+// Q is always rounded to bf16 as it is loaded (once per block).
 //
 // Flash-decoding: where (row tiles × kv heads) leave the GPU short of blocks (decode, short
 // chunks), the keys are split over blockIdx.z into ranges of whole tiles; each split writes its
 // unnormalised accumulator and its (max, sum), and a combine kernel merges the splits in a fixed
-// order. The partials live in one per-device workspace sized for the worst case the split rule
-// can produce (allocated at the first call that splits, never again: graph-capture safe after
-// that). No atomics anywhere: results are bitwise reproducible. The workspace is one per device,
-// used in stream order: two splitting calls running concurrently on different streams of one
-// device would share it (callers keep attention on one stream per device).
+// order. In the decode configuration the partials live in one per-device workspace sized for the
+// worst case the split rule can produce (allocated at the first call that splits, never again:
+// graph-capture safe after that); the workspace is one per device, used in stream order: two
+// splitting calls running concurrently on different streams of one device would share it
+// (callers keep attention on one stream per device). The prefill configuration's partials share
+// its stream-ordered scratch (cudaMallocAsync/cudaFreeAsync on the caller's stream, which stream
+// capture records as graph memory nodes). No atomics anywhere: results are bitwise reproducible.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -34,13 +47,26 @@ namespace hla::cuda {
 namespace {
 
 using bf16 = __nv_bfloat16;
-constexpr int kWarps = 4, kThreads = 32 * kWarps, kBM = 16 * kWarps, kBN = 64, kPad = 8;
+constexpr int kBN = 64, kPad = 8;  // keys per tile; row padding (16 B) keeps ldmatrix conflict-free
 constexpr float kLog2e = 1.4426950408889634f;
+
+// The two configurations (see the top of the file). kPrefill: 8 warps, bf16 K/V via cp.async,
+// two K/V stages; otherwise 4 warps, fp32 K/V rounded on load, one stage.
+template <bool kPrefill>
+struct Cfg {
+  static constexpr int warps = kPrefill ? 8 : 4, threads = 32 * warps, bm = 16 * warps, stages = kPrefill ? 2 : 1;
+  static size_t smem(int64_t dq, int64_t dv) {
+    return (size_t(bm) * size_t(dq + kPad) + size_t(stages) * kBN * size_t(dq + dv + 2 * kPad)) * sizeof(bf16);
+  }
+};
+constexpr int kPrefillMinRows = 2 * Cfg<true>::bm;  // rows per kv head from which prefill pays off
 
 struct FlashParams {
   const float* q;
-  const float* k;
+  const float* k;   // fp32 K/V (decode configuration)
   const float* v;
+  const bf16* kb;   // bf16 copies of K/V (prefill configuration)
+  const bf16* vb;
   float* o;    // final output (nsplit == 1)
   float* op;   // partial accumulators [nsplit][n][nh][dv] (nsplit > 1)
   float* ml;   // partial (max, sum) [nsplit][n][nh][2]
@@ -57,7 +83,7 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
 // rows x cols fp32 (cols a multiple of 4, rows 16-byte aligned) -> bf16 shared tile with pitch ld;
 // rows >= valid are zero-filled. Loads are batched per thread before the stores for memory-level
 // parallelism.
-template <class RowPtr>
+template <int kThreads, class RowPtr>
 __device__ __forceinline__ void load_tile_bf16(bf16* s, int ld, int rows, int cols, int valid, RowPtr row) {
   constexpr int U = 8;
   const int per_row = cols >> 2, total = rows * per_row;
@@ -84,6 +110,35 @@ __device__ __forceinline__ void load_tile_bf16(bf16* s, int ld, int rows, int co
   }
 }
 
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
+  const unsigned a = unsigned(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(a), "l"(gmem), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// kBN rows x cols bf16 (global row pitch gld elements, cols a multiple of 8) -> shared tile with
+// pitch ld, asynchronously; rows >= valid are zero-filled (src-size 0 reads nothing), so padded
+// keys contribute exact zeros to P·V.
+template <int kThreads>
+__device__ __forceinline__ void cp_tile_async(bf16* s, int ld, int cols, int valid, const bf16* g, int64_t gld) {
+  const int per_row = cols >> 3, total = kBN * per_row;
+  for (int idx = threadIdx.x; idx < total; idx += kThreads) {
+    const int r = idx / per_row, c = (idx - r * per_row) << 3;
+    const bool ok = r < valid;
+    cp_async16(s + r * ld + c, ok ? g + r * gld + c : g, ok ? 16 : 0);
+  }
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const bf16* p) {
+  const unsigned a = unsigned(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const bf16* p) {
   const unsigned a = unsigned(__cvta_generic_to_shared(p));
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
@@ -91,14 +146,18 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const bf16* 
                : "r"(a));
 }
 
-template <int DV>
-__global__ void __launch_bounds__(kThreads) flash_attn_fwd(FlashParams p) {
+// Prefill with dv ≤ 128 asks for two resident blocks per SM (≤ 128 registers a thread), so one
+// block's barrier waits and softmax overlap the other's tensor-core work.
+template <int DV, bool kPrefill>
+__global__ void __launch_bounds__(Cfg<kPrefill>::threads, kPrefill && DV <= 128 ? 2 : 1) flash_attn_fwd(FlashParams p) {
+  using C = Cfg<kPrefill>;
+  constexpr int kThreads = C::threads, kBM = C::bm;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int ldq = p.dq + kPad;
   constexpr int ldv = DV + kPad;
   bf16* Qs = reinterpret_cast<bf16*>(smem_raw);
-  bf16* Ks = Qs + kBM * ldq;
-  bf16* Vs = Ks + kBN * ldq;
+  bf16* const kv_smem = Qs + kBM * ldq;  // stage b: K at kv_smem + b·stage, V right after it
+  const int stage = kBN * (ldq + ldv);
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, rq = lane >> 2, qq = lane & 3;
   const int kvh = blockIdx.y, z = blockIdx.z;
@@ -108,9 +167,22 @@ __global__ void __launch_bounds__(kThreads) flash_attn_fwd(FlashParams p) {
   const int block_maxpos = base_pos + (r0 + rows_valid - 1) / p.group;
   const int ks0 = z * p.tiles_per_split * kBN;
   const int ke = min(min(ks0 + p.tiles_per_split * kBN, p.S), block_maxpos + 1);
+  const int64_t kv_ld_q = int64_t(p.nkv) * p.dq, kv_ld_v = int64_t(p.nkv) * DV;  // K/V row pitches
+
+  // Prefill: start the first K/V tile's copy before the (synchronous) Q conversion.
+  auto issue_kv = [&](int b, int ks) {
+    bf16* Ks = kv_smem + b * stage;
+    const int valid = min(kBN, ke - ks);
+    cp_tile_async<kThreads>(Ks, ldq, p.dq, valid, p.kb + (int64_t(ks) * p.nkv + kvh) * p.dq, kv_ld_q);
+    cp_tile_async<kThreads>(Ks + kBN * ldq, ldv, DV, valid, p.vb + (int64_t(ks) * p.nkv + kvh) * DV, kv_ld_v);
+  };
+  if constexpr (kPrefill) {
+    if (ks0 < ke) issue_kv(0, ks0);
+    cp_async_commit();
+  }
 
   // Q tile (rows packed as query·group + head-in-group).
-  load_tile_bf16(Qs, ldq, kBM, p.dq, rows_valid, [&](int r) {
+  load_tile_bf16<kThreads>(Qs, ldq, kBM, p.dq, rows_valid, [&](int r) {
     const int gr = r0 + r, i = gr / p.group, g = gr - i * p.group;
     return p.q + (int64_t(i) * p.nh + int64_t(kvh) * p.group + g) * p.dq;
   });
@@ -122,80 +194,121 @@ __global__ void __launch_bounds__(kThreads) flash_attn_fwd(FlashParams p) {
     const int lr = wr0 + rq + 8 * h;
     pos[h] = lr < rows_valid ? base_pos + (r0 + lr) / p.group : -1;
   }
+  // Positions grow with the row, so the warp's first row sees the fewest keys and its last the most.
   const int warp_rows = min(16, rows_valid - wr0);
+  const int warp_minpos = base_pos + (r0 + wr0) / p.group;
   const int warp_maxpos = warp_rows > 0 ? base_pos + (r0 + wr0 + warp_rows - 1) / p.group : -1;
+
+  // ldmatrix row addresses (lane l names row l%8 of 8x8 matrix l/8). Q as A: matrices (rows 0-7 |
+  // 8-15) x (k 0-7 | 8-15), row-block first. K as B (keys are B's columns, stored k-contiguous):
+  // matrices (keys 0-7 | 8-15) x (k 0-7 | 8-15), k-block first, so regs {0,1} and {2,3} are the B
+  // fragments of two adjacent 8-key n-tiles. V as B via .trans: (keys 0-7 | 8-15) x (cols 0-7 | 8-15).
+  const bf16* qa = Qs + (wr0 + (lane & 7) + ((lane >> 3) & 1) * 8) * ldq + (lane >> 4) * 8;
+  const int k_off = ((lane & 7) + (lane >> 4) * 8) * ldq + ((lane >> 3) & 1) * 8;
+  const int v_off = ((lane & 7) + ((lane >> 3) & 1) * 8) * ldv + (lane >> 4) * 8;
 
   float acc[DV / 8][4];
 #pragma unroll
   for (int t = 0; t < DV / 8; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
 
+  int buf = 0;
   for (int ks = ks0; ks < ke; ks += kBN) {
-    __syncthreads();  // previous tile consumed (first pass: nothing to wait for but Q's stores)
-    const int kv_valid = min(kBN, ke - ks);
-    load_tile_bf16(Ks, ldq, kBN, p.dq, kv_valid,
-                   [&](int r) { return p.k + (int64_t(ks + r) * p.nkv + kvh) * p.dq; });
-    load_tile_bf16(Vs, ldv, kBN, DV, kv_valid,
-                   [&](int r) { return p.v + (int64_t(ks + r) * p.nkv + kvh) * DV; });
-    __syncthreads();
-    if (ks > warp_maxpos) continue;  // warp-uniform: every key of the tile is in this warp's future
-
-    float s[kBN / 8][4];
-#pragma unroll
-    for (int t = 0; t < kBN / 8; ++t) s[t][0] = s[t][1] = s[t][2] = s[t][3] = 0.f;
-    warp_mma<bf16, kBN / 8>(s, View<bf16, true>{Qs + wr0 * ldq, ldq}, View<bf16, true>{Ks, ldq}, p.dq);
-
-    float tmax[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int t = 0; t < kBN / 8; ++t)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int j = ks + 8 * t + 2 * qq + (e & 1), h = e >> 1;
-        const float x = (j <= pos[h] && j < ke) ? s[t][e] * p.scale_log2 : -INFINITY;
-        s[t][e] = x;
-        tmax[h] = fmaxf(tmax[h], x);
-      }
-    float mu[2], alpha[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      tmax[h] = fmaxf(tmax[h], __shfl_xor_sync(0xffffffffu, tmax[h], 1));
-      tmax[h] = fmaxf(tmax[h], __shfl_xor_sync(0xffffffffu, tmax[h], 2));
-      const float mn = fmaxf(m[h], tmax[h]);
-      mu[h] = mn == -INFINITY ? 0.f : mn;  // a row with nothing visible yet: keep everything at 0
-      alpha[h] = exp2f(m[h] - mu[h]);
-      m[h] = mn;
+    const bf16* Ks = kv_smem + buf * stage;
+    const bf16* Vs = Ks + kBN * ldq;
+    if constexpr (kPrefill) {
+      // The other stage was last read in the previous iteration, which ended with a barrier.
+      if (ks + kBN < ke) issue_kv(buf ^ 1, ks + kBN);
+      cp_async_commit();  // possibly empty: keeps "all but the newest group" = this tile
+      cp_async_wait<1>();
+      __syncthreads();  // this tile (and, first time, Q) visible to every warp
+    } else {
+      __syncthreads();  // previous tile consumed (first pass: nothing to wait for but Q's stores)
+      const int kv_valid = min(kBN, ke - ks);
+      load_tile_bf16<kThreads>(kv_smem, ldq, kBN, p.dq, kv_valid,
+                               [&](int r) { return p.k + (int64_t(ks + r) * p.nkv + kvh) * p.dq; });
+      load_tile_bf16<kThreads>(kv_smem + kBN * ldq, ldv, kBN, DV, kv_valid,
+                               [&](int r) { return p.v + (int64_t(ks + r) * p.nkv + kvh) * DV; });
+      __syncthreads();
     }
-    uint32_t pa[kBN / 8][2];
-    float rs[2] = {0.f, 0.f};
+
+    if (ks <= warp_maxpos) {  // warp-uniform: otherwise every key of the tile is in this warp's future
+      float s[kBN / 8][4];
 #pragma unroll
-    for (int t = 0; t < kBN / 8; ++t)
+      for (int t = 0; t < kBN / 8; ++t) s[t][0] = s[t][1] = s[t][2] = s[t][3] = 0.f;
+#pragma unroll 2
+      for (int k0 = 0; k0 < p.dq; k0 += 16) {
+        uint32_t a[4];
+        ldmatrix_x4(a, qa + k0);
+#pragma unroll
+        for (int j = 0; j < kBN / 16; ++j) {
+          uint32_t b[4];
+          ldmatrix_x4(b, Ks + j * 16 * ldq + k_off + k0);
+          const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+          mma_bf16(s[2 * j], a, b0);
+          mma_bf16(s[2 * j + 1], a, b1);
+        }
+      }
+
+      // Only a tile reaching past the warp's first row's position, or past the key range, needs
+      // the causal/range mask; the others are fully visible to every row of the warp.
+      const bool masked = ks + kBN > min(ke, warp_minpos + 1);
+      float tmax[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int t = 0; t < kBN / 8; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int j = ks + 8 * t + 2 * qq + (e & 1), h = e >> 1;
+          const float x = (!masked || (j <= pos[h] && j < ke)) ? s[t][e] * p.scale_log2 : -INFINITY;
+          s[t][e] = x;
+          tmax[h] = fmaxf(tmax[h], x);
+        }
+      float mu[2], alpha[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        __nv_bfloat162 pv = __floats2bfloat162_rn(exp2f(s[t][2 * h] - mu[h]), exp2f(s[t][2 * h + 1] - mu[h]));
-        pa[t][h] = reinterpret_cast<uint32_t&>(pv);
-        rs[h] += __low2float(pv) + __high2float(pv);
+        tmax[h] = fmaxf(tmax[h], __shfl_xor_sync(0xffffffffu, tmax[h], 1));
+        tmax[h] = fmaxf(tmax[h], __shfl_xor_sync(0xffffffffu, tmax[h], 2));
+        const float mn = fmaxf(m[h], tmax[h]);
+        mu[h] = mn == -INFINITY ? 0.f : mn;  // a row with nothing visible yet: keep everything at 0
+        alpha[h] = exp2f(m[h] - mu[h]);
+        m[h] = mn;
       }
+      uint32_t pa[kBN / 8][2];
+      float rs[2] = {0.f, 0.f};
 #pragma unroll
-    for (int h = 0; h < 2; ++h) l[h] = l[h] * alpha[h] + rs[h];
+      for (int t = 0; t < kBN / 8; ++t)
 #pragma unroll
-    for (int t = 0; t < DV / 8; ++t)
+        for (int h = 0; h < 2; ++h) {
+          __nv_bfloat162 pv =
+              __floats2bfloat162_rn(exp2f(s[t][2 * h] - mu[h]), exp2f(s[t][2 * h + 1] - mu[h]));
+          pa[t][h] = reinterpret_cast<uint32_t&>(pv);
+          rs[h] += __low2float(pv) + __high2float(pv);
+        }
 #pragma unroll
-      for (int e = 0; e < 4; ++e) acc[t][e] *= alpha[e >> 1];
+      for (int h = 0; h < 2; ++h) l[h] = l[h] * alpha[h] + rs[h];
+#pragma unroll
+      for (int t = 0; t < DV / 8; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[t][e] *= alpha[e >> 1];
 
-    // O += P·V: P's accumulator fragments are the A fragments; V's B fragments via ldmatrix.trans.
-    const int vrow = (lane & 7) + ((lane >> 3) & 1) * 8, vcol = (lane >> 4) * 8;
+      // O += P·V: P's accumulator fragments are the A fragments; V's B fragments via ldmatrix.trans.
 #pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) {
-      const uint32_t a[4] = {pa[2 * kk][0], pa[2 * kk][1], pa[2 * kk + 1][0], pa[2 * kk + 1][1]};
-      const bf16* vb = Vs + (kk * 16 + vrow) * ldv + vcol;
+      for (int kk = 0; kk < kBN / 16; ++kk) {
+        const uint32_t a[4] = {pa[2 * kk][0], pa[2 * kk][1], pa[2 * kk + 1][0], pa[2 * kk + 1][1]};
+        const bf16* vb = Vs + kk * 16 * ldv + v_off;
 #pragma unroll
-      for (int n2 = 0; n2 < DV / 16; ++n2) {
-        uint32_t b[4];
-        ldmatrix_x4_trans(b, vb + n2 * 16);
-        const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
-        mma_bf16(acc[2 * n2], a, b0);
-        mma_bf16(acc[2 * n2 + 1], a, b1);
+        for (int n2 = 0; n2 < DV / 16; ++n2) {
+          uint32_t b[4];
+          ldmatrix_x4_trans(b, vb + n2 * 16);
+          const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+          mma_bf16(acc[2 * n2], a, b0);
+          mma_bf16(acc[2 * n2 + 1], a, b1);
+        }
       }
+    }
+    if constexpr (kPrefill) {
+      __syncthreads();  // this stage is refilled by the next iteration's copy
+      buf ^= 1;
     }
   }
 
@@ -248,6 +361,15 @@ __global__ void flash_attn_combine(const float* __restrict__ op, const float* __
   o[idx] = num / den;
 }
 
+// x (n4 float4s) -> bf16 with round-to-nearest-even, the rounding the decode configuration applies
+// on load.
+__global__ void round_to_bf16(const float4* __restrict__ x, uint2* __restrict__ y, int64_t n4) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n4; i += int64_t(gridDim.x) * blockDim.x) {
+    const float4 f = x[i];
+    y[i] = make_uint2(pack_bf16(f.x, f.y), pack_bf16(f.z, f.w));
+  }
+}
+
 constexpr int kMaxDevices = 64;
 
 int sm_count(int dev) {
@@ -259,10 +381,10 @@ int sm_count(int dev) {
   return n;
 }
 
-// Split-K workspace: the split rule below (splits only while row_tiles·nkv < target, at most
-// ceil(target / (row_tiles·nkv)) splits, n·nh ≤ 64·row_tiles·nkv) bounds nsplit·n·nh by
-// 64·(2·target − 1) rows, each of dv + 2 ≤ 258 floats. Allocated once per device at the first
-// call that splits.
+// Split-K workspace of the decode configuration: the split rule below (splits only while
+// row_tiles·nkv < target, at most ceil(target / (row_tiles·nkv)) splits, n·nh ≤ 64·row_tiles·nkv)
+// bounds nsplit·n·nh by 64·(2·target − 1) rows, each of dv + 2 ≤ 258 floats. Allocated once per
+// device at the first call that splits.
 float* split_workspace(int dev, size_t bound_floats) {
   static std::mutex mu;
   static float* ws[kMaxDevices] = {};
@@ -272,13 +394,32 @@ float* split_workspace(int dev, size_t bound_floats) {
   return ws[dev];
 }
 
-template <int DV>
+template <int DV, bool kPrefill>
 void launch(const FlashParams& p, size_t smem, cudaStream_t stream) {
-  check_cuda(cudaFuncSetAttribute(flash_attn_fwd<DV>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
+  const auto kernel = flash_attn_fwd<DV, kPrefill>;
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
              "attention_flash: smem attribute");
   const dim3 grid(unsigned(p.row_tiles), unsigned(p.nkv), unsigned(p.nsplit));
-  flash_attn_fwd<DV><<<grid, kThreads, smem, stream>>>(p);
+  kernel<<<grid, Cfg<kPrefill>::threads, smem, stream>>>(p);
   check_cuda(cudaGetLastError(), "attention_flash");
+}
+
+template <bool kPrefill>
+void launch_dv(const FlashParams& p, int64_t dv, cudaStream_t stream) {
+  const size_t smem = Cfg<kPrefill>::smem(p.dq, dv);
+  switch (dv) {
+    case 64: launch<64, kPrefill>(p, smem, stream); break;
+    case 128: launch<128, kPrefill>(p, smem, stream); break;
+    case 192: launch<192, kPrefill>(p, smem, stream); break;
+    default: launch<256, kPrefill>(p, smem, stream); break;
+  }
+}
+
+void launch_round_to_bf16(const float* x, bf16* y, size_t count, cudaStream_t stream) {
+  const int64_t n4 = int64_t(count / 4), threads = 256;
+  const unsigned blocks = unsigned(std::min<int64_t>((n4 + threads - 1) / threads, 8192));
+  round_to_bf16<<<blocks, threads, 0, stream>>>(reinterpret_cast<const float4*>(x), reinterpret_cast<uint2*>(y), n4);
+  check_cuda(cudaGetLastError(), "attention_flash: round K/V");
 }
 
 bool supported_dim(int64_t d) { return d == 64 || d == 128 || d == 192 || d == 256; }
@@ -296,7 +437,9 @@ bool attention_flash(const float* q, const float* k, const float* v, float* o, i
   int dev = 0;
   check_cuda(cudaGetDevice(&dev), "attention_flash: device");
   const int64_t group = nh / nkv, R = n * group;
-  const int64_t row_tiles = (R + kBM - 1) / kBM, ntiles = (S + kBN - 1) / kBN;
+  const bool prefill = R >= kPrefillMinRows;
+  const int64_t bm = prefill ? Cfg<true>::bm : Cfg<false>::bm;
+  const int64_t row_tiles = (R + bm - 1) / bm, ntiles = (S + kBN - 1) / kBN;
   const int64_t base = row_tiles * nkv, target = 2 * int64_t(sm_count(dev));
   int64_t nsplit = 1, tps = ntiles;
   if (base < target && ntiles > 1) {
@@ -310,8 +453,25 @@ bool attention_flash(const float* q, const float* k, const float* v, float* o, i
   p.n = int(n), p.S = int(S), p.nh = int(nh), p.nkv = int(nkv), p.group = int(group), p.dq = int(dq);
   p.R = int(R), p.row_tiles = int(row_tiles), p.tiles_per_split = int(tps), p.nsplit = int(nsplit);
   p.scale_log2 = scale * kLog2e;
-  if (nsplit > 1) {
-    const size_t bound = size_t(64) * size_t(2 * target) * (256 + 2);
+  void* scratch = nullptr;
+  if (prefill) {
+    // bf16 K, then bf16 V, then (when splitting) the fp32 partials; every part starts 128-byte
+    // aligned since dq and dv are multiples of 64.
+    const size_t nk = size_t(S * nkv * dq), nv = size_t(S * nkv * dv);
+    const size_t parts = nsplit > 1 ? size_t(nsplit) * size_t(n * nh) * size_t(dv + 2) : 0;
+    check_cuda(cudaMallocAsync(&scratch, (nk + nv) * sizeof(bf16) + parts * sizeof(float), stream),
+               "attention_flash: scratch");
+    bf16* kb = static_cast<bf16*>(scratch);
+    bf16* vb = kb + nk;
+    launch_round_to_bf16(k, kb, nk, stream);
+    launch_round_to_bf16(v, vb, nv, stream);
+    p.kb = kb, p.vb = vb;
+    if (nsplit > 1) {
+      p.op = reinterpret_cast<float*>(vb + nv);
+      p.ml = p.op + size_t(nsplit) * size_t(n * nh) * size_t(dv);
+    }
+  } else if (nsplit > 1) {
+    const size_t bound = size_t(Cfg<false>::bm) * size_t(2 * target) * (256 + 2);
     const size_t need = size_t(nsplit) * size_t(n * nh) * size_t(dv + 2);
     if (need > bound) return false;  // cannot happen under the split rule; kept as a guard
     float* ws = split_workspace(dev, bound);
@@ -320,13 +480,8 @@ bool attention_flash(const float* q, const float* k, const float* v, float* o, i
     p.ml = ws + size_t(nsplit) * size_t(n * nh) * size_t(dv);
   }
 
-  const size_t smem = size_t(kBM + kBN) * size_t(dq + kPad) * 2 + size_t(kBN) * size_t(dv + kPad) * 2;
-  switch (dv) {
-    case 64: launch<64>(p, smem, stream); break;
-    case 128: launch<128>(p, smem, stream); break;
-    case 192: launch<192>(p, smem, stream); break;
-    default: launch<256>(p, smem, stream); break;
-  }
+  if (prefill) launch_dv<true>(p, dv, stream);
+  else launch_dv<false>(p, dv, stream);
   if (nsplit > 1) {
     const int64_t rows = n * nh, total = rows * dv;
     const int threads = 256;
@@ -334,6 +489,7 @@ bool attention_flash(const float* q, const float* k, const float* v, float* o, i
                                                                                          int(dv), int(nsplit));
     check_cuda(cudaGetLastError(), "attention_flash");
   }
+  if (scratch) check_cuda(cudaFreeAsync(scratch, stream), "attention_flash: scratch");
   return true;
 }
 
