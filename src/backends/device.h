@@ -52,8 +52,10 @@ class Device {
   virtual const float* upload_vector(const Tensor& v) = 0;
   // Scratch valid until the next begin_forward(), or until a release to a mark taken before it
   // (Model::forward releases each layer's scratch after the layer: work runs in stream order, so
-  // the next layer may reuse the memory).
-  virtual void begin_forward() = 0;
+  // the next layer may reuse the memory). replay_key >= 0 promises that this forward issues the
+  // same operations on the same scratch as every other forward with that key — only uploaded values
+  // differ — so the device may record it once (a CUDA graph) and replay it; −1: no promise.
+  virtual void begin_forward(int64_t replay_key = -1) = 0;
   virtual float* scratch(int64_t n) = 0;
   struct Mark {
     size_t chunk, used;
@@ -124,6 +126,13 @@ class Device {
   virtual void attention(const float* q, const float* k, const float* v, float* o, int64_t n, int64_t S, int64_t nh,
                          int64_t nkv, int64_t dq, int64_t dv, float scale, int64_t window, const int32_t* selected,
                          int64_t topk) = 0;
+  // Decode step of attention layer `layer` (one token per sequence of b): appends row i of k [N, nkv·dq]
+  // and v [N, nkv·dv] to sequence i's K/V rows at its position, then q [N, nh, dq] attends over
+  // its rows 0..pos (the last `window` of them when window > 0); o [N, nh, dv]. One launch for the
+  // batch, positions read on the device (so a recorded step replays at any position).
+  virtual void decode_attention(int64_t layer, const DevBatch& b, const float* q, const float* k, const float* v,
+                                float* o, int64_t nh, int64_t nkv, int64_t dq, int64_t dv, float scale,
+                                int64_t window) = 0;
   // DSA lightning-indexer selection for n queries (positions S−n .. S−1) over keys [S, ID]:
   // selected [n, topk] holds the topk best causal keys by dsa_scores in ascending order (all causal
   // keys, then −1, when fewer).

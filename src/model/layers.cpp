@@ -169,6 +169,7 @@ class GatedDeltaNet : public Mixer {
     dev.gated_rms_norm(o, qkvz + C, W, dev_.norm, T, nv, dv, s_.norm_eps, GateAct::SiLU);
     dev.linear(o, nv * dv, dev_.out, out, T);
   }
+  bool replayable_decode() const override { return true; }
 
  private:
   const ModelSpec& s_;
@@ -276,6 +277,7 @@ class KimiDeltaAttention : public Mixer {
     dev.gated_rms_norm(o, og, HK, dev_.o_norm, T, H, dk, s_.norm_eps, GateAct::Sigmoid);
     dev.linear(o, HK, dev_.o, out, T);
   }
+  bool replayable_decode() const override { return true; }
 
  private:
   const ModelSpec& s_;
@@ -402,19 +404,24 @@ class GatedAttention : public Mixer {
     dev.rope(q, T, nh, Q, hd, dev_.inv_freq, rot, b, RopePairs::HalfSplit, 1.0f);
     dev.rope(k, T, nkv, KV, hd, dev_.inv_freq, rot, b, RopePairs::HalfSplit, 1.0f);
     float* o = dev.scratch(T * Q);
-    for (int64_t i = 0; i < b.num_seqs(); ++i) {
-      const int64_t t0 = b.cu_seqlens[size_t(i)], n = b.len(i), past = b.past[size_t(i)], slot = b.slots[size_t(i)];
-      float* kc = dev.cache_rows(layer, CachePart::K, slot, past + n, KV);
-      float* vc = dev.cache_rows(layer, CachePart::V, slot, past + n, KV);
-      dev.copy(kc + past * KV, {KV, 1, 0}, k + t0 * KV, {KV, 1, 0}, n, KV, 1);
-      dev.copy(vc + past * KV, {KV, 1, 0}, v + t0 * KV, {KV, 1, 0}, n, KV, 1);
-      const int32_t* sel = indexer_ ? indexer_->select_device(dev, x, b, i, layer) : nullptr;
-      dev.attention(q + t0 * Q, kc, vc, o + t0 * Q, n, past + n, nh, nkv, hd, hd, 1.0f / std::sqrt(float(hd)), window_,
-                    sel, indexer_ ? indexer_->topk : 0);
-    }
+    const float scale = 1.0f / std::sqrt(float(hd));
+    if (b.one_token_each() && !indexer_)  // decode: one launch for the batch
+      dev.decode_attention(layer, b, q, k, v, o, nh, nkv, hd, hd, scale, window_);
+    else
+      for (int64_t i = 0; i < b.num_seqs(); ++i) {
+        const int64_t t0 = b.cu_seqlens[size_t(i)], n = b.len(i), past = b.past[size_t(i)], slot = b.slots[size_t(i)];
+        float* kc = dev.cache_rows(layer, CachePart::K, slot, past + n, KV);
+        float* vc = dev.cache_rows(layer, CachePart::V, slot, past + n, KV);
+        dev.copy(kc + past * KV, {KV, 1, 0}, k + t0 * KV, {KV, 1, 0}, n, KV, 1);
+        dev.copy(vc + past * KV, {KV, 1, 0}, v + t0 * KV, {KV, 1, 0}, n, KV, 1);
+        const int32_t* sel = indexer_ ? indexer_->select_device(dev, x, b, i, layer) : nullptr;
+        dev.attention(q + t0 * Q, kc, vc, o + t0 * Q, n, past + n, nh, nkv, hd, hd, scale, window_, sel,
+                      indexer_ ? indexer_->topk : 0);
+      }
     dev.sigmoid_mul(o, qkv + hd, W, 2 * hd, T, nh, hd);
     dev.linear(o, Q, dev_.o, out, T);
   }
+  bool replayable_decode() const override { return !indexer_; }
 
  private:
   // q [T,nh·hd], k, v [T,nkv·hd] <- SiLU(causal conv) over the channels [q|k|v], per sequence from its
@@ -698,6 +705,7 @@ class DenseFfn : public Ffn {
   }
   void forward(const float* x, float* out, int64_t T) const override { mlp_.forward(x, out, T); }
   void bind_device(Device& dev) override { mlp_.bind_device(dev); }
+  bool replayable_decode() const override { return true; }
   void forward_device(Device& dev, const float* x, float* out, int64_t T) const override {
     mlp_.forward_device(dev, x, out, T);
   }
@@ -735,6 +743,7 @@ class MoeFfn : public Ffn {
     }
   }
 
+  bool replayable_decode() const override { return false; }  // routing reads the logits on the host
   // Routing runs on the host from the device's router logits (one copy of [T, E] per layer); each
   // expert then runs one GEMM over its gathered tokens.
   void forward_device(Device& dev, const float* x, float* out, int64_t T) const override {

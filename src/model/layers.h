@@ -23,6 +23,9 @@ class Mixer {
   // advances the cache slots of b.slots in dev. Layers without a device form refuse both.
   virtual void bind_device(Device& dev);
   virtual void forward_device(Device& dev, const float* x, float* out, const DevBatch& b, int64_t layer) const;
+  // Does a one-token-per-sequence step read positions only on the device (the DevBatch arrays), so
+  // the device may record it once and replay it (Device::begin_forward)?
+  virtual bool replayable_decode() const { return false; }
 };
 
 class Ffn {
@@ -31,6 +34,7 @@ class Ffn {
   virtual void forward(const float* x, float* out, int64_t T) const = 0;
   virtual void bind_device(Device& dev) = 0;
   virtual void forward_device(Device& dev, const float* x, float* out, int64_t T) const = 0;
+  virtual bool replayable_decode() const = 0;  // as Mixer's
 };
 
 // The mixer and FFN of layer `layer`, with the checkpoint names of its architecture.

@@ -132,7 +132,10 @@ Tensor Model::forward(Device& dev, const std::vector<int64_t>& ids, DevBatch& b,
                                        std::to_string(s.vocab) + ")");
   for (int64_t i = 0; i < N; ++i)
     check(b.slots[size_t(i)] >= 0 && b.slots[size_t(i)] < dev.max_slots(), "internal: cache slot out of range");
-  dev.begin_forward();
+  bool replayable = b.one_token_each();
+  for (int64_t l = 0; l < s.n_layers; ++l)
+    replayable = replayable && mixers_[size_t(l)]->replayable_decode() && ffns_[size_t(l)]->replayable_decode();
+  dev.begin_forward(replayable ? N : -1);  // a decode step depends on the batch size only
   std::vector<int32_t> ids32(ids.begin(), ids.end()), cu(b.cu_seqlens.begin(), b.cu_seqlens.end()),
       slots(b.slots.begin(), b.slots.end()), pos(static_cast<size_t>(T));
   for (int64_t i = 0; i < N; ++i)

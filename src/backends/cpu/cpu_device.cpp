@@ -214,6 +214,20 @@ void CpuDevice::attention(const float* q, const float* k, const float* v, float*
   cpu::attention(q, k, v, o, n, S, nh, nkv, dq, dv, scale, sel.empty() ? nullptr : &sel);
 }
 
+void CpuDevice::decode_attention(int64_t layer, const DevBatch& b, const float* q, const float* k, const float* v,
+                                 float* o, int64_t nh, int64_t nkv, int64_t dq, int64_t dv, float scale,
+                                 int64_t window) {
+  const int64_t KW = nkv * dq, VW = nkv * dv;
+  for (int64_t i = 0; i < b.num_seqs(); ++i) {
+    const int64_t S = b.past[size_t(i)] + 1, slot = b.slots[size_t(i)];
+    float* kc = cache_rows(layer, CachePart::K, slot, S, KW);
+    float* vc = cache_rows(layer, CachePart::V, slot, S, VW);
+    std::memcpy(kc + (S - 1) * KW, k + i * KW, sizeof(float) * size_t(KW));
+    std::memcpy(vc + (S - 1) * VW, v + i * VW, sizeof(float) * size_t(VW));
+    attention(q + i * nh * dq, kc, vc, o + i * nh * dv, 1, S, nh, nkv, dq, dv, scale, window, nullptr, 0);
+  }
+}
+
 void CpuDevice::dsa_select(const float* iq, const float* w, const float* keys, int64_t n, int64_t S, int64_t IH,
                            int64_t ID, int64_t topk, int32_t* selected) {
   for (int64_t t = 0; t < n; ++t) {

@@ -22,7 +22,7 @@ class CpuDevice : public Device {
 
   DevMatrix upload_matrix(const Tensor& w) override;
   const float* upload_vector(const Tensor& v) override;
-  void begin_forward() override { scratch_.clear(); }
+  void begin_forward(int64_t) override { scratch_.clear(); }
   float* scratch(int64_t n) override;
   Mark scratch_mark() const override { return {scratch_.size(), 0}; }
   void scratch_release(Mark m) override { scratch_.resize(m.chunk); }
@@ -62,6 +62,8 @@ class CpuDevice : public Device {
   void attention(const float* q, const float* k, const float* v, float* o, int64_t n, int64_t S, int64_t nh,
                  int64_t nkv, int64_t dq, int64_t dv, float scale, int64_t window, const int32_t* selected,
                  int64_t topk) override;
+  void decode_attention(int64_t layer, const DevBatch& b, const float* q, const float* k, const float* v, float* o,
+                        int64_t nh, int64_t nkv, int64_t dq, int64_t dv, float scale, int64_t window) override;
   void dsa_select(const float* iq, const float* w, const float* keys, int64_t n, int64_t S, int64_t IH, int64_t ID,
                   int64_t topk, int32_t* selected) override;
   void gather_rows(const float* src, const int32_t* idx, float* dst, int64_t n, int64_t D) override;

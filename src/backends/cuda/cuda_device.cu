@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <tuple>
@@ -252,8 +253,32 @@ __global__ void unpack(const T* src, float* dst, int64_t n) {
   GRID_STRIDE(i, n) dst[i] = float(src[i]);
 }
 
-// Attention, fp32: one warp per (query, head), online softmax over the keys it may see.
+// Attention, fp32, one warp per query row: lane l holds dims l, l+32, .. of q and of the output.
 constexpr int kMaxHeadDimPerLane = 8;  // head dims up to 256
+// Folds key u (row ku of dq, vu of dv) into the warp's online softmax (running max m, sum l, acc).
+__device__ __forceinline__ void softmax_fold(const float (&qr)[kMaxHeadDimPerLane], const float* ku, const float* vu,
+                                             int64_t dq, int64_t dv, float scale, int lane, float& m, float& l,
+                                             float (&acc)[kMaxHeadDimPerLane]) {
+  float dot = 0;
+  for (int c = 0; c < kMaxHeadDimPerLane; ++c)
+    if (lane + 32 * c < dq) dot += qr[c] * ku[lane + 32 * c];
+  const float sc = warp_sum(dot) * scale, mn = fmaxf(m, sc);
+  const float corr = expf(m - mn), p = expf(sc - mn);
+  l = l * corr + p;
+  for (int c = 0; c < kMaxHeadDimPerLane; ++c)
+    if (lane + 32 * c < dv) acc[c] = acc[c] * corr + p * vu[lane + 32 * c];
+  m = mn;
+}
+
+__device__ __forceinline__ void load_query(const float* qrow, int64_t dq, int lane, float (&qr)[kMaxHeadDimPerLane],
+                                           float (&acc)[kMaxHeadDimPerLane]) {
+  for (int c = 0; c < kMaxHeadDimPerLane; ++c) {
+    qr[c] = lane + 32 * c < dq ? qrow[lane + 32 * c] : 0.0f;
+    acc[c] = 0;
+  }
+}
+
+// One warp per (query, head) over the keys it may see (causal, windowed or selected).
 __global__ void attention_reference_kernel(const float* q, const float* k, const float* v, float* o, int64_t n,
                                            int64_t S, int64_t nh, int64_t nkv, int64_t dq, int64_t dv, float scale,
                                            int64_t window, const int32_t* selected, int64_t topk) {
@@ -262,31 +287,60 @@ __global__ void attention_reference_kernel(const float* q, const float* k, const
   if (warp >= n * nh) return;
   const int64_t i = warp / nh, h = warp % nh, kvh = h / (nh / nkv), pos = S - n + i;
   float qr[kMaxHeadDimPerLane], acc[kMaxHeadDimPerLane];
-  for (int j = 0; j < kMaxHeadDimPerLane; ++j) {
-    const int64_t d = lane + 32 * j;
-    qr[j] = d < dq ? q[(i * nh + h) * dq + d] : 0.0f;
-    acc[j] = 0;
-  }
+  load_query(q + (i * nh + h) * dq, dq, lane, qr, acc);
   float m = -INFINITY, l = 0;
-  const int64_t count = selected ? topk : pos + 1 - (window > 0 ? max(int64_t(0), pos - window + 1) : 0);
   const int64_t first = window > 0 ? max(int64_t(0), pos - window + 1) : 0;
+  const int64_t count = selected ? topk : pos + 1 - first;
   for (int64_t j = 0; j < count; ++j) {
     const int64_t u = selected ? selected[i * topk + j] : first + j;
     if (u < 0 || u > pos) continue;
-    const float* ku = k + (u * nkv + kvh) * dq;
-    float dot = 0;
-    for (int c = 0; c < kMaxHeadDimPerLane; ++c)
-      if (lane + 32 * c < dq) dot += qr[c] * ku[lane + 32 * c];
-    const float sc = warp_sum(dot) * scale, mn = fmaxf(m, sc);
-    const float corr = expf(m - mn), p = expf(sc - mn);
-    l = l * corr + p;
-    const float* vu = v + (u * nkv + kvh) * dv;
-    for (int c = 0; c < kMaxHeadDimPerLane; ++c)
-      if (lane + 32 * c < dv) acc[c] = acc[c] * corr + p * vu[lane + 32 * c];
-    m = mn;
+    softmax_fold(qr, k + (u * nkv + kvh) * dq, v + (u * nkv + kvh) * dv, dq, dv, scale, lane, m, l, acc);
   }
   for (int c = 0; c < kMaxHeadDimPerLane; ++c)
     if (lane + 32 * c < dv) o[(i * nh + h) * dv + lane + 32 * c] = l > 0 ? acc[c] / l : 0.0f;
+}
+
+// Decode: row i of k and v goes to sequence i's rows at its position.
+__global__ void kv_append_kernel(const float* k, const float* v, float* const* kp, float* const* vp,
+                                 const int32_t* pos, int64_t N, int64_t wk, int64_t wv) {
+  GRID_STRIDE(idx, N * (wk + wv)) {
+    const int64_t i = idx / (wk + wv), j = idx % (wk + wv);
+    if (j < wk) kp[i][int64_t(pos[i]) * wk + j] = k[i * wk + j];
+    else vp[i][int64_t(pos[i]) * wv + j - wk] = v[i * wv + j - wk];
+  }
+}
+
+// Decode attention: one block per (sequence, head); warp w folds keys w, w+W, .. and the warps'
+// partial softmaxes merge in warp order (deterministic).
+constexpr int kDecodeWarps = 4;
+__global__ void decode_attention_kernel(const float* q, const float* const* kp, const float* const* vp,
+                                        const int32_t* pos, float* o, int64_t nh, int64_t nkv, int64_t dq, int64_t dv,
+                                        float scale, int64_t window) {
+  __shared__ float part_m[kDecodeWarps], part_l[kDecodeWarps], part_acc[kDecodeWarps][32 * kMaxHeadDimPerLane];
+  const int64_t i = blockIdx.x / nh, h = blockIdx.x % nh, kvh = h / (nh / nkv);
+  const int w = threadIdx.x / 32, lane = threadIdx.x & 31;
+  const int64_t S = int64_t(pos[i]) + 1, first = window > 0 ? max(int64_t(0), S - window) : 0;
+  float qr[kMaxHeadDimPerLane], acc[kMaxHeadDimPerLane];
+  load_query(q + (i * nh + h) * dq, dq, lane, qr, acc);
+  float m = -INFINITY, l = 0;
+  for (int64_t u = first + w; u < S; u += kDecodeWarps)
+    softmax_fold(qr, kp[i] + (u * nkv + kvh) * dq, vp[i] + (u * nkv + kvh) * dv, dq, dv, scale, lane, m, l, acc);
+  for (int c = 0; c < kMaxHeadDimPerLane; ++c) part_acc[w][lane + 32 * c] = acc[c];
+  if (lane == 0) part_m[w] = m, part_l[w] = l;
+  __syncthreads();
+  if (w != 0) return;
+  float M = -INFINITY, L = 0;
+  for (int j = 0; j < kDecodeWarps; ++j) M = fmaxf(M, part_m[j]);
+  for (int j = 0; j < kDecodeWarps; ++j)
+    if (part_l[j] > 0) L += part_l[j] * expf(part_m[j] - M);
+  for (int c = 0; c < kMaxHeadDimPerLane; ++c) {
+    const int64_t d = lane + 32 * c;
+    if (d >= dv) continue;
+    float sum = 0;
+    for (int j = 0; j < kDecodeWarps; ++j)
+      if (part_l[j] > 0) sum += part_acc[j][d] * expf(part_m[j] - M);
+    o[(i * nh + h) * dv + d] = L > 0 ? sum / L : 0.0f;
+  }
 }
 
 // DSA indexer: scores [n, S] (−inf past each query's position), then per query the topk best.
@@ -366,12 +420,23 @@ class CudaDevice : public Device {
     check(device_available(), "--device cuda: no CUDA device is available on this machine");
     check(weights == DType::F32 || weights == DType::BF16, "cuda device: weights must be F32 or BF16");
     check_cuda(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "stream");
+    check_cuda(cudaStreamCreateWithFlags(&aux_, cudaStreamNonBlocking), "stream");
+    check_cuda(cudaMallocHost(&staging_, kStaging), "pinned staging");
     check_lt(cublasLtCreate(&lt_), "create");
     check_cuda(cudaMalloc(&lt_ws_, kLtWorkspace), "cublasLt workspace");
   }
   ~CudaDevice() override {
+    if (mode_ == Mode::Capture) {
+      cudaGraph_t g = nullptr;
+      cudaStreamEndCapture(stream_, &g);
+      if (g) cudaGraphDestroy(g);
+    }
     cudaStreamSynchronize(stream_);
+    drop_graphs();
     plans_.clear();
+    for (void* p : retired_) cudaFree(p);
+    cudaFreeHost(staging_);
+    cudaStreamDestroy(aux_);
     for (void* p : owned_) cudaFree(p);
     for (auto& c : chunks_) cudaFree(c.first);
     for (auto& [k, p] : pools_) cudaFree(p);
@@ -406,16 +471,37 @@ class CudaDevice : public Device {
     return static_cast<const float*>(upload_bytes(v.f32(), size_t(v.numel()) * 4));
   }
 
-  void begin_forward() override {
+  // Replay keys (Device::begin_forward): a key's first forward runs eagerly (sizing the scratch,
+  // planning the GEMMs), its second is captured into a CUDA graph as it is issued, and later ones only
+  // run the host side of each operation — uploads still fill the pinned staging buffer, whose
+  // captured copies the graph repeats — and launch the graph in to_host().
+  void begin_forward(int64_t replay_key) override {
+    if (mode_ == Mode::Capture) {  // a forward that threw mid-capture: drop what it recorded
+      cudaGraph_t g = nullptr;
+      cudaStreamEndCapture(stream_, &g);
+      if (g) cudaGraphDestroy(g);
+    }
+    mode_ = Mode::Eager;
+    check_cuda(cudaStreamSynchronize(stream_), "sync");
+    for (void* p : retired_) cudaFree(p);
+    retired_.clear();
     if (chunks_.size() > 1) {  // last forward outgrew the arena: one chunk of the peak for the next
       size_t total = 0;
       for (auto& c : chunks_) total += c.second;
-      check_cuda(cudaStreamSynchronize(stream_), "sync");
       for (auto& c : chunks_) cudaFree(c.first);
       chunks_.clear();
       new_chunk(total);
+      drop_graphs();  // they hold the old scratch addresses
     }
-    used_ = 0;
+    used_ = 0, staged_ = 0;
+    key_ = replay_key;
+    if (replay_key < 0) return;
+    if (graphs_.count(replay_key)) {
+      mode_ = Mode::Replay;
+    } else if (++seen_[replay_key] >= 2) {
+      check_cuda(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeRelaxed), "graph capture");
+      mode_ = Mode::Capture;
+    }
   }
   float* scratch(int64_t n) override {
     const size_t bytes = align_up(size_t(std::max<int64_t>(n, 1)) * 4);
@@ -432,17 +518,32 @@ class CudaDevice : public Device {
   // the newest chunk restarts; the ones between stay until begin_forward merges them).
   void scratch_release(Mark m) override { used_ = chunks_.size() == m.chunk ? m.used : 0; }
   const int32_t* upload_i32(const std::vector<int32_t>& v) override {
-    int32_t* p = scratch_i32(int64_t(v.size()));
-    if (!v.empty()) check_cuda(cudaMemcpyAsync(p, v.data(), v.size() * 4, cudaMemcpyHostToDevice, stream_), "upload");
-    return p;
+    return static_cast<const int32_t*>(upload(v.data(), v.size() * 4));
   }
   const float* upload_f32(const std::vector<float>& v) override {
-    float* p = scratch(int64_t(v.size()));
-    if (!v.empty()) check_cuda(cudaMemcpyAsync(p, v.data(), v.size() * 4, cudaMemcpyHostToDevice, stream_), "upload");
-    return p;
+    return static_cast<const float*>(upload(v.data(), v.size() * 4));
   }
-  void zero(float* p, int64_t n) override { check_cuda(cudaMemsetAsync(p, 0, size_t(n) * 4, stream_), "memset"); }
+  void zero(float* p, int64_t n) override {
+    if (replaying()) return;
+    check_cuda(cudaMemsetAsync(p, 0, size_t(n) * 4, stream_), "memset");
+  }
   void to_host(const float* src, float* dst, int64_t n) override {
+    if (mode_ == Mode::Capture) {
+      cudaGraph_t g = nullptr;
+      check_cuda(cudaStreamEndCapture(stream_, &g), "graph capture");
+      cudaGraphExec_t exec = nullptr;
+      const cudaError_t e = cudaGraphInstantiate(&exec, g, 0);
+      cudaGraphDestroy(g);
+      check_cuda(e, "graph instantiate");
+      graphs_[key_] = {exec, src};
+      mode_ = Mode::Replay;
+    }
+    if (mode_ == Mode::Replay) {
+      const Graph& g = graphs_[key_];
+      check(g.result == src, "internal: a replayed forward reads its result elsewhere than it was recorded");
+      check_cuda(cudaGraphLaunch(g.exec, stream_), "graph launch");
+    }
+    mode_ = Mode::Eager;
     check_cuda(cudaMemcpyAsync(dst, src, size_t(n) * 4, cudaMemcpyDeviceToHost, stream_), "copy to host");
     check_cuda(cudaStreamSynchronize(stream_), "forward");
   }
@@ -451,7 +552,8 @@ class CudaDevice : public Device {
     auto [it, fresh] = pools_.try_emplace({layer, part}, nullptr);
     if (fresh) {
       check_cuda(cudaMalloc(&it->second, size_t(slots_ * n) * 4), "cache pool");
-      check_cuda(cudaMemsetAsync(it->second, 0, size_t(slots_ * n) * 4, stream_), "cache pool");
+      check_cuda(cudaMemsetAsync(it->second, 0, size_t(slots_ * n) * 4, aux_), "cache pool");
+      check_cuda(cudaStreamSynchronize(aux_), "cache pool");
       pool_size_[{layer, part}] = n;
     }
     check(pool_size_[{layer, part}] == n, "internal: cache part size changed");
@@ -460,19 +562,22 @@ class CudaDevice : public Device {
   float* cache_rows(int64_t layer, CachePart part, int64_t slot, int64_t rows, int64_t width) override {
     Rows& r = rows_[{layer, part, slot}];
     if (r.cap < rows) {  // grow by doubling, keeping the rows held
+      // The copy runs on the side stream now, also while a step is being captured or replayed: the
+      // rows hold only earlier forwards' (finished) writes. The old rows are freed at the next
+      // begin_forward, when nothing can still read them.
       const int64_t cap = std::max({rows, 2 * r.cap, int64_t(256)});
       void* p = nullptr;
-      check_cuda(cudaMalloc(&p, size_t(cap * width) * 4), "KV rows");
+      check_cuda(cudaMalloc(&p, size_t(cap * width) * 4), "KV rows (out of GPU memory?)");
       if (r.p) {
-        check_cuda(cudaMemcpyAsync(p, r.p, size_t(r.cap * width) * 4, cudaMemcpyDeviceToDevice, stream_), "KV rows");
-        check_cuda(cudaStreamSynchronize(stream_), "KV rows");
-        cudaFree(r.p);
+        check_cuda(cudaMemcpyAsync(p, r.p, size_t(r.cap * width) * 4, cudaMemcpyDeviceToDevice, aux_), "KV rows");
+        check_cuda(cudaStreamSynchronize(aux_), "KV rows");
+        retired_.push_back(r.p);
       }
       r.p = static_cast<float*>(p), r.cap = cap, r.width = width;
     }
     return r.p;
   }
-  void reset_slot(int64_t slot) override {
+  void reset_slot(int64_t slot) override {  // between forwards (eager)
     for (auto& [key, p] : pools_) {
       const int64_t n = pool_size_[key];
       check_cuda(cudaMemsetAsync(static_cast<float*>(p) + slot * n, 0, size_t(n) * 4, stream_), "reset slot");
@@ -492,6 +597,7 @@ class CudaDevice : public Device {
   }
 
   void linear(const float* x, int64_t ldx, const DevMatrix& W, float* y, int64_t M) override {
+    if (replaying()) return;
     if (M == 0) return;
     const void* b = x;
     int64_t ldb = ldx;
@@ -504,6 +610,7 @@ class CudaDevice : public Device {
     gemm(W, b, ldb, y, M);
   }
   void embed(const DevMatrix& table, const int32_t* ids, float* out, int64_t T) override {
+    if (replaying()) return;
     if (wt_ == DType::BF16)
       embed_kernel<<<grid_for(T * table.cols), kThreads, 0, stream_>>>(static_cast<const __nv_bfloat16*>(table.p), ids,
                                                                        out, T, table.cols);
@@ -513,58 +620,69 @@ class CudaDevice : public Device {
     check_launch("embed");
   }
   void add(float* h, const float* y, int64_t n) override {
+    if (replaying()) return;
     add_kernel<<<grid_for(n), kThreads, 0, stream_>>>(h, y, n);
     check_launch("add");
   }
   void copy(float* dst, Strides d, const float* src, Strides s, int64_t n0, int64_t n1, int64_t n2) override {
+    if (replaying()) return;
     if (n0 * n1 * n2 == 0) return;
     copy3_kernel<<<grid_for(n0 * n1 * n2), kThreads, 0, stream_>>>(dst, d, src, s, n0, n1, n2);
     check_launch("copy");
   }
   void rms_norm(const float* x, int64_t ldx, const float* w, float* y, int64_t ldy, int64_t rows, int64_t dim,
                 float eps, bool zero_centered) override {
+    if (replaying()) return;
     if (rows == 0) return;
     rms_norm_kernel<<<unsigned(rows), row_threads(dim), 0, stream_>>>(x, ldx, w, y, ldy, dim, eps, zero_centered);
     check_launch("rms_norm");
   }
   void layer_norm(const float* x, const float* w, const float* b, float* y, int64_t rows, int64_t dim,
                   float eps) override {
+    if (replaying()) return;
     if (rows == 0) return;
     layer_norm_kernel<<<unsigned(rows), row_threads(dim), 0, stream_>>>(x, w, b, y, dim, eps);
     check_launch("layer_norm");
   }
   void gated_rms_norm(float* o, const float* gate, int64_t ld_gate, const float* w, int64_t T, int64_t heads,
                       int64_t dim, float eps, cpu::GateAct act) override {
+    if (replaying()) return;
     if (T == 0) return;
     gated_rms_norm_kernel<<<unsigned(T * heads), row_threads(dim), 0, stream_>>>(o, gate, ld_gate, w, heads, dim, eps,
                                                                                  act == cpu::GateAct::SiLU);
     check_launch("gated_rms_norm");
   }
   void l2norm(float* x, int64_t ld, int64_t T, int64_t heads, int64_t dim) override {
+    if (replaying()) return;
     l2norm_kernel<<<grid_for(T * heads * 32), kThreads, 0, stream_>>>(x, ld, T, heads, dim);
     check_launch("l2norm");
   }
   void swiglu(const float* gu, float* out, int64_t T, int64_t I) override {
+    if (replaying()) return;
     swiglu_kernel<<<grid_for(T * I), kThreads, 0, stream_>>>(gu, out, T, I);
     check_launch("swiglu");
   }
   void sigmoid_mul(float* o, const float* gate, int64_t ld_gate, int64_t ld_gate_head, int64_t T, int64_t heads,
                    int64_t dim) override {
+    if (replaying()) return;
     sigmoid_mul_kernel<<<grid_for(T * heads * dim), kThreads, 0, stream_>>>(o, gate, ld_gate, ld_gate_head, T, heads,
                                                                              dim);
     check_launch("sigmoid_mul");
   }
   void sigmoid(const float* x, int64_t ldx, float* y, int64_t T, int64_t n) override {
+    if (replaying()) return;
     sigmoid_kernel<<<grid_for(T * n), kThreads, 0, stream_>>>(x, ldx, y, T, n);
     check_launch("sigmoid");
   }
   void gate_softplus(const float* a, int64_t lda, const float* A_log, const float* dt_bias, float* g, int64_t T,
                      int64_t H, int64_t width) override {
+    if (replaying()) return;
     gate_softplus_kernel<<<grid_for(T * H * width), kThreads, 0, stream_>>>(a, lda, A_log, dt_bias, g, T, H, width);
     check_launch("gate_softplus");
   }
   void causal_conv_silu(const float* x, int64_t ldx, const float* w, float* y, int64_t C, int64_t kw,
                         const DevBatch& b, float* conv_pool) override {
+    if (replaying()) return;
     const int N = int(b.num_seqs());
     conv_kernel<<<grid_for(b.tokens() * C), kThreads, 0, stream_>>>(x, ldx, w, y, b.tokens(), C, int(kw), b.d_cu,
                                                                      b.d_slots, N, conv_pool);
@@ -573,6 +691,7 @@ class CudaDevice : public Device {
   }
   void rope(float* x, int64_t T, int64_t heads, int64_t ld_token, int64_t ld_head, const float* inv_freq, int64_t rot,
             const DevBatch& b, cpu::RopePairs pairs, float attn_factor) override {
+    if (replaying()) return;
     const int64_t half = rot / 2;
     if (T * heads * half == 0) return;
     rope_kernel<<<grid_for(T * heads * half), kThreads, 0, stream_>>>(
@@ -584,14 +703,36 @@ class CudaDevice : public Device {
   void attention(const float* q, const float* k, const float* v, float* o, int64_t n, int64_t S, int64_t nh,
                  int64_t nkv, int64_t dq, int64_t dv, float scale, int64_t window, const int32_t* selected,
                  int64_t topk) override {
+    if (replaying()) return;
     // bf16 mode rounds the operands of the tensor-core kernel as the GEMMs do; fp32 stays exact.
     if (wt_ == DType::BF16 && window == 0 && !selected &&
         attention_flash(q, k, v, o, n, S, nh, nkv, dq, dv, scale, stream_))
       return;
     attention_reference(q, k, v, o, n, S, nh, nkv, dq, dv, scale, window, selected, topk, stream_);
   }
+  void decode_attention(int64_t layer, const DevBatch& b, const float* q, const float* k, const float* v, float* o,
+                        int64_t nh, int64_t nkv, int64_t dq, int64_t dv, float scale, int64_t window) override {
+    check(dq <= 32 * kMaxHeadDimPerLane && dv <= 32 * kMaxHeadDimPerLane, "cuda attention: head dims above 256");
+    const int64_t N = b.num_seqs();
+    std::vector<float*> kp, vp;  // each sequence's rows, grown to hold its new one
+    for (int64_t i = 0; i < N; ++i) {
+      const int64_t S = b.past[size_t(i)] + 1, slot = b.slots[size_t(i)];
+      kp.push_back(cache_rows(layer, CachePart::K, slot, S, nkv * dq));
+      vp.push_back(cache_rows(layer, CachePart::V, slot, S, nkv * dv));
+    }
+    auto* kd = static_cast<float* const*>(upload(kp.data(), kp.size() * sizeof(float*)));
+    auto* vd = static_cast<float* const*>(upload(vp.data(), vp.size() * sizeof(float*)));
+    if (replaying()) return;
+    kv_append_kernel<<<grid_for(N * nkv * (dq + dv)), kThreads, 0, stream_>>>(k, v, kd, vd, b.d_pos, N, nkv * dq,
+                                                                             nkv * dv);
+    decode_attention_kernel<<<unsigned(N * nh), 32 * kDecodeWarps, 0, stream_>>>(
+        q, const_cast<const float* const*>(kd), const_cast<const float* const*>(vd), b.d_pos, o, nh, nkv, dq, dv, scale,
+        window);
+    check_launch("decode attention");
+  }
   void dsa_select(const float* iq, const float* w, const float* keys, int64_t n, int64_t S, int64_t IH, int64_t ID,
                   int64_t topk, int32_t* selected) override {
+    if (replaying()) return;
     constexpr int64_t kQueries = 256;  // queries scored at once: bounds the [queries, S] scratch
     float* score = scratch(std::min(n, kQueries) * S);
     for (int64_t t0 = 0; t0 < n; t0 += kQueries) {
@@ -605,12 +746,14 @@ class CudaDevice : public Device {
     }
   }
   void gather_rows(const float* src, const int32_t* idx, float* dst, int64_t n, int64_t D) override {
+    if (replaying()) return;
     if (n == 0) return;
     gather_rows_kernel<<<grid_for(n * D), kThreads, 0, stream_>>>(src, idx, dst, n, D);
     check_launch("gather_rows");
   }
   void scatter_add_rows(float* dst, const int32_t* idx, const float* w, const float* src, int64_t n,
                         int64_t D) override {
+    if (replaying()) return;
     if (n == 0) return;
     scatter_add_rows_kernel<<<grid_for(n * D), kThreads, 0, stream_>>>(dst, idx, w, src, n, D);
     check_launch("scatter_add_rows");
@@ -618,6 +761,33 @@ class CudaDevice : public Device {
 
  private:
   static constexpr size_t kLtWorkspace = size_t(32) << 20;
+  static constexpr size_t kStaging = size_t(16) << 20;  // pinned bytes for one forward's uploads
+  enum class Mode { Eager, Capture, Replay };
+
+  bool replaying() const { return mode_ == Mode::Replay; }
+  void drop_graphs() {
+    for (auto& [k, g] : graphs_) cudaGraphExecDestroy(g.exec);
+    graphs_.clear(), seen_.clear();
+  }
+  // Host bytes to a scratch copy on the device, through the pinned staging buffer (a recorded copy
+  // reads it at replay time; pageable memory cannot be recorded). Uploads larger than the buffer
+  // (never those of a decode step) copy from pageable memory, eagerly only.
+  void* upload(const void* src, size_t bytes) {
+    void* dst = scratch(int64_t((bytes + 3) / 4));
+    if (bytes == 0) return dst;
+    const size_t at = align_up(staged_);
+    if (at + bytes > kStaging) {
+      check(mode_ == Mode::Eager, "internal: a recorded forward uploads more than the staging buffer");
+      check_cuda(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_), "upload");
+      return dst;
+    }
+    std::memcpy(static_cast<char*>(staging_) + at, src, bytes);
+    staged_ = at + bytes;
+    if (!replaying())
+      check_cuda(cudaMemcpyAsync(dst, static_cast<char*>(staging_) + at, bytes, cudaMemcpyHostToDevice, stream_),
+                 "upload");
+    return dst;
+  }
   struct Rows {
     float* p = nullptr;
     int64_t cap = 0, width = 0;
@@ -701,7 +871,18 @@ class CudaDevice : public Device {
 
   int64_t slots_;
   DType wt_;
-  cudaStream_t stream_ = nullptr;
+  cudaStream_t stream_ = nullptr, aux_ = nullptr;  // aux_: cache growth outside the recorded work
+  void* staging_ = nullptr;
+  size_t staged_ = 0;
+  Mode mode_ = Mode::Eager;
+  int64_t key_ = -1;
+  struct Graph {
+    cudaGraphExec_t exec;
+    const float* result;  // what to_host copies back
+  };
+  std::map<int64_t, Graph> graphs_;
+  std::map<int64_t, int> seen_;
+  std::vector<void*> retired_;  // KV rows outgrown, freed at the next begin_forward
   cublasLtHandle_t lt_ = nullptr;
   void* lt_ws_ = nullptr;
   std::vector<void*> owned_;                   // weights
@@ -722,6 +903,7 @@ bool fast_delta_shape(const DeltaRuleDims& d) {
 void CudaDevice::delta_rule(const DeltaRuleDims& dims, const float* q, const float* k, const float* v, int64_t ld,
                             const float* g, const float* beta, float scale, const DevBatch& b, float* state_pool,
                             float* o) {
+  if (replaying()) return;
   const int64_t N = b.num_seqs(), T = b.tokens(), H = dims.H, HV = dims.HV, K = dims.K, V = dims.V;
   if (!fast_delta_shape(dims)) {
     check(K <= kMaxRecurrentK && V <= 1024, "cuda delta rule: K above 256 or V above 1024");
