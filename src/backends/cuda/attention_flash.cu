@@ -35,6 +35,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdlib>
 #include <cmath>
 #include <cstdint>
 #include <mutex>
@@ -50,16 +51,25 @@ using bf16 = __nv_bfloat16;
 constexpr int kBN = 64, kPad = 8;  // keys per tile; row padding (16 B) keeps ldmatrix conflict-free
 constexpr float kLog2e = 1.4426950408889634f;
 
-// The two configurations (see the top of the file). kPrefill: 8 warps, bf16 K/V via cp.async,
-// two K/V stages; otherwise 4 warps, fp32 K/V rounded on load, one stage.
-template <bool kPrefill>
+// Kernel configurations (see the top of the file): warps per block, 16-row m-tiles per warp (a
+// warp with two reuses every K/V fragment it loads from shared memory twice), whether K/V come as
+// bf16 through the two-stage cp.async pipeline (prefill) or as fp32 rounded on load (one stage),
+// and the resident blocks per SM the registers are budgeted for.
+template <int kWarps, int kMT, bool kPrefill, int kMinBlocks>
 struct Cfg {
-  static constexpr int warps = kPrefill ? 8 : 4, threads = 32 * warps, bm = 16 * warps, stages = kPrefill ? 2 : 1;
+  static constexpr int warps = kWarps, mt = kMT, threads = 32 * kWarps, bm = 16 * kMT * kWarps;
+  static constexpr int stages = kPrefill ? 2 : 1, min_blocks = kMinBlocks;
+  static constexpr bool prefill = kPrefill;
   static size_t smem(int64_t dq, int64_t dv) {
     return (size_t(bm) * size_t(dq + kPad) + size_t(stages) * kBN * size_t(dq + dv + 2 * kPad)) * sizeof(bf16);
   }
 };
-constexpr int kPrefillMinRows = 2 * Cfg<true>::bm;  // rows per kv head from which prefill pays off
+using DecodeCfg = Cfg<4, 1, false, 1>;
+using PrefillCfg = Cfg<8, 1, true, 1>;        // dv > 128: 128 accumulators a thread already
+using PrefillNarrowCfg = Cfg<4, 2, true, 2>;  // dv ≤ 128: 32 rows a warp, two blocks per SM
+using PrefillNarrow8Cfg = Cfg<8, 1, true, 2>;  // TEMP experiment
+static_assert(PrefillCfg::bm == PrefillNarrowCfg::bm, "both prefill configurations use 128-row tiles");
+constexpr int kPrefillMinRows = 2 * PrefillCfg::bm;  // rows per kv head from which prefill pays off
 
 struct FlashParams {
   const float* q;
@@ -70,7 +80,7 @@ struct FlashParams {
   float* o;    // final output (nsplit == 1)
   float* op;   // partial accumulators [nsplit][n][nh][dv] (nsplit > 1)
   float* ml;   // partial (max, sum) [nsplit][n][nh][2]
-  int n, S, nh, nkv, group, dq, R;  // R = n·group rows per kv head
+  int n, S, nh, nkv, group, R;  // R = n·group rows per kv head
   int row_tiles, tiles_per_split, nsplit;
   float scale_log2;
 };
@@ -110,9 +120,12 @@ __device__ __forceinline__ void load_tile_bf16(bf16* s, int ld, int rows, int co
   }
 }
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
-  const unsigned a = unsigned(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(a), "l"(gmem), "r"(src_bytes) : "memory");
+// Shared-memory operands are passed as 32-bit shared-window addresses: half the registers of a
+// generic pointer, no per-use conversion.
+__device__ __forceinline__ uint32_t smem_addr(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
+
+__device__ __forceinline__ void cp_async16(uint32_t smem, const void* gmem, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(src_bytes) : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N>
@@ -120,44 +133,48 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
-// kBN rows x cols bf16 (global row pitch gld elements, cols a multiple of 8) -> shared tile with
-// pitch ld, asynchronously; rows >= valid are zero-filled (src-size 0 reads nothing), so padded
-// keys contribute exact zeros to P·V.
-template <int kThreads>
-__device__ __forceinline__ void cp_tile_async(bf16* s, int ld, int cols, int valid, const bf16* g, int64_t gld) {
-  const int per_row = cols >> 3, total = kBN * per_row;
+// kBN rows x kCols bf16 (global row pitch gld elements) -> shared tile at byte address s with
+// pitch kCols + kPad, asynchronously; rows >= valid are zero-filled (src-size 0 reads nothing), so
+// padded keys contribute exact zeros to P·V.
+template <int kThreads, int kCols>
+__device__ __forceinline__ void cp_tile_async(uint32_t s, int valid, const bf16* g, int64_t gld) {
+  constexpr int per_row = kCols / 8, total = kBN * per_row;
+#pragma unroll
   for (int idx = threadIdx.x; idx < total; idx += kThreads) {
-    const int r = idx / per_row, c = (idx - r * per_row) << 3;
+    const int r = idx / per_row, c = (idx - r * per_row) * 8;
     const bool ok = r < valid;
-    cp_async16(s + r * ld + c, ok ? g + r * gld + c : g, ok ? 16 : 0);
+    cp_async16(s + uint32_t(r * (kCols + kPad) + c) * 2u, ok ? g + r * gld + c : g, ok ? 16 : 0);
   }
 }
 
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const bf16* p) {
-  const unsigned a = unsigned(__cvta_generic_to_shared(p));
+// 2^x on the SFU alone (exp2f adds a denormal-range fix-up): results below 2^-126 flush to 0,
+// far under what a bf16-rounded weight or the fp32 running sum can register.
+__device__ __forceinline__ float exp2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t a) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(a));
 }
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const bf16* p) {
-  const unsigned a = unsigned(__cvta_generic_to_shared(p));
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t a) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(a));
 }
 
-// Prefill with dv ≤ 128 asks for two resident blocks per SM (≤ 128 registers a thread), so one
-// block's barrier waits and softmax overlap the other's tensor-core work.
-template <int DV, bool kPrefill>
-__global__ void __launch_bounds__(Cfg<kPrefill>::threads, kPrefill && DV <= 128 ? 2 : 1) flash_attn_fwd(FlashParams p) {
-  using C = Cfg<kPrefill>;
-  constexpr int kThreads = C::threads, kBM = C::bm;
+template <int DQ, int DV, class C>
+__global__ void __launch_bounds__(C::threads, C::min_blocks) flash_attn_fwd(FlashParams p) {
+  constexpr int kThreads = C::threads, kBM = C::bm, MT = C::mt;
+  constexpr int ldq = DQ + kPad, ldv = DV + kPad;
+  constexpr int stage = kBN * (ldq + ldv);  // elements per K/V stage: K tile, then V tile
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int ldq = p.dq + kPad;
-  constexpr int ldv = DV + kPad;
   bf16* Qs = reinterpret_cast<bf16*>(smem_raw);
-  bf16* const kv_smem = Qs + kBM * ldq;  // stage b: K at kv_smem + b·stage, V right after it
-  const int stage = kBN * (ldq + ldv);
+  bf16* const kv_smem = Qs + kBM * ldq;
+  const uint32_t kv_addr = smem_addr(kv_smem);
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, rq = lane >> 2, qq = lane & 3;
   const int kvh = blockIdx.y, z = blockIdx.z;
@@ -167,35 +184,40 @@ __global__ void __launch_bounds__(Cfg<kPrefill>::threads, kPrefill && DV <= 128 
   const int block_maxpos = base_pos + (r0 + rows_valid - 1) / p.group;
   const int ks0 = z * p.tiles_per_split * kBN;
   const int ke = min(min(ks0 + p.tiles_per_split * kBN, p.S), block_maxpos + 1);
-  const int64_t kv_ld_q = int64_t(p.nkv) * p.dq, kv_ld_v = int64_t(p.nkv) * DV;  // K/V row pitches
 
   // Prefill: start the first K/V tile's copy before the (synchronous) Q conversion.
   auto issue_kv = [&](int b, int ks) {
-    bf16* Ks = kv_smem + b * stage;
+    const uint32_t ks_addr = kv_addr + uint32_t(b * stage) * 2u;
     const int valid = min(kBN, ke - ks);
-    cp_tile_async<kThreads>(Ks, ldq, p.dq, valid, p.kb + (int64_t(ks) * p.nkv + kvh) * p.dq, kv_ld_q);
-    cp_tile_async<kThreads>(Ks + kBN * ldq, ldv, DV, valid, p.vb + (int64_t(ks) * p.nkv + kvh) * DV, kv_ld_v);
+    const int64_t row = int64_t(ks) * p.nkv + kvh;
+    cp_tile_async<kThreads, DQ>(ks_addr, valid, p.kb + row * DQ, int64_t(p.nkv) * DQ);
+    cp_tile_async<kThreads, DV>(ks_addr + kBN * ldq * 2u, valid, p.vb + row * DV, int64_t(p.nkv) * DV);
   };
-  if constexpr (kPrefill) {
-    if (ks0 < ke) issue_kv(0, ks0);
-    cp_async_commit();
+  if constexpr (C::prefill) {
+    if (ks0 < ke) {
+      issue_kv(0, ks0);
+      cp_async_commit();
+    }
   }
 
   // Q tile (rows packed as query·group + head-in-group).
-  load_tile_bf16<kThreads>(Qs, ldq, kBM, p.dq, rows_valid, [&](int r) {
+  load_tile_bf16<kThreads>(Qs, ldq, kBM, DQ, rows_valid, [&](int r) {
     const int gr = r0 + r, i = gr / p.group, g = gr - i * p.group;
-    return p.q + (int64_t(i) * p.nh + int64_t(kvh) * p.group + g) * p.dq;
+    return p.q + (int64_t(i) * p.nh + int64_t(kvh) * p.group + g) * DQ;
   });
 
-  const int wr0 = warp * 16;
-  int pos[2];
+  // The warp owns rows wr0 .. wr0 + 16·MT − 1; m-tile mt holds rows wr0 + 16·mt + (rq, rq + 8).
+  const int wr0 = warp * 16 * MT;
+  int pos[MT][2];
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int lr = wr0 + rq + 8 * h;
-    pos[h] = lr < rows_valid ? base_pos + (r0 + lr) / p.group : -1;
-  }
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int lr = wr0 + 16 * mt + rq + 8 * h;
+      pos[mt][h] = lr < rows_valid ? base_pos + (r0 + lr) / p.group : -1;
+    }
   // Positions grow with the row, so the warp's first row sees the fewest keys and its last the most.
-  const int warp_rows = min(16, rows_valid - wr0);
+  const int warp_rows = min(16 * MT, rows_valid - wr0);
   const int warp_minpos = base_pos + (r0 + wr0) / p.group;
   const int warp_maxpos = warp_rows > 0 ? base_pos + (r0 + wr0 + warp_rows - 1) / p.group : -1;
 
@@ -203,141 +225,166 @@ __global__ void __launch_bounds__(Cfg<kPrefill>::threads, kPrefill && DV <= 128 
   // 8-15) x (k 0-7 | 8-15), row-block first. K as B (keys are B's columns, stored k-contiguous):
   // matrices (keys 0-7 | 8-15) x (k 0-7 | 8-15), k-block first, so regs {0,1} and {2,3} are the B
   // fragments of two adjacent 8-key n-tiles. V as B via .trans: (keys 0-7 | 8-15) x (cols 0-7 | 8-15).
-  const bf16* qa = Qs + (wr0 + (lane & 7) + ((lane >> 3) & 1) * 8) * ldq + (lane >> 4) * 8;
-  const int k_off = ((lane & 7) + (lane >> 4) * 8) * ldq + ((lane >> 3) & 1) * 8;
-  const int v_off = ((lane & 7) + ((lane >> 3) & 1) * 8) * ldv + (lane >> 4) * 8;
+  const uint32_t qa = smem_addr(Qs + (wr0 + (lane & 7) + ((lane >> 3) & 1) * 8) * ldq + (lane >> 4) * 8);
+  const uint32_t k_off = uint32_t(((lane & 7) + (lane >> 4) * 8) * ldq + ((lane >> 3) & 1) * 8) * 2u;
+  const uint32_t v_off = uint32_t(kBN * ldq + ((lane & 7) + ((lane >> 3) & 1) * 8) * ldv + (lane >> 4) * 8) * 2u;
 
-  float acc[DV / 8][4];
+  float acc[MT][DV / 8][4];
 #pragma unroll
-  for (int t = 0; t < DV / 8; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int t = 0; t < DV / 8; ++t) acc[mt][t][0] = acc[mt][t][1] = acc[mt][t][2] = acc[mt][t][3] = 0.f;
+  float m[MT][2], l[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) m[mt][0] = m[mt][1] = -INFINITY, l[mt][0] = l[mt][1] = 0.f;
 
   int buf = 0;
   for (int ks = ks0; ks < ke; ks += kBN) {
-    const bf16* Ks = kv_smem + buf * stage;
-    const bf16* Vs = Ks + kBN * ldq;
-    if constexpr (kPrefill) {
-      // The other stage was last read in the previous iteration, which ended with a barrier.
-      if (ks + kBN < ke) issue_kv(buf ^ 1, ks + kBN);
-      cp_async_commit();  // possibly empty: keeps "all but the newest group" = this tile
-      cp_async_wait<1>();
-      __syncthreads();  // this tile (and, first time, Q) visible to every warp
+    const uint32_t ks_addr = kv_addr + uint32_t(buf * stage) * 2u;  // this tile's K (V follows it)
+    if constexpr (C::prefill) {
+      // One barrier per tile: past it, every thread's copies of this tile (and, first time, Q's
+      // stores) are visible, and every warp is done with the other stage (the previous tile), so
+      // the next tile's copy can start there and overlap this tile's math.
+      cp_async_wait<0>();
+      __syncthreads();
+      if (ks + kBN < ke) {
+        issue_kv(buf ^ 1, ks + kBN);
+        cp_async_commit();
+      }
     } else {
       __syncthreads();  // previous tile consumed (first pass: nothing to wait for but Q's stores)
       const int kv_valid = min(kBN, ke - ks);
-      load_tile_bf16<kThreads>(kv_smem, ldq, kBN, p.dq, kv_valid,
-                               [&](int r) { return p.k + (int64_t(ks + r) * p.nkv + kvh) * p.dq; });
+      load_tile_bf16<kThreads>(kv_smem, ldq, kBN, DQ, kv_valid,
+                               [&](int r) { return p.k + (int64_t(ks + r) * p.nkv + kvh) * DQ; });
       load_tile_bf16<kThreads>(kv_smem + kBN * ldq, ldv, kBN, DV, kv_valid,
                                [&](int r) { return p.v + (int64_t(ks + r) * p.nkv + kvh) * DV; });
       __syncthreads();
     }
 
     if (ks <= warp_maxpos) {  // warp-uniform: otherwise every key of the tile is in this warp's future
-      float s[kBN / 8][4];
+      // S = Q·Kᵀ; each K fragment serves all MT m-tiles.
+      float s[MT][kBN / 8][4];
 #pragma unroll
-      for (int t = 0; t < kBN / 8; ++t) s[t][0] = s[t][1] = s[t][2] = s[t][3] = 0.f;
-#pragma unroll 2
-      for (int k0 = 0; k0 < p.dq; k0 += 16) {
-        uint32_t a[4];
-        ldmatrix_x4(a, qa + k0);
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int t = 0; t < kBN / 8; ++t) s[mt][t][0] = s[mt][t][1] = s[mt][t][2] = s[mt][t][3] = 0.f;
+#pragma unroll
+      for (int k0 = 0; k0 < DQ; k0 += 16) {
+        uint32_t a[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(a[mt], qa + uint32_t(16 * mt * ldq + k0) * 2u);
 #pragma unroll
         for (int j = 0; j < kBN / 16; ++j) {
           uint32_t b[4];
-          ldmatrix_x4(b, Ks + j * 16 * ldq + k_off + k0);
+          ldmatrix_x4(b, ks_addr + k_off + uint32_t(j * 16 * ldq + k0) * 2u);
           const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
-          mma_bf16(s[2 * j], a, b0);
-          mma_bf16(s[2 * j + 1], a, b1);
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            mma_bf16(s[mt][2 * j], a[mt], b0);
+            mma_bf16(s[mt][2 * j + 1], a[mt], b1);
+          }
         }
       }
 
       // Only a tile reaching past the warp's first row's position, or past the key range, needs
       // the causal/range mask; the others are fully visible to every row of the warp.
       const bool masked = ks + kBN > min(ke, warp_minpos + 1);
-      float tmax[2] = {-INFINITY, -INFINITY};
+      uint32_t pa[MT][kBN / 8][2];
 #pragma unroll
-      for (int t = 0; t < kBN / 8; ++t)
+      for (int mt = 0; mt < MT; ++mt) {
+        float tmax[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int j = ks + 8 * t + 2 * qq + (e & 1), h = e >> 1;
-          const float x = (!masked || (j <= pos[h] && j < ke)) ? s[t][e] * p.scale_log2 : -INFINITY;
-          s[t][e] = x;
-          tmax[h] = fmaxf(tmax[h], x);
-        }
-      float mu[2], alpha[2];
+        for (int t = 0; t < kBN / 8; ++t)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        tmax[h] = fmaxf(tmax[h], __shfl_xor_sync(0xffffffffu, tmax[h], 1));
-        tmax[h] = fmaxf(tmax[h], __shfl_xor_sync(0xffffffffu, tmax[h], 2));
-        const float mn = fmaxf(m[h], tmax[h]);
-        mu[h] = mn == -INFINITY ? 0.f : mn;  // a row with nothing visible yet: keep everything at 0
-        alpha[h] = exp2f(m[h] - mu[h]);
-        m[h] = mn;
-      }
-      uint32_t pa[kBN / 8][2];
-      float rs[2] = {0.f, 0.f};
-#pragma unroll
-      for (int t = 0; t < kBN / 8; ++t)
+          for (int e = 0; e < 4; ++e) {
+            const int j = ks + 8 * t + 2 * qq + (e & 1), h = e >> 1;
+            const float x =
+                (!masked || (j <= pos[mt][h] && j < ke)) ? s[mt][t][e] * p.scale_log2 : -INFINITY;
+            s[mt][t][e] = x;
+            tmax[h] = fmaxf(tmax[h], x);
+          }
+        float mu[2], alpha[2];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          __nv_bfloat162 pv =
-              __floats2bfloat162_rn(exp2f(s[t][2 * h] - mu[h]), exp2f(s[t][2 * h + 1] - mu[h]));
-          pa[t][h] = reinterpret_cast<uint32_t&>(pv);
-          rs[h] += __low2float(pv) + __high2float(pv);
+          tmax[h] = fmaxf(tmax[h], __shfl_xor_sync(0xffffffffu, tmax[h], 1));
+          tmax[h] = fmaxf(tmax[h], __shfl_xor_sync(0xffffffffu, tmax[h], 2));
+          const float mn = fmaxf(m[mt][h], tmax[h]);
+          mu[h] = mn == -INFINITY ? 0.f : mn;  // a row with nothing visible yet: keep everything at 0
+          alpha[h] = exp2_ftz(m[mt][h] - mu[h]);
+          m[mt][h] = mn;
         }
+        float rs[2] = {0.f, 0.f};
 #pragma unroll
-      for (int h = 0; h < 2; ++h) l[h] = l[h] * alpha[h] + rs[h];
+        for (int t = 0; t < kBN / 8; ++t)
 #pragma unroll
-      for (int t = 0; t < DV / 8; ++t)
+          for (int h = 0; h < 2; ++h) {
+            __nv_bfloat162 pv = __floats2bfloat162_rn(exp2_ftz(s[mt][t][2 * h] - mu[h]),
+                                                      exp2_ftz(s[mt][t][2 * h + 1] - mu[h]));
+            pa[mt][t][h] = reinterpret_cast<uint32_t&>(pv);
+            rs[h] += __low2float(pv) + __high2float(pv);
+          }
 #pragma unroll
-        for (int e = 0; e < 4; ++e) acc[t][e] *= alpha[e >> 1];
+        for (int h = 0; h < 2; ++h) l[mt][h] = l[mt][h] * alpha[h] + rs[h];
+#pragma unroll
+        for (int t = 0; t < DV / 8; ++t)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[mt][t][e] *= alpha[e >> 1];
+      }
 
-      // O += P·V: P's accumulator fragments are the A fragments; V's B fragments via ldmatrix.trans.
+      // O += P·V: P's accumulator fragments are the A fragments; V's B fragments via ldmatrix.trans,
+      // each serving all MT m-tiles.
 #pragma unroll
       for (int kk = 0; kk < kBN / 16; ++kk) {
-        const uint32_t a[4] = {pa[2 * kk][0], pa[2 * kk][1], pa[2 * kk + 1][0], pa[2 * kk + 1][1]};
-        const bf16* vb = Vs + kk * 16 * ldv + v_off;
+        uint32_t a[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          a[mt][0] = pa[mt][2 * kk][0], a[mt][1] = pa[mt][2 * kk][1];
+          a[mt][2] = pa[mt][2 * kk + 1][0], a[mt][3] = pa[mt][2 * kk + 1][1];
+        }
+        const uint32_t vb = ks_addr + v_off + uint32_t(kk * 16 * ldv) * 2u;
 #pragma unroll
         for (int n2 = 0; n2 < DV / 16; ++n2) {
           uint32_t b[4];
-          ldmatrix_x4_trans(b, vb + n2 * 16);
+          ldmatrix_x4_trans(b, vb + n2 * 32);
           const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
-          mma_bf16(acc[2 * n2], a, b0);
-          mma_bf16(acc[2 * n2 + 1], a, b1);
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            mma_bf16(acc[mt][2 * n2], a[mt], b0);
+            mma_bf16(acc[mt][2 * n2 + 1], a[mt], b1);
+          }
         }
       }
     }
-    if constexpr (kPrefill) {
-      __syncthreads();  // this stage is refilled by the next iteration's copy
-      buf ^= 1;
-    }
+    if constexpr (C::prefill) buf ^= 1;
   }
 
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
-    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
-  }
+  for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int lr = wr0 + rq + 8 * h;
-    if (lr >= rows_valid) continue;
-    const int gr = r0 + lr, i = gr / p.group, g = gr - i * p.group;
-    const int64_t row = int64_t(i) * p.nh + int64_t(kvh) * p.group + g;
-    if (p.nsplit == 1) {
-      const float inv = 1.f / l[h];
-      float* out = p.o + row * DV + 2 * qq;
+    for (int h = 0; h < 2; ++h) {
+      float lh = l[mt][h];
+      lh += __shfl_xor_sync(0xffffffffu, lh, 1);
+      lh += __shfl_xor_sync(0xffffffffu, lh, 2);
+      const int lr = wr0 + 16 * mt + rq + 8 * h;
+      if (lr >= rows_valid) continue;
+      const int gr = r0 + lr, i = gr / p.group, g = gr - i * p.group;
+      const int64_t row = int64_t(i) * p.nh + int64_t(kvh) * p.group + g;
+      if (p.nsplit == 1) {
+        const float inv = 1.f / lh;
+        float* out = p.o + row * DV + 2 * qq;
 #pragma unroll
-      for (int t = 0; t < DV / 8; ++t)
-        *reinterpret_cast<float2*>(out + 8 * t) = make_float2(acc[t][2 * h] * inv, acc[t][2 * h + 1] * inv);
-    } else {
-      const int64_t prow = int64_t(z) * p.n * p.nh + row;
-      float* out = p.op + prow * DV + 2 * qq;
+        for (int t = 0; t < DV / 8; ++t)
+          *reinterpret_cast<float2*>(out + 8 * t) =
+              make_float2(acc[mt][t][2 * h] * inv, acc[mt][t][2 * h + 1] * inv);
+      } else {
+        const int64_t prow = int64_t(z) * p.n * p.nh + row;
+        float* out = p.op + prow * DV + 2 * qq;
 #pragma unroll
-      for (int t = 0; t < DV / 8; ++t)
-        *reinterpret_cast<float2*>(out + 8 * t) = make_float2(acc[t][2 * h], acc[t][2 * h + 1]);
-      if (qq == 0) *reinterpret_cast<float2*>(p.ml + prow * 2) = make_float2(m[h], l[h]);
+        for (int t = 0; t < DV / 8; ++t)
+          *reinterpret_cast<float2*>(out + 8 * t) = make_float2(acc[mt][t][2 * h], acc[mt][t][2 * h + 1]);
+        if (qq == 0) *reinterpret_cast<float2*>(p.ml + prow * 2) = make_float2(m[mt][h], lh);
+      }
     }
-  }
 }
 
 // o[row][d] = Σ_z 2^(m_z − m*)·acc_z[row][d] / Σ_z 2^(m_z − m*)·l_z, splits in order.
@@ -394,24 +441,45 @@ float* split_workspace(int dev, size_t bound_floats) {
   return ws[dev];
 }
 
-template <int DV, bool kPrefill>
-void launch(const FlashParams& p, size_t smem, cudaStream_t stream) {
-  const auto kernel = flash_attn_fwd<DV, kPrefill>;
+template <int DQ, int DV, class C>
+void launch_cfg(const FlashParams& p, cudaStream_t stream) {
+  const auto kernel = flash_attn_fwd<DQ, DV, C>;
+  const size_t smem = C::smem(DQ, DV);
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
              "attention_flash: smem attribute");
   const dim3 grid(unsigned(p.row_tiles), unsigned(p.nkv), unsigned(p.nsplit));
-  kernel<<<grid, Cfg<kPrefill>::threads, smem, stream>>>(p);
+  kernel<<<grid, C::threads, smem, stream>>>(p);
   check_cuda(cudaGetLastError(), "attention_flash");
 }
 
-template <bool kPrefill>
+// The configuration of a (dv, prefill) pair.
+bool narrow_mt2() { static const bool v = getenv("HLA_FA_NARROW8") == nullptr; return v; }  // TEMP experiment
+template <int DQ, int DV, bool kPrefill>
+void launch(const FlashParams& p, cudaStream_t stream) {
+  if constexpr (!kPrefill) launch_cfg<DQ, DV, DecodeCfg>(p, stream);
+  else if constexpr (DV > 128) launch_cfg<DQ, DV, PrefillCfg>(p, stream);
+  else if (narrow_mt2()) launch_cfg<DQ, DV, PrefillNarrowCfg>(p, stream);
+  else launch_cfg<DQ, DV, PrefillNarrow8Cfg>(p, stream);
+}
+
+// Both head dims are compile-time: the Q·Kᵀ loop unrolls and the tile copies' index math folds.
+template <int DQ, bool kPrefill>
 void launch_dv(const FlashParams& p, int64_t dv, cudaStream_t stream) {
-  const size_t smem = Cfg<kPrefill>::smem(p.dq, dv);
   switch (dv) {
-    case 64: launch<64, kPrefill>(p, smem, stream); break;
-    case 128: launch<128, kPrefill>(p, smem, stream); break;
-    case 192: launch<192, kPrefill>(p, smem, stream); break;
-    default: launch<256, kPrefill>(p, smem, stream); break;
+    case 64: launch<DQ, 64, kPrefill>(p, stream); break;
+    case 128: launch<DQ, 128, kPrefill>(p, stream); break;
+    case 192: launch<DQ, 192, kPrefill>(p, stream); break;
+    default: launch<DQ, 256, kPrefill>(p, stream); break;
+  }
+}
+
+template <bool kPrefill>
+void launch_dims(const FlashParams& p, int64_t dq, int64_t dv, cudaStream_t stream) {
+  switch (dq) {
+    case 64: launch_dv<64, kPrefill>(p, dv, stream); break;
+    case 128: launch_dv<128, kPrefill>(p, dv, stream); break;
+    case 192: launch_dv<192, kPrefill>(p, dv, stream); break;
+    default: launch_dv<256, kPrefill>(p, dv, stream); break;
   }
 }
 
@@ -438,7 +506,7 @@ bool attention_flash(const float* q, const float* k, const float* v, float* o, i
   check_cuda(cudaGetDevice(&dev), "attention_flash: device");
   const int64_t group = nh / nkv, R = n * group;
   const bool prefill = R >= kPrefillMinRows;
-  const int64_t bm = prefill ? Cfg<true>::bm : Cfg<false>::bm;
+  const int64_t bm = prefill ? PrefillCfg::bm : DecodeCfg::bm;
   const int64_t row_tiles = (R + bm - 1) / bm, ntiles = (S + kBN - 1) / kBN;
   const int64_t base = row_tiles * nkv, target = 2 * int64_t(sm_count(dev));
   int64_t nsplit = 1, tps = ntiles;
@@ -450,7 +518,7 @@ bool attention_flash(const float* q, const float* k, const float* v, float* o, i
 
   FlashParams p{};
   p.q = q, p.k = k, p.v = v, p.o = o;
-  p.n = int(n), p.S = int(S), p.nh = int(nh), p.nkv = int(nkv), p.group = int(group), p.dq = int(dq);
+  p.n = int(n), p.S = int(S), p.nh = int(nh), p.nkv = int(nkv), p.group = int(group);
   p.R = int(R), p.row_tiles = int(row_tiles), p.tiles_per_split = int(tps), p.nsplit = int(nsplit);
   p.scale_log2 = scale * kLog2e;
   void* scratch = nullptr;
@@ -471,7 +539,7 @@ bool attention_flash(const float* q, const float* k, const float* v, float* o, i
       p.ml = p.op + size_t(nsplit) * size_t(n * nh) * size_t(dv);
     }
   } else if (nsplit > 1) {
-    const size_t bound = size_t(Cfg<false>::bm) * size_t(2 * target) * (256 + 2);
+    const size_t bound = size_t(DecodeCfg::bm) * size_t(2 * target) * (256 + 2);
     const size_t need = size_t(nsplit) * size_t(n * nh) * size_t(dv + 2);
     if (need > bound) return false;  // cannot happen under the split rule; kept as a guard
     float* ws = split_workspace(dev, bound);
@@ -480,8 +548,8 @@ bool attention_flash(const float* q, const float* k, const float* v, float* o, i
     p.ml = ws + size_t(nsplit) * size_t(n * nh) * size_t(dv);
   }
 
-  if (prefill) launch_dv<true>(p, dv, stream);
-  else launch_dv<false>(p, dv, stream);
+  if (prefill) launch_dims<true>(p, dq, dv, stream);
+  else launch_dims<false>(p, dq, dv, stream);
   if (nsplit > 1) {
     const int64_t rows = n * nh, total = rows * dv;
     const int threads = 256;

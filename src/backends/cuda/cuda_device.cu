@@ -9,6 +9,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -432,6 +434,10 @@ class CudaDevice : public Device {
       if (g) cudaGraphDestroy(g);
     }
     cudaStreamSynchronize(stream_);
+    if (profile_) {
+      collect_profile();
+      print_profile();
+    }
     drop_graphs();
     plans_.clear();
     for (void* p : retired_) cudaFree(p);
@@ -483,6 +489,10 @@ class CudaDevice : public Device {
     }
     mode_ = Mode::Eager;
     check_cuda(cudaStreamSynchronize(stream_), "sync");
+    if (profile_) {
+      collect_profile();
+      replay_key = -1;
+    }
     for (void* p : retired_) cudaFree(p);
     retired_.clear();
     if (chunks_.size() > 1) {  // last forward outgrew the arena: one chunk of the peak for the next
@@ -524,7 +534,8 @@ class CudaDevice : public Device {
     return static_cast<const float*>(upload(v.data(), v.size() * 4));
   }
   void zero(float* p, int64_t n) override {
-    if (replaying()) return;
+    const OpScope op(*this, "zero");
+    if (op.skip) return;
     check_cuda(cudaMemsetAsync(p, 0, size_t(n) * 4, stream_), "memset");
   }
   void to_host(const float* src, float* dst, int64_t n) override {
@@ -597,7 +608,8 @@ class CudaDevice : public Device {
   }
 
   void linear(const float* x, int64_t ldx, const DevMatrix& W, float* y, int64_t M) override {
-    if (replaying()) return;
+    const OpScope op(*this, "linear");
+    if (op.skip) return;
     if (M == 0) return;
     const void* b = x;
     int64_t ldb = ldx;
@@ -610,7 +622,8 @@ class CudaDevice : public Device {
     gemm(W, b, ldb, y, M);
   }
   void embed(const DevMatrix& table, const int32_t* ids, float* out, int64_t T) override {
-    if (replaying()) return;
+    const OpScope op(*this, "embed");
+    if (op.skip) return;
     if (wt_ == DType::BF16)
       embed_kernel<<<grid_for(T * table.cols), kThreads, 0, stream_>>>(static_cast<const __nv_bfloat16*>(table.p), ids,
                                                                        out, T, table.cols);
@@ -620,69 +633,80 @@ class CudaDevice : public Device {
     check_launch("embed");
   }
   void add(float* h, const float* y, int64_t n) override {
-    if (replaying()) return;
+    const OpScope op(*this, "add");
+    if (op.skip) return;
     add_kernel<<<grid_for(n), kThreads, 0, stream_>>>(h, y, n);
     check_launch("add");
   }
   void copy(float* dst, Strides d, const float* src, Strides s, int64_t n0, int64_t n1, int64_t n2) override {
-    if (replaying()) return;
+    const OpScope op(*this, "copy");
+    if (op.skip) return;
     if (n0 * n1 * n2 == 0) return;
     copy3_kernel<<<grid_for(n0 * n1 * n2), kThreads, 0, stream_>>>(dst, d, src, s, n0, n1, n2);
     check_launch("copy");
   }
   void rms_norm(const float* x, int64_t ldx, const float* w, float* y, int64_t ldy, int64_t rows, int64_t dim,
                 float eps, bool zero_centered) override {
-    if (replaying()) return;
+    const OpScope op(*this, "rms_norm");
+    if (op.skip) return;
     if (rows == 0) return;
     rms_norm_kernel<<<unsigned(rows), row_threads(dim), 0, stream_>>>(x, ldx, w, y, ldy, dim, eps, zero_centered);
     check_launch("rms_norm");
   }
   void layer_norm(const float* x, const float* w, const float* b, float* y, int64_t rows, int64_t dim,
                   float eps) override {
-    if (replaying()) return;
+    const OpScope op(*this, "layer_norm");
+    if (op.skip) return;
     if (rows == 0) return;
     layer_norm_kernel<<<unsigned(rows), row_threads(dim), 0, stream_>>>(x, w, b, y, dim, eps);
     check_launch("layer_norm");
   }
   void gated_rms_norm(float* o, const float* gate, int64_t ld_gate, const float* w, int64_t T, int64_t heads,
                       int64_t dim, float eps, cpu::GateAct act) override {
-    if (replaying()) return;
+    const OpScope op(*this, "gated_rms_norm");
+    if (op.skip) return;
     if (T == 0) return;
     gated_rms_norm_kernel<<<unsigned(T * heads), row_threads(dim), 0, stream_>>>(o, gate, ld_gate, w, heads, dim, eps,
                                                                                  act == cpu::GateAct::SiLU);
     check_launch("gated_rms_norm");
   }
   void l2norm(float* x, int64_t ld, int64_t T, int64_t heads, int64_t dim) override {
-    if (replaying()) return;
+    const OpScope op(*this, "l2norm");
+    if (op.skip) return;
     l2norm_kernel<<<grid_for(T * heads * 32), kThreads, 0, stream_>>>(x, ld, T, heads, dim);
     check_launch("l2norm");
   }
   void swiglu(const float* gu, float* out, int64_t T, int64_t I) override {
-    if (replaying()) return;
+    const OpScope op(*this, "swiglu");
+    if (op.skip) return;
     swiglu_kernel<<<grid_for(T * I), kThreads, 0, stream_>>>(gu, out, T, I);
     check_launch("swiglu");
   }
   void sigmoid_mul(float* o, const float* gate, int64_t ld_gate, int64_t ld_gate_head, int64_t T, int64_t heads,
                    int64_t dim) override {
-    if (replaying()) return;
+    const OpScope op(*this, "sigmoid_mul");
+    if (op.skip) return;
     sigmoid_mul_kernel<<<grid_for(T * heads * dim), kThreads, 0, stream_>>>(o, gate, ld_gate, ld_gate_head, T, heads,
                                                                              dim);
     check_launch("sigmoid_mul");
   }
   void sigmoid(const float* x, int64_t ldx, float* y, int64_t T, int64_t n) override {
-    if (replaying()) return;
+    const OpScope op(*this, "sigmoid");
+    if (op.skip) return;
     sigmoid_kernel<<<grid_for(T * n), kThreads, 0, stream_>>>(x, ldx, y, T, n);
     check_launch("sigmoid");
   }
   void gate_softplus(const float* a, int64_t lda, const float* A_log, const float* dt_bias, float* g, int64_t T,
                      int64_t H, int64_t width) override {
-    if (replaying()) return;
+    const OpScope op(*this, "gate_softplus");
+    if (op.skip) return;
     gate_softplus_kernel<<<grid_for(T * H * width), kThreads, 0, stream_>>>(a, lda, A_log, dt_bias, g, T, H, width);
     check_launch("gate_softplus");
   }
   void causal_conv_silu(const float* x, int64_t ldx, const float* w, float* y, int64_t C, int64_t kw,
                         const DevBatch& b, float* conv_pool) override {
-    if (replaying()) return;
+    const OpScope op(*this, "causal_conv_silu");
+    if (op.skip) return;
     const int N = int(b.num_seqs());
     conv_kernel<<<grid_for(b.tokens() * C), kThreads, 0, stream_>>>(x, ldx, w, y, b.tokens(), C, int(kw), b.d_cu,
                                                                      b.d_slots, N, conv_pool);
@@ -691,7 +715,8 @@ class CudaDevice : public Device {
   }
   void rope(float* x, int64_t T, int64_t heads, int64_t ld_token, int64_t ld_head, const float* inv_freq, int64_t rot,
             const DevBatch& b, cpu::RopePairs pairs, float attn_factor) override {
-    if (replaying()) return;
+    const OpScope op(*this, "rope");
+    if (op.skip) return;
     const int64_t half = rot / 2;
     if (T * heads * half == 0) return;
     rope_kernel<<<grid_for(T * heads * half), kThreads, 0, stream_>>>(
@@ -703,7 +728,8 @@ class CudaDevice : public Device {
   void attention(const float* q, const float* k, const float* v, float* o, int64_t n, int64_t S, int64_t nh,
                  int64_t nkv, int64_t dq, int64_t dv, float scale, int64_t window, const int32_t* selected,
                  int64_t topk) override {
-    if (replaying()) return;
+    const OpScope op(*this, "attention");
+    if (op.skip) return;
     // bf16 mode rounds the operands of the tensor-core kernel as the GEMMs do; fp32 stays exact.
     if (wt_ == DType::BF16 && window == 0 && !selected &&
         attention_flash(q, k, v, o, n, S, nh, nkv, dq, dv, scale, stream_))
@@ -722,7 +748,8 @@ class CudaDevice : public Device {
     }
     auto* kd = static_cast<float* const*>(upload(kp.data(), kp.size() * sizeof(float*)));
     auto* vd = static_cast<float* const*>(upload(vp.data(), vp.size() * sizeof(float*)));
-    if (replaying()) return;
+    const OpScope op(*this, "decode_attention");
+    if (op.skip) return;
     kv_append_kernel<<<grid_for(N * nkv * (dq + dv)), kThreads, 0, stream_>>>(k, v, kd, vd, b.d_pos, N, nkv * dq,
                                                                              nkv * dv);
     decode_attention_kernel<<<unsigned(N * nh), 32 * kDecodeWarps, 0, stream_>>>(
@@ -732,7 +759,8 @@ class CudaDevice : public Device {
   }
   void dsa_select(const float* iq, const float* w, const float* keys, int64_t n, int64_t S, int64_t IH, int64_t ID,
                   int64_t topk, int32_t* selected) override {
-    if (replaying()) return;
+    const OpScope op(*this, "dsa_select");
+    if (op.skip) return;
     constexpr int64_t kQueries = 256;  // queries scored at once: bounds the [queries, S] scratch
     float* score = scratch(std::min(n, kQueries) * S);
     for (int64_t t0 = 0; t0 < n; t0 += kQueries) {
@@ -746,14 +774,16 @@ class CudaDevice : public Device {
     }
   }
   void gather_rows(const float* src, const int32_t* idx, float* dst, int64_t n, int64_t D) override {
-    if (replaying()) return;
+    const OpScope op(*this, "gather_rows");
+    if (op.skip) return;
     if (n == 0) return;
     gather_rows_kernel<<<grid_for(n * D), kThreads, 0, stream_>>>(src, idx, dst, n, D);
     check_launch("gather_rows");
   }
   void scatter_add_rows(float* dst, const int32_t* idx, const float* w, const float* src, int64_t n,
                         int64_t D) override {
-    if (replaying()) return;
+    const OpScope op(*this, "scatter_add_rows");
+    if (op.skip) return;
     if (n == 0) return;
     scatter_add_rows_kernel<<<grid_for(n * D), kThreads, 0, stream_>>>(dst, idx, w, src, n, D);
     check_launch("scatter_add_rows");
@@ -765,6 +795,51 @@ class CudaDevice : public Device {
   enum class Mode { Eager, Capture, Replay };
 
   bool replaying() const { return mode_ == Mode::Replay; }
+
+  // Each operation's GPU time when HLA_CUDA_PROFILE is set (forwards then run eagerly, no graphs),
+  // summed per operation and printed to stderr when the device closes. skip: the operation is part
+  // of a graph being replayed, nothing to launch.
+  struct OpScope {
+    CudaDevice& d;
+    const char* name;
+    bool skip;
+    cudaEvent_t start = nullptr;
+    OpScope(CudaDevice& dev, const char* n) : d(dev), name(n), skip(dev.replaying()) {
+      if (skip || !dev.profile_) return;
+      cudaEventCreate(&start);
+      cudaEventRecord(start, dev.stream_);
+    }
+    ~OpScope() {
+      if (!start) return;
+      cudaEvent_t end = nullptr;
+      cudaEventCreate(&end);
+      cudaEventRecord(end, d.stream_);
+      d.timed_.push_back({name, start, end});
+    }
+  };
+  struct Timed {
+    const char* name;
+    cudaEvent_t start, end;
+  };
+  void collect_profile() {  // after a stream sync
+    for (auto& t : timed_) {
+      float ms = 0;
+      cudaEventElapsedTime(&ms, t.start, t.end);
+      auto& [calls, total] = profile_ms_[t.name];
+      ++calls, total += ms;
+      cudaEventDestroy(t.start), cudaEventDestroy(t.end);
+    }
+    timed_.clear();
+  }
+  void print_profile() const {
+    double all = 0;
+    for (auto& [name, ct] : profile_ms_) all += ct.second;
+    std::fprintf(stderr, "hla: cuda profile (GPU ms per operation, all forwards)\n%-18s %9s %11s %6s\n", "operation",
+                 "calls", "ms", "%");
+    for (auto& [name, ct] : profile_ms_)
+      std::fprintf(stderr, "%-18s %9lld %11.3f %6.1f\n", name.c_str(), (long long)ct.first, ct.second,
+                   100.0 * ct.second / std::max(all, 1e-9));
+  }
   void drop_graphs() {
     for (auto& [k, g] : graphs_) cudaGraphExecDestroy(g.exec);
     graphs_.clear(), seen_.clear();
@@ -883,6 +958,9 @@ class CudaDevice : public Device {
   std::map<int64_t, Graph> graphs_;
   std::map<int64_t, int> seen_;
   std::vector<void*> retired_;  // KV rows outgrown, freed at the next begin_forward
+  bool profile_ = std::getenv("HLA_CUDA_PROFILE") != nullptr;
+  std::vector<Timed> timed_;
+  std::map<std::string, std::pair<int64_t, double>> profile_ms_;
   cublasLtHandle_t lt_ = nullptr;
   void* lt_ws_ = nullptr;
   std::vector<void*> owned_;                   // weights
@@ -903,7 +981,8 @@ bool fast_delta_shape(const DeltaRuleDims& d) {
 void CudaDevice::delta_rule(const DeltaRuleDims& dims, const float* q, const float* k, const float* v, int64_t ld,
                             const float* g, const float* beta, float scale, const DevBatch& b, float* state_pool,
                             float* o) {
-  if (replaying()) return;
+  const OpScope op(*this, "delta_rule");
+  if (op.skip) return;
   const int64_t N = b.num_seqs(), T = b.tokens(), H = dims.H, HV = dims.HV, K = dims.K, V = dims.V;
   if (!fast_delta_shape(dims)) {
     check(K <= kMaxRecurrentK && V <= 1024, "cuda delta rule: K above 256 or V above 1024");
