@@ -10,15 +10,16 @@
 // Only tiles that cross the causal diagonal (or the end of the key range) are masked.
 //
 // Two configurations of the same kernel:
-//   prefill (n·group ≥ 256 rows per kv head): 128-row tiles (8 warps) so each K/V tile feeds
-//     twice the rows; K and V are first rounded to bf16 into a stream-ordered scratch buffer
+//   prefill (n·group ≥ 256 rows per kv head): 128-row tiles (8 warps; two blocks per SM where
+//     dv ≤ 128) so each K/V tile feeds twice the rows; K and V are first rounded to bf16 into a stream-ordered scratch buffer
 //     (one cheap elementwise pass; every K/V row is then read by many row tiles at half the
 //     bytes), and the kernel streams them with cp.async into double-buffered shared tiles, so the
 //     next tile's copy overlaps the current tile's math;
 //   decode (fewer rows): 64-row tiles (4 warps) reading the fp32 K/V directly and rounding them
 //     on the way to shared memory: each key is read about once, so a conversion pass would only
 //     add traffic.
-// Q is always rounded to bf16 as it is loaded (once per block).
+// Q is always rounded to bf16 as it is loaded (once per block). Both head dims are template
+// parameters (every supported pair is instantiated) so the loops unroll and the index math folds.
 //
 // Flash-decoding: where (row tiles × kv heads) leave the GPU short of blocks (decode, short
 // chunks), the keys are split over blockIdx.z into ranges of whole tiles; each split writes its
@@ -35,7 +36,6 @@
 
 #include <algorithm>
 #include <climits>
-#include <cstdlib>
 #include <cmath>
 #include <cstdint>
 #include <mutex>
@@ -51,25 +51,16 @@ using bf16 = __nv_bfloat16;
 constexpr int kBN = 64, kPad = 8;  // keys per tile; row padding (16 B) keeps ldmatrix conflict-free
 constexpr float kLog2e = 1.4426950408889634f;
 
-// Kernel configurations (see the top of the file): warps per block, 16-row m-tiles per warp (a
-// warp with two reuses every K/V fragment it loads from shared memory twice), whether K/V come as
-// bf16 through the two-stage cp.async pipeline (prefill) or as fp32 rounded on load (one stage),
-// and the resident blocks per SM the registers are budgeted for.
-template <int kWarps, int kMT, bool kPrefill, int kMinBlocks>
+// The two configurations (see the top of the file). kPrefill: 8 warps, bf16 K/V via cp.async,
+// two K/V stages; otherwise 4 warps, fp32 K/V rounded on load, one stage.
+template <bool kPrefill>
 struct Cfg {
-  static constexpr int warps = kWarps, mt = kMT, threads = 32 * kWarps, bm = 16 * kMT * kWarps;
-  static constexpr int stages = kPrefill ? 2 : 1, min_blocks = kMinBlocks;
-  static constexpr bool prefill = kPrefill;
+  static constexpr int warps = kPrefill ? 8 : 4, threads = 32 * warps, bm = 16 * warps, stages = kPrefill ? 2 : 1;
   static size_t smem(int64_t dq, int64_t dv) {
     return (size_t(bm) * size_t(dq + kPad) + size_t(stages) * kBN * size_t(dq + dv + 2 * kPad)) * sizeof(bf16);
   }
 };
-using DecodeCfg = Cfg<4, 1, false, 1>;
-using PrefillCfg = Cfg<8, 1, true, 1>;        // dv > 128: 128 accumulators a thread already
-using PrefillNarrowCfg = Cfg<4, 2, true, 2>;  // dv ≤ 128: 32 rows a warp, two blocks per SM
-using PrefillNarrow8Cfg = Cfg<8, 1, true, 2>;  // TEMP experiment
-static_assert(PrefillCfg::bm == PrefillNarrowCfg::bm, "both prefill configurations use 128-row tiles");
-constexpr int kPrefillMinRows = 2 * PrefillCfg::bm;  // rows per kv head from which prefill pays off
+constexpr int kPrefillMinRows = 2 * Cfg<true>::bm;  // rows per kv head from which prefill pays off
 
 struct FlashParams {
   const float* q;
@@ -166,9 +157,14 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t a) 
                : "r"(a));
 }
 
-template <int DQ, int DV, class C>
-__global__ void __launch_bounds__(C::threads, C::min_blocks) flash_attn_fwd(FlashParams p) {
-  constexpr int kThreads = C::threads, kBM = C::bm, MT = C::mt;
+// Prefill with dv ≤ 128 asks for two resident blocks per SM (≤ 128 registers a thread), so one
+// block's barrier waits and softmax overlap the other's tensor-core work (H200, nh 32/8, d 128,
+// 8K: 160 → 188 TFLOP/s; 32 rows a warp in 4-warp blocks, reusing each K/V fragment twice, measured
+// slower than this). dv > 128 keeps 128 accumulators a thread and one block per SM.
+template <int DQ, int DV, bool kPrefill>
+__global__ void __launch_bounds__(Cfg<kPrefill>::threads, kPrefill && DV <= 128 ? 2 : 1) flash_attn_fwd(FlashParams p) {
+  using C = Cfg<kPrefill>;
+  constexpr int kThreads = C::threads, kBM = C::bm;
   constexpr int ldq = DQ + kPad, ldv = DV + kPad;
   constexpr int stage = kBN * (ldq + ldv);  // elements per K/V stage: K tile, then V tile
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -193,7 +189,7 @@ __global__ void __launch_bounds__(C::threads, C::min_blocks) flash_attn_fwd(Flas
     cp_tile_async<kThreads, DQ>(ks_addr, valid, p.kb + row * DQ, int64_t(p.nkv) * DQ);
     cp_tile_async<kThreads, DV>(ks_addr + kBN * ldq * 2u, valid, p.vb + row * DV, int64_t(p.nkv) * DV);
   };
-  if constexpr (C::prefill) {
+  if constexpr (kPrefill) {
     if (ks0 < ke) {
       issue_kv(0, ks0);
       cp_async_commit();
@@ -206,18 +202,15 @@ __global__ void __launch_bounds__(C::threads, C::min_blocks) flash_attn_fwd(Flas
     return p.q + (int64_t(i) * p.nh + int64_t(kvh) * p.group + g) * DQ;
   });
 
-  // The warp owns rows wr0 .. wr0 + 16·MT − 1; m-tile mt holds rows wr0 + 16·mt + (rq, rq + 8).
-  const int wr0 = warp * 16 * MT;
-  int pos[MT][2];
+  const int wr0 = warp * 16;
+  int pos[2];
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int lr = wr0 + 16 * mt + rq + 8 * h;
-      pos[mt][h] = lr < rows_valid ? base_pos + (r0 + lr) / p.group : -1;
-    }
+  for (int h = 0; h < 2; ++h) {
+    const int lr = wr0 + rq + 8 * h;
+    pos[h] = lr < rows_valid ? base_pos + (r0 + lr) / p.group : -1;
+  }
   // Positions grow with the row, so the warp's first row sees the fewest keys and its last the most.
-  const int warp_rows = min(16 * MT, rows_valid - wr0);
+  const int warp_rows = min(16, rows_valid - wr0);
   const int warp_minpos = base_pos + (r0 + wr0) / p.group;
   const int warp_maxpos = warp_rows > 0 ? base_pos + (r0 + wr0 + warp_rows - 1) / p.group : -1;
 
@@ -229,19 +222,15 @@ __global__ void __launch_bounds__(C::threads, C::min_blocks) flash_attn_fwd(Flas
   const uint32_t k_off = uint32_t(((lane & 7) + (lane >> 4) * 8) * ldq + ((lane >> 3) & 1) * 8) * 2u;
   const uint32_t v_off = uint32_t(kBN * ldq + ((lane & 7) + ((lane >> 3) & 1) * 8) * ldv + (lane >> 4) * 8) * 2u;
 
-  float acc[MT][DV / 8][4];
+  float acc[DV / 8][4];
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int t = 0; t < DV / 8; ++t) acc[mt][t][0] = acc[mt][t][1] = acc[mt][t][2] = acc[mt][t][3] = 0.f;
-  float m[MT][2], l[MT][2];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) m[mt][0] = m[mt][1] = -INFINITY, l[mt][0] = l[mt][1] = 0.f;
+  for (int t = 0; t < DV / 8; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
 
   int buf = 0;
   for (int ks = ks0; ks < ke; ks += kBN) {
     const uint32_t ks_addr = kv_addr + uint32_t(buf * stage) * 2u;  // this tile's K (V follows it)
-    if constexpr (C::prefill) {
+    if constexpr (kPrefill) {
       // One barrier per tile: past it, every thread's copies of this tile (and, first time, Q's
       // stores) are visible, and every warp is done with the other stage (the previous tile), so
       // the next tile's copy can start there and overlap this tile's math.
@@ -262,129 +251,108 @@ __global__ void __launch_bounds__(C::threads, C::min_blocks) flash_attn_fwd(Flas
     }
 
     if (ks <= warp_maxpos) {  // warp-uniform: otherwise every key of the tile is in this warp's future
-      // S = Q·Kᵀ; each K fragment serves all MT m-tiles.
-      float s[MT][kBN / 8][4];
+      float s[kBN / 8][4];
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int t = 0; t < kBN / 8; ++t) s[mt][t][0] = s[mt][t][1] = s[mt][t][2] = s[mt][t][3] = 0.f;
+      for (int t = 0; t < kBN / 8; ++t) s[t][0] = s[t][1] = s[t][2] = s[t][3] = 0.f;
 #pragma unroll
       for (int k0 = 0; k0 < DQ; k0 += 16) {
-        uint32_t a[MT][4];
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(a[mt], qa + uint32_t(16 * mt * ldq + k0) * 2u);
+        uint32_t a[4];
+        ldmatrix_x4(a, qa + k0 * 2);
 #pragma unroll
         for (int j = 0; j < kBN / 16; ++j) {
           uint32_t b[4];
           ldmatrix_x4(b, ks_addr + k_off + uint32_t(j * 16 * ldq + k0) * 2u);
           const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
-#pragma unroll
-          for (int mt = 0; mt < MT; ++mt) {
-            mma_bf16(s[mt][2 * j], a[mt], b0);
-            mma_bf16(s[mt][2 * j + 1], a[mt], b1);
-          }
+          mma_bf16(s[2 * j], a, b0);
+          mma_bf16(s[2 * j + 1], a, b1);
         }
       }
 
       // Only a tile reaching past the warp's first row's position, or past the key range, needs
       // the causal/range mask; the others are fully visible to every row of the warp.
       const bool masked = ks + kBN > min(ke, warp_minpos + 1);
-      uint32_t pa[MT][kBN / 8][2];
+      float tmax[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        float tmax[2] = {-INFINITY, -INFINITY};
+      for (int t = 0; t < kBN / 8; ++t)
 #pragma unroll
-        for (int t = 0; t < kBN / 8; ++t)
+        for (int e = 0; e < 4; ++e) {
+          const int j = ks + 8 * t + 2 * qq + (e & 1), h = e >> 1;
+          const float x = (!masked || (j <= pos[h] && j < ke)) ? s[t][e] * p.scale_log2 : -INFINITY;
+          s[t][e] = x;
+          tmax[h] = fmaxf(tmax[h], x);
+        }
+      float mu[2], alpha[2];
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int j = ks + 8 * t + 2 * qq + (e & 1), h = e >> 1;
-            const float x =
-                (!masked || (j <= pos[mt][h] && j < ke)) ? s[mt][t][e] * p.scale_log2 : -INFINITY;
-            s[mt][t][e] = x;
-            tmax[h] = fmaxf(tmax[h], x);
-          }
-        float mu[2], alpha[2];
+      for (int h = 0; h < 2; ++h) {
+        tmax[h] = fmaxf(tmax[h], __shfl_xor_sync(0xffffffffu, tmax[h], 1));
+        tmax[h] = fmaxf(tmax[h], __shfl_xor_sync(0xffffffffu, tmax[h], 2));
+        const float mn = fmaxf(m[h], tmax[h]);
+        mu[h] = mn == -INFINITY ? 0.f : mn;  // a row with nothing visible yet: keep everything at 0
+        alpha[h] = exp2_ftz(m[h] - mu[h]);
+        m[h] = mn;
+      }
+      uint32_t pa[kBN / 8][2];
+      float rs[2] = {0.f, 0.f};
+#pragma unroll
+      for (int t = 0; t < kBN / 8; ++t)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          tmax[h] = fmaxf(tmax[h], __shfl_xor_sync(0xffffffffu, tmax[h], 1));
-          tmax[h] = fmaxf(tmax[h], __shfl_xor_sync(0xffffffffu, tmax[h], 2));
-          const float mn = fmaxf(m[mt][h], tmax[h]);
-          mu[h] = mn == -INFINITY ? 0.f : mn;  // a row with nothing visible yet: keep everything at 0
-          alpha[h] = exp2_ftz(m[mt][h] - mu[h]);
-          m[mt][h] = mn;
+          __nv_bfloat162 pv =
+              __floats2bfloat162_rn(exp2_ftz(s[t][2 * h] - mu[h]), exp2_ftz(s[t][2 * h + 1] - mu[h]));
+          pa[t][h] = reinterpret_cast<uint32_t&>(pv);
+          rs[h] += __low2float(pv) + __high2float(pv);
         }
-        float rs[2] = {0.f, 0.f};
 #pragma unroll
-        for (int t = 0; t < kBN / 8; ++t)
+      for (int h = 0; h < 2; ++h) l[h] = l[h] * alpha[h] + rs[h];
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            __nv_bfloat162 pv = __floats2bfloat162_rn(exp2_ftz(s[mt][t][2 * h] - mu[h]),
-                                                      exp2_ftz(s[mt][t][2 * h + 1] - mu[h]));
-            pa[mt][t][h] = reinterpret_cast<uint32_t&>(pv);
-            rs[h] += __low2float(pv) + __high2float(pv);
-          }
+      for (int t = 0; t < DV / 8; ++t)
 #pragma unroll
-        for (int h = 0; h < 2; ++h) l[mt][h] = l[mt][h] * alpha[h] + rs[h];
-#pragma unroll
-        for (int t = 0; t < DV / 8; ++t)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) acc[mt][t][e] *= alpha[e >> 1];
-      }
+        for (int e = 0; e < 4; ++e) acc[t][e] *= alpha[e >> 1];
 
-      // O += P·V: P's accumulator fragments are the A fragments; V's B fragments via ldmatrix.trans,
-      // each serving all MT m-tiles.
+      // O += P·V: P's accumulator fragments are the A fragments; V's B fragments via ldmatrix.trans.
 #pragma unroll
       for (int kk = 0; kk < kBN / 16; ++kk) {
-        uint32_t a[MT][4];
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          a[mt][0] = pa[mt][2 * kk][0], a[mt][1] = pa[mt][2 * kk][1];
-          a[mt][2] = pa[mt][2 * kk + 1][0], a[mt][3] = pa[mt][2 * kk + 1][1];
-        }
+        const uint32_t a[4] = {pa[2 * kk][0], pa[2 * kk][1], pa[2 * kk + 1][0], pa[2 * kk + 1][1]};
         const uint32_t vb = ks_addr + v_off + uint32_t(kk * 16 * ldv) * 2u;
 #pragma unroll
         for (int n2 = 0; n2 < DV / 16; ++n2) {
           uint32_t b[4];
           ldmatrix_x4_trans(b, vb + n2 * 32);
           const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
-#pragma unroll
-          for (int mt = 0; mt < MT; ++mt) {
-            mma_bf16(acc[mt][2 * n2], a[mt], b0);
-            mma_bf16(acc[mt][2 * n2 + 1], a[mt], b1);
-          }
+          mma_bf16(acc[2 * n2], a, b0);
+          mma_bf16(acc[2 * n2 + 1], a, b1);
         }
       }
     }
-    if constexpr (C::prefill) buf ^= 1;
+    if constexpr (kPrefill) buf ^= 1;
   }
 
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
+  for (int h = 0; h < 2; ++h) {
+    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
+    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
+  }
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float lh = l[mt][h];
-      lh += __shfl_xor_sync(0xffffffffu, lh, 1);
-      lh += __shfl_xor_sync(0xffffffffu, lh, 2);
-      const int lr = wr0 + 16 * mt + rq + 8 * h;
-      if (lr >= rows_valid) continue;
-      const int gr = r0 + lr, i = gr / p.group, g = gr - i * p.group;
-      const int64_t row = int64_t(i) * p.nh + int64_t(kvh) * p.group + g;
-      if (p.nsplit == 1) {
-        const float inv = 1.f / lh;
-        float* out = p.o + row * DV + 2 * qq;
+  for (int h = 0; h < 2; ++h) {
+    const int lr = wr0 + rq + 8 * h;
+    if (lr >= rows_valid) continue;
+    const int gr = r0 + lr, i = gr / p.group, g = gr - i * p.group;
+    const int64_t row = int64_t(i) * p.nh + int64_t(kvh) * p.group + g;
+    if (p.nsplit == 1) {
+      const float inv = 1.f / l[h];
+      float* out = p.o + row * DV + 2 * qq;
 #pragma unroll
-        for (int t = 0; t < DV / 8; ++t)
-          *reinterpret_cast<float2*>(out + 8 * t) =
-              make_float2(acc[mt][t][2 * h] * inv, acc[mt][t][2 * h + 1] * inv);
-      } else {
-        const int64_t prow = int64_t(z) * p.n * p.nh + row;
-        float* out = p.op + prow * DV + 2 * qq;
+      for (int t = 0; t < DV / 8; ++t)
+        *reinterpret_cast<float2*>(out + 8 * t) = make_float2(acc[t][2 * h] * inv, acc[t][2 * h + 1] * inv);
+    } else {
+      const int64_t prow = int64_t(z) * p.n * p.nh + row;
+      float* out = p.op + prow * DV + 2 * qq;
 #pragma unroll
-        for (int t = 0; t < DV / 8; ++t)
-          *reinterpret_cast<float2*>(out + 8 * t) = make_float2(acc[mt][t][2 * h], acc[mt][t][2 * h + 1]);
-        if (qq == 0) *reinterpret_cast<float2*>(p.ml + prow * 2) = make_float2(m[mt][h], lh);
-      }
+      for (int t = 0; t < DV / 8; ++t)
+        *reinterpret_cast<float2*>(out + 8 * t) = make_float2(acc[t][2 * h], acc[t][2 * h + 1]);
+      if (qq == 0) *reinterpret_cast<float2*>(p.ml + prow * 2) = make_float2(m[h], l[h]);
     }
+  }
 }
 
 // o[row][d] = Σ_z 2^(m_z − m*)·acc_z[row][d] / Σ_z 2^(m_z − m*)·l_z, splits in order.
@@ -441,25 +409,15 @@ float* split_workspace(int dev, size_t bound_floats) {
   return ws[dev];
 }
 
-template <int DQ, int DV, class C>
-void launch_cfg(const FlashParams& p, cudaStream_t stream) {
-  const auto kernel = flash_attn_fwd<DQ, DV, C>;
-  const size_t smem = C::smem(DQ, DV);
+template <int DQ, int DV, bool kPrefill>
+void launch(const FlashParams& p, cudaStream_t stream) {
+  const auto kernel = flash_attn_fwd<DQ, DV, kPrefill>;
+  const size_t smem = Cfg<kPrefill>::smem(DQ, DV);
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
              "attention_flash: smem attribute");
   const dim3 grid(unsigned(p.row_tiles), unsigned(p.nkv), unsigned(p.nsplit));
-  kernel<<<grid, C::threads, smem, stream>>>(p);
+  kernel<<<grid, Cfg<kPrefill>::threads, smem, stream>>>(p);
   check_cuda(cudaGetLastError(), "attention_flash");
-}
-
-// The configuration of a (dv, prefill) pair.
-bool narrow_mt2() { static const bool v = getenv("HLA_FA_NARROW8") == nullptr; return v; }  // TEMP experiment
-template <int DQ, int DV, bool kPrefill>
-void launch(const FlashParams& p, cudaStream_t stream) {
-  if constexpr (!kPrefill) launch_cfg<DQ, DV, DecodeCfg>(p, stream);
-  else if constexpr (DV > 128) launch_cfg<DQ, DV, PrefillCfg>(p, stream);
-  else if (narrow_mt2()) launch_cfg<DQ, DV, PrefillNarrowCfg>(p, stream);
-  else launch_cfg<DQ, DV, PrefillNarrow8Cfg>(p, stream);
 }
 
 // Both head dims are compile-time: the Q·Kᵀ loop unrolls and the tile copies' index math folds.
@@ -506,7 +464,7 @@ bool attention_flash(const float* q, const float* k, const float* v, float* o, i
   check_cuda(cudaGetDevice(&dev), "attention_flash: device");
   const int64_t group = nh / nkv, R = n * group;
   const bool prefill = R >= kPrefillMinRows;
-  const int64_t bm = prefill ? PrefillCfg::bm : DecodeCfg::bm;
+  const int64_t bm = prefill ? Cfg<true>::bm : Cfg<false>::bm;
   const int64_t row_tiles = (R + bm - 1) / bm, ntiles = (S + kBN - 1) / kBN;
   const int64_t base = row_tiles * nkv, target = 2 * int64_t(sm_count(dev));
   int64_t nsplit = 1, tps = ntiles;
@@ -539,7 +497,7 @@ bool attention_flash(const float* q, const float* k, const float* v, float* o, i
       p.ml = p.op + size_t(nsplit) * size_t(n * nh) * size_t(dv);
     }
   } else if (nsplit > 1) {
-    const size_t bound = size_t(DecodeCfg::bm) * size_t(2 * target) * (256 + 2);
+    const size_t bound = size_t(Cfg<false>::bm) * size_t(2 * target) * (256 + 2);
     const size_t need = size_t(nsplit) * size_t(n * nh) * size_t(dv + 2);
     if (need > bound) return false;  // cannot happen under the split rule; kept as a guard
     float* ws = split_workspace(dev, bound);
