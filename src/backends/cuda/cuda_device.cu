@@ -312,36 +312,79 @@ __global__ void kv_append_kernel(const float* k, const float* v, float* const* k
   }
 }
 
-// Decode attention: one block per (sequence, head); warp w folds keys w, w+W, .. and the warps'
-// partial softmaxes merge in warp order (deterministic).
-constexpr int kDecodeWarps = 4;
+// Decode attention, split over keys (flash-decoding with a fixed grid, so a recorded step replays at
+// any length): kDecodeSplits blocks of kDecodeWarps warps per (sequence, head); warp g of the
+// kDecodeSplits·kDecodeWarps folds keys g, g+G, .. into a partial softmax (m, l, acc[dv]) in `part`;
+// decode_combine_kernel merges the G partials in a fixed order (deterministic). Each warp holds few
+// keys, so the dependent loads of one key overlap those of the other warps'.
+constexpr int kDecodeWarps = 4, kDecodeSplits = 16, kDecodeParts = kDecodeWarps * kDecodeSplits;
 __global__ void decode_attention_kernel(const float* q, const float* const* kp, const float* const* vp,
-                                        const int32_t* pos, float* o, int64_t nh, int64_t nkv, int64_t dq, int64_t dv,
-                                        float scale, int64_t window) {
-  __shared__ float part_m[kDecodeWarps], part_l[kDecodeWarps], part_acc[kDecodeWarps][32 * kMaxHeadDimPerLane];
-  const int64_t i = blockIdx.x / nh, h = blockIdx.x % nh, kvh = h / (nh / nkv);
-  const int w = threadIdx.x / 32, lane = threadIdx.x & 31;
+                                        const int32_t* pos, float* part, int64_t nh, int64_t nkv, int64_t dq,
+                                        int64_t dv, float scale, int64_t window) {
+  const int64_t row = blockIdx.x / kDecodeSplits, i = row / nh, h = row % nh, kvh = h / (nh / nkv);
+  const int lane = threadIdx.x & 31, g = int(blockIdx.x % kDecodeSplits) * kDecodeWarps + int(threadIdx.x / 32);
   const int64_t S = int64_t(pos[i]) + 1, first = window > 0 ? max(int64_t(0), S - window) : 0;
   float qr[kMaxHeadDimPerLane], acc[kMaxHeadDimPerLane];
   load_query(q + (i * nh + h) * dq, dq, lane, qr, acc);
   float m = -INFINITY, l = 0;
-  for (int64_t u = first + w; u < S; u += kDecodeWarps)
+  for (int64_t u = first + g; u < S; u += kDecodeParts)
     softmax_fold(qr, kp[i] + (u * nkv + kvh) * dq, vp[i] + (u * nkv + kvh) * dv, dq, dv, scale, lane, m, l, acc);
-  for (int c = 0; c < kMaxHeadDimPerLane; ++c) part_acc[w][lane + 32 * c] = acc[c];
-  if (lane == 0) part_m[w] = m, part_l[w] = l;
-  __syncthreads();
-  if (w != 0) return;
-  float M = -INFINITY, L = 0;
-  for (int j = 0; j < kDecodeWarps; ++j) M = fmaxf(M, part_m[j]);
-  for (int j = 0; j < kDecodeWarps; ++j)
-    if (part_l[j] > 0) L += part_l[j] * expf(part_m[j] - M);
-  for (int c = 0; c < kMaxHeadDimPerLane; ++c) {
-    const int64_t d = lane + 32 * c;
-    if (d >= dv) continue;
-    float sum = 0;
-    for (int j = 0; j < kDecodeWarps; ++j)
-      if (part_l[j] > 0) sum += part_acc[j][d] * expf(part_m[j] - M);
-    o[(i * nh + h) * dv + d] = L > 0 ? sum / L : 0.0f;
+  float* out = part + (row * kDecodeParts + g) * (dv + 2);
+  for (int c = 0; c < kMaxHeadDimPerLane; ++c)
+    if (lane + 32 * c < dv) out[2 + lane + 32 * c] = acc[c];
+  if (lane == 0) out[0] = m, out[1] = l;
+}
+
+// One block per (sequence, head), thread d: o[d] = Σ_g acc_g[d]·e^{m_g−M} / Σ_g l_g·e^{m_g−M}.
+__global__ void decode_combine_kernel(const float* part, float* o, int64_t dv) {
+  const float* p = part + blockIdx.x * kDecodeParts * (dv + 2);
+  float M = -INFINITY;
+  for (int g = 0; g < kDecodeParts; ++g) M = fmaxf(M, p[g * (dv + 2)]);
+  for (int64_t d = threadIdx.x; d < dv; d += blockDim.x) {
+    float L = 0, sum = 0;
+    for (int g = 0; g < kDecodeParts; ++g) {
+      const float* pg = p + g * (dv + 2);
+      if (pg[1] == 0) continue;  // a warp that saw no key
+      const float e = expf(pg[0] - M);
+      L += pg[1] * e, sum += pg[2 + d] * e;
+    }
+    o[blockIdx.x * dv + d] = L > 0 ? sum / L : 0.0f;
+  }
+}
+
+// y [M, N] = x [M, K] · W^T for bf16 W and few rows (decode): one warp per output column reads its
+// W row once in 16-byte pieces and dots it with all M fp32 rows of x; bandwidth-bound on W, where a
+// GEMM library's tiles idle at M ≤ 8. K a multiple of 8, x rows 16-byte aligned.
+template <int M>
+__global__ void gemv_bf16_kernel(const __nv_bfloat16* W, const float* x, int64_t ldx, float* y, int64_t N,
+                                 int64_t K) {
+  const int64_t n = blockIdx.x * int64_t(blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x & 31;
+  if (n >= N) return;
+  const __nv_bfloat16* w = W + n * K;
+  float acc[M] = {};
+#pragma unroll 4
+  for (int64_t k = lane * 8; k < K; k += 256) {
+    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(w + k));
+    const __nv_bfloat162* pair = reinterpret_cast<const __nv_bfloat162*>(&raw);
+    float wf[8];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 f = __bfloat1622float2(pair[j]);
+      wf[2 * j] = f.x, wf[2 * j + 1] = f.y;
+    }
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      const float4 a = *reinterpret_cast<const float4*>(x + m * ldx + k);
+      const float4 b = *reinterpret_cast<const float4*>(x + m * ldx + k + 4);
+      acc[m] += wf[0] * a.x + wf[1] * a.y + wf[2] * a.z + wf[3] * a.w + wf[4] * b.x + wf[5] * b.y + wf[6] * b.z +
+                wf[7] * b.w;
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    const float v = warp_sum(acc[m]);
+    if (lane == 0) y[m * N + n] = v;
   }
 }
 
@@ -613,6 +656,10 @@ class CudaDevice : public Device {
     if (M == 0) return;
     const void* b = x;
     int64_t ldb = ldx;
+    if (wt_ == DType::BF16 && M <= 8 && W.cols % 8 == 0 && ldx % 4 == 0 && ptr_alignment(x) >= 16) {
+      gemv(W, x, ldx, y, M);
+      return;
+    }
     if (wt_ == DType::BF16) {  // the activations as bf16 operands
       auto* xb = reinterpret_cast<__nv_bfloat16*>(scratch((M * W.cols + 1) / 2));
       to_bf16_rows<<<grid_for(M * W.cols), kThreads, 0, stream_>>>(x, ldx, xb, M, W.cols);
@@ -752,9 +799,11 @@ class CudaDevice : public Device {
     if (op.skip) return;
     kv_append_kernel<<<grid_for(N * nkv * (dq + dv)), kThreads, 0, stream_>>>(k, v, kd, vd, b.d_pos, N, nkv * dq,
                                                                              nkv * dv);
-    decode_attention_kernel<<<unsigned(N * nh), 32 * kDecodeWarps, 0, stream_>>>(
-        q, const_cast<const float* const*>(kd), const_cast<const float* const*>(vd), b.d_pos, o, nh, nkv, dq, dv, scale,
-        window);
+    float* part = scratch(N * nh * kDecodeParts * (dv + 2));
+    decode_attention_kernel<<<unsigned(N * nh * kDecodeSplits), 32 * kDecodeWarps, 0, stream_>>>(
+        q, const_cast<const float* const*>(kd), const_cast<const float* const*>(vd), b.d_pos, part, nh, nkv, dq, dv,
+        scale, window);
+    decode_combine_kernel<<<unsigned(N * nh), 128, 0, stream_>>>(part, o, dv);
     check_launch("decode attention");
   }
   void dsa_select(const float* iq, const float* w, const float* keys, int64_t n, int64_t S, int64_t IH, int64_t ID,
@@ -900,6 +949,20 @@ class CudaDevice : public Device {
     void* p = nullptr;
     check_cuda(cudaMalloc(&p, bytes), "scratch (out of GPU memory?)");
     chunks_.emplace_back(p, bytes);
+  }
+
+  void gemv(const DevMatrix& W, const float* x, int64_t ldx, float* y, int64_t M) {
+    constexpr int kWarps = 8;
+    const unsigned grid = unsigned((W.rows + kWarps - 1) / kWarps);
+    const auto* w = static_cast<const __nv_bfloat16*>(W.p);
+    switch (M) {
+#define HLA_GEMV_CASE(m) \
+  case m: gemv_bf16_kernel<m><<<grid, 32 * kWarps, 0, stream_>>>(w, x, ldx, y, W.rows, W.cols); break;
+      HLA_GEMV_CASE(1) HLA_GEMV_CASE(2) HLA_GEMV_CASE(3) HLA_GEMV_CASE(4)
+      HLA_GEMV_CASE(5) HLA_GEMV_CASE(6) HLA_GEMV_CASE(7) HLA_GEMV_CASE(8)
+#undef HLA_GEMV_CASE
+    }
+    check_launch("gemv");
   }
 
   // y [M, N] = x [M, K] · W^T: in cuBLASLt's column-major terms D [N, M] = W^T(stored [K, N]) · x (stored [K, M], ld ldb).
