@@ -80,6 +80,9 @@ class Device {
   virtual void linear(const float* x, int64_t ldx, const DevMatrix& W, float* y, int64_t M) = 0;
   virtual void embed(const DevMatrix& table, const int32_t* ids, float* out, int64_t T) = 0;
   virtual void add(float* h, const float* y, int64_t n) = 0;  // h += y
+  // The residual step between blocks: h [rows, dim] += y, then x = RMSNorm(h) (as rms_norm).
+  virtual void add_rms_norm(float* h, const float* y, const float* w, float* x, int64_t rows, int64_t dim, float eps,
+                            bool zero_centered) = 0;
   // Generic strided copy over a 3-D index space (a stride of 0 broadcasts).
   struct Strides {
     int64_t s0, s1, s2;

@@ -57,8 +57,7 @@ struct DeltaCore {
     float* mixed = dev.scratch(T * conv_dim);
     dev.causal_conv_silu(conv_in, ld_in, conv_w, mixed, conv_dim, kw, b,
                          dev.cache_pool(layer, CachePart::Conv, conv_dim * (kw - 1)));
-    dev.l2norm(mixed, conv_dim, T, nk, dk);
-    dev.l2norm(mixed + nk * dk, conv_dim, T, nk, dk);
+    dev.l2norm(mixed, conv_dim, T, 2 * nk, dk);  // q and k heads, adjacent
     DeltaRuleDims d;
     d.H = nk, d.HV = nv, d.K = dk, d.V = dv, d.gate = gate;
     dev.delta_rule(d, mixed, mixed + nk * dk, mixed + 2 * nk * dk, conv_dim, g, beta, 1.0f / std::sqrt(float(dk)), b,
@@ -133,37 +132,34 @@ class GatedDeltaNet : public Mixer {
     linear(o.data(), out_proj_.f32(), out, T, nv * dv, D);
   }
 
-  // On a device both checkpoint layouts become one [q | k | v | z] and one [b | a] projection.
+  // On a device both checkpoint layouts become one input projection [q | k | v | z | b | a].
   void bind_device(Device& dev) override {
     const int64_t nk = s_.lin_nk, nv = s_.lin_nv, dk = s_.lin_dk, dv = s_.lin_dv, r = nv / nk, C = core_.conv_dim;
-    std::vector<RowSlice> qkvz, ba;
+    std::vector<RowSlice> qkvz;
     if (grouped_) {
       const int64_t G = 2 * dk + 2 * r * dv;
       const int64_t off[4] = {0, dk, 2 * dk, 2 * dk + r * dv}, len[4] = {dk, dk, r * dv, r * dv};
       for (int part = 0; part < 4; ++part)
         for (int64_t g = 0; g < nk; ++g) qkvz.push_back({&in_qkvz_, g * G + off[part], len[part]});
       for (int part = 0; part < 2; ++part)
-        for (int64_t g = 0; g < nk; ++g) ba.push_back({&in_ba_, g * 2 * r + part * r, r});
+        for (int64_t g = 0; g < nk; ++g) qkvz.push_back({&in_ba_, g * 2 * r + part * r, r});
     } else {
-      qkvz = {{&in_qkvz_, 0, C}, {&in_z_, 0, nv * dv}};
-      ba = {{&in_b_, 0, nv}, {&in_a_, 0, nv}};
+      qkvz = {{&in_qkvz_, 0, C}, {&in_z_, 0, nv * dv}, {&in_b_, 0, nv}, {&in_a_, 0, nv}};
     }
-    dev_ = {dev.upload_matrix(stack_rows(qkvz)), dev.upload_matrix(stack_rows(ba)), dev.upload_matrix(out_proj_),
-            dev.upload_vector(conv_w_),          dev.upload_vector(A_log_),          dev.upload_vector(dt_bias_),
-            dev.upload_vector(norm_)};
+    dev_ = {dev.upload_matrix(stack_rows(qkvz)), dev.upload_matrix(out_proj_), dev.upload_vector(conv_w_),
+            dev.upload_vector(A_log_),           dev.upload_vector(dt_bias_),  dev.upload_vector(norm_)};
   }
 
   void forward_device(Device& dev, const float* x, float* out, const DevBatch& b, int64_t layer) const override {
     const int64_t T = b.tokens(), D = s_.hidden, nv = s_.lin_nv, dv = s_.lin_dv, C = core_.conv_dim;
-    const int64_t W = C + nv * dv;
+    const int64_t W = C + nv * dv + 2 * nv;  // [q | k | v | z | b | a]
     float* qkvz = dev.scratch(T * W);
-    float* ba = dev.scratch(T * 2 * nv);
-    dev.linear(x, D, dev_.qkvz, qkvz, T);
-    dev.linear(x, D, dev_.ba, ba, T);
+    const float* ba = qkvz + C + nv * dv;
+    dev.linear(x, D, dev_.in, qkvz, T);
     float* beta = dev.scratch(T * nv);
     float* g = dev.scratch(T * nv);
-    dev.sigmoid(ba, 2 * nv, beta, T, nv);
-    dev.gate_softplus(ba + nv, 2 * nv, dev_.A_log, dev_.dt_bias, g, T, nv, 1);
+    dev.sigmoid(ba, W, beta, T, nv);
+    dev.gate_softplus(ba + nv, W, dev_.A_log, dev_.dt_bias, g, T, nv, 1);
     float* o = dev.scratch(T * nv * dv);
     core_.run_device(dev, qkvz, W, dev_.conv, g, beta, o, b, layer);
     dev.gated_rms_norm(o, qkvz + C, W, dev_.norm, T, nv, dv, s_.norm_eps, GateAct::SiLU);
@@ -177,7 +173,7 @@ class GatedDeltaNet : public Mixer {
   bool grouped_;
   Tensor in_qkvz_, in_ba_, in_z_, in_b_, in_a_, conv_w_, A_log_, dt_bias_, norm_, out_proj_;
   struct {
-    DevMatrix qkvz, ba, out;
+    DevMatrix in, out;
     const float *conv, *A_log, *dt_bias, *norm;
   } dev_{};
 };
@@ -241,14 +237,13 @@ class KimiDeltaAttention : public Mixer {
     linear(o.data(), o_.f32(), out, T, HK, D);
   }
 
-  // On a device: one [q | k | v] projection and one [f_a | g_a] low-rank input projection.
+  // On a device: one input projection [q | k | v | f_a | g_a | b] of x.
   void bind_device(Device& dev) override {
-    const int64_t HK = s_.lin_nv * s_.lin_dk, dk = s_.lin_dk;
-    dev_ = {dev.upload_matrix(stack_rows({{&q_, 0, HK}, {&k_, 0, HK}, {&v_, 0, HK}})),
-            dev.upload_matrix(stack_rows({{&f_a_, 0, dk}, {&g_a_, 0, dk}})),
+    const int64_t H = s_.lin_nv, HK = H * s_.lin_dk, dk = s_.lin_dk;
+    dev_ = {dev.upload_matrix(stack_rows(
+                {{&q_, 0, HK}, {&k_, 0, HK}, {&v_, 0, HK}, {&f_a_, 0, dk}, {&g_a_, 0, dk}, {&b_, 0, H}})),
             dev.upload_matrix(f_b_),
             dev.upload_matrix(g_b_),
-            dev.upload_matrix(b_),
             dev.upload_matrix(o_),
             dev.upload_vector(conv_w_),
             dev.upload_vector(A_log_),
@@ -258,22 +253,20 @@ class KimiDeltaAttention : public Mixer {
 
   void forward_device(Device& dev, const float* x, float* out, const DevBatch& b, int64_t layer) const override {
     const int64_t T = b.tokens(), D = s_.hidden, H = s_.lin_nv, dk = s_.lin_dk, HK = H * dk;
-    float* qkv = dev.scratch(T * 3 * HK);
-    float* lo = dev.scratch(T * 2 * dk);  // [f_a x | g_a x]
+    const int64_t W = 3 * HK + 2 * dk + H;
+    float* in = dev.scratch(T * W);
+    const float* lo = in + 3 * HK;  // [f_a x | g_a x], then b x
     float* graw = dev.scratch(T * HK);
     float* g = dev.scratch(T * HK);
-    float* braw = dev.scratch(T * H);
     float* beta = dev.scratch(T * H);
-    dev.linear(x, D, dev_.qkv, qkv, T);
-    dev.linear(x, D, dev_.lowrank, lo, T);
-    dev.linear(lo, 2 * dk, dev_.f_b, graw, T);
+    dev.linear(x, D, dev_.in, in, T);
+    dev.linear(lo, W, dev_.f_b, graw, T);
     dev.gate_softplus(graw, HK, dev_.A_log, dev_.dt_bias, g, T, H, dk);
-    dev.linear(x, D, dev_.b, braw, T);
-    dev.sigmoid(braw, H, beta, T, H);
+    dev.sigmoid(lo + 2 * dk, W, beta, T, H);
     float* o = dev.scratch(T * HK);
-    core_.run_device(dev, qkv, 3 * HK, dev_.conv, g, beta, o, b, layer);
+    core_.run_device(dev, in, W, dev_.conv, g, beta, o, b, layer);
     float* og = dev.scratch(T * HK);
-    dev.linear(lo + dk, 2 * dk, dev_.g_b, og, T);
+    dev.linear(lo + dk, W, dev_.g_b, og, T);
     dev.gated_rms_norm(o, og, HK, dev_.o_norm, T, H, dk, s_.norm_eps, GateAct::Sigmoid);
     dev.linear(o, HK, dev_.o, out, T);
   }
@@ -284,7 +277,7 @@ class KimiDeltaAttention : public Mixer {
   DeltaCore core_;
   Tensor q_, k_, v_, conv_w_, f_a_, f_b_, dt_bias_, A_log_, b_, g_a_, g_b_, o_norm_, o_;
   struct {
-    DevMatrix qkv, lowrank, f_b, g_b, b, o;
+    DevMatrix in, f_b, g_b, o;
     const float *conv, *A_log, *dt_bias, *o_norm;
   } dev_{};
 };

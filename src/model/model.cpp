@@ -146,13 +146,13 @@ Tensor Model::forward(Device& dev, const std::vector<int64_t>& ids, DevBatch& b,
   float* y = dev.scratch(T * D);
   dev.embed(dev_.embed, dev.upload_i32(ids32), h, T);
   const Device::Mark layer_scratch = dev.scratch_mark();
-  for (int64_t l = 0; l < s.n_layers; ++l) {
-    dev.rms_norm(h, D, dev_.norm_in[size_t(l)], x, D, T, D, s.norm_eps, s.zero_centered_norm);
+  dev.rms_norm(h, D, dev_.norm_in[0], x, D, T, D, s.norm_eps, s.zero_centered_norm);
+  for (int64_t l = 0; l < s.n_layers; ++l) {  // each residual add fused with the norm after it
     mixers_[size_t(l)]->forward_device(dev, x, y, b, l);
-    dev.add(h, y, T * D);
-    dev.rms_norm(h, D, dev_.norm_post[size_t(l)], x, D, T, D, s.norm_eps, s.zero_centered_norm);
+    dev.add_rms_norm(h, y, dev_.norm_post[size_t(l)], x, T, D, s.norm_eps, s.zero_centered_norm);
     ffns_[size_t(l)]->forward_device(dev, x, y, T);
-    dev.add(h, y, T * D);
+    if (l + 1 < s.n_layers) dev.add_rms_norm(h, y, dev_.norm_in[size_t(l + 1)], x, T, D, s.norm_eps, s.zero_centered_norm);
+    else dev.add(h, y, T * D);
     dev.scratch_release(layer_scratch);
   }
   std::vector<int32_t> rows;

@@ -108,6 +108,12 @@ void CpuDevice::add(float* h, const float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) h[i] += y[i];
 }
 
+void CpuDevice::add_rms_norm(float* h, const float* y, const float* w, float* x, int64_t rows, int64_t dim,
+                             float eps, bool zero_centered) {
+  add(h, y, rows * dim);
+  cpu::rms_norm(h, w, x, rows, dim, eps, zero_centered);
+}
+
 void CpuDevice::copy(float* dst, Strides d, const float* src, Strides s, int64_t n0, int64_t n1, int64_t n2) {
   for (int64_t i = 0; i < n0; ++i)
     for (int64_t j = 0; j < n1; ++j)

@@ -89,6 +89,22 @@ __global__ void rms_norm_kernel(const float* x, int64_t ldx, const float* w, flo
   for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) yr[i] = xr[i] * s * (zero_centered ? 1.0f + w[i] : w[i]);
 }
 
+// h += y, then x = RMSNorm of the updated row (one block per row).
+__global__ void add_rms_norm_kernel(float* h, const float* y, const float* w, float* x, int64_t dim, float eps,
+                                    bool zero_centered) {
+  float* hr = h + blockIdx.x * dim;
+  const float* yr = y + blockIdx.x * dim;
+  float ss = 0;
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
+    const float v = hr[i] + yr[i];
+    hr[i] = v;
+    ss += v * v;
+  }
+  const float s = 1.0f / sqrtf(block_sum(ss) / float(dim) + eps);
+  float* xr = x + blockIdx.x * dim;
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) xr[i] = hr[i] * s * (zero_centered ? 1.0f + w[i] : w[i]);
+}
+
 __global__ void layer_norm_kernel(const float* x, const float* w, const float* b, float* y, int64_t dim, float eps) {
   const float* xr = x + blockIdx.x * dim;
   float* yr = y + blockIdx.x * dim;
@@ -180,6 +196,23 @@ __global__ void conv_kernel(const float* x, int64_t ldx, const float* w, float* 
       const int64_t src = tt - P + j;
       acc += w[c * kw + j] * (src >= 0 ? x[(cu[s] + src) * ldx + c] : st[P + src]);
     }
+    y[i] = acc * sigmoidf(acc);
+  }
+}
+
+// Decode (one token per sequence): thread (sequence, channel) computes its output from the state and
+// the new input, then shifts the new input into the state.
+__global__ void conv_decode_kernel(const float* x, int64_t ldx, const float* w, float* y, int64_t C, int kw,
+                                   const int32_t* slots, int64_t N, float* pool) {
+  const int P = kw - 1;
+  GRID_STRIDE(i, N * C) {
+    const int64_t s = i / C, c = i % C;
+    float* st = pool + (int64_t(slots[s]) * C + c) * P;
+    const float xin = x[s * ldx + c];
+    float acc = w[c * kw + P] * xin;
+    for (int j = 0; j < P; ++j) acc += w[c * kw + j] * st[j];
+    for (int j = 0; j + 1 < P; ++j) st[j] = st[j + 1];
+    if (P > 0) st[P - 1] = xin;
     y[i] = acc * sigmoidf(acc);
   }
 }
@@ -696,6 +729,13 @@ class CudaDevice : public Device {
     add_kernel<<<grid_for(n), kThreads, 0, stream_>>>(h, y, n);
     check_launch("add");
   }
+  void add_rms_norm(float* h, const float* y, const float* w, float* x, int64_t rows, int64_t dim, float eps,
+                    bool zero_centered) override {
+    const OpScope op(*this, "add_rms_norm");
+    if (op.skip || rows == 0) return;
+    add_rms_norm_kernel<<<unsigned(rows), row_threads(dim), 0, stream_>>>(h, y, w, x, dim, eps, zero_centered);
+    check_launch("add_rms_norm");
+  }
   void copy(float* dst, Strides d, const float* src, Strides s, int64_t n0, int64_t n1, int64_t n2) override {
     const OpScope op(*this, "copy");
     if (op.skip) return;
@@ -766,6 +806,10 @@ class CudaDevice : public Device {
     const OpScope op(*this, "causal_conv_silu");
     if (op.skip) return;
     const int N = int(b.num_seqs());
+    if (b.one_token_each()) {
+      conv_decode_kernel<<<grid_for(N * C), kThreads, 0, stream_>>>(x, ldx, w, y, C, int(kw), b.d_slots, N, conv_pool);
+      return check_launch("causal_conv_silu");
+    }
     conv_kernel<<<grid_for(b.tokens() * C), kThreads, 0, stream_>>>(x, ldx, w, y, b.tokens(), C, int(kw), b.d_cu,
                                                                      b.d_slots, N, conv_pool);
     conv_state_kernel<<<grid_for(N * C), kThreads, 0, stream_>>>(x, ldx, C, int(kw), b.d_cu, b.d_slots, N, conv_pool);
