@@ -2,7 +2,7 @@
 # The whole model on the device machine (issue: the whole model on the GPU). Steps, logs in $OUT:
 #   test      hla_cuda_tests (delta rule, attention, model), then memcheck on the model tests
 #   cli       hla logits --device cuda (f32) against the CPU on the fixtures, the max relative error
-#   bench     hla init of the 2.0B Qwen3.5-shaped model (bench/configs/qwen3_5_2b.json, bf16 on disk)
+#   bench     hla init of the 2.0B Qwen3.5-shaped model (configs/qwen3_5-2b.json, bf16 on disk)
 #             and hla bench --device cuda --dtype bf16 on it
 #   peer      transformers (+ FLA's kernels) on the same shape: ../shared/anchors/e2e_anchor.py
 # Binaries come built from the CPU machine (bench/carry_delta_rule.sh BUILD BIN); BIN names them.
@@ -37,7 +37,7 @@ print('$m', 'cuda vs cpu', float((a-b).abs().max()/b.abs().max()), 'cuda vs tran
 fi
 if has bench; then
   M=/tmp/qwen3_5_2b
-  [ -d $M ] || $BIN/hla init --config bench/configs/qwen3_5_2b.json --out $M --dtype bf16 >"$OUT/init.log" 2>&1 ||
+  [ -d $M ] || $BIN/hla init --config configs/qwen3_5-2b.json --out $M --dtype bf16 >"$OUT/init.log" 2>&1 ||
     { tail "$OUT/init.log"; exit 1; }
   timeout ${BENCH_TIMEOUT:-300} $BIN/hla bench --model $M --device cuda --dtype bf16 --prefill ${PREFILL:-1024,8192,32768} \
     --chunk ${CHUNK:-32768} --decode-batch ${BATCHES:-1,16,64} --decode-steps ${STEPS:-64} --decode-prompt 512 2>&1 |
