@@ -21,6 +21,16 @@ namespace {
 #define HLA_REQUIRE_GPU() \
   if (!cuda::device_available()) GTEST_SKIP() << "no CUDA device"
 
+// fp32 weights on the GPU against the CPU forward: the 1e-4 bar, and no greedy flips.
+void expect_fp32_matches_cpu(Model& m, int64_t T, uint32_t seed, const std::string& name) {
+  auto dev = cuda::make_cuda_device(3, DType::F32);
+  const DeviceModelErrors e = compare_device_model(m, *dev, T, seed);
+  std::printf("[ model fp32 ] %s prefill %.3g decode %.3g\n", name.c_str(), e.prefill, e.decode);
+  EXPECT_LT(e.prefill, 1e-4);
+  EXPECT_LT(e.decode, 1e-4);
+  EXPECT_EQ(e.greedy_flips, 0);
+}
+
 // bf16 on the GPU against the plain bf16 implementation of the same math, both against fp32.
 void expect_bf16_within_plain(Model& m, int64_t T, uint32_t seed) {
   auto dev = cuda::make_cuda_device(3, DType::BF16);
@@ -39,12 +49,7 @@ TEST_P(CudaModel, Fp32MatchesCpu) {
   HLA_REQUIRE_GPU();
   HLA_REQUIRE_FIXTURES();
   auto m = Model::load(fixture("models/" + GetParam()));
-  auto dev = cuda::make_cuda_device(3, DType::F32);
-  const DeviceModelErrors e = compare_device_model(*m, *dev, 37, 5);
-  std::printf("[ model fp32 ] %s prefill %.3g decode %.3g\n", GetParam().c_str(), e.prefill, e.decode);
-  EXPECT_LT(e.prefill, 1e-4);
-  EXPECT_LT(e.decode, 1e-4);
-  EXPECT_EQ(e.greedy_flips, 0);
+  expect_fp32_matches_cpu(*m, 37, 5, GetParam());
 }
 
 TEST_P(CudaModel, Bf16WithinTwicePlainBf16) {
@@ -96,12 +101,7 @@ class CudaModelFastShapes : public ::testing::TestWithParam<std::string> {};
 TEST_P(CudaModelFastShapes, Fp32MatchesCpu) {
   HLA_REQUIRE_GPU();
   auto m = fast_shape_hybrid(GetParam());
-  auto dev = cuda::make_cuda_device(3, DType::F32);
-  const DeviceModelErrors e = compare_device_model(*m, *dev, 300, 7);
-  std::printf("[ model fp32 ] hybrid %s prefill %.3g decode %.3g\n", GetParam().c_str(), e.prefill, e.decode);
-  EXPECT_LT(e.prefill, 1e-4);
-  EXPECT_LT(e.decode, 1e-4);
-  EXPECT_EQ(e.greedy_flips, 0);
+  expect_fp32_matches_cpu(*m, 300, 7, "hybrid " + GetParam());
 }
 
 TEST_P(CudaModelFastShapes, Bf16WithinTwicePlainBf16) {
