@@ -89,6 +89,9 @@ TEST(Cli, SamplingIsSeededAndValidated) {
   EXPECT_NE(a, c);
   expect_clean_error(base + "--temperature -1", "--temperature");
   expect_clean_error(base + "--top-p 0", "--top-p");
+  expect_clean_error(base + "--device tpu", "--device");
+  expect_clean_error(base + "--dtype bf16", "--dtype bf16");  // the CPU engine is f32
+  expect_clean_error(base + "--device cuda --dtype f16", "--dtype");
 }
 
 TEST(Cli, InitInfoGenerateRoundTrip) {

@@ -8,6 +8,7 @@
 #include "core/config.h"
 #include "core/error.h"
 #include "tests/common.h"
+#include "runtime/session.h"
 #include "tests/device_model_check.h"
 
 using namespace hla;
@@ -24,6 +25,18 @@ TEST_P(DeviceWiring, CpuDeviceEqualsCpuForward) {
   EXPECT_LT(e.prefill, 1e-5);
   EXPECT_LT(e.decode, 1e-5);
   EXPECT_EQ(e.greedy_flips, 0);
+}
+
+// A Session on a device (generate's path with --device) decodes what the CPU Session decodes.
+TEST_P(DeviceWiring, SessionOnDeviceGeneratesTheSameIds) {
+  HLA_REQUIRE_FIXTURES();
+  auto m = Model::load(fixture("models/" + GetParam()));
+  const std::vector<int64_t> prompt{3, 17, 5, 9, 11, 2, 40};
+  Sampler a(SamplingParams{0.8f, 20, 0.9f, 3}), b(SamplingParams{0.8f, 20, 0.9f, 3});
+  const std::vector<int64_t> cpu_ids = Session(*m).generate(prompt, 24, a);
+  cpu::CpuDevice dev(2);
+  m->bind_device(dev);
+  EXPECT_EQ(Session(*m, dev, 1).generate(prompt, 24, b), cpu_ids);
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, DeviceWiring,

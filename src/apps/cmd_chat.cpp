@@ -35,7 +35,7 @@ std::string shipped_demo_model() {
 void register_chat(CLI::App& app) {
   auto* cmd = app.add_subcommand("chat", "Interactive multi-turn chat (needs tokenizer.json with a chat template)");
   struct Options {
-    std::string model, system;
+    std::string model, system, device = "cpu", dtype = "f32";
     int64_t max_new = 512;
     SamplingParams sampling{0.7f, 40, 0.95f, 0};
   };
@@ -44,10 +44,17 @@ void register_chat(CLI::App& app) {
   cmd->add_option("--system", o->system, "system prompt");
   cmd->add_option("--max-new-tokens", o->max_new, "longest reply")->default_val(512);
   add_sampling_options(cmd, o->sampling);
+  cmd->add_option("--device", o->device, "cpu or cuda")->default_val("cpu");
+  cmd->add_option("--dtype", o->dtype, "weights on the GPU: f32 or bf16")->default_val("f32");
   cmd->callback([o] {
     if (o->model.empty()) o->model = shipped_demo_model();
     check(!o->model.empty(), "--model is needed (the demo model models/brown-hybrid was not found)");
+    std::unique_ptr<Device> dev = open_device(o->device, o->dtype, 1);
     TextModel tm = load_text_model(o->model);
+    if (dev) tm.model->bind_device(*dev);
+    auto new_session = [&] {
+      return dev ? std::make_unique<Session>(*tm.model, *dev, 0) : std::make_unique<Session>(*tm.model);
+    };
     const Tokenizer& tok = tm.need_tokenizer();
     // With a template: the model's own chat format. Without: each turn is a line of plain text.
     auto render = [&](const nlohmann::ordered_json& msgs) {
@@ -57,11 +64,11 @@ void register_chat(CLI::App& app) {
       return tm.encode_prompt(text);
     };
     Sampler sampler(o->sampling);
-    auto session = std::make_unique<Session>(*tm.model);
+    auto session = new_session();
     std::vector<int64_t> history;  // the tokens folded into session's cache
     nlohmann::ordered_json messages = nlohmann::ordered_json::array();
     auto reset = [&] {
-      session = std::make_unique<Session>(*tm.model);
+      session = new_session();
       history.clear();
       messages = nlohmann::ordered_json::array();
       if (!o->system.empty()) messages.push_back({{"role", "system"}, {"content", o->system}});
@@ -84,7 +91,7 @@ void register_chat(CLI::App& app) {
       const std::vector<int64_t> ids = render(messages);
       const bool extends = history.size() < ids.size() && std::equal(history.begin(), history.end(), ids.begin());
       if (!extends) {
-        session = std::make_unique<Session>(*tm.model);
+        session = new_session();
         history.clear();
       }
       const std::vector<int64_t> fresh(ids.begin() + int64_t(history.size()), ids.end());
