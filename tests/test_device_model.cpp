@@ -39,6 +39,28 @@ TEST_P(DeviceWiring, SessionOnDeviceGeneratesTheSameIds) {
   EXPECT_EQ(Session(*m, dev, 1).generate(prompt, 24, b), cpu_ids);
 }
 
+// A prompt fed in 64-token forwards ends where one forward ends (CPU and device sessions).
+TEST_P(DeviceWiring, ChunkedPrefillEqualsOneForward) {
+  HLA_REQUIRE_FIXTURES();
+  auto m = Model::load(fixture("models/" + GetParam()));
+  std::vector<int64_t> prompt;
+  for (int64_t t = 0; t < 150; ++t) prompt.push_back((t * 37 + 11) % m->spec().vocab);
+  const std::vector<float> whole = Session(*m).append(prompt);
+  cpu::CpuDevice dev(1);
+  m->bind_device(dev);
+  Session cpu_chunked(*m), dev_chunked(*m, dev, 0);
+  cpu_chunked.set_prefill_chunk(64), dev_chunked.set_prefill_chunk(64);
+  for (const std::vector<float>& got : {cpu_chunked.append(prompt), dev_chunked.append(prompt)}) {
+    double err = 0, scale = 0;
+    for (size_t v = 0; v < whole.size(); ++v) {
+      err = std::max(err, double(std::fabs(got[v] - whole[v])));
+      scale = std::max(scale, double(std::fabs(whole[v])));
+    }
+    EXPECT_LT(err / scale, 1e-5);
+  }
+  EXPECT_EQ(dev_chunked.length(), 150);
+}
+
 INSTANTIATE_TEST_SUITE_P(Fixtures, DeviceWiring,
                          ::testing::Values("qwen3_next", "qwen3_5", "kimi_linear", "deepseek_v32"));
 

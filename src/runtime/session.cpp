@@ -55,16 +55,26 @@ int64_t Sampler::sample(const float* logits, int64_t vocab) {
   }
 }
 
+void Session::set_prefill_chunk(int64_t n) {
+  check(n > 0, "internal: prefill chunk must be positive");
+  prefill_chunk_ = n;
+}
+
 std::vector<float> Session::append(const std::vector<int64_t>& ids) {
   check(!ids.empty(), "empty prompt");
   Tensor logits;
-  if (dev_) {
-    DevBatch b{{0, int64_t(ids.size())}, {slot_}, {dev_length_}};
-    logits = model_.forward(*dev_, ids, b, false);
-    dev_length_ += int64_t(ids.size());
-  } else {
-    SeqBatch b{{0, int64_t(ids.size())}, {&cache_}};
-    logits = model_.forward(ids, b, false);
+  for (size_t done = 0; done < ids.size();) {
+    const size_t n = std::min(ids.size() - done, size_t(prefill_chunk_));
+    const std::vector<int64_t> piece(ids.begin() + std::ptrdiff_t(done), ids.begin() + std::ptrdiff_t(done + n));
+    if (dev_) {
+      DevBatch b{{0, int64_t(n)}, {slot_}, {dev_length_}};
+      logits = model_.forward(*dev_, piece, b, false);
+      dev_length_ += int64_t(n);
+    } else {
+      SeqBatch b{{0, int64_t(n)}, {&cache_}};
+      logits = model_.forward(piece, b, false);
+    }
+    done += n;
   }
   return std::vector<float>(logits.f32(), logits.f32() + logits.numel());
 }

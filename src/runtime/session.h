@@ -34,8 +34,13 @@ class Session {
   explicit Session(const Model& m) : model_(m), cache_(m.new_cache()) {}
   // On a device (the model bound to it): the cache is slot `slot` of dev, reset here.
   Session(const Model& m, Device& dev, int64_t slot) : model_(m), dev_(&dev), slot_(slot) { dev.reset_slot(slot); }
-  // Folds `ids` into the cache; returns the logits [vocab] after the last id.
+  // Folds `ids` into the cache, at most prefill_chunk tokens per forward (a long prompt's
+  // activations would not fit at once: a 128K-token forward of a 2B model needs ~100 GB of fp32
+  // scratch); returns the logits [vocab] after the last id.
   std::vector<float> append(const std::vector<int64_t>& ids);
+  // Tokens per forward in append(); a multiple of 64 keeps the delta rule's chunks where one
+  // forward would put them.
+  void set_prefill_chunk(int64_t n);
   // Prompt, then up to max_new sampled tokens (stops after any id in `eos`). on_token sees each new
   // id as it comes and may return false to stop.
   std::vector<int64_t> generate(const std::vector<int64_t>& prompt, int64_t max_new, Sampler& sampler,
@@ -50,6 +55,7 @@ class Session {
   SequenceCache cache_;  // on the CPU
   Device* dev_ = nullptr;
   int64_t slot_ = 0, dev_length_ = 0;
+  int64_t prefill_chunk_ = 8192;
 };
 
 }  // namespace hla
