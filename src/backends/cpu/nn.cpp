@@ -96,6 +96,40 @@ void rope(float* x, int64_t heads, int64_t stride, const std::vector<float>& inv
 void attention(const float* q, const float* k, const float* v, float* out, int64_t T, int64_t S,
                int64_t nh, int64_t nkv, int64_t dq, int64_t dv, float scale,
                const std::vector<std::vector<int32_t>>* selected) {
+  if (selected || T < kAttentionBlock) return attention_plain(q, k, v, out, T, S, nh, nkv, dq, dv, scale, selected);
+  // Blocks of kAttentionBlock queries of one head: scores = Q·K^T over the keys the block's last
+  // query sees (one GEMM), causal mask and softmax per row, then out = P·V (one GEMM). OpenBLAS runs
+  // single-threaded inside the parallel loop.
+  const int64_t group = nh / nkv, blocks = (T + kAttentionBlock - 1) / kAttentionBlock;
+#pragma omp parallel
+  {
+    std::vector<float> p(static_cast<size_t>(kAttentionBlock * S));
+#pragma omp for collapse(2) schedule(dynamic, 1)
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      for (int64_t h = 0; h < nh; ++h) {
+        const int64_t i0 = blk * kAttentionBlock, B = std::min(kAttentionBlock, T - i0), kvh = h / group;
+        const int64_t keys = S - T + i0 + B;  // the block's last query sees keys 0 .. keys−1
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(B), int(keys), int(dq), scale, q + (i0 * nh + h) * dq,
+                    int(nh * dq), k + kvh * dq, int(nkv * dq), 0.0f, p.data(), int(keys));
+        for (int64_t r = 0; r < B; ++r) {
+          float* pr = p.data() + r * keys;
+          const int64_t seen = S - T + i0 + r + 1;
+          const float mx = *std::max_element(pr, pr + seen);
+          float sum = 0;
+          for (int64_t u = 0; u < seen; ++u) sum += (pr[u] = std::exp(pr[u] - mx));
+          for (int64_t u = 0; u < seen; ++u) pr[u] /= sum;
+          std::fill(pr + seen, pr + keys, 0.0f);
+        }
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(B), int(dv), int(keys), 1.0f, p.data(), int(keys),
+                    v + kvh * dv, int(nkv * dv), 0.0f, out + (i0 * nh + h) * dv, int(nh * dv));
+      }
+    }
+  }
+}
+
+void attention_plain(const float* q, const float* k, const float* v, float* out, int64_t T, int64_t S,
+                     int64_t nh, int64_t nkv, int64_t dq, int64_t dv, float scale,
+                     const std::vector<std::vector<int32_t>>* selected) {
   const int64_t group = nh / nkv;
 #pragma omp parallel
   {

@@ -62,9 +62,15 @@ void rope(float* x, int64_t heads, int64_t stride, const std::vector<float>& inv
 // whose keys k [S,nkv,dq] and values v [S,nkv,dv] are all cached (query i sits at S−T+i).
 // GQA: head h reads kv head h / (nh/nkv). out [T,nh,dv]. When `selected` is given, query i attends
 // only to the keys selected[i] (DeepSeek sparse attention; always causal).
+// Dense prefill (T >= kAttentionBlock, no selection) runs blocked through GEMMs; the rest, and the
+// tests' reference, is attention_plain (one (query, head) pair at a time).
 void attention(const float* q, const float* k, const float* v, float* out, int64_t T, int64_t S,
                int64_t nh, int64_t nkv, int64_t dq, int64_t dv, float scale,
                const std::vector<std::vector<int32_t>>* selected = nullptr);
+void attention_plain(const float* q, const float* k, const float* v, float* out, int64_t T, int64_t S,
+                     int64_t nh, int64_t nkv, int64_t dq, int64_t dv, float scale,
+                     const std::vector<std::vector<int32_t>>* selected = nullptr);
+constexpr int64_t kAttentionBlock = 32;
 
 // Keys of n new queries at positions past..past+n−1 under a sliding window: query at pos sees
 // max(0, pos−window+1) .. pos.
