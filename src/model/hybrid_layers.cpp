@@ -51,7 +51,7 @@ void DsaIndexer::bind_device(Device& dev) {
 
 const int32_t* DsaIndexer::select_device(Device& dev, const float* x, const DevBatch& b, int64_t i,
                                          int64_t layer) const {
-  const int64_t n = b.len(i), t0 = b.cu_seqlens[size_t(i)], past = b.past[size_t(i)], W = IH * ID + ID + IH;
+  const int64_t n = b.len(i), t0 = b.cu_seqlens[size_t(i)], W = IH * ID + ID + IH;
   float* P = dev.scratch(n * W);
   dev.linear(x + t0 * D, D, proj_d, P, n);
   float* iq = dev.scratch(n * IH * ID);
@@ -61,6 +61,12 @@ const int32_t* DsaIndexer::select_device(Device& dev, const float* x, const DevB
   dev.copy(ik, {ID, 1, 0}, P + IH * ID, {W, 1, 0}, n, ID, 1);
   dev.copy(w, {IH, 1, 0}, P + IH * ID + ID, {W, 1, 0}, n, IH, 1);
   dev.layer_norm(ik, k_norm_w_d, k_norm_b_d, ik, n, ID, 1e-6f);
+  return dsa_select_device(dev, b, i, layer, iq, w, ik, IH, ID, topk);
+}
+
+const int32_t* dsa_select_device(Device& dev, const DevBatch& b, int64_t i, int64_t layer, const float* iq,
+                                 const float* w, const float* ik, int64_t IH, int64_t ID, int64_t topk) {
+  const int64_t n = b.len(i), past = b.past[size_t(i)];
   float* keys = dev.cache_rows(layer, CachePart::IndexK, b.slots[size_t(i)], past + n, ID);
   dev.copy(keys + past * ID, {ID, 1, 0}, ik, {ID, 1, 0}, n, ID, 1);
   int32_t* sel = dev.scratch_i32(n * topk);

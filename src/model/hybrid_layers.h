@@ -21,6 +21,13 @@ namespace hla {
 std::vector<double> lightning_log_decay(int64_t heads);
 std::unique_ptr<Mixer> make_lightning(const ModelSpec& s, Params& p, const std::string& pre);
 
+// The device form of a DSA selection for sequence i of b: appends its n new index keys ik [n, ID] to
+// the slot's IndexK rows of `layer` and picks topk keys for its queries iq [n, IH·ID] with weights
+// w [n, IH]; selected [n, topk] in scratch. Shared by hla_hybrid's sparse attention and
+// DeepSeek-V3.2's sparse MLA, which differ only in how they project iq, ik and w.
+const int32_t* dsa_select_device(Device& dev, const DevBatch& b, int64_t i, int64_t layer, const float* iq,
+                                 const float* w, const float* ik, int64_t IH, int64_t ID, int64_t topk);
+
 // The DSA indexer of an hla_hybrid sparse-attention layer (`self_attn.indexer.*`). Unlike
 // DeepSeek's it reads x directly (no q latent) and uses no RoPE: index q [IH·ID] = wq·x,
 // index k [ID] = LayerNorm(wk·x), weights [IH] = weights_proj·x.

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 #include <numeric>
+#include <tuple>
 
 #include "backends/cpu/nn.h"
 #include "core/error.h"
@@ -386,10 +387,10 @@ class GatedAttention : public Mixer {
       const int64_t C = Q + 2 * KV, kw = s_.attn_conv_kernel;
       float* packed = dev.scratch(T * C);
       float* y = dev.scratch(T * C);
-      const std::pair<float*, int64_t> parts[] = {{q, 0}, {k, Q}, {v, Q + KV}};
-      for (auto [p, col] : parts) dev.copy(packed + col, {C, 1, 0}, p, {p == q ? Q : KV, 1, 0}, T, p == q ? Q : KV, 1);
+      const std::tuple<float*, int64_t, int64_t> parts[] = {{q, 0, Q}, {k, Q, KV}, {v, Q + KV, KV}};  // column, width
+      for (auto [p, col, w] : parts) dev.copy(packed + col, {C, 1, 0}, p, {w, 1, 0}, T, w, 1);
       dev.causal_conv_silu(packed, C, dev_.conv, y, C, kw, b, dev.cache_pool(layer, CachePart::Conv, C * (kw - 1)));
-      for (auto [p, col] : parts) dev.copy(p, {p == q ? Q : KV, 1, 0}, y + col, {C, 1, 0}, T, p == q ? Q : KV, 1);
+      for (auto [p, col, w] : parts) dev.copy(p, {w, 1, 0}, y + col, {C, 1, 0}, T, w, 1);
     }
     dev.rms_norm(q, hd, dev_.q_norm, q, hd, T * nh, hd, s_.norm_eps, true);
     dev.rms_norm(k, hd, dev_.k_norm, k, hd, T * nkv, hd, s_.norm_eps, true);
@@ -630,14 +631,9 @@ class MultiLatentAttention : public Mixer {
       dev.copy(K + past * nh * dq, {nh * dq, dq, 1}, kvs, {nh * (dn + dv), dn + dv, 1}, n, nh, dn);
       dev.copy(K + past * nh * dq + dn, {nh * dq, dq, 1}, c + t0 * (R + dr) + R, {R + dr, 0, 1}, n, nh, dr);
       dev.copy(V + past * nh * dv, {nh * dv, dv, 1}, kvs + dn, {nh * (dn + dv), dn + dv, 1}, n, nh, dv);
-      const int32_t* sel = nullptr;
-      if (sparse_) {
-        float* keys = dev.cache_rows(layer, CachePart::IndexK, slot, past + n, ID);
-        dev.copy(keys + past * ID, {ID, 1, 0}, ik + t0 * ID, {ID, 1, 0}, n, ID, 1);
-        int32_t* s = dev.scratch_i32(n * s_.index_topk);
-        dev.dsa_select(iq + t0 * IH * ID, w + t0 * IH, keys, n, past + n, IH, ID, s_.index_topk, s);
-        sel = s;
-      }
+      const int32_t* sel = sparse_ ? dsa_select_device(dev, b, i, layer, iq + t0 * IH * ID, w + t0 * IH, ik + t0 * ID,
+                                                       IH, ID, s_.index_topk)
+                                   : nullptr;
       dev.attention(q + t0 * nh * dq, K, V, o + t0 * nh * dv, n, past + n, nh, nh, dq, dv, s_.mla_scale(), 0, sel,
                     sparse_ ? s_.index_topk : 0);
     }

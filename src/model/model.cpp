@@ -70,14 +70,35 @@ SequenceCache Model::new_cache() const {
   return c;
 }
 
+namespace {
+
+void check_ids(const std::vector<int64_t>& ids, int64_t vocab) {
+  for (int64_t id : ids)
+    check(id >= 0 && id < vocab, "token id " + std::to_string(id) + " is outside the vocabulary [0, " +
+                                     std::to_string(vocab) + ")");
+}
+
+// The packed rows whose logits are wanted: every token's, or each sequence's last. Only these go
+// through the final norm and the (large) LM head.
+std::vector<int64_t> logit_rows(const std::vector<int64_t>& cu_seqlens, bool all_logits) {
+  std::vector<int64_t> rows;
+  for (size_t i = 0; i + 1 < cu_seqlens.size(); ++i) {
+    if (all_logits)
+      for (int64_t t = cu_seqlens[i]; t < cu_seqlens[i + 1]; ++t) rows.push_back(t);
+    else if (cu_seqlens[i + 1] > cu_seqlens[i])
+      rows.push_back(cu_seqlens[i + 1] - 1);
+  }
+  return rows;
+}
+
+}  // namespace
+
 Tensor Model::forward(const std::vector<int64_t>& ids, const SeqBatch& b, bool all_logits) const {
   const ModelSpec& s = spec_;
   const int64_t T = b.tokens(), D = s.hidden;
   check(int64_t(ids.size()) == T, "internal: ids and cu_seqlens disagree");
   check(int64_t(b.cu_seqlens.size()) == b.num_seqs() + 1, "internal: cu_seqlens and caches disagree");
-  for (int64_t id : ids)
-    check(id >= 0 && id < s.vocab, "token id " + std::to_string(id) + " is outside the vocabulary [0, " +
-                                       std::to_string(s.vocab) + ")");
+  check_ids(ids, s.vocab);
   std::vector<float> h(size_t(T * D)), x(size_t(T * D)), y(size_t(T * D));
   for (int64_t t = 0; t < T; ++t)
     std::memcpy(h.data() + t * D, embed_.f32() + ids[size_t(t)] * D, sizeof(float) * size_t(D));
@@ -90,14 +111,7 @@ Tensor Model::forward(const std::vector<int64_t>& ids, const SeqBatch& b, bool a
     for (int64_t i = 0; i < T * D; ++i) h[size_t(i)] += y[size_t(i)];
   }
   for (int64_t i = 0; i < b.num_seqs(); ++i) b.caches[size_t(i)]->length += b.len(i);
-  // Only the rows whose logits are wanted go through the final norm and the (large) LM head.
-  std::vector<int64_t> rows;
-  for (int64_t i = 0; i < b.num_seqs(); ++i) {
-    if (all_logits)
-      for (int64_t t = b.cu_seqlens[size_t(i)]; t < b.cu_seqlens[size_t(i + 1)]; ++t) rows.push_back(t);
-    else if (b.len(i) > 0)
-      rows.push_back(b.cu_seqlens[size_t(i + 1)] - 1);
-  }
+  const std::vector<int64_t> rows = logit_rows(b.cu_seqlens, all_logits);
   const int64_t R = int64_t(rows.size());
   for (int64_t r = 0; r < R; ++r)
     cpu::rms_norm(h.data() + rows[size_t(r)] * D, final_norm_.f32(), x.data() + r * D, 1, D, s.norm_eps,
@@ -127,9 +141,7 @@ Tensor Model::forward(Device& dev, const std::vector<int64_t>& ids, DevBatch& b,
   const int64_t N = b.num_seqs(), T = b.tokens(), D = s.hidden;
   check(int64_t(ids.size()) == T && int64_t(b.cu_seqlens.size()) == N + 1 && int64_t(b.past.size()) == N,
         "internal: ids, cu_seqlens, slots and past disagree");
-  for (int64_t id : ids)
-    check(id >= 0 && id < s.vocab, "token id " + std::to_string(id) + " is outside the vocabulary [0, " +
-                                       std::to_string(s.vocab) + ")");
+  check_ids(ids, s.vocab);
   for (int64_t i = 0; i < N; ++i)
     check(b.slots[size_t(i)] >= 0 && b.slots[size_t(i)] < dev.max_slots(), "internal: cache slot out of range");
   bool replayable = b.one_token_each();
@@ -155,15 +167,9 @@ Tensor Model::forward(Device& dev, const std::vector<int64_t>& ids, DevBatch& b,
     else dev.add(h, y, T * D);
     dev.scratch_release(layer_scratch);
   }
-  std::vector<int32_t> rows;
-  for (int64_t i = 0; i < N; ++i) {
-    if (all_logits)
-      for (int64_t t = b.cu_seqlens[size_t(i)]; t < b.cu_seqlens[size_t(i + 1)]; ++t) rows.push_back(int32_t(t));
-    else if (b.len(i) > 0)
-      rows.push_back(int32_t(b.cu_seqlens[size_t(i + 1)] - 1));
-  }
+  const std::vector<int64_t> rows = logit_rows(b.cu_seqlens, all_logits);
   const int64_t R = int64_t(rows.size());
-  dev.gather_rows(h, dev.upload_i32(rows), y, R, D);
+  dev.gather_rows(h, dev.upload_i32(std::vector<int32_t>(rows.begin(), rows.end())), y, R, D);
   dev.rms_norm(y, D, dev_.final_norm, x, D, R, D, s.norm_eps, s.zero_centered_norm);
   float* logits_d = dev.scratch(R * s.vocab);
   dev.linear(x, D, dev_.lm_head, logits_d, R);

@@ -5,7 +5,6 @@
 
 #include "core/error.h"
 
-
 namespace hla::cpu {
 
 void CpuDevice::round(float* p, int64_t n) const {
