@@ -4,6 +4,8 @@
 #   cli       hla logits --device cuda (f32) against the CPU on the fixtures, the max relative error
 #   bench     hla init of the 2.0B Qwen3.5-shaped model (configs/qwen3_5-2b.json, bf16 on disk)
 #             and hla bench --device cuda --dtype bf16 on it
+#   profile   ncu kernel times (gpu__time_duration, clocks free) of one replayed decode step at
+#             batch 1 and 16 and of one 8K prefill forward of that model, summed per kernel name
 #   peer      transformers (+ FLA's kernels) on the same shape: ../shared/anchors/e2e_anchor.py
 # Binaries come built from the CPU machine (bench/carry_delta_rule.sh BUILD BIN); BIN names them.
 #   BIN=third_party_local/bin2 bench/gpu_model_session.sh test cli
@@ -35,10 +37,28 @@ a=L('$OUT/$m.cuda.safetensors')['logits']; b=L('$OUT/$m.cpu.safetensors')['logit
 print('$m', 'cuda vs cpu', float((a-b).abs().max()/b.abs().max()), 'cuda vs transformers', float((a-r).abs().max()/r.abs().max()))" 2>&1 | tail -1
   done
 fi
-if has bench; then
-  M=/tmp/qwen3_5_2b
+M=/tmp/qwen3_5_2b
+if has bench || has profile; then
   [ -d $M ] || $BIN/hla init --config configs/qwen3_5-2b.json --out $M --dtype bf16 >"$OUT/init.log" 2>&1 ||
     { tail "$OUT/init.log"; exit 1; }
+fi
+if has profile; then
+  ncu_run() {  # name, then hla bench arguments
+    local name=$1; shift
+    timeout ${NCU_TIMEOUT:-240} ncu --clock-control none --metrics gpu__time_duration.sum --csv \
+      $BIN/hla bench --model $M --device cuda --dtype bf16 "$@" >"$OUT/ncu_$name.csv" 2>"$OUT/ncu_$name.err"
+    echo "ncu $name rc=$?"
+  }
+  for B in ${PROFILE_BATCHES:-1 16}; do
+    ncu_run decode_b$B --prefill 16 --chunk 16 --decode-batch $B --decode-steps 2 --decode-prompt 16
+    python3 bench/ncu_kernels.py "$OUT/ncu_decode_b$B.csv" --last-step | head -${PROFILE_LINES:-25}
+  done
+  if [ -n "${PROFILE_PREFILL-8192}" ]; then  # PROFILE_PREFILL= skips it
+    ncu_run prefill --prefill ${PROFILE_PREFILL:-8192} --chunk ${PROFILE_PREFILL:-8192} --decode-batch 1 --decode-steps 1 --decode-prompt 1
+    python3 bench/ncu_kernels.py "$OUT/ncu_prefill.csv" --first-forward | head -${PROFILE_LINES:-25}
+  fi
+fi
+if has bench; then
   timeout ${BENCH_TIMEOUT:-300} $BIN/hla bench --model $M --device cuda --dtype bf16 --prefill ${PREFILL:-1024,8192,32768} \
     --chunk ${CHUNK:-32768} --decode-batch ${BATCHES:-1,16,64} --decode-steps ${STEPS:-64} --decode-prompt 512 2>&1 |
     tee "$OUT/bench_hla_2b.csv"

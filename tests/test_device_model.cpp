@@ -27,16 +27,19 @@ TEST_P(DeviceWiring, CpuDeviceEqualsCpuForward) {
   EXPECT_EQ(e.greedy_flips, 0);
 }
 
-// A Session on a device (generate's path with --device) decodes what the CPU Session decodes.
+// A Session on a device (generate's path with --device) decodes what the CPU Session decodes:
+// sampled on the host from the device's logits, and greedy with the pick made on the device.
 TEST_P(DeviceWiring, SessionOnDeviceGeneratesTheSameIds) {
   HLA_REQUIRE_FIXTURES();
   auto m = Model::load(fixture("models/" + GetParam()));
   const std::vector<int64_t> prompt{3, 17, 5, 9, 11, 2, 40};
-  Sampler a(SamplingParams{0.8f, 20, 0.9f, 3}), b(SamplingParams{0.8f, 20, 0.9f, 3});
-  const std::vector<int64_t> cpu_ids = Session(*m).generate(prompt, 24, a);
   cpu::CpuDevice dev(2);
   m->bind_device(dev);
-  EXPECT_EQ(Session(*m, dev, 1).generate(prompt, 24, b), cpu_ids);
+  for (const SamplingParams& p : {SamplingParams{0.8f, 20, 0.9f, 3}, SamplingParams{}}) {
+    Sampler a(p), b(p);
+    const std::vector<int64_t> cpu_ids = Session(*m).generate(prompt, 24, a);
+    EXPECT_EQ(Session(*m, dev, 1).generate(prompt, 24, b), cpu_ids) << "temperature " << p.temperature;
+  }
 }
 
 // A prompt fed in 64-token forwards ends where one forward ends (CPU and device sessions).

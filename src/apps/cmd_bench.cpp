@@ -2,7 +2,8 @@
 // [--chunk C] [--seed S]: the model benchmark for any checkpoint (real, or from `hla init`), on
 // random token ids. Prefill: one prompt of each length, fed in chunks of C tokens as the server
 // does, timed whole. Decode: B sequences after a 128-token prompt each (--decode-prompt), then N steps of one token
-// per sequence in one packed forward (the first step is a warm-up, not timed). One CSV row per case:
+// per sequence in one packed forward (the first step is a warm-up, not timed), each step's input the
+// previous step's greedy pick (made on the device there, as transformers' greedy generate does). One CSV row per case:
 //   case,tokens,seconds,tokens_per_s,cache_mib,peak_rss_mib,device_mib
 // cache_mib: the hybrid cache the case holds at its end (KV of full-attention layers grows with the
 // context, linear layers' state does not); peak_rss_mib: the process's peak resident memory so far;
@@ -51,22 +52,28 @@ class Bench {
   }
 
   void prefill(int64_t len, int64_t chunk) {
+    auto run = [&](Seqs& s) {
+      for (int64_t done = 0; done < len; done += chunk) {
+        const int64_t n = std::min(chunk, len - done);
+        step(s, random_ids(n), n);
+      }
+    };
     if (dev_) {  // a GPU's first forward of a shape sets up (GEMM plans, scratch): untimed run first
       Seqs w = open(1);
-      for (int64_t done = 0; done < len; done += chunk) step(w, std::min(chunk, len - done));
+      run(w);
     }
     Seqs s = open(1);
     const auto t0 = std::chrono::steady_clock::now();
-    for (int64_t done = 0; done < len; done += chunk) step(s, std::min(chunk, len - done));
+    run(s);
     row("prefill_" + std::to_string(len), len, seconds_since(t0), s);
   }
 
   void decode(int64_t batch, int64_t steps, int64_t prompt) {
     Seqs s = open(batch);
-    step(s, prompt);
-    step(s, 1);  // warm-up
+    std::vector<int64_t> next = step(s, random_ids(prompt * batch), prompt);
+    next = step(s, next, 1);  // warm-up
     const auto t0 = std::chrono::steady_clock::now();
-    for (int64_t i = 0; i < steps; ++i) step(s, 1);
+    for (int64_t i = 0; i < steps; ++i) next = step(s, next, 1);
     row("decode_batch_" + std::to_string(batch), batch * steps, seconds_since(t0), s);
   }
 
@@ -85,21 +92,28 @@ class Bench {
     }
     return s;
   }
-  // Folds `n` tokens into every sequence of s, one packed forward.
-  void step(Seqs& s, int64_t n) {
+  // Folds ids, n per sequence, into every sequence of s in one packed forward; returns each
+  // sequence's greedy next id.
+  std::vector<int64_t> step(Seqs& s, const std::vector<int64_t>& ids, int64_t n) {
     const int64_t B = int64_t(s.past.size());
     std::vector<int64_t> cu{0};
     for (int64_t i = 0; i < B; ++i) cu.push_back(cu.back() + n);
+    std::vector<int64_t> next;
     if (dev_) {
       DevBatch b{cu, {}, s.past};
       for (int64_t i = 0; i < B; ++i) b.slots.push_back(i);
-      m_.forward(*dev_, random_ids(n * B), b, false);
+      next = m_.forward_greedy(*dev_, ids, b);
     } else {
       SeqBatch b{cu, {}};
       for (auto& c : s.caches) b.caches.push_back(&c);
-      m_.forward(random_ids(n * B), b, false);
+      const Tensor logits = m_.forward(ids, b, false);
+      for (int64_t i = 0; i < B; ++i) {
+        const float* r = logits.f32() + i * vocab_;
+        next.push_back(int64_t(std::max_element(r, r + vocab_) - r));
+      }
     }
     for (auto& p : s.past) p += n;
+    return next;
   }
   static double seconds_since(std::chrono::steady_clock::time_point t0) {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -66,7 +66,10 @@ class Device {
   virtual const int32_t* upload_i32(const std::vector<int32_t>& v) = 0;  // into scratch
   virtual const float* upload_f32(const std::vector<float>& v) = 0;      // into scratch
   virtual void zero(float* p, int64_t n) = 0;
-  virtual void to_host(const float* src, float* dst, int64_t n) = 0;
+  // Copies device bytes to the host; the forward's work up to here has finished when it returns.
+  virtual void to_host_bytes(const void* src, void* dst, size_t bytes) = 0;
+  void to_host(const float* src, float* dst, int64_t n) { to_host_bytes(src, dst, size_t(n) * sizeof(float)); }
+  void to_host(const int32_t* src, int32_t* dst, int64_t n) { to_host_bytes(src, dst, size_t(n) * sizeof(int32_t)); }
   // Cache: the [slots, n] pool of a fixed-size part (zeros for a fresh slot), and the rows of a
   // growable part for one slot, grown to hold `rows` rows of `width` (earlier rows kept).
   virtual float* cache_pool(int64_t layer, CachePart part, int64_t n) = 0;
@@ -141,6 +144,9 @@ class Device {
   // keys, then −1, when fewer).
   virtual void dsa_select(const float* iq, const float* w, const float* keys, int64_t n, int64_t S, int64_t IH,
                           int64_t ID, int64_t topk, int32_t* selected) = 0;
+  // out [rows] = the index of the largest value of each row of x [rows, n], the lowest among ties
+  // (greedy decoding on the device: only the ids come back, not the rows of logits).
+  virtual void argmax_rows(const float* x, int64_t rows, int64_t n, int32_t* out) = 0;
   // MoE: dst [n, D] = src rows idx; dst[idx[i]] += w[i]·src[i] (idx distinct within a call).
   virtual void gather_rows(const float* src, const int32_t* idx, float* dst, int64_t n, int64_t D) = 0;
   virtual void scatter_add_rows(float* dst, const int32_t* idx, const float* w, const float* src, int64_t n,

@@ -136,6 +136,25 @@ void Model::bind_device(Device& dev) {
 }
 
 Tensor Model::forward(Device& dev, const std::vector<int64_t>& ids, DevBatch& b, bool all_logits) const {
+  int64_t rows = 0;
+  const float* logits_d = device_logits(dev, ids, b, all_logits, false, rows);
+  Tensor logits = Tensor::f32({rows, spec_.vocab});
+  dev.to_host(logits_d, logits.f32(), rows * spec_.vocab);
+  return logits;
+}
+
+std::vector<int64_t> Model::forward_greedy(Device& dev, const std::vector<int64_t>& ids, DevBatch& b) const {
+  int64_t rows = 0;
+  const float* logits_d = device_logits(dev, ids, b, false, true, rows);
+  int32_t* best_d = dev.scratch_i32(rows);
+  dev.argmax_rows(logits_d, rows, spec_.vocab, best_d);
+  std::vector<int32_t> best(static_cast<size_t>(rows));
+  dev.to_host(best_d, best.data(), rows);
+  return std::vector<int64_t>(best.begin(), best.end());
+}
+
+const float* Model::device_logits(Device& dev, const std::vector<int64_t>& ids, DevBatch& b, bool all_logits,
+                                  bool greedy, int64_t& n_rows) const {
   const ModelSpec& s = spec_;
   check(bound_ == &dev, "internal: the model is not bound to device " + dev.name());
   const int64_t N = b.num_seqs(), T = b.tokens(), D = s.hidden;
@@ -147,7 +166,8 @@ Tensor Model::forward(Device& dev, const std::vector<int64_t>& ids, DevBatch& b,
   bool replayable = b.one_token_each();
   for (int64_t l = 0; l < s.n_layers; ++l)
     replayable = replayable && mixers_[size_t(l)]->replayable_decode() && ffns_[size_t(l)]->replayable_decode();
-  dev.begin_forward(replayable ? N : -1);  // a decode step depends on the batch size only
+  // A decode step depends on the batch size only (and on what comes back: logits or greedy ids).
+  dev.begin_forward(replayable ? 2 * N + (greedy ? 1 : 0) : -1);
   std::vector<int32_t> ids32(ids.begin(), ids.end()), cu(b.cu_seqlens.begin(), b.cu_seqlens.end()),
       slots(b.slots.begin(), b.slots.end()), pos(static_cast<size_t>(T));
   for (int64_t i = 0; i < N; ++i)
@@ -173,9 +193,8 @@ Tensor Model::forward(Device& dev, const std::vector<int64_t>& ids, DevBatch& b,
   dev.rms_norm(y, D, dev_.final_norm, x, D, R, D, s.norm_eps, s.zero_centered_norm);
   float* logits_d = dev.scratch(R * s.vocab);
   dev.linear(x, D, dev_.lm_head, logits_d, R);
-  Tensor logits = Tensor::f32({R, s.vocab});
-  dev.to_host(logits_d, logits.f32(), R * s.vocab);
-  return logits;
+  n_rows = R;
+  return logits_d;
 }
 
 size_t SequenceCache::bytes() const {

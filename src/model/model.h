@@ -37,9 +37,16 @@ class Model {
   // forward() on the bound device, the cache in its slots: sequence i continues slot b.slots[i]
   // holding b.past[i] tokens (the caller resets a slot before a new sequence and counts its length).
   Tensor forward(Device& dev, const std::vector<int64_t>& ids, DevBatch& b, bool all_logits) const;
+  // The same forward, greedy: each sequence's most likely next id (the lowest among ties), picked on
+  // the device, so only the ids come back (a decode step of 64 sequences would otherwise copy
+  // 64 × vocab logits to the host).
+  std::vector<int64_t> forward_greedy(Device& dev, const std::vector<int64_t>& ids, DevBatch& b) const;
 
  private:
   Model(ModelSpec spec, Params& p);
+  // The device forward up to the LM head: the logits [rows, vocab] in device scratch.
+  const float* device_logits(Device& dev, const std::vector<int64_t>& ids, DevBatch& b, bool all_logits, bool greedy,
+                             int64_t& n_rows) const;
   ModelSpec spec_;
   Tensor embed_, final_norm_, lm_head_;
   std::vector<Tensor> norm_in_, norm_post_;

@@ -60,23 +60,39 @@ void Session::set_prefill_chunk(int64_t n) {
   prefill_chunk_ = n;
 }
 
-std::vector<float> Session::append(const std::vector<int64_t>& ids) {
-  check(!ids.empty(), "empty prompt");
-  Tensor logits;
-  for (size_t done = 0; done < ids.size();) {
-    const size_t n = std::min(ids.size() - done, size_t(prefill_chunk_));
-    const std::vector<int64_t> piece(ids.begin() + std::ptrdiff_t(done), ids.begin() + std::ptrdiff_t(done + n));
-    if (dev_) {
-      DevBatch b{{0, int64_t(n)}, {slot_}, {dev_length_}};
-      logits = model_.forward(*dev_, piece, b, false);
-      dev_length_ += int64_t(n);
-    } else {
-      SeqBatch b{{0, int64_t(n)}, {&cache_}};
-      logits = model_.forward(piece, b, false);
-    }
-    done += n;
+Tensor Session::forward_piece(const std::vector<int64_t>& piece) {
+  const int64_t n = int64_t(piece.size());
+  if (dev_) {
+    DevBatch b{{0, n}, {slot_}, {dev_length_}};
+    Tensor logits = model_.forward(*dev_, piece, b, false);
+    dev_length_ += n;
+    return logits;
   }
+  SeqBatch b{{0, n}, {&cache_}};
+  return model_.forward(piece, b, false);
+}
+
+std::vector<int64_t> Session::fold_all_but_last(const std::vector<int64_t>& ids) {
+  check(!ids.empty(), "empty prompt");
+  size_t done = 0;
+  for (; ids.size() - done > size_t(prefill_chunk_); done += size_t(prefill_chunk_))
+    forward_piece(std::vector<int64_t>(ids.begin() + std::ptrdiff_t(done),
+                                       ids.begin() + std::ptrdiff_t(done + size_t(prefill_chunk_))));
+  return std::vector<int64_t>(ids.begin() + std::ptrdiff_t(done), ids.end());
+}
+
+std::vector<float> Session::append(const std::vector<int64_t>& ids) {
+  const Tensor logits = forward_piece(fold_all_but_last(ids));
   return std::vector<float>(logits.f32(), logits.f32() + logits.numel());
+}
+
+int64_t Session::append_greedy(const std::vector<int64_t>& ids) {
+  check(dev_ != nullptr, "internal: append_greedy runs on a device");
+  const std::vector<int64_t> piece = fold_all_but_last(ids);
+  DevBatch b{{0, int64_t(piece.size())}, {slot_}, {dev_length_}};
+  const int64_t id = model_.forward_greedy(*dev_, piece, b)[0];
+  dev_length_ += int64_t(piece.size());
+  return id;
 }
 
 std::vector<int64_t> Session::generate(const std::vector<int64_t>& prompt, int64_t max_new, Sampler& sampler,
@@ -84,13 +100,16 @@ std::vector<int64_t> Session::generate(const std::vector<int64_t>& prompt, int64
   check(max_new >= 0, "--max-new-tokens must be >= 0");
   std::vector<int64_t> out;
   if (max_new == 0) return out;
-  std::vector<float> logits = append(prompt);
-  while (true) {
-    const int64_t id = sampler.sample(logits.data(), int64_t(logits.size()));
+  // On a device a greedy pick happens there: one id per step comes back instead of the logits.
+  auto next = [&](const std::vector<int64_t>& ids) {
+    if (dev_ && sampler.greedy()) return append_greedy(ids);
+    const std::vector<float> logits = append(ids);
+    return sampler.sample(logits.data(), int64_t(logits.size()));
+  };
+  for (int64_t id = next(prompt);; id = next({id})) {
     out.push_back(id);
     if (on_token && !on_token(id)) break;
     if (std::find(eos.begin(), eos.end(), id) != eos.end() || int64_t(out.size()) >= max_new) break;
-    logits = append({id});
   }
   return out;
 }

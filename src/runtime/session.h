@@ -21,6 +21,7 @@ class Sampler {
  public:
   explicit Sampler(const SamplingParams& p);
   int64_t sample(const float* logits, int64_t vocab);
+  bool greedy() const { return p_.temperature == 0.0f; }
 
  private:
   SamplingParams p_;
@@ -38,11 +39,13 @@ class Session {
   // activations would not fit at once: a 128K-token forward of a 2B model needs ~100 GB of fp32
   // scratch); returns the logits [vocab] after the last id.
   std::vector<float> append(const std::vector<int64_t>& ids);
+  // append() on a device for greedy decoding: the most likely next id, picked on the device.
+  int64_t append_greedy(const std::vector<int64_t>& ids);
   // Tokens per forward in append(); a multiple of 64 keeps the delta rule's chunks where one
   // forward would put them.
   void set_prefill_chunk(int64_t n);
   // Prompt, then up to max_new sampled tokens (stops after any id in `eos`). on_token sees each new
-  // id as it comes and may return false to stop.
+  // id as it comes and may return false to stop. On a device, greedy picks happen there.
   std::vector<int64_t> generate(const std::vector<int64_t>& prompt, int64_t max_new, Sampler& sampler,
                                 const std::vector<int64_t>& eos = {},
                                 const std::function<bool(int64_t)>& on_token = {});
@@ -56,6 +59,10 @@ class Session {
   Device* dev_ = nullptr;
   int64_t slot_ = 0, dev_length_ = 0;
   int64_t prefill_chunk_ = 8192;
+
+  // Folds all of ids but its last piece of at most prefill_chunk_ tokens; returns that piece.
+  std::vector<int64_t> fold_all_but_last(const std::vector<int64_t>& ids);
+  Tensor forward_piece(const std::vector<int64_t>& piece);  // its logits; the cache advances
 };
 
 }  // namespace hla

@@ -45,7 +45,7 @@ const float* CpuDevice::upload_f32(const std::vector<float>& v) {
 
 void CpuDevice::zero(float* p, int64_t n) { std::fill(p, p + n, 0.0f); }
 
-void CpuDevice::to_host(const float* src, float* dst, int64_t n) { std::copy(src, src + n, dst); }
+void CpuDevice::to_host_bytes(const void* src, void* dst, size_t bytes) { std::memcpy(dst, src, bytes); }
 
 float* CpuDevice::cache_pool(int64_t layer, CachePart part, int64_t n) {
   auto& pool = pools_[{layer, part}];
@@ -242,6 +242,10 @@ void CpuDevice::dsa_select(const float* iq, const float* w, const float* keys, i
     std::vector<int32_t> idx = dsa_topk(score.data(), causal, topk);
     for (int64_t j = 0; j < topk; ++j) selected[t * topk + j] = j < int64_t(idx.size()) ? idx[size_t(j)] : -1;
   }
+}
+
+void CpuDevice::argmax_rows(const float* x, int64_t rows, int64_t n, int32_t* out) {
+  for (int64_t r = 0; r < rows; ++r) out[r] = int32_t(std::max_element(x + r * n, x + (r + 1) * n) - (x + r * n));
 }
 
 void CpuDevice::gather_rows(const float* src, const int32_t* idx, float* dst, int64_t n, int64_t D) {

@@ -29,7 +29,7 @@ class CpuDevice : public Device {
   const int32_t* upload_i32(const std::vector<int32_t>& v) override;
   const float* upload_f32(const std::vector<float>& v) override;
   void zero(float* p, int64_t n) override;
-  void to_host(const float* src, float* dst, int64_t n) override;
+  void to_host_bytes(const void* src, void* dst, size_t bytes) override;
   float* cache_pool(int64_t layer, CachePart part, int64_t n) override;
   float* cache_rows(int64_t layer, CachePart part, int64_t slot, int64_t rows, int64_t width) override;
   void reset_slot(int64_t slot) override;
@@ -68,6 +68,7 @@ class CpuDevice : public Device {
                         int64_t nh, int64_t nkv, int64_t dq, int64_t dv, float scale, int64_t window) override;
   void dsa_select(const float* iq, const float* w, const float* keys, int64_t n, int64_t S, int64_t IH, int64_t ID,
                   int64_t topk, int32_t* selected) override;
+  void argmax_rows(const float* x, int64_t rows, int64_t n, int32_t* out) override;
   void gather_rows(const float* src, const int32_t* idx, float* dst, int64_t n, int64_t D) override;
   void scatter_add_rows(float* dst, const int32_t* idx, const float* w, const float* src, int64_t n,
                         int64_t D) override;

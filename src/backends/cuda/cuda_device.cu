@@ -2,8 +2,6 @@
 // and decode kernels (delta_rule_cuda.h) where their shapes fit, else an fp32 recurrence kernel;
 // attention through attention_flash in bf16 mode, else the fp32 reference kernel; everything else
 // is a small kernel per operation below. One stream; the host only waits in to_host().
-#include "backends/cuda/cuda_device.h"
-
 #include <cublasLt.h>
 #include <cuda_bf16.h>
 
@@ -18,7 +16,9 @@
 #include <vector>
 
 #include "backends/cuda/attention_cuda.h"
+#include "backends/cuda/cuda_device.h"
 #include "backends/cuda/delta_rule_cuda.h"
+#include "backends/cuda/launch.cuh"
 #include "core/error.h"
 
 namespace hla::cuda {
@@ -59,53 +59,119 @@ __device__ __forceinline__ float warp_sum(float v) {
 
 // ---- elementwise and row kernels ------------------------------------------------------------
 
-__global__ void to_bf16_rows(const float* x, int64_t ldx, __nv_bfloat16* y, int64_t M, int64_t K) {
-  GRID_STRIDE(i, M * K) y[i] = __float2bfloat16_rn(x[(i / K) * ldx + i % K]);
+// V consecutive floats (V = 4: one 16-byte access; the caller checks alignment).
+template <int V>
+__device__ __forceinline__ void load_v(const float* p, float (&v)[V]) {
+  if constexpr (V == 4) {
+    const float4 a = *reinterpret_cast<const float4*>(p);
+    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w;
+  } else {
+    for (int i = 0; i < V; ++i) v[i] = p[i];
+  }
+}
+template <int V>
+__device__ __forceinline__ void store_v(float* p, const float (&v)[V]) {
+  if constexpr (V == 4)
+    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+  else
+    for (int i = 0; i < V; ++i) p[i] = v[i];
+}
+// 4 when rows of `width` floats at stride ld from p allow 16-byte accesses, else 1.
+int vec_width(const void* p, int64_t width, int64_t ld) {
+  return width % 4 == 0 && ld % 4 == 0 && reinterpret_cast<uintptr_t>(p) % 16 == 0 ? 4 : 1;
 }
 
 template <class W>
 __global__ void embed_kernel(const W* table, const int32_t* ids, float* out, int64_t T, int64_t D) {
+  pdl_begin();
   GRID_STRIDE(i, T * D) out[i] = float(table[int64_t(ids[i / D]) * D + i % D]);
 }
 
 __global__ void add_kernel(float* h, const float* y, int64_t n) {
+  pdl_begin();
   GRID_STRIDE(i, n) h[i] += y[i];
 }
 
 __global__ void copy3_kernel(float* dst, Strides d, const float* src, Strides s, int64_t n0, int64_t n1, int64_t n2) {
+  pdl_begin();
   GRID_STRIDE(i, n0 * n1 * n2) {
     const int64_t c = i % n2, b = (i / n2) % n1, a = i / (n1 * n2);
     dst[a * d.s0 + b * d.s1 + c * d.s2] = src[a * s.s0 + b * s.s1 + c * s.s2];
   }
 }
 
+// A row's values a thread keeps in registers between the sum of squares and the scaling (rows of
+// up to 4 × 1024 with row_threads: no second read); the norm weights are read before pdl_begin()
+// (constant), so that load overlaps the kernel before.
+constexpr int kRowRegs = 4;
+__device__ __forceinline__ void load_norm_weights(const float* w, int64_t dim, bool zero_centered,
+                                                  float (&wr)[kRowRegs]) {
+#pragma unroll
+  for (int j = 0; j < kRowRegs; ++j) {
+    const int64_t i = threadIdx.x + j * int64_t(blockDim.x);
+    wr[j] = i < dim ? (zero_centered ? 1.0f + w[i] : w[i]) : 0.0f;
+  }
+}
+
 __global__ void rms_norm_kernel(const float* x, int64_t ldx, const float* w, float* y, int64_t ldy, int64_t dim,
                                 float eps, bool zero_centered) {
+  float wr[kRowRegs], v[kRowRegs];
+  load_norm_weights(w, dim, zero_centered, wr);
+  pdl_begin();
   const float* xr = x + blockIdx.x * ldx;
   float* yr = y + blockIdx.x * ldy;
+  const int64_t tail = threadIdx.x + kRowRegs * int64_t(blockDim.x);
   float ss = 0;
-  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) ss += xr[i] * xr[i];
+#pragma unroll
+  for (int j = 0; j < kRowRegs; ++j) {
+    const int64_t i = threadIdx.x + j * int64_t(blockDim.x);
+    v[j] = i < dim ? xr[i] : 0.0f;
+    ss += v[j] * v[j];
+  }
+  for (int64_t i = tail; i < dim; i += blockDim.x) ss += xr[i] * xr[i];
   const float s = 1.0f / sqrtf(block_sum(ss) / float(dim) + eps);
-  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) yr[i] = xr[i] * s * (zero_centered ? 1.0f + w[i] : w[i]);
+#pragma unroll
+  for (int j = 0; j < kRowRegs; ++j) {
+    const int64_t i = threadIdx.x + j * int64_t(blockDim.x);
+    if (i < dim) yr[i] = v[j] * s * wr[j];
+  }
+  for (int64_t i = tail; i < dim; i += blockDim.x) yr[i] = xr[i] * s * (zero_centered ? 1.0f + w[i] : w[i]);
 }
 
 // h += y, then x = RMSNorm of the updated row (one block per row).
 __global__ void add_rms_norm_kernel(float* h, const float* y, const float* w, float* x, int64_t dim, float eps,
                                     bool zero_centered) {
+  float wr[kRowRegs], v[kRowRegs];
+  load_norm_weights(w, dim, zero_centered, wr);
+  pdl_begin();
   float* hr = h + blockIdx.x * dim;
   const float* yr = y + blockIdx.x * dim;
+  const int64_t tail = threadIdx.x + kRowRegs * int64_t(blockDim.x);
   float ss = 0;
-  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
-    const float v = hr[i] + yr[i];
-    hr[i] = v;
-    ss += v * v;
+#pragma unroll
+  for (int j = 0; j < kRowRegs; ++j) {
+    const int64_t i = threadIdx.x + j * int64_t(blockDim.x);
+    v[j] = i < dim ? hr[i] + yr[i] : 0.0f;
+    if (i < dim) hr[i] = v[j];
+    ss += v[j] * v[j];
+  }
+  for (int64_t i = tail; i < dim; i += blockDim.x) {
+    const float u = hr[i] + yr[i];
+    hr[i] = u;
+    ss += u * u;
   }
   const float s = 1.0f / sqrtf(block_sum(ss) / float(dim) + eps);
   float* xr = x + blockIdx.x * dim;
-  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) xr[i] = hr[i] * s * (zero_centered ? 1.0f + w[i] : w[i]);
+#pragma unroll
+  for (int j = 0; j < kRowRegs; ++j) {
+    const int64_t i = threadIdx.x + j * int64_t(blockDim.x);
+    if (i < dim) xr[i] = v[j] * s * wr[j];
+  }
+  for (int64_t i = tail; i < dim; i += blockDim.x) xr[i] = hr[i] * s * (zero_centered ? 1.0f + w[i] : w[i]);
 }
 
 __global__ void layer_norm_kernel(const float* x, const float* w, const float* b, float* y, int64_t dim, float eps) {
+  pdl_begin();
   const float* xr = x + blockIdx.x * dim;
   float* yr = y + blockIdx.x * dim;
   float sum = 0;
@@ -117,23 +183,40 @@ __global__ void layer_norm_kernel(const float* x, const float* w, const float* b
   for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) yr[i] = (xr[i] - mean) * s * w[i] + b[i];
 }
 
-// One block per (token, head) row of o.
-__global__ void gated_rms_norm_kernel(float* o, const float* gate, int64_t ld_gate, const float* w, int64_t heads,
-                                      int64_t dim, float eps, bool silu_gate) {
-  const int64_t t = blockIdx.x / heads, h = blockIdx.x % heads;
-  float* orow = o + blockIdx.x * dim;
-  const float* g = gate + t * ld_gate + h * dim;
+// One warp per (token, head) row of o (rows of 128: 262K rows at 8K tokens × 32 heads). A lane keeps
+// up to 8 of the row's values (dims ≤ 256) in registers: o, gate and weight are loaded together.
+__global__ void gated_rms_norm_kernel(float* o, const float* gate, int64_t ld_gate, const float* w, int64_t rows,
+                                      int64_t heads, int64_t dim, float eps, bool silu_gate) {
+  constexpr int kRegs = 8;
+  const int lane = threadIdx.x & 31;
+  float wr[kRegs], v[kRegs], a[kRegs];
+#pragma unroll
+  for (int j = 0; j < kRegs; ++j) wr[j] = lane + 32 * j < dim ? w[lane + 32 * j] : 0.0f;
+  pdl_begin();
+  const int64_t row = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / 32;
+  if (row >= rows) return;
+  float* orow = o + row * dim;
+  const float* g = gate + (row / heads) * ld_gate + (row % heads) * dim;
+  auto act = [&](float x) { return silu_gate ? x * sigmoidf(x) : sigmoidf(x); };
   float ss = 0;
-  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) ss += orow[i] * orow[i];
-  const float s = 1.0f / sqrtf(block_sum(ss) / float(dim) + eps);
-  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
-    const float a = silu_gate ? g[i] * sigmoidf(g[i]) : sigmoidf(g[i]);
-    orow[i] = orow[i] * s * w[i] * a;
+#pragma unroll
+  for (int j = 0; j < kRegs; ++j) {
+    const int64_t i = lane + 32 * j;
+    v[j] = i < dim ? orow[i] : 0.0f;
+    a[j] = i < dim ? g[i] : 0.0f;
+    ss += v[j] * v[j];
   }
+  for (int64_t i = lane + 32 * kRegs; i < dim; i += 32) ss += orow[i] * orow[i];
+  const float s = 1.0f / sqrtf(warp_sum(ss) / float(dim) + eps);
+#pragma unroll
+  for (int j = 0; j < kRegs; ++j)
+    if (lane + 32 * j < dim) orow[lane + 32 * j] = v[j] * s * wr[j] * act(a[j]);
+  for (int64_t i = lane + 32 * kRegs; i < dim; i += 32) orow[i] = orow[i] * s * w[i] * act(g[i]);
 }
 
 // One warp per (token, head) row.
 __global__ void l2norm_kernel(float* x, int64_t ld, int64_t T, int64_t heads, int64_t dim) {
+  pdl_begin();
   const int64_t warp = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / 32, lane = threadIdx.x & 31;
   if (warp >= T * heads) return;
   float* r = x + (warp / heads) * ld + (warp % heads) * dim;
@@ -143,15 +226,23 @@ __global__ void l2norm_kernel(float* x, int64_t ld, int64_t T, int64_t heads, in
   for (int64_t i = lane; i < dim; i += 32) r[i] *= inv;
 }
 
+template <int V>  // columns per thread
 __global__ void swiglu_kernel(const float* gu, float* out, int64_t T, int64_t I) {
-  GRID_STRIDE(i, T * I) {
-    const float g = gu[(i / I) * 2 * I + i % I], u = gu[(i / I) * 2 * I + I + i % I];
-    out[i] = g * sigmoidf(g) * u;
+  pdl_begin();
+  const int64_t IV = I / V;
+  GRID_STRIDE(i, T * IV) {
+    const int64_t t = i / IV, c = (i % IV) * V;
+    float g[V], u[V], o[V];
+    load_v(gu + t * 2 * I + c, g);
+    load_v(gu + t * 2 * I + I + c, u);
+    for (int j = 0; j < V; ++j) o[j] = g[j] * sigmoidf(g[j]) * u[j];
+    store_v(out + t * I + c, o);
   }
 }
 
 __global__ void sigmoid_mul_kernel(float* o, const float* gate, int64_t ld_gate, int64_t ld_gate_head, int64_t T,
                                    int64_t heads, int64_t dim) {
+  pdl_begin();
   GRID_STRIDE(i, T * heads * dim) {
     const int64_t c = i % dim, h = (i / dim) % heads, t = i / (dim * heads);
     o[i] *= sigmoidf(gate[t * ld_gate + h * ld_gate_head + c]);
@@ -159,11 +250,13 @@ __global__ void sigmoid_mul_kernel(float* o, const float* gate, int64_t ld_gate,
 }
 
 __global__ void sigmoid_kernel(const float* x, int64_t ldx, float* y, int64_t T, int64_t n) {
+  pdl_begin();
   GRID_STRIDE(i, T * n) y[i] = sigmoidf(x[(i / n) * ldx + i % n]);
 }
 
 __global__ void gate_softplus_kernel(const float* a, int64_t lda, const float* A_log, const float* dt_bias, float* g,
                                      int64_t T, int64_t H, int64_t width) {
+  pdl_begin();
   GRID_STRIDE(i, T * H * width) {
     const int64_t j = i % (H * width), t = i / (H * width), h = j / width;
     const float x = a[t * lda + j] + (dt_bias ? dt_bias[j] : 0.0f);
@@ -182,21 +275,31 @@ __device__ __forceinline__ int seq_of(const int32_t* cu, int N, int64_t t) {
   return lo;
 }
 
-// y[t, c] from the inputs t−P..t of its sequence (the slot's conv state before the first token).
+// y[t, c] from the inputs t−P..t of its sequence (the slot's conv state before the first token);
+// V channels per thread.
+template <int V>
 __global__ void conv_kernel(const float* x, int64_t ldx, const float* w, float* y, int64_t T, int64_t C, int kw,
                             const int32_t* cu, const int32_t* slots, int N, const float* pool) {
+  pdl_begin();
   const int P = kw - 1;
-  GRID_STRIDE(i, T * C) {
-    const int64_t t = i / C, c = i % C;
+  const int64_t CV = C / V;
+  GRID_STRIDE(i, T * CV) {
+    const int64_t t = i / CV, c = (i % CV) * V;
     const int s = seq_of(cu, N, t);
     const int64_t tt = t - cu[s];
     const float* st = pool + (int64_t(slots[s]) * C + c) * P;
-    float acc = 0;
+    float acc[V] = {};
     for (int j = 0; j < kw; ++j) {
       const int64_t src = tt - P + j;
-      acc += w[c * kw + j] * (src >= 0 ? x[(cu[s] + src) * ldx + c] : st[P + src]);
+      float xv[V];
+      if (src >= 0)
+        load_v(x + (cu[s] + src) * ldx + c, xv);
+      else
+        for (int v = 0; v < V; ++v) xv[v] = st[v * P + P + src];
+      for (int v = 0; v < V; ++v) acc[v] += w[(c + v) * kw + j] * xv[v];
     }
-    y[i] = acc * sigmoidf(acc);
+    for (int v = 0; v < V; ++v) acc[v] *= sigmoidf(acc[v]);
+    store_v(y + t * C + c, acc);
   }
 }
 
@@ -204,6 +307,7 @@ __global__ void conv_kernel(const float* x, int64_t ldx, const float* w, float* 
 // the new input, then shifts the new input into the state.
 __global__ void conv_decode_kernel(const float* x, int64_t ldx, const float* w, float* y, int64_t C, int kw,
                                    const int32_t* slots, int64_t N, float* pool) {
+  pdl_begin();
   const int P = kw - 1;
   GRID_STRIDE(i, N * C) {
     const int64_t s = i / C, c = i % C;
@@ -220,6 +324,7 @@ __global__ void conv_decode_kernel(const float* x, int64_t ldx, const float* w, 
 // After conv_kernel: each slot's state becomes the last P inputs of [state | x].
 __global__ void conv_state_kernel(const float* x, int64_t ldx, int64_t C, int kw, const int32_t* cu,
                                   const int32_t* slots, int N, float* pool) {
+  pdl_begin();
   const int P = kw - 1;
   GRID_STRIDE(i, int64_t(N) * C) {
     const int s = int(i / C);
@@ -234,6 +339,7 @@ __global__ void conv_state_kernel(const float* x, int64_t ldx, int64_t C, int kw
 
 __global__ void rope_kernel(float* x, int64_t T, int64_t heads, int64_t ld_token, int64_t ld_head, const float* inv_freq,
                             int64_t half, const int32_t* pos, bool half_split, float attn_factor) {
+  pdl_begin();
   GRID_STRIDE(idx, T * heads * half) {
     const int64_t i = idx % half, h = (idx / half) % heads, t = idx / (half * heads);
     const float ang = float(pos[t]) * inv_freq[i];
@@ -252,6 +358,7 @@ constexpr int kMaxRecurrentK = 256;
 __global__ void delta_recurrent_kernel(const float* q, const float* k, const float* v, int64_t ld, const float* g,
                                        const float* beta, float scale, const int32_t* cu, const int32_t* slots, float* pool,
                                        float* o, int H, int HV, int K, int V, bool per_key) {
+  pdl_begin();
   extern __shared__ float sh[];  // q, k, decay: K each
   float *sq = sh, *sk = sh + K, *sg = sh + 2 * K;
   const int seq = blockIdx.x / HV, hv = blockIdx.x % HV, h = hv / (HV / H), col = threadIdx.x;
@@ -279,12 +386,21 @@ __global__ void delta_recurrent_kernel(const float* q, const float* k, const flo
     for (int j = 0; j < K; ++j) S[int64_t(j) * V + col] = s[j];
 }
 
-template <class T>
+// dst [rows, width] (contiguous) = the rows of src (stride ld) as T; V columns per thread.
+template <class T, int V>
 __global__ void pack_rows(const float* src, int64_t ld, int64_t width, T* dst, int64_t rows) {
-  GRID_STRIDE(i, rows * width) dst[i] = T(src[(i / width) * ld + i % width]);
+  pdl_begin();
+  const int64_t WV = width / V;
+  GRID_STRIDE(i, rows * WV) {
+    const int64_t r = i / WV, c = (i % WV) * V;
+    float v[V];
+    load_v(src + r * ld + c, v);
+    for (int j = 0; j < V; ++j) dst[r * width + c + j] = T(v[j]);
+  }
 }
 template <class T>
 __global__ void unpack(const T* src, float* dst, int64_t n) {
+  pdl_begin();
   GRID_STRIDE(i, n) dst[i] = float(src[i]);
 }
 
@@ -317,6 +433,7 @@ __device__ __forceinline__ void load_query(const float* qrow, int64_t dq, int la
 __global__ void attention_reference_kernel(const float* q, const float* k, const float* v, float* o, int64_t n,
                                            int64_t S, int64_t nh, int64_t nkv, int64_t dq, int64_t dv, float scale,
                                            int64_t window, const int32_t* selected, int64_t topk) {
+  pdl_begin();
   const int64_t warp = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / 32;
   const int lane = threadIdx.x & 31;
   if (warp >= n * nh) return;
@@ -338,6 +455,7 @@ __global__ void attention_reference_kernel(const float* q, const float* k, const
 // Decode: row i of k and v goes to sequence i's rows at its position.
 __global__ void kv_append_kernel(const float* k, const float* v, float* const* kp, float* const* vp,
                                  const int32_t* pos, int64_t N, int64_t wk, int64_t wv) {
+  pdl_begin();
   GRID_STRIDE(idx, N * (wk + wv)) {
     const int64_t i = idx / (wk + wv), j = idx % (wk + wv);
     if (j < wk) kp[i][int64_t(pos[i]) * wk + j] = k[i * wk + j];
@@ -354,6 +472,7 @@ constexpr int kDecodeWarps = 4, kDecodeSplits = 16, kDecodeParts = kDecodeWarps 
 __global__ void decode_attention_kernel(const float* q, const float* const* kp, const float* const* vp,
                                         const int32_t* pos, float* part, int64_t nh, int64_t nkv, int64_t dq,
                                         int64_t dv, float scale, int64_t window) {
+  pdl_begin();
   const int64_t row = blockIdx.x / kDecodeSplits, i = row / nh, h = row % nh, kvh = h / (nh / nkv);
   const int lane = threadIdx.x & 31, g = int(blockIdx.x % kDecodeSplits) * kDecodeWarps + int(threadIdx.x / 32);
   const int64_t S = int64_t(pos[i]) + 1, first = window > 0 ? max(int64_t(0), S - window) : 0;
@@ -368,37 +487,58 @@ __global__ void decode_attention_kernel(const float* q, const float* const* kp, 
   if (lane == 0) out[0] = m, out[1] = l;
 }
 
-// One block per (sequence, head), thread d: o[d] = Σ_g acc_g[d]·e^{m_g−M} / Σ_g l_g·e^{m_g−M}.
+// One block per (sequence, head): o[d] = Σ_g acc_g[d]·e^{m_g−M} / Σ_g l_g·e^{m_g−M}. Warp 0 turns the
+// kDecodeParts (m, l) pairs into weights in shared memory once; then each thread sums its columns.
+static_assert(kDecodeParts == 64, "decode_combine_kernel: two partials per lane of warp 0");
 __global__ void decode_combine_kernel(const float* part, float* o, int64_t dv) {
+  pdl_begin();
+  __shared__ float weight[kDecodeParts];
+  __shared__ float inv_sum;
   const float* p = part + blockIdx.x * kDecodeParts * (dv + 2);
-  float M = -INFINITY;
-  for (int g = 0; g < kDecodeParts; ++g) M = fmaxf(M, p[g * (dv + 2)]);
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x;
+    const float m0 = p[lane * (dv + 2)], l0 = p[lane * (dv + 2) + 1];
+    const float m1 = p[(lane + 32) * (dv + 2)], l1 = p[(lane + 32) * (dv + 2) + 1];
+    float M = fmaxf(l0 > 0 ? m0 : -INFINITY, l1 > 0 ? m1 : -INFINITY);  // a warp that saw no key has l = 0
+    for (int off = 16; off > 0; off >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, off));
+    const float w0 = l0 > 0 ? expf(m0 - M) : 0.0f, w1 = l1 > 0 ? expf(m1 - M) : 0.0f;
+    weight[lane] = w0, weight[lane + 32] = w1;
+    const float L = warp_sum(l0 * w0 + l1 * w1);
+    if (lane == 0) inv_sum = L > 0 ? 1.0f / L : 0.0f;
+  }
+  __syncthreads();
   for (int64_t d = threadIdx.x; d < dv; d += blockDim.x) {
-    float L = 0, sum = 0;
-    for (int g = 0; g < kDecodeParts; ++g) {
-      const float* pg = p + g * (dv + 2);
-      if (pg[1] == 0) continue;  // a warp that saw no key
-      const float e = expf(pg[0] - M);
-      L += pg[1] * e, sum += pg[2 + d] * e;
-    }
-    o[blockIdx.x * dv + d] = L > 0 ? sum / L : 0.0f;
+    float sum = 0;
+#pragma unroll 8
+    for (int g = 0; g < kDecodeParts; ++g) sum += p[g * (dv + 2) + 2 + d] * weight[g];
+    o[blockIdx.x * dv + d] = sum * inv_sum;
   }
 }
 
-// y [M, N] = x [M, K] · W^T for bf16 W and few rows (decode): one warp per output column reads its
-// W row once in 16-byte pieces and dots it with all M fp32 rows of x; bandwidth-bound on W, where a
-// GEMM library's tiles idle at M ≤ 8. K a multiple of 8, x rows 16-byte aligned.
+// y [M, N] = x [M, K] · W^T for bf16 W and at most 8 rows of x (decode): bandwidth-bound on W,
+// where a GEMM library's tiles idle. Warp (row n, split s) reads its share of W row n, K/S
+// columns, 16 bytes per lane per load (a warp's load covers 512 contiguous bytes), and dots it
+// with the M rows of x, which stay fp32 (more exact than the GEMM path's bf16 operands; the
+// weights are the bf16 values either way). The first kGemvPrefetch loads are issued before
+// pdl_begin(): W is constant, so they stream while the kernel before still runs. The S splits of
+// a row sit in one block and are summed in a fixed order (deterministic). K a multiple of 8·S,
+// x rows 16-byte aligned.
+constexpr int kGemvPrefetch = 4;
 template <int M>
-__global__ void gemv_bf16_kernel(const __nv_bfloat16* W, const float* x, int64_t ldx, float* y, int64_t N,
-                                 int64_t K) {
-  const int64_t n = blockIdx.x * int64_t(blockDim.x / 32) + threadIdx.x / 32;
-  const int lane = threadIdx.x & 31;
-  if (n >= N) return;
-  const __nv_bfloat16* w = W + n * K;
+__global__ void __launch_bounds__(256)
+    gemv_kernel(const __nv_bfloat16* W, const float* x, int64_t ldx, float* y, int64_t N, int64_t K, int S) {
+  __shared__ float part[8][M];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t n = (blockIdx.x * int64_t(8) + warp) / S, seg = K / S;
+  const int64_t k0 = (warp % S) * seg + lane * 8;  // this lane's first column; then every 256th
+  const __nv_bfloat16* w = W + min(n, N - 1) * K + k0;
+  uint4 pre[kGemvPrefetch];
+#pragma unroll
+  for (int i = 0; i < kGemvPrefetch; ++i)
+    if (lane * 8 + i * 256 < seg) pre[i] = __ldg(reinterpret_cast<const uint4*>(w + i * 256));
+  pdl_begin();
   float acc[M] = {};
-#pragma unroll 4
-  for (int64_t k = lane * 8; k < K; k += 256) {
-    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(w + k));
+  auto dot = [&](const uint4& raw, int64_t k) {  // 8 weights at column k0 + k with each row of x
     const __nv_bfloat162* pair = reinterpret_cast<const __nv_bfloat162*>(&raw);
     float wf[8];
 #pragma unroll
@@ -408,22 +548,73 @@ __global__ void gemv_bf16_kernel(const __nv_bfloat16* W, const float* x, int64_t
     }
 #pragma unroll
     for (int m = 0; m < M; ++m) {
-      const float4 a = *reinterpret_cast<const float4*>(x + m * ldx + k);
-      const float4 b = *reinterpret_cast<const float4*>(x + m * ldx + k + 4);
+      const float4 a = *reinterpret_cast<const float4*>(x + m * ldx + k0 + k);
+      const float4 b = *reinterpret_cast<const float4*>(x + m * ldx + k0 + k + 4);
       acc[m] += wf[0] * a.x + wf[1] * a.y + wf[2] * a.z + wf[3] * a.w + wf[4] * b.x + wf[5] * b.y + wf[6] * b.z +
                 wf[7] * b.w;
     }
-  }
+  };
 #pragma unroll
-  for (int m = 0; m < M; ++m) {
-    const float v = warp_sum(acc[m]);
-    if (lane == 0) y[m * N + n] = v;
+  for (int i = 0; i < kGemvPrefetch; ++i)
+    if (lane * 8 + i * 256 < seg) dot(pre[i], i * 256);
+#pragma unroll 4
+  for (int64_t k = kGemvPrefetch * 256; lane * 8 + k < seg; k += 256)
+    dot(__ldg(reinterpret_cast<const uint4*>(w + k)), k);
+#pragma unroll
+  for (int m = 0; m < M; ++m) acc[m] = warp_sum(acc[m]);
+  if (S > 1) {
+    if (lane == 0)
+      for (int m = 0; m < M; ++m) part[warp][m] = acc[m];
+    __syncthreads();
+    if (warp % S != 0 || lane != 0) return;
+    for (int s = 1; s < S; ++s)
+      for (int m = 0; m < M; ++m) acc[m] += part[warp + s][m];
+  }
+  if (lane == 0 && n < N)
+    for (int m = 0; m < M; ++m) y[m * N + n] = acc[m];
+}
+
+// out[r] = the index of the largest of x[r, :n], the lowest one among ties (as the host's greedy
+// pick and torch.argmax); one block per row.
+__global__ void argmax_rows_kernel(const float* x, int64_t n, int32_t* out) {
+  pdl_begin();
+  __shared__ float best_v[32];
+  __shared__ int32_t best_i[32];
+  const float* r = x + blockIdx.x * n;
+  float v = -INFINITY;
+  int32_t idx = 0x7fffffff;
+  // Ascending i per thread keeps the first of its maxima; 4 values per load where rows allow.
+  const bool vec = n % 4 == 0 && reinterpret_cast<uintptr_t>(r) % 16 == 0;
+  const int64_t n4 = vec ? n / 4 : 0;
+#pragma unroll 4
+  for (int64_t i = threadIdx.x; i < n4; i += blockDim.x) {
+    const float4 a = *reinterpret_cast<const float4*>(r + 4 * i);
+    if (a.x > v) v = a.x, idx = int32_t(4 * i);
+    if (a.y > v) v = a.y, idx = int32_t(4 * i + 1);
+    if (a.z > v) v = a.z, idx = int32_t(4 * i + 2);
+    if (a.w > v) v = a.w, idx = int32_t(4 * i + 3);
+  }
+  for (int64_t i = 4 * n4 + threadIdx.x; i < n; i += blockDim.x)
+    if (r[i] > v) v = r[i], idx = int32_t(i);
+  auto better = [](float v1, int32_t i1, float v2, int32_t i2) { return v2 > v1 || (v2 == v1 && i2 < i1); };
+  for (int off = 16; off > 0; off >>= 1) {
+    const float v2 = __shfl_xor_sync(0xffffffffu, v, off);
+    const int32_t i2 = __shfl_xor_sync(0xffffffffu, idx, off);
+    if (better(v, idx, v2, i2)) v = v2, idx = i2;
+  }
+  if ((threadIdx.x & 31) == 0) best_v[threadIdx.x >> 5] = v, best_i[threadIdx.x >> 5] = idx;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < int(blockDim.x / 32); ++w)
+      if (better(v, idx, best_v[w], best_i[w])) v = best_v[w], idx = best_i[w];
+    out[blockIdx.x] = idx == 0x7fffffff ? 0 : idx;  // a row of NaN / −inf only: id 0, as the host
   }
 }
 
 // DSA indexer: scores [n, S] (−inf past each query's position), then per query the topk best.
 __global__ void dsa_scores_kernel(const float* iq, const float* w, const float* keys, int64_t n, int64_t S,
                                   int64_t IH, int64_t ID, float* score) {
+  pdl_begin();
   const float wscale = rsqrtf(float(IH)), sscale = rsqrtf(float(ID));
   GRID_STRIDE(idx, n * S) {
     const int64_t t = idx / S, u = idx % S;
@@ -449,6 +640,7 @@ __device__ __forceinline__ uint32_t order_key(float f) {  // monotone float -> u
 // One block per query: the topk-th largest key by a bitwise search of counts, then the keys above
 // it and the lowest-index ties, in index order.
 __global__ void dsa_topk_kernel(const float* score, int64_t n, int64_t S, int64_t topk, int32_t* selected) {
+  pdl_begin();
   const int64_t t = blockIdx.x, causal = S - n + t + 1;
   const float* sc = score + t * S;
   int32_t* out = selected + t * topk;
@@ -474,11 +666,13 @@ __global__ void dsa_topk_kernel(const float* score, int64_t n, int64_t S, int64_
 }
 
 __global__ void gather_rows_kernel(const float* src, const int32_t* idx, float* dst, int64_t n, int64_t D) {
+  pdl_begin();
   GRID_STRIDE(i, n * D) dst[i] = src[int64_t(idx[i / D]) * D + i % D];
 }
 
 __global__ void scatter_add_rows_kernel(float* dst, const int32_t* idx, const float* w, const float* src, int64_t n,
                                         int64_t D) {
+  pdl_begin();
   GRID_STRIDE(i, n * D) dst[int64_t(idx[i / D]) * D + i % D] += w[i / D] * src[i];
 }
 
@@ -615,7 +809,7 @@ class CudaDevice : public Device {
     if (op.skip) return;
     check_cuda(cudaMemsetAsync(p, 0, size_t(n) * 4, stream_), "memset");
   }
-  void to_host(const float* src, float* dst, int64_t n) override {
+  void to_host_bytes(const void* src, void* dst, size_t bytes) override {
     if (mode_ == Mode::Capture) {
       cudaGraph_t g = nullptr;
       check_cuda(cudaStreamEndCapture(stream_, &g), "graph capture");
@@ -634,7 +828,6 @@ class CudaDevice : public Device {
     mode_ = Mode::Eager;
     // Through a pinned buffer: a copy into pageable memory runs at a fraction of the bus speed, and
     // the logits of a decode step (batch x vocab floats: 39 MB at 64 x 151936) are its largest copy.
-    const size_t bytes = size_t(n) * 4;
     if (bytes > pinned_bytes_) {
       cudaFreeHost(pinned_);
       pinned_ = nullptr, pinned_bytes_ = 0;
@@ -696,110 +889,94 @@ class CudaDevice : public Device {
 
   void linear(const float* x, int64_t ldx, const DevMatrix& W, float* y, int64_t M) override {
     const OpScope op(*this, "linear");
-    if (op.skip) return;
     if (M == 0) return;
-    const void* b = x;
-    int64_t ldb = ldx;
-    if (wt_ == DType::BF16 && M <= 8 && W.cols % 8 == 0 && ldx % 4 == 0 && ptr_alignment(x) >= 16) {
-      gemv(W, x, ldx, y, M);
-      return;
-    }
-    if (wt_ == DType::BF16) {  // the activations as bf16 operands
-      auto* xb = reinterpret_cast<__nv_bfloat16*>(scratch((M * W.cols + 1) / 2));
-      to_bf16_rows<<<grid_for(M * W.cols), kThreads, 0, stream_>>>(x, ldx, xb, M, W.cols);
-      check_launch("linear: to bf16");
-      b = xb, ldb = W.cols;
-    }
-    gemm(W, b, ldb, y, M);
+    const bool small = wt_ == DType::BF16 && gemv_fits(W, x, ldx, M);
+    // The GEMM's bf16 operand rows.
+    auto* xb = wt_ == DType::BF16 && !small ? reinterpret_cast<__nv_bfloat16*>(scratch((M * W.cols + 1) / 2)) : nullptr;
+    if (op.skip) return;
+    if (small) return gemv(W, x, ldx, y, M);
+    if (!xb) return gemm(W, x, ldx, y, M);
+    pack_to(x, ldx, W.cols, xb, M);
+    gemm(W, xb, W.cols, y, M);
   }
   void embed(const DevMatrix& table, const int32_t* ids, float* out, int64_t T) override {
     const OpScope op(*this, "embed");
     if (op.skip) return;
     if (wt_ == DType::BF16)
-      embed_kernel<<<grid_for(T * table.cols), kThreads, 0, stream_>>>(static_cast<const __nv_bfloat16*>(table.p), ids,
-                                                                       out, T, table.cols);
+      launch(embed_kernel<__nv_bfloat16>, grid_for(T * table.cols), kThreads,
+             static_cast<const __nv_bfloat16*>(table.p), ids, out, T, table.cols);
     else
-      embed_kernel<<<grid_for(T * table.cols), kThreads, 0, stream_>>>(static_cast<const float*>(table.p), ids, out, T,
-                                                                       table.cols);
-    check_launch("embed");
+      launch(embed_kernel<float>, grid_for(T * table.cols), kThreads, static_cast<const float*>(table.p), ids, out, T,
+             table.cols);
   }
   void add(float* h, const float* y, int64_t n) override {
     const OpScope op(*this, "add");
     if (op.skip) return;
-    add_kernel<<<grid_for(n), kThreads, 0, stream_>>>(h, y, n);
-    check_launch("add");
+    launch(add_kernel, grid_for(n), kThreads, h, y, n);
   }
   void add_rms_norm(float* h, const float* y, const float* w, float* x, int64_t rows, int64_t dim, float eps,
                     bool zero_centered) override {
     const OpScope op(*this, "add_rms_norm");
     if (op.skip || rows == 0) return;
-    add_rms_norm_kernel<<<unsigned(rows), row_threads(dim), 0, stream_>>>(h, y, w, x, dim, eps, zero_centered);
-    check_launch("add_rms_norm");
+    launch(add_rms_norm_kernel, unsigned(rows), row_threads(dim), h, y, w, x, dim, eps, zero_centered);
   }
   void copy(float* dst, Strides d, const float* src, Strides s, int64_t n0, int64_t n1, int64_t n2) override {
     const OpScope op(*this, "copy");
     if (op.skip) return;
     if (n0 * n1 * n2 == 0) return;
-    copy3_kernel<<<grid_for(n0 * n1 * n2), kThreads, 0, stream_>>>(dst, d, src, s, n0, n1, n2);
-    check_launch("copy");
+    launch(copy3_kernel, grid_for(n0 * n1 * n2), kThreads, dst, d, src, s, n0, n1, n2);
   }
   void rms_norm(const float* x, int64_t ldx, const float* w, float* y, int64_t ldy, int64_t rows, int64_t dim,
                 float eps, bool zero_centered) override {
     const OpScope op(*this, "rms_norm");
     if (op.skip) return;
     if (rows == 0) return;
-    rms_norm_kernel<<<unsigned(rows), row_threads(dim), 0, stream_>>>(x, ldx, w, y, ldy, dim, eps, zero_centered);
-    check_launch("rms_norm");
+    launch(rms_norm_kernel, unsigned(rows), row_threads(dim), x, ldx, w, y, ldy, dim, eps, zero_centered);
   }
   void layer_norm(const float* x, const float* w, const float* b, float* y, int64_t rows, int64_t dim,
                   float eps) override {
     const OpScope op(*this, "layer_norm");
     if (op.skip) return;
     if (rows == 0) return;
-    layer_norm_kernel<<<unsigned(rows), row_threads(dim), 0, stream_>>>(x, w, b, y, dim, eps);
-    check_launch("layer_norm");
+    launch(layer_norm_kernel, unsigned(rows), row_threads(dim), x, w, b, y, dim, eps);
   }
   void gated_rms_norm(float* o, const float* gate, int64_t ld_gate, const float* w, int64_t T, int64_t heads,
                       int64_t dim, float eps, cpu::GateAct act) override {
     const OpScope op(*this, "gated_rms_norm");
     if (op.skip) return;
     if (T == 0) return;
-    gated_rms_norm_kernel<<<unsigned(T * heads), row_threads(dim), 0, stream_>>>(o, gate, ld_gate, w, heads, dim, eps,
-                                                                                 act == cpu::GateAct::SiLU);
-    check_launch("gated_rms_norm");
+    launch(gated_rms_norm_kernel, grid_for(T * heads * 32), kThreads, o, gate, ld_gate, w, T * heads, heads, dim, eps,
+           act == cpu::GateAct::SiLU);
   }
   void l2norm(float* x, int64_t ld, int64_t T, int64_t heads, int64_t dim) override {
     const OpScope op(*this, "l2norm");
     if (op.skip) return;
-    l2norm_kernel<<<grid_for(T * heads * 32), kThreads, 0, stream_>>>(x, ld, T, heads, dim);
-    check_launch("l2norm");
+    launch(l2norm_kernel, grid_for(T * heads * 32), kThreads, x, ld, T, heads, dim);
   }
   void swiglu(const float* gu, float* out, int64_t T, int64_t I) override {
     const OpScope op(*this, "swiglu");
     if (op.skip) return;
-    swiglu_kernel<<<grid_for(T * I), kThreads, 0, stream_>>>(gu, out, T, I);
-    check_launch("swiglu");
+    if (vec_width(gu, I, 2 * I) == 4 && I % 4 == 0)
+      launch(swiglu_kernel<4>, grid_for(T * I / 4), kThreads, gu, out, T, I);
+    else
+      launch(swiglu_kernel<1>, grid_for(T * I), kThreads, gu, out, T, I);
   }
   void sigmoid_mul(float* o, const float* gate, int64_t ld_gate, int64_t ld_gate_head, int64_t T, int64_t heads,
                    int64_t dim) override {
     const OpScope op(*this, "sigmoid_mul");
     if (op.skip) return;
-    sigmoid_mul_kernel<<<grid_for(T * heads * dim), kThreads, 0, stream_>>>(o, gate, ld_gate, ld_gate_head, T, heads,
-                                                                             dim);
-    check_launch("sigmoid_mul");
+    launch(sigmoid_mul_kernel, grid_for(T * heads * dim), kThreads, o, gate, ld_gate, ld_gate_head, T, heads, dim);
   }
   void sigmoid(const float* x, int64_t ldx, float* y, int64_t T, int64_t n) override {
     const OpScope op(*this, "sigmoid");
     if (op.skip) return;
-    sigmoid_kernel<<<grid_for(T * n), kThreads, 0, stream_>>>(x, ldx, y, T, n);
-    check_launch("sigmoid");
+    launch(sigmoid_kernel, grid_for(T * n), kThreads, x, ldx, y, T, n);
   }
   void gate_softplus(const float* a, int64_t lda, const float* A_log, const float* dt_bias, float* g, int64_t T,
                      int64_t H, int64_t width) override {
     const OpScope op(*this, "gate_softplus");
     if (op.skip) return;
-    gate_softplus_kernel<<<grid_for(T * H * width), kThreads, 0, stream_>>>(a, lda, A_log, dt_bias, g, T, H, width);
-    check_launch("gate_softplus");
+    launch(gate_softplus_kernel, grid_for(T * H * width), kThreads, a, lda, A_log, dt_bias, g, T, H, width);
   }
   void causal_conv_silu(const float* x, int64_t ldx, const float* w, float* y, int64_t C, int64_t kw,
                         const DevBatch& b, float* conv_pool) override {
@@ -807,13 +984,16 @@ class CudaDevice : public Device {
     if (op.skip) return;
     const int N = int(b.num_seqs());
     if (b.one_token_each()) {
-      conv_decode_kernel<<<grid_for(N * C), kThreads, 0, stream_>>>(x, ldx, w, y, C, int(kw), b.d_slots, N, conv_pool);
-      return check_launch("causal_conv_silu");
+      launch(conv_decode_kernel, grid_for(N * C), kThreads, x, ldx, w, y, C, int(kw), b.d_slots, N, conv_pool);
+      return;
     }
-    conv_kernel<<<grid_for(b.tokens() * C), kThreads, 0, stream_>>>(x, ldx, w, y, b.tokens(), C, int(kw), b.d_cu,
-                                                                     b.d_slots, N, conv_pool);
-    conv_state_kernel<<<grid_for(N * C), kThreads, 0, stream_>>>(x, ldx, C, int(kw), b.d_cu, b.d_slots, N, conv_pool);
-    check_launch("causal_conv_silu");
+    if (vec_width(x, C, ldx) == 4)
+      launch(conv_kernel<4>, grid_for(b.tokens() * C / 4), kThreads, x, ldx, w, y, b.tokens(), C, int(kw), b.d_cu,
+             b.d_slots, N, static_cast<const float*>(conv_pool));
+    else
+      launch(conv_kernel<1>, grid_for(b.tokens() * C), kThreads, x, ldx, w, y, b.tokens(), C, int(kw), b.d_cu,
+             b.d_slots, N, static_cast<const float*>(conv_pool));
+    launch(conv_state_kernel, grid_for(N * C), kThreads, x, ldx, C, int(kw), b.d_cu, b.d_slots, N, conv_pool);
   }
   void rope(float* x, int64_t T, int64_t heads, int64_t ld_token, int64_t ld_head, const float* inv_freq, int64_t rot,
             const DevBatch& b, cpu::RopePairs pairs, float attn_factor) override {
@@ -821,9 +1001,8 @@ class CudaDevice : public Device {
     if (op.skip) return;
     const int64_t half = rot / 2;
     if (T * heads * half == 0) return;
-    rope_kernel<<<grid_for(T * heads * half), kThreads, 0, stream_>>>(
-        x, T, heads, ld_token, ld_head, inv_freq, half, b.d_pos, pairs == cpu::RopePairs::HalfSplit, attn_factor);
-    check_launch("rope");
+    launch(rope_kernel, grid_for(T * heads * half), kThreads, x, T, heads, ld_token, ld_head, inv_freq, half, b.d_pos,
+           pairs == cpu::RopePairs::HalfSplit, attn_factor);
   }
   void delta_rule(const DeltaRuleDims& d, const float* q, const float* k, const float* v, int64_t ld, const float* g,
                   const float* beta, float scale, const DevBatch& b, float* state_pool, float* o) override;
@@ -851,15 +1030,13 @@ class CudaDevice : public Device {
     auto* kd = static_cast<float* const*>(upload(kp.data(), kp.size() * sizeof(float*)));
     auto* vd = static_cast<float* const*>(upload(vp.data(), vp.size() * sizeof(float*)));
     const OpScope op(*this, "decode_attention");
-    if (op.skip) return;
-    kv_append_kernel<<<grid_for(N * nkv * (dq + dv)), kThreads, 0, stream_>>>(k, v, kd, vd, b.d_pos, N, nkv * dq,
-                                                                             nkv * dv);
     float* part = scratch(N * nh * kDecodeParts * (dv + 2));
-    decode_attention_kernel<<<unsigned(N * nh * kDecodeSplits), 32 * kDecodeWarps, 0, stream_>>>(
-        q, const_cast<const float* const*>(kd), const_cast<const float* const*>(vd), b.d_pos, part, nh, nkv, dq, dv,
-        scale, window);
-    decode_combine_kernel<<<unsigned(N * nh), 128, 0, stream_>>>(part, o, dv);
-    check_launch("decode attention");
+    if (op.skip) return;
+    launch(kv_append_kernel, grid_for(N * nkv * (dq + dv)), kThreads, k, v, kd, vd, b.d_pos, N, nkv * dq, nkv * dv);
+    launch(decode_attention_kernel, unsigned(N * nh * kDecodeSplits), 32 * kDecodeWarps, q,
+           const_cast<const float* const*>(kd), const_cast<const float* const*>(vd), b.d_pos, part, nh, nkv, dq, dv,
+           scale, window);
+    launch(decode_combine_kernel, unsigned(N * nh), 128, part, o, dv);
   }
   void dsa_select(const float* iq, const float* w, const float* keys, int64_t n, int64_t S, int64_t IH, int64_t ID,
                   int64_t topk, int32_t* selected) override {
@@ -871,26 +1048,27 @@ class CudaDevice : public Device {
       const int64_t m = std::min(kQueries, n - t0);
       // these m queries are the newest of a sequence of S − (n − t0 − m) keys
       const int64_t Sm = S - (n - t0 - m);
-      dsa_scores_kernel<<<grid_for(m * Sm), kThreads, 0, stream_>>>(iq + t0 * IH * ID, w + t0 * IH, keys, m, Sm, IH, ID,
-                                                                    score);
-      dsa_topk_kernel<<<unsigned(m), kThreads, 0, stream_>>>(score, m, Sm, topk, selected + t0 * topk);
-      check_launch("dsa_select");
+      launch(dsa_scores_kernel, grid_for(m * Sm), kThreads, iq + t0 * IH * ID, w + t0 * IH, keys, m, Sm, IH, ID, score);
+      launch(dsa_topk_kernel, unsigned(m), kThreads, score, m, Sm, topk, selected + t0 * topk);
     }
+  }
+  void argmax_rows(const float* x, int64_t rows, int64_t n, int32_t* out) override {
+    const OpScope op(*this, "argmax_rows");
+    if (op.skip || rows == 0) return;
+    launch(argmax_rows_kernel, unsigned(rows), 1024, x, n, out);
   }
   void gather_rows(const float* src, const int32_t* idx, float* dst, int64_t n, int64_t D) override {
     const OpScope op(*this, "gather_rows");
     if (op.skip) return;
     if (n == 0) return;
-    gather_rows_kernel<<<grid_for(n * D), kThreads, 0, stream_>>>(src, idx, dst, n, D);
-    check_launch("gather_rows");
+    launch(gather_rows_kernel, grid_for(n * D), kThreads, src, idx, dst, n, D);
   }
   void scatter_add_rows(float* dst, const int32_t* idx, const float* w, const float* src, int64_t n,
                         int64_t D) override {
     const OpScope op(*this, "scatter_add_rows");
     if (op.skip) return;
     if (n == 0) return;
-    scatter_add_rows_kernel<<<grid_for(n * D), kThreads, 0, stream_>>>(dst, idx, w, src, n, D);
-    check_launch("scatter_add_rows");
+    launch(scatter_add_rows_kernel, grid_for(n * D), kThreads, dst, idx, w, src, n, D);
   }
 
  private:
@@ -902,7 +1080,9 @@ class CudaDevice : public Device {
 
   // Each operation's GPU time when HLA_CUDA_PROFILE is set (forwards then run eagerly, no graphs),
   // summed per operation and printed to stderr when the device closes. skip: the operation is part
-  // of a graph being replayed, nothing to launch.
+  // of a graph being replayed, nothing to launch — but an operation of a replayable step takes its
+  // scratch before it returns on skip, so that a replayed forward hands out the addresses the
+  // recorded one did (to_host checks the result's).
   struct OpScope {
     CudaDevice& d;
     const char* name;
@@ -993,6 +1173,24 @@ class CudaDevice : public Device {
 
   static unsigned row_threads(int64_t dim) { return dim >= 1024 ? 1024 : dim >= 256 ? 256 : 64; }
 
+  // dst [rows, width] = src rows (stride ld) as T.
+  template <class T>
+  void pack_to(const float* src, int64_t ld, int64_t width, T* dst, int64_t rows) {
+    if (vec_width(src, width, ld) == 4)
+      launch(pack_rows<T, 4>, grid_for(rows * width / 4), kThreads, src, ld, width, dst, rows);
+    else
+      launch(pack_rows<T, 1>, grid_for(rows * width), kThreads, src, ld, width, dst, rows);
+  }
+  // Every kernel of this file goes out through these (PDL, launch.cuh): each starts with pdl_begin().
+  template <class... P, class... A>
+  void launch(void (*kernel)(P...), dim3 grid, dim3 block, A... args) {
+    launch_pdl("kernel launch", kernel, grid, block, 0, stream_, args...);
+  }
+  template <class... P, class... A>
+  void launch_smem(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, A... args) {
+    launch_pdl("kernel launch", kernel, grid, block, smem, stream_, args...);
+  }
+
   void* upload_bytes(const void* src, size_t bytes) {
     void* p = nullptr;
     check_cuda(cudaMalloc(&p, std::max<size_t>(bytes, 4)), "weights (out of GPU memory?)");
@@ -1006,18 +1204,31 @@ class CudaDevice : public Device {
     chunks_.emplace_back(p, bytes);
   }
 
+  // gemv_kernel for M ≤ 8 rows. S, the splits of K per row, grows while the card would hold
+  // fewer than ~4096 warps and each keeps ≥ 1024 columns (2048 rows of K = 4096 unsplit leave
+  // half the SMs' load slots empty).
+  static constexpr int64_t kGemvMaxRows = 8;
+  static int gemv_splits(const DevMatrix& W) {
+    const int64_t K = W.cols;
+    int S = 1;
+    while (S < 8 && K % (16 * S) == 0 && W.rows * S < 4096 && K / S >= 2048) S *= 2;
+    return K % (8 * S) == 0 ? S : 0;
+  }
+  static bool gemv_fits(const DevMatrix& W, const float* x, int64_t ldx, int64_t M) {
+    return M <= kGemvMaxRows && gemv_splits(W) > 0 && ldx % 4 == 0 && ptr_alignment(x) >= 16;
+  }
   void gemv(const DevMatrix& W, const float* x, int64_t ldx, float* y, int64_t M) {
-    constexpr int kWarps = 8;
-    const unsigned grid = unsigned((W.rows + kWarps - 1) / kWarps);
+    const int S = gemv_splits(W);
+    const unsigned grid = unsigned((W.rows * S + 7) / 8);
     const auto* w = static_cast<const __nv_bfloat16*>(W.p);
     switch (M) {
 #define HLA_GEMV_CASE(m) \
-  case m: gemv_bf16_kernel<m><<<grid, 32 * kWarps, 0, stream_>>>(w, x, ldx, y, W.rows, W.cols); break;
+  case m:                \
+    return launch(gemv_kernel<m>, grid, 256, w, x, ldx, y, W.rows, W.cols, S);
       HLA_GEMV_CASE(1) HLA_GEMV_CASE(2) HLA_GEMV_CASE(3) HLA_GEMV_CASE(4)
       HLA_GEMV_CASE(5) HLA_GEMV_CASE(6) HLA_GEMV_CASE(7) HLA_GEMV_CASE(8)
 #undef HLA_GEMV_CASE
     }
-    check_launch("gemv");
   }
 
   // y [M, N] = x [M, K] · W^T: in cuBLASLt's column-major terms D [N, M] = W^T(stored [K, N]) · x (stored [K, M], ld ldb).
@@ -1073,7 +1284,7 @@ class CudaDevice : public Device {
   int64_t key_ = -1;
   struct Graph {
     cudaGraphExec_t exec;
-    const float* result;  // what to_host copies back
+    const void* result;  // what to_host copies back
   };
   std::map<int64_t, Graph> graphs_;
   std::map<int64_t, int> seen_;
@@ -1107,51 +1318,47 @@ void CudaDevice::delta_rule(const DeltaRuleDims& dims, const float* q, const flo
   if (!fast_delta_shape(dims)) {
     check(K <= kMaxRecurrentK && V <= 1024, "cuda delta rule: K above 256 or V above 1024");
     const unsigned threads = unsigned((V + 31) / 32 * 32);
-    delta_recurrent_kernel<<<unsigned(N * HV), threads, size_t(3 * K) * 4, stream_>>>(
-        q, k, v, ld, g, beta, scale, b.d_cu, b.d_slots, state_pool, o, int(H), int(HV), int(K), int(V),
-        dims.gate == DeltaGate::PerKey);
-    check_launch("delta rule (recurrent)");
+    launch_smem(delta_recurrent_kernel, unsigned(N * HV), threads, size_t(3 * K) * 4, q, k, v, ld, g, beta, scale,
+                b.d_cu, b.d_slots, state_pool, o, int(H), int(HV), int(K), int(V), dims.gate == DeltaGate::PerKey);
     return;
   }
-  // The fast kernels take contiguous q, k [T, H, K], v [T, HV, V] in the weight type.
+  if (b.one_token_each()) {  // decode: fp32 rows read in place, the slot pool is the kernel's own state layout
+    delta_rule_decode(dims, DType::F32, N, 1, q, k, v, g, beta, scale, state_pool, b.d_slots, nullptr, o, stream_, ld);
+    return;
+  }
+  // The chunk kernels take contiguous q, k [T, H, K], v [T, HV, V] in the weight type.
   const bool bf16 = wt_ == DType::BF16;
   const DType dt = bf16 ? DType::BF16 : DType::F32;
   auto pack = [&](const float* src, int64_t width) -> void* {
     if (bf16) {
       auto* dst = reinterpret_cast<__nv_bfloat16*>(scratch((T * width + 1) / 2));
-      pack_rows<<<grid_for(T * width), kThreads, 0, stream_>>>(src, ld, width, dst, T);
+      pack_to(src, ld, width, dst, T);
       return dst;
     }
     float* dst = scratch(T * width);
-    pack_rows<<<grid_for(T * width), kThreads, 0, stream_>>>(src, ld, width, dst, T);
+    pack_to(src, ld, width, dst, T);
     return dst;
   };
   void* qc = pack(q, H * K);
   void* kc = pack(k, H * K);
   void* vc = pack(v, HV * V);
-  check_launch("delta rule: pack");
   void* oc = bf16 ? static_cast<void*>(scratch((T * HV * V + 1) / 2)) : o;
+  // The states of the batch's slots gathered into [N, HV, K, V] and back.
   DeltaRuleDims d = dims;
-  if (b.one_token_each()) {  // decode: the slot pool is the kernel's own state layout
-    delta_rule_decode(d, dt, N, 1, qc, kc, vc, g, beta, scale, state_pool, b.d_slots, nullptr, oc, stream_);
-  } else {  // prefill: the states of the batch's slots gathered into [N, HV, K, V] and back
-    d.cu_seqlens = b.cu_seqlens;
-    const size_t state_bytes = size_t(HV * K * V) * 4;
-    float* states = scratch(N * HV * K * V);
-    for (int64_t i = 0; i < N; ++i)
-      check_cuda(cudaMemcpyAsync(states + i * HV * K * V, state_pool + b.slots[size_t(i)] * HV * K * V, state_bytes,
-                                 cudaMemcpyDeviceToDevice, stream_),
-                 "delta rule: gather states");
-    chunk_plan(d, dt).forward(qc, kc, vc, g, beta, scale, states, oc, stream_);
-    for (int64_t i = 0; i < N; ++i)
-      check_cuda(cudaMemcpyAsync(state_pool + b.slots[size_t(i)] * HV * K * V, states + i * HV * K * V, state_bytes,
-                                 cudaMemcpyDeviceToDevice, stream_),
-                 "delta rule: scatter states");
-  }
-  if (bf16) {
-    unpack<<<grid_for(T * HV * V), kThreads, 0, stream_>>>(static_cast<const __nv_bfloat16*>(oc), o, T * HV * V);
-    check_launch("delta rule: unpack");
-  }
+  d.cu_seqlens = b.cu_seqlens;
+  const size_t state_bytes = size_t(HV * K * V) * 4;
+  float* states = scratch(N * HV * K * V);
+  for (int64_t i = 0; i < N; ++i)
+    check_cuda(cudaMemcpyAsync(states + i * HV * K * V, state_pool + b.slots[size_t(i)] * HV * K * V, state_bytes,
+                               cudaMemcpyDeviceToDevice, stream_),
+               "delta rule: gather states");
+  chunk_plan(d, dt).forward(qc, kc, vc, g, beta, scale, states, oc, stream_);
+  for (int64_t i = 0; i < N; ++i)
+    check_cuda(cudaMemcpyAsync(state_pool + b.slots[size_t(i)] * HV * K * V, states + i * HV * K * V, state_bytes,
+                               cudaMemcpyDeviceToDevice, stream_),
+               "delta rule: scatter states");
+  if (bf16)
+    launch(unpack<__nv_bfloat16>, grid_for(T * HV * V), kThreads, static_cast<const __nv_bfloat16*>(oc), o, T * HV * V);
 }
 
 }  // namespace

@@ -129,11 +129,13 @@ class DeltaChunkBackward {
 // States live in a pool [slots,HV,K,V]; sequence n starts from pool[slot_in[n]]. With slot_out
 // ([N,tokens] device int32) the state after token t is written to pool[slot_out[n·tokens+t]]
 // (so a scheduler can roll back rejected drafts); without it the final state overwrites
-// pool[slot_in[n]]. K in {32,64,128,256}, V a multiple of 16; d.cu_seqlens is not read.
+// pool[slot_in[n]]. K in {32,64,128,256}, V a multiple of 16; d.cu_seqlens is not read. With ld > 0
+// the rows of q, k and v are ld elements apart (a model's fused projection rows) instead of packed.
+// Launched with PDL (launch.cuh): it may start while the kernel before it in the stream finishes.
 void delta_rule_decode(const DeltaRuleDims& d, DType dt, int64_t n_seqs, int64_t tokens, const void* q,
                        const void* k, const void* v, const float* g, const float* beta, float scale,
                        float* state_pool, const int32_t* slot_in, const int32_t* slot_out, void* o,
-                       cudaStream_t stream);
+                       cudaStream_t stream, int64_t ld = 0);
 
 // Forward on host tensors (any float dtype; q, k, v run in `dt` = F32, F16 or BF16, g, beta and
 // the state in F32), laid out as the CPU op takes them: q,k [T,H,K], v [T,HV,V], g [T,HV(,K)],

@@ -8,6 +8,7 @@
 // one small shared-memory exchange in a fixed order (deterministic).
 #include "backends/cuda/delta_rule_cuda.h"
 #include "backends/cuda/kernel_util.cuh"
+#include "backends/cuda/launch.cuh"
 #include "backends/cuda/mma.cuh"
 #include "core/error.h"
 
@@ -25,6 +26,7 @@ struct DecodeArgs {
   const int32_t* slot_out;
   void* o;
   int tokens, H, HV, V, group;
+  int64_t ld_qk, ld_v;  // token strides of q/k and of v
 };
 
 // Sum over the block's 32 row groups of a per-thread float4; every thread gets the total of its
@@ -54,6 +56,7 @@ template <class CT, bool KDA, int K>
 __global__ void __launch_bounds__(128) decode_kernel(DecodeArgs a) {
   constexpr int RPT = K / 32;  // rows per thread
   __shared__ float4 red[2][16];
+  pdl_begin();
   const int n = blockIdx.x, j = blockIdx.y, v0 = blockIdx.z * kCols, h = j / a.group;
   const int HV = a.HV, V = a.V, cg = threadIdx.x & 3, rr = threadIdx.x >> 2;
   const int c0 = v0 + 4 * cg;
@@ -75,8 +78,8 @@ __global__ void __launch_bounds__(128) decode_kernel(DecodeArgs a) {
 #pragma unroll
     for (int p = 0; p < RPT; ++p) {
       const int d = rr + 32 * p;
-      kr[p] = to_f32(k[(tk * a.H + h) * K + d]);
-      qr[p] = to_f32(q[(tk * a.H + h) * K + d]) * a.scale;
+      kr[p] = to_f32(k[tk * a.ld_qk + h * K + d]);
+      qr[p] = to_f32(q[tk * a.ld_qk + h * K + d]) * a.scale;
       const float dec = expf(KDA ? a.g[th * K + d] : a.g[th]);
       S[p].x *= dec, S[p].y *= dec, S[p].z *= dec, S[p].w *= dec;
     }
@@ -87,7 +90,7 @@ __global__ void __launch_bounds__(128) decode_kernel(DecodeArgs a) {
     }
     kv = reduce_rows(kv, reinterpret_cast<float*>(red[0]));
     const float b = a.beta[th];
-    const CT* vt = v + th * V + c0;
+    const CT* vt = v + tk * a.ld_v + j * V + c0;
     const float4 u = {b * (to_f32(vt[0]) - kv.x), b * (to_f32(vt[1]) - kv.y), b * (to_f32(vt[2]) - kv.z),
                       b * (to_f32(vt[3]) - kv.w)};
     float4 ov = {0.f, 0.f, 0.f, 0.f};
@@ -118,13 +121,17 @@ __global__ void __launch_bounds__(128) decode_kernel(DecodeArgs a) {
 template <class CT, bool KDA>
 void launch(const DecodeArgs& a, int K, int64_t n_seqs, cudaStream_t s) {
   const dim3 grid(unsigned(n_seqs), unsigned(a.HV), unsigned(a.V / kCols));
+  const char* what = "delta rule decode kernel";
   switch (K) {
-    case 32: decode_kernel<CT, KDA, 32><<<grid, 128, 0, s>>>(a); break;
-    case 64: decode_kernel<CT, KDA, 64><<<grid, 128, 0, s>>>(a); break;
-    case 128: decode_kernel<CT, KDA, 128><<<grid, 128, 0, s>>>(a); break;
-    case 256: decode_kernel<CT, KDA, 256><<<grid, 128, 0, s>>>(a); break;
+    case 32:
+      return launch_pdl(what, decode_kernel<CT, KDA, 32>, grid, 128, 0, s, a);
+    case 64:
+      return launch_pdl(what, decode_kernel<CT, KDA, 64>, grid, 128, 0, s, a);
+    case 128:
+      return launch_pdl(what, decode_kernel<CT, KDA, 128>, grid, 128, 0, s, a);
+    case 256:
+      return launch_pdl(what, decode_kernel<CT, KDA, 256>, grid, 128, 0, s, a);
   }
-  check_cuda(cudaGetLastError(), "delta rule decode kernel");
 }
 
 template <class CT>
@@ -135,14 +142,28 @@ void dispatch(const DecodeArgs& a, const DeltaRuleDims& d, int64_t n_seqs, cudaS
 
 }  // namespace
 
-void delta_rule_decode(const DeltaRuleDims& d, DType dt, int64_t n_seqs, int64_t tokens, const void* q,
-                       const void* k, const void* v, const float* g, const float* beta, float scale,
-                       float* state_pool, const int32_t* slot_in, const int32_t* slot_out, void* o,
-                       cudaStream_t stream) {
+void delta_rule_decode(const DeltaRuleDims& d, DType dt, int64_t n_seqs, int64_t tokens, const void* q, const void* k,
+                       const void* v, const float* g, const float* beta, float scale, float* state_pool,
+                       const int32_t* slot_in, const int32_t* slot_out, void* o, cudaStream_t stream, int64_t ld) {
   check_delta_dims(d, dt, "delta rule decode (cuda)");
   check(n_seqs > 0 && tokens > 0, "delta rule decode (cuda): need at least one sequence and one token");
-  DecodeArgs a{q, k, v, g, beta, scale, state_pool, slot_in, slot_out, o,
-               int(tokens), int(d.H), int(d.HV), int(d.V), int(d.HV / d.H)};
+  DecodeArgs a{q,
+               k,
+               v,
+               g,
+               beta,
+               scale,
+               state_pool,
+               slot_in,
+               slot_out,
+               o,
+               int(tokens),
+               int(d.H),
+               int(d.HV),
+               int(d.V),
+               int(d.HV / d.H),
+               ld > 0 ? ld : d.H * d.K,
+               ld > 0 ? ld : d.HV * d.V};
   switch (dt) {
     case DType::F32: return dispatch<float>(a, d, n_seqs, stream);
     case DType::F16: return dispatch<__half>(a, d, n_seqs, stream);

@@ -1,7 +1,10 @@
-// Device discovery and error reporting for the CUDA backend.
+// Device discovery, error reporting and the launch switch for the CUDA backend.
+#include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "backends/cuda/delta_rule_cuda.h"
+#include "backends/cuda/launch.cuh"
 #include "core/error.h"
 
 namespace hla::cuda {
@@ -17,6 +20,14 @@ bool device_available() {
 
 void check_cuda(cudaError_t e, const char* what) {
   check(e == cudaSuccess, std::string("cuda: ") + what + ": " + cudaGetErrorString(e));
+}
+
+bool pdl_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("HLA_CUDA_PDL");
+    return !(v && std::strcmp(v, "0") == 0);
+  }();
+  return on;
 }
 
 }  // namespace hla::cuda

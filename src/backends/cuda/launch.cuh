@@ -1,0 +1,36 @@
+// Kernel launches with programmatic dependent launch (PDL, sm_90).
+//
+// A decode step is ~300 small kernels, each a few µs, so the gap between one kernel's end and the
+// next one's start is a large share of the step. A kernel launched through launch_pdl may be
+// scheduled while the kernel before it in the stream finishes: it must call pdl_begin() before it
+// reads or writes any memory an earlier kernel touches (only constant inputs such as weights may be
+// read before it — the GEMV streams its first weights there). pdl_begin() waits for the earlier
+// kernel to complete (and, through that kernel's own wait, for everything before it), then lets the
+// next kernel be scheduled. HLA_CUDA_PDL=0 launches plainly (the A/B switch for timings).
+#pragma once
+#include <cuda_runtime.h>
+
+#include "backends/cuda/delta_rule_cuda.h"
+
+namespace hla::cuda {
+
+bool pdl_enabled();
+
+__device__ __forceinline__ void pdl_begin() {
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+}
+
+template <class... Params, class... Args>
+void launch_pdl(const char* what, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                Args... args) {
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid, cfg.blockDim = block, cfg.dynamicSmemBytes = smem, cfg.stream = stream;
+  cfg.attrs = &attr, cfg.numAttrs = pdl_enabled() ? 1 : 0;
+  check_cuda(cudaLaunchKernelEx(&cfg, kernel, Params(args)...), what);
+}
+
+}  // namespace hla::cuda
