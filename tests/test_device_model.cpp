@@ -7,8 +7,9 @@
 #include "backends/cpu/cpu_device.h"
 #include "core/config.h"
 #include "core/error.h"
-#include "tests/common.h"
+#include "runtime/engine.h"
 #include "runtime/session.h"
+#include "tests/common.h"
 #include "tests/device_model_check.h"
 
 using namespace hla;
@@ -39,6 +40,46 @@ TEST_P(DeviceWiring, SessionOnDeviceGeneratesTheSameIds) {
     Sampler a(p), b(p);
     const std::vector<int64_t> cpu_ids = Session(*m).generate(prompt, 24, a);
     EXPECT_EQ(Session(*m, dev, 1).generate(prompt, 24, b), cpu_ids) << "temperature " << p.temperature;
+  }
+}
+
+// The server's engine on a device (`hla serve --device`): more requests than its 3 slots (slots
+// are reused), prompts longer than a step's token budget (chunked prefill), greedy picks (made on
+// the device) and sampled ones, max_tokens 0 — each request gets what a CPU Session generates
+// for it alone.
+TEST(DeviceWiring, EngineOnDeviceServesWhatSessionsGenerate) {
+  HLA_REQUIRE_FIXTURES();
+  auto m = Model::load(fixture("models/qwen3_5"));
+  cpu::CpuDevice dev(3);
+  m->bind_device(dev);
+  EngineOptions opt;
+  opt.max_slots = 3, opt.max_step_tokens = 24, opt.block = 16;
+  const int64_t lengths[] = {5, 40, 17, 3, 29, 9};
+  std::vector<std::vector<int64_t>> prompts;
+  std::vector<GenerationParams> params;
+  for (int64_t i = 0; i < 6; ++i) {
+    std::vector<int64_t> p;
+    for (int64_t t = 0; t < lengths[i]; ++t) p.push_back((7 * t + 13 * i + 1) % m->spec().vocab);
+    prompts.push_back(p);
+    GenerationParams g;
+    g.max_tokens = i == 3 ? 0 : 6 + i;
+    if (i % 2 == 1) g.sampling = SamplingParams{0.8f, 20, 0.9f, uint64_t(i)};
+    params.push_back(g);
+  }
+  std::vector<std::vector<int64_t>> got(prompts.size());
+  {
+    Engine engine(*m, opt, &dev);
+    std::vector<std::shared_ptr<Request>> reqs;
+    for (size_t i = 0; i < prompts.size(); ++i) reqs.push_back(engine.submit(prompts[i], params[i]));
+    for (size_t i = 0; i < reqs.size(); ++i) {
+      ASSERT_NE(reqs[i], nullptr);
+      for (int tries = 0; !reqs[i]->wait(&got[i], std::chrono::milliseconds(100)); ++tries) ASSERT_LT(tries, 600);
+      EXPECT_EQ(reqs[i]->finish_reason(), "length") << i;
+    }
+  }
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    Sampler sampler(params[i].sampling);
+    EXPECT_EQ(got[i], Session(*m).generate(prompts[i], params[i].max_tokens, sampler)) << "request " << i;
   }
 }
 

@@ -23,6 +23,8 @@ void register_serve(CLI::App& app) {
   auto model = std::make_shared<std::string>();
   auto o = std::make_shared<ServerOptions>();
   auto cache_mb = std::make_shared<int64_t>(1024);
+  auto device = std::make_shared<std::string>("cpu");
+  auto dtype = std::make_shared<std::string>("f32");
   cmd->add_option("--model", *model, "model directory")->required();
   cmd->add_option("--port", o->port, "TCP port on 127.0.0.1")->default_val(8080);
   cmd->add_option("--model-name", o->model_name, "model id clients send (default: the directory name)");
@@ -32,22 +34,28 @@ void register_serve(CLI::App& app) {
   cmd->add_option("--max-tokens-limit", o->max_tokens_limit, "largest max_tokens accepted")->default_val(4096);
   cmd->add_option("--max-body-bytes", o->max_body_bytes, "largest request body")->default_val(8u << 20);
   cmd->add_option("--prefix-block", o->engine.block, "prefix-cache block (tokens)")->default_val(256);
-  cmd->add_option("--prefix-cache-mb", *cache_mb, "prefix-cache budget (MiB)")->default_val(1024);
-  cmd->callback([model, o, cache_mb] {
+  cmd->add_option("--prefix-cache-mb", *cache_mb, "prefix-cache budget (MiB; the CPU engine's)")->default_val(1024);
+  cmd->add_option("--device", *device, "cpu or cuda (one GPU; no prefix cache there)")->capture_default_str();
+  cmd->add_option("--dtype", *dtype, "weights on the GPU: f32 or bf16")->capture_default_str();
+  cmd->callback([model, o, cache_mb, device, dtype] {
     check(o->port > 0 && o->port < 65536, "--port must be in 1..65535");
     check(o->engine.max_slots > 0 && o->engine.max_queued > 0, "--max-slots and --max-queued must be positive");
     check(o->engine.block > 0 && *cache_mb >= 0, "--prefix-block must be positive and --prefix-cache-mb >= 0");
     o->engine.prefix_cache_bytes = size_t(*cache_mb) << 20;
     if (o->model_name.empty()) o->model_name = std::filesystem::path(*model).lexically_normal().filename().string();
     if (o->model_name.empty()) o->model_name = std::filesystem::path(*model).parent_path().filename().string();
+    // Opened before the weights load, so a missing GPU fails fast.
+    std::unique_ptr<Device> dev = open_device(*device, *dtype, o->engine.max_slots);
     TextModel tm = load_text_model(*model);
+    if (dev) tm.model->bind_device(*dev);
+    o->device = dev.get();
     OpenAIServer server(tm, *o);
     g_server = &server;
     std::signal(SIGINT, on_signal);
     std::signal(SIGTERM, on_signal);
     std::signal(SIGPIPE, SIG_IGN);
-    std::fprintf(stderr, "hla serve: %s (%s) on http://%s:%d\n", o->model_name.c_str(), tm.model->spec().model_type.c_str(),
-                 o->host.c_str(), o->port);
+    std::fprintf(stderr, "hla serve: %s (%s, %s) on http://%s:%d\n", o->model_name.c_str(),
+                 tm.model->spec().model_type.c_str(), dev ? dev->name().c_str() : "cpu", o->host.c_str(), o->port);
     server.run();
     g_server = nullptr;
   });

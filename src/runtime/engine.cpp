@@ -43,8 +43,11 @@ void Request::finish(const std::string& reason) {
   cv_.notify_all();
 }
 
-Engine::Engine(const Model& model, EngineOptions opt)
-    : model_(model), opt_(opt), prefix_(opt.prefix_cache_bytes, opt.block), thread_([this] { loop(); }) {}
+Engine::Engine(const Model& model, EngineOptions opt, Device* dev)
+    : model_(model), opt_(opt), dev_(dev), prefix_(opt.prefix_cache_bytes, opt.block) {
+  check(!dev || dev->max_slots() >= opt.max_slots, "internal: the device holds fewer cache slots than --max-slots");
+  thread_ = std::thread([this] { loop(); });
+}
 
 Engine::~Engine() {
   {
@@ -91,8 +94,14 @@ void Engine::loop() {
   }
 }
 
-void Engine::emit(Slot& s, const float* logits) {
-  const int64_t id = s.sampler.sample(logits, model_.spec().vocab);
+// The lowest device cache slot no running request holds (there are at least max_slots).
+int64_t Engine::free_device_slot() const {
+  for (int64_t id = 0;; ++id)
+    if (std::none_of(slots_.begin(), slots_.end(), [&](const std::unique_ptr<Slot>& s) { return s->dev_slot == id; }))
+      return id;
+}
+
+void Engine::emit(Slot& s, int64_t id) {
   s.last = id;
   s.generated++;
   const auto& stop = s.req->params.stop_ids;
@@ -116,8 +125,14 @@ void Engine::step() {
   }
   int64_t hits = 0, misses = 0, hit_tokens = 0;
   for (auto& r : admitted) {
-    auto s = std::make_unique<Slot>(Slot{r, model_.new_cache(), Sampler(r->params.sampling)});
-    s->fed = prefix_.lookup(r->prompt, &s->cache);
+    auto s = std::make_unique<Slot>(Slot{r, SequenceCache{}, -1, Sampler(r->params.sampling)});
+    if (dev_) {
+      s->dev_slot = free_device_slot();
+      dev_->reset_slot(s->dev_slot);
+    } else {
+      s->cache = model_.new_cache();
+      s->fed = s->cached = prefix_.lookup(r->prompt, &s->cache);
+    }
     r->cached_tokens_ = s->fed;
     (s->fed > 0 ? hits : misses)++;
     hit_tokens += s->fed;
@@ -157,20 +172,37 @@ void Engine::step() {
   }
   int64_t prompt_tokens = 0, generated = 0;
   if (!in_batch.empty()) {
-    Tensor logits = model_.forward(ids, batch, false);  // one row per sequence: its last token
+    // A row picks a token when its sequence decodes or its prompt ends in this step.
+    std::vector<bool> picks(in_batch.size());
+    bool all_greedy = true;
+    for (size_t i = 0; i < in_batch.size(); ++i) {
+      const Slot& s = *in_batch[i];
+      picks[i] = chunk[i] == 0 || (s.fed + chunk[i] == int64_t(s.req->prompt.size()) && s.req->params.max_tokens > 0);
+      all_greedy = all_greedy && (!picks[i] || s.sampler.greedy());
+    }
+    // On a device with only greedy picks, they happen there: ids come back instead of logits.
+    Tensor logits;
+    std::vector<int64_t> best;
+    if (dev_) {
+      DevBatch b{batch.cu_seqlens, {}, {}};
+      for (Slot* s : in_batch) b.slots.push_back(s->dev_slot), b.past.push_back(s->cached);
+      if (all_greedy) best = model_.forward_greedy(*dev_, ids, b);
+      else logits = model_.forward(*dev_, ids, b, false);
+    } else {
+      logits = model_.forward(ids, batch, false);  // one row per sequence: its last token
+    }
     for (size_t i = 0; i < in_batch.size(); ++i) {
       Slot& s = *in_batch[i];
-      const float* row = logits.f32() + int64_t(i) * model_.spec().vocab;
-      if (chunk[i] == 0) {
-        emit(s, row), generated++;
-        continue;
+      s.cached += std::max<int64_t>(chunk[i], 1);
+      if (chunk[i] > 0) {
+        s.fed += chunk[i], prompt_tokens += chunk[i];
+        if (!dev_ && s.fed % opt_.block == 0) prefix_.insert(s.req->prompt, s.fed, s.cache);
+        if (s.fed == int64_t(s.req->prompt.size()) && s.req->params.max_tokens == 0) s.req->finish("length");
       }
-      s.fed += chunk[i], prompt_tokens += chunk[i];
-      if (s.fed % opt_.block == 0) prefix_.insert(s.req->prompt, s.fed, s.cache);
-      if (s.fed == int64_t(s.req->prompt.size())) {
-        if (s.req->params.max_tokens == 0) s.req->finish("length");
-        else emit(s, row), generated++;
-      }
+      if (!picks[i]) continue;
+      emit(s, best.empty() ? s.sampler.sample(logits.f32() + int64_t(i) * model_.spec().vocab, model_.spec().vocab)
+                           : best[i]);
+      generated++;
     }
   }
   // Finished requests leave their slots.

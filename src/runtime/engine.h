@@ -2,7 +2,9 @@
 // step it packs, into one Model::forward, one token of each decoding request plus block-aligned
 // prompt chunks of the requests still in prefill (chunked prefill), samples, and streams tokens to
 // the waiting request handles. Each request lives in a slot holding its own hybrid cache; prompts
-// start from the longest prefix snapshot in the PrefixCache.
+// start from the longest prefix snapshot in the PrefixCache. On a device (the model bound to it)
+// each request's cache is one of the device's cache slots instead, and there is no prefix cache
+// (its snapshots are host copies of a cache).
 #pragma once
 #include <atomic>
 #include <chrono>
@@ -72,7 +74,8 @@ struct EngineStats {
 
 class Engine {
  public:
-  Engine(const Model& model, EngineOptions opt);
+  // dev: run on this device (model bound to it, at least opt.max_slots cache slots); null: the CPU.
+  Engine(const Model& model, EngineOptions opt, Device* dev = nullptr);
   ~Engine();
   // nullptr when the engine is at max_queued (the server answers 429).
   std::shared_ptr<Request> submit(std::vector<int64_t> prompt, GenerationParams params);
@@ -82,18 +85,22 @@ class Engine {
  private:
   struct Slot {
     std::shared_ptr<Request> req;
-    SequenceCache cache;
+    SequenceCache cache;  // on the CPU
+    int64_t dev_slot;     // on a device: its cache slot
     Sampler sampler;
     int64_t fed = 0;        // prompt tokens folded into the cache
+    int64_t cached = 0;     // tokens in the cache (prompt and generated)
     int64_t last = -1;      // last sampled token (decode input)
     int64_t generated = 0;
   };
   void loop();
   void step();
-  void emit(Slot& s, const float* logits);
+  void emit(Slot& s, int64_t id);
+  int64_t free_device_slot() const;
 
   const Model& model_;
   const EngineOptions opt_;
+  Device* dev_;
   PrefixCache prefix_;
   mutable std::mutex mu_;
   std::condition_variable cv_;

@@ -129,7 +129,7 @@ struct OpenAIServer::Impl {
   std::map<std::pair<std::string, int>, int64_t> responses;  // (endpoint, status) -> count
   std::atomic<int64_t> cancelled{0};
 
-  Impl(const TextModel& t, ServerOptions o) : tm(t), model(*t.model), opt(std::move(o)), engine(model, opt.engine) {}
+  Impl(const TextModel& t, ServerOptions o) : tm(t), model(*t.model), opt(std::move(o)), engine(model, opt.engine, opt.device) {}
 
   void count(const std::string& endpoint, int status) {
     std::lock_guard<std::mutex> lock(metrics_mu);

@@ -21,6 +21,7 @@ struct ServerOptions {
   int64_t max_tokens_limit = 4096;        // max_tokens above this: 400
   int64_t http_threads = 96;              // each streaming client holds one
   EngineOptions engine;
+  Device* device = nullptr;  // the model bound to it: the engine runs there; null: on the CPU
 };
 
 class OpenAIServer {
