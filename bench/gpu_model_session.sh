@@ -6,13 +6,15 @@
 #             and hla bench --device cuda --dtype bf16 on it
 #   profile   ncu kernel times (gpu__time_duration, clocks free) of one replayed decode step at
 #             batch 1 and 16 and of one 8K prefill forward of that model, summed per kernel name
+#   serve     hla serve --device cuda with a real HTTP client (bench/serve_check.py): the fixture's
+#             greedy completions equal hla generate; then 16 concurrent requests on the 2.0B model
 #   peer      transformers (+ FLA's kernels) on the same shape: ../shared/anchors/e2e_anchor.py
 # Binaries come built from the CPU machine (bench/carry_delta_rule.sh BUILD BIN); BIN names them.
 #   BIN=third_party_local/bin2 bench/gpu_model_session.sh test cli
 set -u
 OUT=${OUT:-/tmp/hla_out}
 BIN=${BIN:-third_party_local/bin2}
-steps=${*:-test cli bench peer}
+steps=${*:-test cli bench serve peer}
 has() { [[ " $steps " == *" $1 "* ]]; }
 mkdir -p "$OUT"
 export LD_LIBRARY_PATH=$PWD/$BIN/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
@@ -38,7 +40,7 @@ print('$m', 'cuda vs cpu', float((a-b).abs().max()/b.abs().max()), 'cuda vs tran
   done
 fi
 M=/tmp/qwen3_5_2b
-if has bench || has profile; then
+if has bench || has profile || has serve; then
   [ -d $M ] || $BIN/hla init --config configs/qwen3_5-2b.json --out $M --dtype bf16 >"$OUT/init.log" 2>&1 ||
     { tail "$OUT/init.log"; exit 1; }
 fi
@@ -62,6 +64,12 @@ if has bench; then
   timeout ${BENCH_TIMEOUT:-300} $BIN/hla bench --model $M --device cuda --dtype bf16 --prefill ${PREFILL:-1024,8192,32768} \
     --chunk ${CHUNK:-32768} --decode-batch ${BATCHES:-1,16,64} --decode-steps ${STEPS:-64} --decode-prompt 512 2>&1 |
     tee "$OUT/bench_hla_2b.csv"
+fi
+if has serve; then
+  python3 bench/serve_check.py --hla $BIN/hla --model $HLA_FIXTURES/models/qwen3_5 --device cuda --dtype f32 \
+    --requests 8 --prompt-len 40 --max-tokens 12 --vocab 100 --check
+  python3 bench/serve_check.py --hla $BIN/hla --model $M --device cuda --dtype bf16 --requests 16 --prompt-len 512 \
+    --max-tokens 64 | tee "$OUT/serve_2b.json"
 fi
 if has peer; then
   OUT=$OUT FLA_PATH=$PWD/third_party_local timeout ${PEER_TIMEOUT:-400} python3 third_party_local/e2e_anchor.py \

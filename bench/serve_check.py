@@ -1,0 +1,95 @@
+#!/usr/bin/env python3
+"""`hla serve` end to end with a real HTTP client (the standard library's), for the device machine.
+
+  serve_check.py --hla BIN --model DIR [--device cuda --dtype bf16] [--requests 16] [--prompt-len 64]
+                 [--max-tokens 32] [--check]
+
+Starts the server on a free port, sends --requests greedy completions at once (prompts of token
+ids), and prints one JSON line: requests, generated tokens, wall seconds, tokens/s. With --check,
+each request's ids must equal `hla generate` of the same prompt on the same device (exit 1 if not).
+"""
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def post(port, body):
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=600) as r:
+        return json.loads(r.read())
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--hla", required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="f32")
+    ap.add_argument("--requests", type=int, default=16)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--vocab", type=int, default=1000, help="prompt ids are drawn below this")
+    ap.add_argument("--check", action="store_true")
+    a = ap.parse_args()
+    dev = ["--device", a.device, "--dtype", a.dtype]
+    port = free_port()
+    server = subprocess.Popen([a.hla, "serve", "--model", a.model, "--port", str(port),
+                               "--max-slots", str(max(a.requests, 1))] + dev, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                if server.poll() is not None:
+                    sys.exit("server exited: " + server.stderr.read()[-2000:])
+                time.sleep(0.5)
+        prompts = [[(7 * t + 13 * i + 1) % a.vocab for t in range(a.prompt_len)] for i in range(a.requests)]
+        post(port, {"prompt": prompts[0][:8], "max_tokens": 2, "temperature": 0})  # warm-up
+        out = [None] * a.requests
+
+        def one(i):
+            out[i] = post(port, {"prompt": prompts[i], "max_tokens": a.max_tokens, "temperature": 0})
+        t0 = time.time()
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(a.requests)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.time() - t0
+    finally:
+        server.terminate()
+        server.wait()
+    ids = [o["choices"][0]["token_ids"] for o in out]
+    n = sum(len(x) for x in ids)
+    res = {"requests": a.requests, "prompt_len": a.prompt_len, "generated": n, "seconds": round(wall, 3),
+           "tokens_per_s": round(n / wall, 1), "device": a.device, "dtype": a.dtype}
+    if a.check:
+        bad = 0
+        for i, p in enumerate(prompts):
+            g = subprocess.run([a.hla, "generate", "--model", a.model, "--prompt-ids", ",".join(map(str, p)),
+                                "--max-new-tokens", str(a.max_tokens)] + dev, capture_output=True, text=True)
+            want = [int(x) for x in g.stdout.split()]
+            if want[:len(ids[i])] != ids[i] or g.returncode != 0:
+                bad += 1
+                print(f"request {i}: served {ids[i]} generate {want} {g.stderr[-300:]}", file=sys.stderr)
+        res["mismatches"] = bad
+    print(json.dumps(res))
+    sys.exit(1 if res.get("mismatches") else 0)
+
+
+main()
