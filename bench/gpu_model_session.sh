@@ -8,6 +8,8 @@
 #             batch 1 and 16 and of one 8K prefill forward of that model, summed per kernel name
 #   serve     hla serve --device cuda with a real HTTP client (bench/serve_check.py): the fixture's
 #             greedy completions equal hla generate; then 16 concurrent requests on the 2.0B model
+#   moe       the Qwen3-Next-shaped MoE model (configs/qwen3_next-moe-2b.json, 2.5B): hla init + hla bench,
+#             then transformers on the same config (bench/e2e_peer.py); needs ~5 minutes
 #   peer      transformers (+ FLA's kernels) on the same shape: ../shared/anchors/e2e_anchor.py
 # Binaries come built from the CPU machine (bench/carry_delta_rule.sh BUILD BIN); BIN names them.
 #   BIN=third_party_local/bin2 bench/gpu_model_session.sh test cli
@@ -70,6 +72,16 @@ if has serve; then
     --requests 8 --prompt-len 40 --max-tokens 12 --vocab 100 --check
   python3 bench/serve_check.py --hla $BIN/hla --model $M --device cuda --dtype bf16 --requests 16 --prompt-len 512 \
     --max-tokens 64 | tee "$OUT/serve_2b.json"
+fi
+if has moe; then
+  E=/tmp/qwen3_next_moe_2b
+  [ -d $E ] || timeout 300 $BIN/hla init --config configs/qwen3_next-moe-2b.json --out $E --dtype bf16 >"$OUT/init_moe.log" 2>&1 ||
+    { tail "$OUT/init_moe.log"; exit 1; }
+  timeout 300 $BIN/hla bench --model $E --device cuda --dtype bf16 --prefill 1024,8192 --chunk 8192 --decode-batch 1,16 \
+    --decode-steps 32 --decode-prompt 512 2>&1 | tee "$OUT/bench_hla_moe.csv"
+  OUT=$OUT FLA_PATH=$PWD/third_party_local timeout ${PEER_TIMEOUT:-400} python3 bench/e2e_peer.py \
+    configs/qwen3_next-moe-2b.json --new 32 >"$OUT/peer_moe.log" 2>&1
+  echo "moe peer rc=$?"; cat "$OUT/e2e_peer.json" 2>/dev/null
 fi
 if has peer; then
   OUT=$OUT FLA_PATH=$PWD/third_party_local timeout ${PEER_TIMEOUT:-400} python3 third_party_local/e2e_anchor.py \
