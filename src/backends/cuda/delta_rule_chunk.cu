@@ -239,7 +239,12 @@ __global__ void __launch_bounds__(128) prep_kernel(ChunkArgs a) {
   //    T's columns, so the right operands are the raw K and V tiles; only KDA, whose decay is per
   //    key, stages K ⊙ e^G (in buf rows 0..63) — and also writes the decayed keys
   //    kg = K ⊙ e^{G_last−G} and queries qg = s Q ⊙ e^G for the later passes.
+  //    For fp16 inputs T also enters as its rounding residual (a second MMA): with T rounded to fp16
+  //    once, the final state reached 2.18x the plain recurrence's error on one test shape (bar 2x);
+  //    bench/delta_rule_rounding.cpp, which models these rounding points on the CPU and reproduces
+  //    the GPU's errors to 3 digits, puts that case at 1.52x with T kept whole. bf16 needs no residual.
   auto tmul = [&](CT* out, int cols, const float* A, const CT* B) {  // out = A[64x64] · B[64 x cols], warp = 16 rows
+    constexpr bool kResidual = std::is_same_v<CT, __half>;
     for (int c0 = 0; c0 < cols; c0 += 32) {
       auto emit = [&](auto& acc) {
         for_each_acc(acc, [&](int r, int c, float& x) {
@@ -247,14 +252,19 @@ __global__ void __launch_bounds__(128) prep_kernel(ChunkArgs a) {
           if (i < len) out[tok(i) * cols + c0 + c] = from_f32<CT>(x);
         });
       };
+      auto product = [&](auto& acc) {
+        constexpr int NT = sizeof(acc) / sizeof(acc[0]);
+        warp_mma<CT, NT>(acc, F32View<CT>{A + 16 * warp * kLdF, kLdF}, View<CT, false>{B + c0, LD}, C);
+        if constexpr (kResidual)
+          warp_mma<CT, NT>(acc, F32LowView<CT>{A + 16 * warp * kLdF, kLdF}, View<CT, false>{B + c0, LD}, C);
+        emit(acc);
+      };
       if (cols - c0 >= 32) {
         float acc[4][4] = {};
-        warp_mma<CT, 4>(acc, F32View<CT>{A + 16 * warp * kLdF, kLdF}, View<CT, false>{B + c0, LD}, C);
-        emit(acc);
+        product(acc);
       } else {
         float acc[2][4] = {};
-        warp_mma<CT, 2>(acc, F32View<CT>{A + 16 * warp * kLdF, kLdF}, View<CT, false>{B + c0, LD}, C);
-        emit(acc);
+        product(acc);
       }
     }
   };

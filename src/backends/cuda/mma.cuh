@@ -61,6 +61,22 @@ struct F32View {
   }
 };
 
+// What rounding the same float tile to CT loses, as CT operands: an F32View product plus an
+// F32LowView product carries the float through two MMAs to about twice CT's mantissa bits.
+template <class CT>
+struct F32LowView {
+  const float* p;
+  int ld;
+  __device__ __forceinline__ CT at(int x, int k) const {
+    const float v = p[x * ld + k];
+    return from_f32<CT>(v - to_f32(from_f32<CT>(v)));
+  }
+  __device__ __forceinline__ uint32_t pair(int x, int k) const {
+    const CT lo = at(x, k), hi = at(x, k + 1);
+    return uint32_t(reinterpret_cast<const uint16_t&>(lo)) | (uint32_t(reinterpret_cast<const uint16_t&>(hi)) << 16);
+  }
+};
+
 __device__ __forceinline__ void mma_bf16(float c[4], const uint32_t a[4], const uint32_t b[2]) {
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
