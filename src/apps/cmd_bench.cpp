@@ -18,6 +18,7 @@
 #include <random>
 
 #include "apps/commands.h"
+#include "backends/cpu/nn.h"
 #include "core/error.h"
 #include "model/model.h"
 
@@ -107,10 +108,7 @@ class Bench {
       SeqBatch b{cu, {}};
       for (auto& c : s.caches) b.caches.push_back(&c);
       const Tensor logits = m_.forward(ids, b, false);
-      for (int64_t i = 0; i < B; ++i) {
-        const float* r = logits.f32() + i * vocab_;
-        next.push_back(int64_t(std::max_element(r, r + vocab_) - r));
-      }
+      for (int64_t i = 0; i < B; ++i) next.push_back(cpu::argmax(logits.f32() + i * vocab_, vocab_));
     }
     for (auto& p : s.past) p += n;
     return next;

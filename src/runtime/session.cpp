@@ -4,6 +4,7 @@
 #include <cmath>
 #include <numeric>
 
+#include "backends/cpu/nn.h"
 #include "core/error.h"
 
 namespace hla {
@@ -15,8 +16,7 @@ Sampler::Sampler(const SamplingParams& p) : p_(p), rng_(p.seed) {
 }
 
 int64_t Sampler::sample(const float* logits, int64_t vocab) {
-  if (p_.temperature == 0.0f)  // greedy; the lowest id wins ties, as torch.argmax
-    return int64_t(std::max_element(logits, logits + vocab) - logits);
+  if (greedy()) return cpu::argmax(logits, vocab);
   // Unnormalised probabilities at this temperature. Sorting a 150k vocabulary for every token would
   // cost more than the forward pass of a small model, so only the candidates get sorted.
   const float mx = *std::max_element(logits, logits + vocab);
@@ -60,13 +60,17 @@ void Session::set_prefill_chunk(int64_t n) {
   prefill_chunk_ = n;
 }
 
+DevBatch Session::device_batch(int64_t n) {
+  DevBatch b{{0, n}, {slot_}, {dev_length_}};
+  dev_length_ += n;
+  return b;
+}
+
 Tensor Session::forward_piece(const std::vector<int64_t>& piece) {
   const int64_t n = int64_t(piece.size());
   if (dev_) {
-    DevBatch b{{0, n}, {slot_}, {dev_length_}};
-    Tensor logits = model_.forward(*dev_, piece, b, false);
-    dev_length_ += n;
-    return logits;
+    DevBatch b = device_batch(n);
+    return model_.forward(*dev_, piece, b, false);
   }
   SeqBatch b{{0, n}, {&cache_}};
   return model_.forward(piece, b, false);
@@ -89,10 +93,8 @@ std::vector<float> Session::append(const std::vector<int64_t>& ids) {
 int64_t Session::append_greedy(const std::vector<int64_t>& ids) {
   check(dev_ != nullptr, "internal: append_greedy runs on a device");
   const std::vector<int64_t> piece = fold_all_but_last(ids);
-  DevBatch b{{0, int64_t(piece.size())}, {slot_}, {dev_length_}};
-  const int64_t id = model_.forward_greedy(*dev_, piece, b)[0];
-  dev_length_ += int64_t(piece.size());
-  return id;
+  DevBatch b = device_batch(int64_t(piece.size()));
+  return model_.forward_greedy(*dev_, piece, b)[0];
 }
 
 std::vector<int64_t> Session::generate(const std::vector<int64_t>& prompt, int64_t max_new, Sampler& sampler,

@@ -63,6 +63,7 @@ class Session {
   // Folds all of ids but its last piece of at most prefill_chunk_ tokens; returns that piece.
   std::vector<int64_t> fold_all_but_last(const std::vector<int64_t>& ids);
   Tensor forward_piece(const std::vector<int64_t>& piece);  // its logits; the cache advances
+  DevBatch device_batch(int64_t n);  // n tokens continuing the device slot (its length counts them)
 };
 
 }  // namespace hla

@@ -15,12 +15,10 @@
 #include "backends/cuda/attention_cuda.h"
 #include "backends/cuda/delta_rule_cuda.h"
 #include "core/dtype.h"
+#include "tests/cuda/require_gpu.h"
 
 namespace hla {
 namespace {
-
-#define HLA_REQUIRE_GPU() \
-  if (!cuda::device_available()) GTEST_SKIP() << "no CUDA device"
 
 struct DevF32 {
   float* p = nullptr;

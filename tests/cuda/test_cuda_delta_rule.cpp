@@ -15,13 +15,11 @@
 #include "core/safetensors.h"
 #include "ops/delta_rule.h"
 #include "tests/common.h"
+#include "tests/cuda/require_gpu.h"
 #include "tests/delta_rule_problem.h"
 
 namespace hla {
 namespace {
-
-#define HLA_REQUIRE_GPU() \
-  if (!cuda::device_available()) GTEST_SKIP() << "no CUDA device"
 
 // Device buffer holding host values converted to `dt` (F32/F16/BF16), and back.
 struct DevBuf {

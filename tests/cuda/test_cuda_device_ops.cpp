@@ -10,13 +10,11 @@
 #include "backends/cuda/cuda_device.h"
 #include "backends/cuda/delta_rule_cuda.h"
 #include "core/dtype.h"
+#include "tests/cuda/require_gpu.h"
 
 using namespace hla;
 
 namespace {
-
-#define HLA_REQUIRE_GPU() \
-  if (!cuda::device_available()) GTEST_SKIP() << "no CUDA device"
 
 // y = x · W^T on `dev` (x rows ldx apart), back on the host.
 std::vector<float> run_linear(Device& dev, const Tensor& W, const std::vector<float>& x, int64_t M, int64_t ldx) {

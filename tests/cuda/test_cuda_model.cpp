@@ -12,14 +12,12 @@
 #include "core/safetensors.h"
 #include "runtime/session.h"
 #include "tests/common.h"
+#include "tests/cuda/require_gpu.h"
 #include "tests/device_model_check.h"
 
 using namespace hla;
 
 namespace {
-
-#define HLA_REQUIRE_GPU() \
-  if (!cuda::device_available()) GTEST_SKIP() << "no CUDA device"
 
 // fp32 weights on the GPU against the CPU forward: the 1e-4 bar, and no greedy flips.
 void expect_fp32_matches_cpu(Model& m, int64_t T, uint32_t seed, const std::string& name) {

@@ -13,6 +13,7 @@
 #include "eval/data.h"
 #include "eval/tasks.h"
 #include "model/model.h"
+#include "tests/cuda/require_gpu.h"
 #include "train/optim.h"
 
 namespace hla {
@@ -56,12 +57,12 @@ nlohmann::json tiny(const std::vector<std::string>& layers, int64_t key_heads, i
 }
 
 TEST(CudaTraining, OneStepMatchesTheCpuPath) {
-  if (!cuda::device_available()) GTEST_SKIP() << "no CUDA device";
+  HLA_REQUIRE_GPU();
   expect_same_step(tiny({"kda", "gdn", "kda", "attention"}, 4, 4));
 }
 
 TEST(CudaTraining, OneStepMatchesTheCpuPathWithGroupedValueHeads) {
-  if (!cuda::device_available()) GTEST_SKIP() << "no CUDA device";
+  HLA_REQUIRE_GPU();
   expect_same_step(tiny({"gdn", "attention", "gdn"}, 2, 4));  // 2 value heads per key head
 }
 

@@ -245,7 +245,7 @@ void CpuDevice::dsa_select(const float* iq, const float* w, const float* keys, i
 }
 
 void CpuDevice::argmax_rows(const float* x, int64_t rows, int64_t n, int32_t* out) {
-  for (int64_t r = 0; r < rows; ++r) out[r] = int32_t(std::max_element(x + r * n, x + (r + 1) * n) - (x + r * n));
+  for (int64_t r = 0; r < rows; ++r) out[r] = int32_t(argmax(x + r * n, n));
 }
 
 void CpuDevice::gather_rows(const float* src, const int32_t* idx, float* dst, int64_t n, int64_t D) {

@@ -11,6 +11,8 @@ namespace hla::cpu {
 
 inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 inline float silu(float x) { return x * sigmoid(x); }
+// The greedy pick: the index of the largest of x[0..n), the lowest among ties (as torch.argmax).
+inline int64_t argmax(const float* x, int64_t n) { return int64_t(std::max_element(x, x + n) - x); }
 
 // y[M,N] = x[M,K] · W[N,K]^T — every Linear of these models (none has a bias). OpenBLAS.
 void linear(const float* x, const float* W, float* y, int64_t M, int64_t K, int64_t N);

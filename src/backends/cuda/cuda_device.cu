@@ -32,8 +32,6 @@ int grid_for(int64_t n, int threads = kThreads) {
 }
 #define GRID_STRIDE(i, n) for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (n); i += int64_t(gridDim.x) * blockDim.x)
 
-void check_launch(const char* what) { check_cuda(cudaGetLastError(), what); }
-
 void check_lt(cublasStatus_t s, const char* what) {
   check(s == CUBLAS_STATUS_SUCCESS, std::string("cublasLt: ") + what + " failed (status " + std::to_string(int(s)) + ")");
 }
@@ -76,9 +74,16 @@ __device__ __forceinline__ void store_v(float* p, const float (&v)[V]) {
   else
     for (int i = 0; i < V; ++i) p[i] = v[i];
 }
+// The largest power of two (4 to 256) that p's address is a multiple of.
+int ptr_alignment(const void* p) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  int al = 256;
+  while (al > 4 && a % uintptr_t(al) != 0) al /= 2;
+  return al;
+}
 // 4 when rows of `width` floats at stride ld from p allow 16-byte accesses, else 1.
 int vec_width(const void* p, int64_t width, int64_t ld) {
-  return width % 4 == 0 && ld % 4 == 0 && reinterpret_cast<uintptr_t>(p) % 16 == 0 ? 4 : 1;
+  return width % 4 == 0 && ld % 4 == 0 && ptr_alignment(p) >= 16 ? 4 : 1;
 }
 
 template <class W>
@@ -113,29 +118,36 @@ __device__ __forceinline__ void load_norm_weights(const float* w, int64_t dim, b
   }
 }
 
+// Writes y = row · rsqrt(mean square + eps) · w for one block's row: v holds this thread's first
+// kRowRegs values, wr their weights; the rest of a long row is read again from `row`.
+__device__ __forceinline__ void rms_scale_row(const float (&v)[kRowRegs], const float (&wr)[kRowRegs], const float* row,
+                                              const float* w, float* y, int64_t dim, float eps, bool zero_centered) {
+  const int64_t tail = threadIdx.x + kRowRegs * int64_t(blockDim.x);
+  float ss = 0;
+#pragma unroll
+  for (int j = 0; j < kRowRegs; ++j) ss += v[j] * v[j];
+  for (int64_t i = tail; i < dim; i += blockDim.x) ss += row[i] * row[i];
+  const float s = 1.0f / sqrtf(block_sum(ss) / float(dim) + eps);
+#pragma unroll
+  for (int j = 0; j < kRowRegs; ++j) {
+    const int64_t i = threadIdx.x + j * int64_t(blockDim.x);
+    if (i < dim) y[i] = v[j] * s * wr[j];
+  }
+  for (int64_t i = tail; i < dim; i += blockDim.x) y[i] = row[i] * s * (zero_centered ? 1.0f + w[i] : w[i]);
+}
+
 __global__ void rms_norm_kernel(const float* x, int64_t ldx, const float* w, float* y, int64_t ldy, int64_t dim,
                                 float eps, bool zero_centered) {
   float wr[kRowRegs], v[kRowRegs];
   load_norm_weights(w, dim, zero_centered, wr);
   pdl_begin();
   const float* xr = x + blockIdx.x * ldx;
-  float* yr = y + blockIdx.x * ldy;
-  const int64_t tail = threadIdx.x + kRowRegs * int64_t(blockDim.x);
-  float ss = 0;
 #pragma unroll
   for (int j = 0; j < kRowRegs; ++j) {
     const int64_t i = threadIdx.x + j * int64_t(blockDim.x);
     v[j] = i < dim ? xr[i] : 0.0f;
-    ss += v[j] * v[j];
   }
-  for (int64_t i = tail; i < dim; i += blockDim.x) ss += xr[i] * xr[i];
-  const float s = 1.0f / sqrtf(block_sum(ss) / float(dim) + eps);
-#pragma unroll
-  for (int j = 0; j < kRowRegs; ++j) {
-    const int64_t i = threadIdx.x + j * int64_t(blockDim.x);
-    if (i < dim) yr[i] = v[j] * s * wr[j];
-  }
-  for (int64_t i = tail; i < dim; i += blockDim.x) yr[i] = xr[i] * s * (zero_centered ? 1.0f + w[i] : w[i]);
+  rms_scale_row(v, wr, xr, w, y + blockIdx.x * ldy, dim, eps, zero_centered);
 }
 
 // h += y, then x = RMSNorm of the updated row (one block per row).
@@ -146,28 +158,14 @@ __global__ void add_rms_norm_kernel(float* h, const float* y, const float* w, fl
   pdl_begin();
   float* hr = h + blockIdx.x * dim;
   const float* yr = y + blockIdx.x * dim;
-  const int64_t tail = threadIdx.x + kRowRegs * int64_t(blockDim.x);
-  float ss = 0;
 #pragma unroll
   for (int j = 0; j < kRowRegs; ++j) {
     const int64_t i = threadIdx.x + j * int64_t(blockDim.x);
     v[j] = i < dim ? hr[i] + yr[i] : 0.0f;
     if (i < dim) hr[i] = v[j];
-    ss += v[j] * v[j];
   }
-  for (int64_t i = tail; i < dim; i += blockDim.x) {
-    const float u = hr[i] + yr[i];
-    hr[i] = u;
-    ss += u * u;
-  }
-  const float s = 1.0f / sqrtf(block_sum(ss) / float(dim) + eps);
-  float* xr = x + blockIdx.x * dim;
-#pragma unroll
-  for (int j = 0; j < kRowRegs; ++j) {
-    const int64_t i = threadIdx.x + j * int64_t(blockDim.x);
-    if (i < dim) xr[i] = v[j] * s * wr[j];
-  }
-  for (int64_t i = tail; i < dim; i += blockDim.x) xr[i] = hr[i] * s * (zero_centered ? 1.0f + w[i] : w[i]);
+  for (int64_t i = threadIdx.x + kRowRegs * int64_t(blockDim.x); i < dim; i += blockDim.x) hr[i] += yr[i];
+  rms_scale_row(v, wr, hr, w, x + blockIdx.x * dim, dim, eps, zero_centered);
 }
 
 __global__ void layer_norm_kernel(const float* x, const float* w, const float* b, float* y, int64_t dim, float eps) {
@@ -679,12 +677,6 @@ __global__ void scatter_add_rows_kernel(float* dst, const int32_t* idx, const fl
 // ---- the device ---------------------------------------------------------------------------------
 
 size_t align_up(size_t n) { return (n + 255) & ~size_t(255); }
-int ptr_alignment(const void* p) {
-  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
-  int al = 256;
-  while (al > 4 && a % uintptr_t(al) != 0) al /= 2;
-  return al;
-}
 
 class CudaDevice : public Device {
  public:
@@ -956,7 +948,7 @@ class CudaDevice : public Device {
   void swiglu(const float* gu, float* out, int64_t T, int64_t I) override {
     const OpScope op(*this, "swiglu");
     if (op.skip) return;
-    if (vec_width(gu, I, 2 * I) == 4 && I % 4 == 0)
+    if (vec_width(gu, I, 2 * I) == 4)
       launch(swiglu_kernel<4>, grid_for(T * I / 4), kThreads, gu, out, T, I);
     else
       launch(swiglu_kernel<1>, grid_for(T * I), kThreads, gu, out, T, I);
@@ -989,10 +981,10 @@ class CudaDevice : public Device {
     }
     if (vec_width(x, C, ldx) == 4)
       launch(conv_kernel<4>, grid_for(b.tokens() * C / 4), kThreads, x, ldx, w, y, b.tokens(), C, int(kw), b.d_cu,
-             b.d_slots, N, static_cast<const float*>(conv_pool));
+             b.d_slots, N, conv_pool);
     else
       launch(conv_kernel<1>, grid_for(b.tokens() * C), kThreads, x, ldx, w, y, b.tokens(), C, int(kw), b.d_cu,
-             b.d_slots, N, static_cast<const float*>(conv_pool));
+             b.d_slots, N, conv_pool);
     launch(conv_state_kernel, grid_for(N * C), kThreads, x, ldx, C, int(kw), b.d_cu, b.d_slots, N, conv_pool);
   }
   void rope(float* x, int64_t T, int64_t heads, int64_t ld_token, int64_t ld_head, const float* inv_freq, int64_t rot,
@@ -1181,7 +1173,7 @@ class CudaDevice : public Device {
     else
       launch(pack_rows<T, 1>, grid_for(rows * width), kThreads, src, ld, width, dst, rows);
   }
-  // Every kernel of this file goes out through these (PDL, launch.cuh): each starts with pdl_begin().
+  // The device's kernels go out through these (PDL, launch.cuh): each starts with pdl_begin().
   template <class... P, class... A>
   void launch(void (*kernel)(P...), dim3 grid, dim3 block, A... args) {
     launch_pdl("kernel launch", kernel, grid, block, 0, stream_, args...);
@@ -1367,9 +1359,8 @@ void attention_reference(const float* q, const float* k, const float* v, float* 
                          int64_t nkv, int64_t dq, int64_t dv, float scale, int64_t window, const int32_t* selected,
                          int64_t topk, cudaStream_t stream) {
   check(dq <= 32 * kMaxHeadDimPerLane && dv <= 32 * kMaxHeadDimPerLane, "cuda attention: head dims above 256");
-  attention_reference_kernel<<<grid_for(n * nh * 32, 128), 128, 0, stream>>>(q, k, v, o, n, S, nh, nkv, dq, dv, scale,
-                                                                            window, selected, topk);
-  check_launch("attention");
+  launch_pdl("attention", attention_reference_kernel, grid_for(n * nh * 32, 128), 128, 0, stream, q, k, v, o, n, S, nh,
+             nkv, dq, dv, scale, window, selected, topk);
 }
 
 std::unique_ptr<Device> make_cuda_device(int64_t slots, DType weights) {

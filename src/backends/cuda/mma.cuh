@@ -28,6 +28,12 @@ template <> __device__ __forceinline__ float from_f32<float>(float x) { return x
 template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
 
+// Two 16-bit operands packed low/high into one 32-bit mma register.
+template <class CT>
+__device__ __forceinline__ uint32_t pack_pair(CT lo, CT hi) {
+  return uint32_t(reinterpret_cast<const uint16_t&>(lo)) | (uint32_t(reinterpret_cast<const uint16_t&>(hi)) << 16);
+}
+
 // A view of a shared-memory tile as a matrix M(x, k): x is the row of A (or the column of B), k the
 // reduction index. KMajor: element at p[x*ld + k] (k contiguous, pairs load as one 32-bit word);
 // otherwise at p[k*ld + x].
@@ -41,9 +47,7 @@ struct View {
     if constexpr (KMajor) {
       return *reinterpret_cast<const uint32_t*>(p + x * ld + k);
     } else {
-      const uint16_t lo = reinterpret_cast<const uint16_t&>(p[k * ld + x]);
-      const uint16_t hi = reinterpret_cast<const uint16_t&>(p[(k + 1) * ld + x]);
-      return uint32_t(lo) | (uint32_t(hi) << 16);
+      return pack_pair(p[k * ld + x], p[(k + 1) * ld + x]);
     }
   }
 };
@@ -55,10 +59,7 @@ struct F32View {
   const float* p;
   int ld;
   __device__ __forceinline__ CT at(int x, int k) const { return from_f32<CT>(p[x * ld + k]); }
-  __device__ __forceinline__ uint32_t pair(int x, int k) const {
-    const CT lo = at(x, k), hi = at(x, k + 1);
-    return uint32_t(reinterpret_cast<const uint16_t&>(lo)) | (uint32_t(reinterpret_cast<const uint16_t&>(hi)) << 16);
-  }
+  __device__ __forceinline__ uint32_t pair(int x, int k) const { return pack_pair(at(x, k), at(x, k + 1)); }
 };
 
 // What rounding the same float tile to CT loses, as CT operands: an F32View product plus an
@@ -71,10 +72,7 @@ struct F32LowView {
     const float v = p[x * ld + k];
     return from_f32<CT>(v - to_f32(from_f32<CT>(v)));
   }
-  __device__ __forceinline__ uint32_t pair(int x, int k) const {
-    const CT lo = at(x, k), hi = at(x, k + 1);
-    return uint32_t(reinterpret_cast<const uint16_t&>(lo)) | (uint32_t(reinterpret_cast<const uint16_t&>(hi)) << 16);
-  }
+  __device__ __forceinline__ uint32_t pair(int x, int k) const { return pack_pair(at(x, k), at(x, k + 1)); }
 };
 
 __device__ __forceinline__ void mma_bf16(float c[4], const uint32_t a[4], const uint32_t b[2]) {
