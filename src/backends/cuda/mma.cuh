@@ -52,6 +52,77 @@ struct View {
   }
 };
 
+// ldmatrix: each lane names one 16-byte row of an 8x8 16-bit matrix (lanes 8m..8m+7 for matrix
+// m); lane l receives elements (l/4, 2(l%4)+{0,1}) of each, or of its transpose with .trans, which
+// is what turns a k-major or x-major tile into mma fragments in one instruction per 2-4 registers
+// (instead of 2-byte loads and packing for the transposed operands).
+// a: the lane's row, as a shared-memory address (smem_addr).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t a) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t a) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+__device__ __forceinline__ void ldmatrix_x2(uint32_t (&r)[2], uint32_t a) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(a));
+}
+__device__ __forceinline__ void ldmatrix_x2_trans(uint32_t (&r)[2], uint32_t a) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(a));
+}
+// Shared-memory operands as 32-bit shared-window addresses: half the registers of a generic
+// pointer, no per-use conversion.
+__device__ __forceinline__ uint32_t smem_addr(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
+
+// Fragments of an m16n8k16 mma from a view, at reduction offset k0. The generic forms gather
+// pairs; a 16-bit shared-memory View uses ldmatrix, which needs 16-byte aligned rows (pitches and
+// tile offsets in the kernels are multiples of 8 elements).
+//   A: rows 0..15 -> {(r, k0+2q), (r+8, k0+2q), (r, k0+8+2q), (r+8, k0+8+2q)}
+//   B: columns n0..n0+7 -> {(n0+r, k0+2q), (n0+r, k0+8+2q)}; frag_b2 also n0+8..n0+15 in f[2..3]
+template <class VA>
+__device__ __forceinline__ void frag_a(uint32_t (&f)[4], const VA& a, int k0) {
+  const int lane = threadIdx.x & 31, r = lane >> 2, q = lane & 3;
+  f[0] = a.pair(r, k0 + 2 * q), f[1] = a.pair(r + 8, k0 + 2 * q);
+  f[2] = a.pair(r, k0 + 2 * q + 8), f[3] = a.pair(r + 8, k0 + 2 * q + 8);
+}
+template <class VB>
+__device__ __forceinline__ void frag_b(uint32_t (&f)[2], const VB& b, int n0, int k0) {
+  const int lane = threadIdx.x & 31, r = lane >> 2, q = lane & 3;
+  f[0] = b.pair(n0 + r, k0 + 2 * q), f[1] = b.pair(n0 + r, k0 + 2 * q + 8);
+}
+template <class VB>
+__device__ __forceinline__ void frag_b2(uint32_t (&f)[4], const VB& b, int n0, int k0) {
+  const int lane = threadIdx.x & 31, r = lane >> 2, q = lane & 3;
+  f[0] = b.pair(n0 + r, k0 + 2 * q), f[1] = b.pair(n0 + r, k0 + 2 * q + 8);
+  f[2] = b.pair(n0 + 8 + r, k0 + 2 * q), f[3] = b.pair(n0 + 8 + r, k0 + 2 * q + 8);
+}
+// ldmatrix forms for 16-bit views. Matrix m = lane/8 of an x4 load holds A's block
+// (x + 8·(m&1), k + 8·(m>>1)) and B's block (n + 8·(m>>1), k + 8·(m&1)); lane i = lane%8 names
+// row i of its matrix as stored: an x (or n) row for k-major views, a k row otherwise (.trans).
+template <class CT, bool KMajor>
+__device__ __forceinline__ void frag_a(uint32_t (&f)[4], const View<CT, KMajor>& a, int k0) {
+  const int l = threadIdx.x & 31, i = l & 7, m = l >> 3;
+  const int x = 8 * (m & 1), k = k0 + 8 * (m >> 1);
+  if constexpr (KMajor) ldmatrix_x4(f, smem_addr(a.p + (x + i) * a.ld + k));
+  else ldmatrix_x4_trans(f, smem_addr(a.p + (k + i) * a.ld + x));
+}
+template <class CT, bool KMajor>
+__device__ __forceinline__ void frag_b2(uint32_t (&f)[4], const View<CT, KMajor>& b, int n0, int k0) {
+  const int l = threadIdx.x & 31, i = l & 7, m = l >> 3;
+  const int n = n0 + 8 * (m >> 1), k = k0 + 8 * (m & 1);
+  if constexpr (KMajor) ldmatrix_x4(f, smem_addr(b.p + (n + i) * b.ld + k));
+  else ldmatrix_x4_trans(f, smem_addr(b.p + (k + i) * b.ld + n));
+}
+template <class CT, bool KMajor>
+__device__ __forceinline__ void frag_b(uint32_t (&f)[2], const View<CT, KMajor>& b, int n0, int k0) {
+  const int l = threadIdx.x & 31, i = l & 7, k = k0 + 8 * ((l >> 3) & 1);  // lanes 16..31 repeat 0..15
+  if constexpr (KMajor) ldmatrix_x2(f, smem_addr(b.p + (n0 + i) * b.ld + k));
+  else ldmatrix_x2_trans(f, smem_addr(b.p + (k + i) * b.ld + n0));
+}
+
 // A float tile in shared memory read as CT operands (k contiguous), rounding on the fly: the
 // triangular inverse T is solved in fp32 and only rounded where it enters a matmul.
 template <class CT>
@@ -113,14 +184,25 @@ template <class CT, int NT, class VA, class VB>
 __device__ __forceinline__ void warp_mma(float (&c)[NT][4], const VA& a, const VB& b, int kdim) {
   const int lane = threadIdx.x & 31, r = lane >> 2, q = lane & 3;
   if constexpr (sizeof(CT) == 2) {
+    auto mma = [](float(&acc)[4], const uint32_t(&af)[4], const uint32_t* bf) {
+      const uint32_t b2[2] = {bf[0], bf[1]};
+      if constexpr (std::is_same_v<CT, __half>) mma_f16(acc, af, b2);
+      else mma_bf16(acc, af, b2);
+    };
     for (int k0 = 0; k0 < kdim; k0 += 16) {
-      const uint32_t af[4] = {a.pair(r, k0 + 2 * q), a.pair(r + 8, k0 + 2 * q), a.pair(r, k0 + 2 * q + 8),
-                              a.pair(r + 8, k0 + 2 * q + 8)};
+      uint32_t af[4];
+      frag_a(af, a, k0);
 #pragma unroll
-      for (int t = 0; t < NT; ++t) {
-        const uint32_t bf[2] = {b.pair(8 * t + r, k0 + 2 * q), b.pair(8 * t + r, k0 + 2 * q + 8)};
-        if constexpr (std::is_same_v<CT, __half>) mma_f16(c[t], af, bf);
-        else mma_bf16(c[t], af, bf);
+      for (int t = 0; t + 1 < NT; t += 2) {
+        uint32_t bf[4];
+        frag_b2(bf, b, 8 * t, k0);
+        mma(c[t], af, bf);
+        mma(c[t + 1], af, bf + 2);
+      }
+      if constexpr (NT % 2 == 1) {
+        uint32_t bf[2];
+        frag_b(bf, b, 8 * (NT - 1), k0);
+        mma(c[NT - 1], af, bf);
       }
     }
   } else {
