@@ -57,7 +57,9 @@ template <class CT> __host__ __device__ constexpr int pitch(int cols) { return c
 constexpr int kLdF = C + 4;  // fp32 64x64 tiles (L, T)
 
 // ---------------------------------------------------------------------------------------------
-// prep: one block (4 warps) per (chunk, value head).
+// prep: one block (8 warps) per (chunk, value head). Shared memory allows 3 blocks per SM; 8
+// warps rather than 4 give the serial parts (solve, operand builds) twice the threads.
+constexpr int kPrepWarps = 8;
 template <class CT, bool KDA, int K>
 struct PrepSmem {
   static constexpr int kRows = KDA ? 96 : 128;  // GDN: Q and K tiles; KDA: 16 left-q, 16 left-k, 64 right rows
@@ -70,7 +72,7 @@ struct PrepSmem {
 };
 
 template <class CT, bool KDA, int K>
-__global__ void __launch_bounds__(128) prep_kernel(ChunkArgs a) {
+__global__ void __launch_bounds__(kPrepWarps * 32) prep_kernel(ChunkArgs a) {
   extern __shared__ __align__(16) unsigned char smem[];
   const int chunk = blockIdx.x, j = blockIdx.y, h = j / a.group, HV = a.HV, V = a.V;
   const int2 ct = a.chunk_tab[chunk];
@@ -126,16 +128,23 @@ __global__ void __launch_bounds__(128) prep_kernel(ChunkArgs a) {
   // 2. L[i][j] = beta_i Σ_d k_i k_j e^{G_i−G_j} (j < i) into sL; P[i][j] = s Σ_d q_i k_j e^{G_i−G_j}
   //    (j ≤ i) straight to global. Work is split in 16x16 blocks (I, J ≤ I).
   CT* Pg = static_cast<CT*>(a.P);
-  auto store_block = [&](float (&acc)[2][4], int I, int J, bool isP, bool exact_decay) {
+  auto store_block = [&](float(&acc)[2][4], int I, int J, bool isP, bool exact_decay) {
+    auto decay = [&](int i, int jj) { return exact_decay ? fast_exp<CT>(sG[i] - sG[jj < i ? jj : i]) : 1.f; };
+    if (isP) {
+      store_acc_rows<CT>(
+          acc,
+          [&](int r, int c, float x) {
+            const int i = 16 * I + r, jj = 16 * J + c;
+            return jj <= i ? x * a.scale * decay(i, jj) : 0.f;
+          },
+          [&](int r, int c) { return 16 * I + r < len ? Pg + tok(16 * I + r) * C + 16 * J + c : nullptr; });
+      return;
+    }
     for_each_acc(acc, [&](int r, int c, float& x) {
       const int i = 16 * I + r, jj = 16 * J + c;
-      const float dec = exact_decay ? fast_exp<CT>(sG[i] - sG[jj < i ? jj : i]) : 1.f;
-      if (isP) {
-        if (i < len) Pg[tok(i) * C + jj] = from_f32<CT>(jj <= i ? x * a.scale * dec : 0.f);
-      } else {
-        sL[i * kLdF + jj] = jj < i ? x * sBeta[i] * dec : 0.f;
-        if (a.Mkk) a.Mkk[(size_t(chunk) * HV + j) * C * C + i * C + jj] = jj < i ? x * dec : 0.f;
-      }
+      const float dec = decay(i, jj);
+      sL[i * kLdF + jj] = jj < i ? x * sBeta[i] * dec : 0.f;
+      if (a.Mkk) a.Mkk[(size_t(chunk) * HV + j) * C * C + i * C + jj] = jj < i ? x * dec : 0.f;
     });
   };
   if constexpr (!KDA) {
@@ -147,7 +156,7 @@ __global__ void __launch_bounds__(128) prep_kernel(ChunkArgs a) {
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
-    for (int task = warp; task < 20; task += 4) {
+    for (int task = warp; task < 20; task += kPrepWarps) {
       const int pair = task >> 1, I = pair >= 6 ? 3 : pair >= 3 ? 2 : pair >= 1 ? 1 : 0, J = pair - I * (I + 1) / 2;
       const bool isP = task & 1;
       float acc[2][4] = {};
@@ -191,7 +200,7 @@ __global__ void __launch_bounds__(128) prep_kernel(ChunkArgs a) {
         st16(sR + i * LD + d0, rk);
       }
       __syncthreads();
-      for (int task = warp; task < 2 * (I + 1); task += 4) {
+      for (int task = warp; task < 2 * (I + 1); task += kPrepWarps) {
         const int J = task >> 1;
         const bool isP = task & 1;
         float acc[2][4] = {};
@@ -205,7 +214,7 @@ __global__ void __launch_bounds__(128) prep_kernel(ChunkArgs a) {
 
   // 3. T = (I+L)^{-1} in fp32, by 16x16 blocks: each warp inverts one diagonal block by forward
   //    substitution, then block row I gets T_IJ = −D_I Σ_{J≤M<I} L_IM T_MJ.
-  if (lane < 16) {
+  if (warp < 4 && lane < 16) {
     const int b = 16 * warp, c = lane;
     for (int i = 0; i < 16; ++i) {
       float x = i == c ? 1.f : 0.f;
@@ -243,20 +252,22 @@ __global__ void __launch_bounds__(128) prep_kernel(ChunkArgs a) {
   //    once, the final state reached 2.18x the plain recurrence's error on one test shape (bar 2x);
   //    bench/delta_rule_rounding.cpp, which models these rounding points on the CPU and reproduces
   //    the GPU's errors to 3 digits, puts that case at 1.52x with T kept whole. bf16 needs no residual.
-  auto tmul = [&](CT* out, int cols, const float* A, const CT* B) {  // out = A[64x64] · B[64 x cols], warp = 16 rows
+  // out = A[64x64] · B[64 x cols]: warp w takes rows 16·(w%4) and every other 32-column slab.
+  const int trow = 16 * (warp & 3);
+  auto tmul = [&](CT* out, int cols, const float* A, const CT* B) {
     constexpr bool kResidual = std::is_same_v<CT, __half>;
-    for (int c0 = 0; c0 < cols; c0 += 32) {
+    for (int c0 = 32 * (warp >> 2); c0 < cols; c0 += 64) {
       auto emit = [&](auto& acc) {
-        for_each_acc(acc, [&](int r, int c, float& x) {
-          const int i = 16 * warp + r;
-          if (i < len) out[tok(i) * cols + c0 + c] = from_f32<CT>(x);
+        store_acc_rows<CT>(acc, AsIs{}, [&](int r, int c) {
+          const int i = trow + r;
+          return i < len ? out + tok(i) * cols + c0 + c : nullptr;
         });
       };
       auto product = [&](auto& acc) {
         constexpr int NT = sizeof(acc) / sizeof(acc[0]);
-        warp_mma<CT, NT>(acc, F32View<CT>{A + 16 * warp * kLdF, kLdF}, View<CT, false>{B + c0, LD}, C);
+        warp_mma<CT, NT>(acc, F32View<CT>{A + trow * kLdF, kLdF}, View<CT, false>{B + c0, LD}, C);
         if constexpr (kResidual)
-          warp_mma<CT, NT>(acc, F32LowView<CT>{A + 16 * warp * kLdF, kLdF}, View<CT, false>{B + c0, LD}, C);
+          warp_mma<CT, NT>(acc, F32LowView<CT>{A + trow * kLdF, kLdF}, View<CT, false>{B + c0, LD}, C);
         emit(acc);
       };
       if (cols - c0 >= 32) {
@@ -335,7 +346,7 @@ __global__ void __launch_bounds__(StateSmem<CT, KDA, K, BV>::kWarps * 32) state_
   extern __shared__ __align__(16) unsigned char smem[];
   const int n = blockIdx.x, j = blockIdx.y, v0 = blockIdx.z * BV, h = j / a.group, HV = a.HV, V = a.V;
   const int bos = a.cu[n], eos = a.cu[n + 1], nchunks = (eos - bos + C - 1) / C, coff = a.chunk_off[n];
-  const int warp = threadIdx.x >> 5;
+  const int warp = threadIdx.x >> 5, rq = (threadIdx.x & 31) >> 2;  // rq: the lane's accumulator row
   auto stage_ptr = [&](int s) { return smem + s * L::kStage; };
   auto sW = [&](int s) { return reinterpret_cast<CT*>(stage_ptr(s)); };
   auto sKg = [&](int s) { return sW(s) + C * LDK; };
@@ -399,6 +410,7 @@ __global__ void __launch_bounds__(StateSmem<CT, KDA, K, BV>::kWarps * 32) state_
     }
     const float* Gs = sGs(s);
     const float Gl = KDA ? 0.f : Gs[lc - 1];
+    auto row_decay = [&](int i) { return KDA ? 1.f : i < lc ? fast_exp<CT>(Gl - Gs[i]) : 0.f; };
     // v_new = U − W S for this warp's rows; the decayed copy e^{G_last−G_i}·v_new (GDN) feeds the update.
 #pragma unroll
     for (int vm = 0; vm < VMT; ++vm) {
@@ -406,12 +418,14 @@ __global__ void __launch_bounds__(StateSmem<CT, KDA, K, BV>::kWarps * 32) state_
       float acc[NTS][4] = {};
       warp_mma<CT, NTS>(acc, View<CT, true>{sW(s) + i0 * LDK, LDK}, View<CT, true>{sS, LDK}, K);
       const CT* u = sU(s);
+      const float fac[2] = {row_decay(i0 + rq), row_decay(i0 + rq + 8)};
       for_each_acc(acc, [&](int r, int col, float& x) {
         const int i = i0 + r;
-        const float vn = i < lc ? to_f32(u[i * LDU + col]) - x : 0.f;
-        if (i < lc) vng[(size_t(tc + i) * HV + j) * V + v0 + col] = from_f32<CT>(vn);
-        const float fac = KDA ? 1.f : (i < lc ? fast_exp<CT>(Gl - Gs[i]) : 0.f);
-        sVn[col * LDVN + i] = from_f32<CT>(vn * fac);
+        x = i < lc ? to_f32(u[i * LDU + col]) - x : 0.f;
+        sVn[col * LDVN + i] = from_f32<CT>(x * (r < 8 ? fac[0] : fac[1]));
+      });
+      store_acc_rows<CT>(acc, AsIs{}, [&](int r, int col) {
+        return i0 + r < lc ? vng + (size_t(tc + i0 + r) * HV + j) * V + v0 + col : nullptr;
       });
     }
     __syncthreads();
@@ -538,19 +552,23 @@ __global__ void __launch_bounds__(NW * 32) state_wide_kernel(ChunkArgs a, int se
       const float* Gs = sGs(s);
       const float Gl = KDA ? 0.f : Gs[lc - 1];
       const CT* u = sU(s);
+      auto row_decay = [&](int i) { return KDA ? 1.f : i < lc ? fast_exp<CT>(Gl - Gs[i]) : 0.f; };
       // v_new = U − W S (64 rows x this warp's 16 columns).
 #pragma unroll
       for (int vm = 0; vm < 4; ++vm) {
         float acc[2][4] = {};
         warp_mma<CT, 2>(acc, View<CT, true>{sW(s) + 16 * vm * LDK, LDK}, View<CT, true>{sS, LDK}, K);
+        const float fac[2] = {row_decay(16 * vm + (lane >> 2)), row_decay(16 * vm + (lane >> 2) + 8)};
         for_each_acc(acc, [&](int r, int col, float& x) {
           const int i = 16 * vm + r, gc = wc + col;
           const float uu = gc < V && i < lc ? to_f32(u[i * LDU + gc]) : 0.f;
-          const float vn = i < lc ? uu - x : 0.f;
-          if (!LOCAL && i < lc) vng[(size_t(tc + i) * HV + j) * V + gc] = from_f32<CT>(vn);
-          const float fac = KDA ? 1.f : (i < lc ? fast_exp<CT>(Gl - Gs[i]) : 0.f);
-          sVn[col * LDVN + i] = from_f32<CT>(vn * fac);
+          x = i < lc ? uu - x : 0.f;
+          sVn[col * LDVN + i] = from_f32<CT>(x * (r < 8 ? fac[0] : fac[1]));
         });
+        if constexpr (!LOCAL)
+          store_acc_rows<CT>(acc, AsIs{}, [&](int r, int col) {
+            return 16 * vm + r < lc ? vng + (size_t(tc + 16 * vm + r) * HV + j) * V + wc + col : nullptr;
+          });
       }
       __syncwarp();
       // S ← e^{G_last} S + Kg^T v_new
@@ -670,9 +688,9 @@ __global__ void __launch_bounds__(128) output_kernel(ChunkArgs a) {
     for_each_acc(acc, [&](int r, int, float& x) { x *= a.scale * fast_exp<CT>(sG[16 * warp + r]); });
   warp_mma<CT, NTS>(acc, View<CT, true>{sP + 16 * warp * LDP, LDP}, View<CT, false>{sVn, LDV}, C);
   CT* o = static_cast<CT*>(a.o);
-  for_each_acc(acc, [&](int r, int c, float& x) {
+  store_acc_rows<CT>(acc, AsIs{}, [&](int r, int c) {
     const int i = 16 * warp + r;
-    if (i < len) o[tok(i) * V + v0 + c] = from_f32<CT>(x);
+    return i < len ? o + tok(i) * V + v0 + c : nullptr;
   });
 }
 
@@ -682,7 +700,7 @@ void launch_prep(const ChunkArgs& a, int64_t chunks, cudaStream_t stream) {
   const size_t bytes = PrepSmem<CT, KDA, K>(a.V).bytes();
   auto kern = prep_kernel<CT, KDA, K>;
   check_cuda(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)), "prep smem");
-  kern<<<dim3(unsigned(chunks), unsigned(a.HV)), 128, bytes, stream>>>(a);
+  kern<<<dim3(unsigned(chunks), unsigned(a.HV)), kPrepWarps * 32, bytes, stream>>>(a);
   check_cuda(cudaGetLastError(), "delta rule prep kernel");
 }
 
