@@ -130,17 +130,13 @@ void bench_chunk(bool kda, int64_t H, int64_t K, std::vector<int64_t> lens, cons
   const float scale = 1.f / std::sqrt(float(K));
   const double flops = 4.0 * T * H * K * V;
   const double bytes = 2.0 * (2 * T * H * K + 2 * T * H * V) + 4.0 * T * H * (kda ? K + 1 : 2) + 8.0 * N * H * K * V;
-  int dev = 0, sms = 0;
-  ck(cudaGetDevice(&dev), "device");
-  ck(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "sms");
-  // State-pass variants, each a row: the column-tiled pass (its own occupancy pick), the wide pass
-  // unsegmented, and the wide pass with the plan's segments (when it picks any).
+  // State-pass variants, each a row: the column-tiled pass at 16 and 32 columns per block, the wide
+  // pass unsegmented, and the wide pass with the plan's segments (when it picks any).
   struct Var {
     const char* label;
     int cols, seg;
   };
-  const int tile = (V % 32 == 0 && N * H * (V / 32) >= 2 * sms) ? 32 : 16;
-  for (const Var& var : {Var{"tile", tile, 0}, Var{"wide", -1, -1}, Var{"wide+seg", -1, 0}}) {
+  for (const Var& var : {Var{"tile16", 16, 0}, Var{"tile32", 32, 0}, Var{"wide", -1, -1}, Var{"wide+seg", -1, 0}}) {
     cuda::DeltaChunkPlan plan(d, DType::BF16, var.cols, var.seg);
     if (var.seg == 0 && var.cols < 0 && plan.segments() == 0) continue;  // the plan picked no segments
     const double us = median_us(

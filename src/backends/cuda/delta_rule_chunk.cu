@@ -328,9 +328,11 @@ __global__ void __launch_bounds__(kPrepWarps * 32) prep_kernel(ChunkArgs a) {
 // state: one block per (sequence, value head, BV columns of V), walking the chunks in order with
 // the state S [K x BV] in fp32 mma accumulators; the next chunk's W, K and U tiles are copied in
 // (cp.async) while the current one is processed, where shared memory allows two stages.
+// Warps: one per 16 rows of K (8 at most). A step is a chain of small dependent products, so more
+// warps per block mean more of them in flight (4 -> 8 warps at K = 128: H200, GDN (1,16384,32)).
 template <class CT, bool KDA, int K, int BV>
 struct StateSmem {
-  static constexpr int kWarps = K >= 64 ? 4 : 2;
+  static constexpr int kWarps = K >= 128 ? 8 : K / 16;
   static constexpr int kLdK = pitch<CT>(K), kLdU = pitch<CT>(BV), kLdVn = pitch<CT>(C);
   static constexpr size_t kStage = sizeof(CT) * (2 * C * kLdK + C * kLdU) + sizeof(float) * (KDA ? K : C);
   static constexpr size_t kFixed = sizeof(CT) * (BV * kLdK + BV * kLdVn);
@@ -341,7 +343,10 @@ struct StateSmem {
 template <class CT, bool KDA, int K, int BV>
 __global__ void __launch_bounds__(StateSmem<CT, KDA, K, BV>::kWarps * 32) state_kernel(ChunkArgs a) {
   using L = StateSmem<CT, KDA, K, BV>;
-  constexpr int NW = L::kWarps, MT = K / 16 / NW, VMT = 4 / NW, NTS = BV / 8;
+  // Each warp updates MT row tiles of S (all BV columns) and computes v_new for VMT row tiles of the
+  // chunk and NTW of its NTS column tiles (with 8 warps, two warps share a row tile).
+  constexpr int NW = L::kWarps, MT = K / 16 / NW, NTS = BV / 8;
+  constexpr int VMT = NW >= 4 ? 1 : 4 / NW, NTW = NW > 4 ? NTS / (NW / 4) : NTS;
   constexpr int LDK = L::kLdK, LDU = L::kLdU, LDVN = L::kLdVn;
   extern __shared__ __align__(16) unsigned char smem[];
   const int n = blockIdx.x, j = blockIdx.y, v0 = blockIdx.z * BV, h = j / a.group, HV = a.HV, V = a.V;
@@ -411,21 +416,23 @@ __global__ void __launch_bounds__(StateSmem<CT, KDA, K, BV>::kWarps * 32) state_
     const float* Gs = sGs(s);
     const float Gl = KDA ? 0.f : Gs[lc - 1];
     auto row_decay = [&](int i) { return KDA ? 1.f : i < lc ? fast_exp<CT>(Gl - Gs[i]) : 0.f; };
-    // v_new = U − W S for this warp's rows; the decayed copy e^{G_last−G_i}·v_new (GDN) feeds the update.
+    // v_new = U − W S for this warp's rows and columns; the decayed copy e^{G_last−G_i}·v_new (GDN)
+    // feeds the update.
+    const int n0 = NW > 4 ? 8 * NTW * (warp >> 2) : 0;  // this warp's first column of v_new
 #pragma unroll
     for (int vm = 0; vm < VMT; ++vm) {
-      const int i0 = 16 * (warp * VMT + vm);
-      float acc[NTS][4] = {};
-      warp_mma<CT, NTS>(acc, View<CT, true>{sW(s) + i0 * LDK, LDK}, View<CT, true>{sS, LDK}, K);
-      const CT* u = sU(s);
+      const int i0 = 16 * (NW > 4 ? warp & 3 : warp * VMT + vm);
+      float acc[NTW][4] = {};
+      warp_mma<CT, NTW>(acc, View<CT, true>{sW(s) + i0 * LDK, LDK}, View<CT, true>{sS + n0 * LDK, LDK}, K);
+      const CT* u = sU(s) + n0;
       const float fac[2] = {row_decay(i0 + rq), row_decay(i0 + rq + 8)};
       for_each_acc(acc, [&](int r, int col, float& x) {
         const int i = i0 + r;
         x = i < lc ? to_f32(u[i * LDU + col]) - x : 0.f;
-        sVn[col * LDVN + i] = from_f32<CT>(x * (r < 8 ? fac[0] : fac[1]));
+        sVn[(n0 + col) * LDVN + i] = from_f32<CT>(x * (r < 8 ? fac[0] : fac[1]));
       });
       store_acc_rows<CT>(acc, AsIs{}, [&](int r, int col) {
-        return i0 + r < lc ? vng + (size_t(tc + i0 + r) * HV + j) * V + v0 + col : nullptr;
+        return i0 + r < lc ? vng + (size_t(tc + i0 + r) * HV + j) * V + v0 + n0 + col : nullptr;
       });
     }
     __syncthreads();

@@ -246,10 +246,10 @@ __device__ __forceinline__ void for_each_acc(float (&c)[NT][4], F&& f) {
     for (int e = 0; e < 4; ++e) f(r + (e >> 1) * 8, 8 * t + 2 * q + (e & 1), c[t][e]);
 }
 
-// Stores a warp's C tile [16 x 8·NT] as CT rows. For 16-bit CT (NT == 2 or a multiple of 4) it
-// uses 8- or 16-byte stores instead of one 2-byte store per element (which fills 8 bytes of each
-// 32-byte sector a store touches): the quad of lanes sharing a row swaps its packed column pairs
-// (xor-1 then xor-2 exchanges, a 4x4 transpose) so that each lane holds 4 (NT == 2) or 8
+// Stores a warp's C tile [16 x 8·NT] as CT rows. For 16-bit CT (NT == 1, 2 or a multiple of 4) it
+// uses 4-, 8- or 16-byte stores instead of one 2-byte store per element (which fills 8 bytes of
+// each 32-byte sector a store touches): the quad of lanes sharing a row swaps its packed column
+// pairs (xor-1 then xor-2 exchanges, a 4x4 transpose) so that each lane holds 4 (NT == 2) or 8
 // contiguous columns. fp32 pairs are stored as they are (a quad already writes 32 bytes).
 //   val(row, col, x) -> float: the value to store for accumulator x (scaling, masking);
 //   dst(row, col) -> CT*: where the piece starting at (row, col) goes, nullptr to skip the row.
@@ -264,11 +264,11 @@ __device__ __forceinline__ void store_acc_rows(const float (&c)[NT][4], Val val,
     });
     return;
   } else {
-    static_assert(NT == 2 || NT % 4 == 0, "16-bit rows of 16 or 32·k columns");
-    constexpr int G = NT == 2 ? 2 : 4;  // n-tiles per exchange group
+    static_assert(NT <= 2 || NT % 4 == 0, "16-bit rows of 8, 16 or 32·k columns");
+    constexpr int G = NT <= 2 ? NT : 4;  // n-tiles per exchange group
     const int lane = threadIdx.x & 31, r = lane >> 2, q = lane & 3;
     const bool odd = q & 1, hi = q & 2;
-    const int col0 = G == 2 ? (q & 1) * 8 + (q >> 1) * 4 : (q >> 1) * 16 + (q & 1) * 8;
+    const int col0 = G == 1 ? 2 * q : G == 2 ? (q & 1) * 8 + (q >> 1) * 4 : (q >> 1) * 16 + (q & 1) * 8;
 #pragma unroll
     for (int g = 0; g < NT; g += G)
 #pragma unroll
@@ -282,7 +282,7 @@ __device__ __forceinline__ void store_acc_rows(const float (&c)[NT][4], Val val,
                            from_f32<CT>(val(row, col + 1, c[g + t][2 * h + 1])));
         }
 #pragma unroll
-        for (int t = 0; t < G; t += 2) {
+        for (int t = 0; t + 1 < G; t += 2) {
           const uint32_t got = __shfl_xor_sync(~0u, odd ? w[t] : w[t + 1], 1);
           w[t] = odd ? got : w[t];
           w[t + 1] = odd ? w[t + 1] : got;
@@ -299,8 +299,10 @@ __device__ __forceinline__ void store_acc_rows(const float (&c)[NT][4], Val val,
         if (!p) continue;
         if constexpr (G == 4)
           *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
-        else
+        else if constexpr (G == 2)
           *reinterpret_cast<uint2*>(p) = make_uint2(w[0], w[1]);
+        else
+          *reinterpret_cast<uint32_t*>(p) = w[0];
       }
   }
 }
