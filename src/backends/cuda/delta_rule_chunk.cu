@@ -111,14 +111,20 @@ __global__ void __launch_bounds__(kPrepWarps * 32) prep_kernel(ChunkArgs a) {
       if (lane + 32 < len) a.Gc[tok(lane + 32)] = x1;
     }
   } else {
+    // Per-key gates: the [64 x K] tile comes in with coalesced loads, then one thread per key scans
+    // its column in shared memory (scanning straight from global memory waited on each row's load
+    // in turn: the largest stall of this kernel, H200 ncu).
+    for (int idx = tid; idx < C * K; idx += blockDim.x) {
+      const int i = idx / K, d = idx % K;
+      sG[idx] = i < len ? a.g[tok(i) * K + d] : 0.f;
+    }
+    __syncthreads();
     for (int d = tid; d < K; d += blockDim.x) {
       float acc = 0.f;
       for (int i = 0; i < C; ++i) {
-        if (i < len) {
-          acc += a.g[tok(i) * K + d];
-          a.Gc[tok(i) * K + d] = acc;
-        }
+        acc += sG[i * K + d];
         sG[i * K + d] = acc;
+        if (i < len) a.Gc[tok(i) * K + d] = acc;
       }
     }
   }
@@ -212,16 +218,27 @@ __global__ void __launch_bounds__(kPrepWarps * 32) prep_kernel(ChunkArgs a) {
   }
   __syncthreads();
 
-  // 3. T = (I+L)^{-1} in fp32, by 16x16 blocks: each warp inverts one diagonal block by forward
-  //    substitution, then block row I gets T_IJ = −D_I Σ_{J≤M<I} L_IM T_MJ.
-  if (warp < 4 && lane < 16) {
-    const int b = 16 * warp, c = lane;
-    for (int i = 0; i < 16; ++i) {
-      float x = i == c ? 1.f : 0.f;
-      for (int m = c; m < i; ++m) x -= sL[(b + i) * kLdF + b + m] * sT[(b + m) * kLdF + b + c];
-      sT[(b + i) * kLdF + b + c] = x;
-      __syncwarp(0xffffu);
+  // 3. T = (I+L)^{-1} in fp32, by 16x16 blocks. Warp w < 4 inverts diagonal block w by
+  //    right-looking forward substitution: lane (par, c) keeps column c of rows par, par+2, ..., in
+  //    registers; once row i is final a shuffle hands it to every lane, which subtracts
+  //    L[r][i]·T[i][c] from its rows r > i — 15 steps of one shuffle and 8 independent FMAs (a
+  //    row-by-row dot product was 16 dependent steps of up to 15 and left the other warps waiting
+  //    at the next barrier: a third of the GDN prep's stall samples, H200 ncu).
+  //    Then block row I gets T_IJ = −T_II Σ_{J≤M<I} L_IM T_MJ.
+  if (warp < 4) {
+    const int b = 16 * warp, c = lane & 15, par = lane >> 4;
+    float x[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) x[e] = par + 2 * e == c ? 1.f : 0.f;
+#pragma unroll
+    for (int i = 0; i < 15; ++i) {
+      const float ti = __shfl_sync(~0u, x[i >> 1], (i & 1) * 16 + c);
+#pragma unroll
+      for (int e = 0; e < 8; ++e)
+        if (par + 2 * e > i) x[e] -= sL[(b + par + 2 * e) * kLdF + b + i] * ti;
     }
+#pragma unroll
+    for (int e = 0; e < 8; ++e) sT[(b + par + 2 * e) * kLdF + b + c] = x[e];
   }
   __syncthreads();
   for (int I = 1; I < 4; ++I) {
@@ -325,6 +342,19 @@ __global__ void __launch_bounds__(kPrepWarps * 32) prep_kernel(ChunkArgs a) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The gates a state step needs, copied asynchronously with the chunk's tiles (a plain load here
+// stalled every step on global memory latency, H200 ncu): GDN the chunk's lc cumulative gates,
+// KDA the K cumulative gates of its last token.
+template <bool KDA, int K>
+__device__ __forceinline__ void load_chunk_gates(float* dst, const float* Gc, int tc, int lc, int HV, int j) {
+  if constexpr (KDA) {
+    for (int d = 4 * threadIdx.x; d < K; d += 4 * blockDim.x)
+      cp_async16(dst + d, Gc + (size_t(tc + lc - 1) * HV + j) * K + d, true);
+  } else {
+    for (int i = threadIdx.x; i < lc; i += blockDim.x) cp_async4(dst + i, Gc + size_t(tc + i) * HV + j);
+  }
+}
+
 // state: one block per (sequence, value head, BV columns of V), walking the chunks in order with
 // the state S [K x BV] in fp32 mma accumulators; the next chunk's W, K and U tiles are copied in
 // (cp.async) while the current one is processed, where shared memory allows two stages.
@@ -372,11 +402,7 @@ __global__ void __launch_bounds__(StateSmem<CT, KDA, K, BV>::kWarps * 32) state_
       return Kg + (KDA ? (size_t(tc + i) * HV + j) * K : (size_t(tc + i) * a.H + h) * K);
     });
     load_rows_async(sU(s), LDU, C, BV, lc, [&](int i) { return Ug + (size_t(tc + i) * HV + j) * V + v0; });
-    if constexpr (KDA) {
-      for (int d = threadIdx.x; d < K; d += blockDim.x) sGs(s)[d] = a.Gc[(size_t(tc + lc - 1) * HV + j) * K + d];
-    } else {
-      for (int i = threadIdx.x; i < lc; i += blockDim.x) sGs(s)[i] = a.Gc[size_t(tc + i) * HV + j];
-    }
+    load_chunk_gates<KDA, K>(sGs(s), a.Gc, tc, lc, HV, j);
   };
 
   float S[MT][NTS][4];
@@ -506,11 +532,7 @@ __global__ void __launch_bounds__(NW * 32) state_wide_kernel(ChunkArgs a, int se
       return Kg + (KDA ? (size_t(tc + i) * HV + j) * K : (size_t(tc + i) * a.H + h) * K);
     });
     if (need_u) load_rows_async(sU(s), LDU, C, V, lc, [&](int i) { return Ug + (size_t(tc + i) * HV + j) * V; });
-    if constexpr (KDA) {
-      for (int d = threadIdx.x; d < K; d += blockDim.x) sGs(s)[d] = a.Gc[(size_t(tc + lc - 1) * HV + j) * K + d];
-    } else {
-      for (int i = threadIdx.x; i < lc; i += blockDim.x) sGs(s)[i] = a.Gc[size_t(tc + i) * HV + j];
-    }
+    load_chunk_gates<KDA, K>(sGs(s), a.Gc, tc, lc, HV, j);
   };
 
   float S[MT][2][4];
@@ -851,16 +873,17 @@ DeltaChunkPlan::DeltaChunkPlan(const DeltaRuleDims& d, DType dt, int state_cols,
   const size_t wbytes = dt == DType::F32 ? wide_smem<float>(d) : wide_smem<__half>(d);
   const bool wide_ok = K <= 128 && V <= 128 && wbytes <= size_t(optin);
   check(state_cols != -1 || wide_ok, "delta rule chunk (cuda): the wide state pass needs K, V <= 128");
-  // Measured (H200, bench_delta_rule): the wide pass is within ±5% of the column-tiled one where
-  // sequences x heads fill the multiprocessors, 1.5-1.9x slower at 16-32 (one block per head), and
-  // segmented it gains 3% at 16 (8 segments); so auto picks it only in those two cases.
+  // Measured (H200, bench_delta_rule, 2026-11-27 session 5): the wide pass beats the column-tiled
+  // one by 5-7% where sequences x heads fill the multiprocessors and loses 1.6-2.4x below that;
+  // segmented it still lost 10-15% to the 16-column pass at (1,65536,16). 32-column tiles beat 16
+  // once they give about a block per two multiprocessors (7% at (1,16384,32): 128 blocks), 16
+  // beat 32 below (11% at (1,65536,16): 64 blocks).
   const int64_t seqs_heads = std::max<int64_t>(1, N * HV);
-  wide_ = state_cols == -1 || (state_cols == 0 && wide_ok && (seqs_heads >= sms || sms / seqs_heads >= 8));
-  // The column-tiled pass is sequential over chunks: with fewer than two blocks per
-  // multiprocessor it is latency-bound, and narrower column tiles double its blocks.
-  state_cols_ = state_cols > 0 ? state_cols : (d.V % 32 == 0 && N * HV * (V / 32) >= 2 * sms) ? 32 : 16;
-  // Segments of the wide pass: where sequences x heads fill under an eighth of the multiprocessors,
-  // cut each sequence into runs of seg_len chunks so about one segment x head runs per multiprocessor.
+  wide_ = state_cols == -1 || (state_cols == 0 && wide_ok && seqs_heads >= sms);
+  state_cols_ = state_cols > 0 ? state_cols : (d.V % 32 == 0 && 2 * N * HV * (V / 32) >= sms) ? 32 : 16;
+  // Segments of a forced wide pass: where sequences x heads fill under an eighth of the
+  // multiprocessors, cut each sequence into runs of seg_len chunks so about one segment x head runs
+  // per multiprocessor.
   int64_t seg_len = 0;
   if (wide_ && seg_chunks > 0) seg_len = seg_chunks;
   else if (wide_ && seg_chunks == 0) {

@@ -37,10 +37,12 @@ class DeltaChunkPlan {
   // Uploads the chunk table and allocates the workspace for `d` (d.cu_seqlens on the host).
   // state_cols: how the sequential state pass splits V. 16 or 32: that many V columns per block
   // (column-tiled pass); -1: the wide pass, all of V per block (8 warps, 16 columns each, sharing
-  // the W/K/U tiles; K, V ≤ 128); 0: wide where it fits, else column tiles picked by occupancy.
+  // the W/K/U tiles; K, V ≤ 128); 0: wide where sequences x heads fill the multiprocessors, else
+  // column tiles picked by occupancy.
   // seg_chunks (wide pass only): cut each sequence into segments of that many chunks, run in
   // parallel from [0 | I] and merged through their transition matrices M (see state_wide_kernel);
-  // 0 picks by how many blocks sequences x heads give; −1 never segments.
+  // 0 picks by how many blocks sequences x heads give; −1 never segments. The automatic pick
+  // (state_cols 0) never segments: the column-tiled pass measured faster.
   DeltaChunkPlan(const DeltaRuleDims& d, DType dt, int state_cols = 0, int seg_chunks = 0);
   ~DeltaChunkPlan();
   DeltaChunkPlan(const DeltaChunkPlan&) = delete;
