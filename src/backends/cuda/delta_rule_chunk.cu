@@ -9,6 +9,7 @@
 //   it k-contiguous)   vn [T,HV,V] (v_new, the deltas u_t)
 // all in the input's element type CT except Gc.
 #include <algorithm>
+#include <cstdint>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -95,7 +96,10 @@ __global__ void __launch_bounds__(kPrepWarps * 32) prep_kernel(ChunkArgs a) {
 
   // 1. beta, gate cumsum (rows past len add 0, so their G stays G_last: finite, and they are zero
   //    in every operand anyway).
-  for (int i = tid; i < 2 * C * kLdF; i += blockDim.x) sL[i] = 0.f;
+  // T's blocks above the diagonal stay zero; the solve writes the others, and L is written where
+  // it is read.
+  for (int e = tid; e < C * C; e += blockDim.x)
+    if ((e % C) >> 4 > (e / C) >> 4) sT[(e / C) * kLdF + e % C] = 0.f;
   if (tid < C) sBeta[tid] = tid < len ? a.beta[tok(tid)] : 0.f;
   if constexpr (!KDA) {
     if (warp == 0) {
@@ -111,13 +115,12 @@ __global__ void __launch_bounds__(kPrepWarps * 32) prep_kernel(ChunkArgs a) {
       if (lane + 32 < len) a.Gc[tok(lane + 32)] = x1;
     }
   } else {
-    // Per-key gates: the [64 x K] tile comes in with coalesced loads, then one thread per key scans
+    // Per-key gates: the [64 x K] tile is copied in asynchronously, then one thread per key scans
     // its column in shared memory (scanning straight from global memory waited on each row's load
     // in turn: the largest stall of this kernel, H200 ncu).
-    for (int idx = tid; idx < C * K; idx += blockDim.x) {
-      const int i = idx / K, d = idx % K;
-      sG[idx] = i < len ? a.g[tok(i) * K + d] : 0.f;
-    }
+    load_rows_async(sG, K, C, K, len, [&](int i) { return a.g + tok(i) * K; });
+    cp_async_commit();
+    cp_async_wait<0>();
     __syncthreads();
     for (int d = tid; d < K; d += blockDim.x) {
       float acc = 0.f;
@@ -299,11 +302,13 @@ __global__ void __launch_bounds__(kPrepWarps * 32) prep_kernel(ChunkArgs a) {
   auto vrow = [&](int i) { return v + tok(i) * V; };
   if constexpr (!KDA) {
     // sL ← T diag(beta e^G) for W, sT ← T diag(beta) for U; the V tile arrives in buf rows 0..63.
-    for (int e = tid; e < C * C; e += blockDim.x) {
-      const int i = e / C, jj = e % C;
+    // A thread keeps one column (blockDim is a multiple of 64).
+    const int jj = tid % C;
+    const float bu = sBeta[jj], bw = bu * fast_exp<CT>(sG[jj]);
+    for (int i = tid / C; i < C; i += blockDim.x / C) {
       const float t = sT[i * kLdF + jj];
-      sL[i * kLdF + jj] = t * sBeta[jj] * fast_exp<CT>(sG[jj]);
-      sT[i * kLdF + jj] = t * sBeta[jj];
+      sL[i * kLdF + jj] = t * bw;
+      sT[i * kLdF + jj] = t * bu;
     }
     cp_async_wait<0>();
     __syncthreads();
@@ -975,6 +980,8 @@ void DeltaChunkPlan::run(const void* q, const void* k, const void* v, const floa
   if (saved)
     *saved = Saved{a.chunk_tab, a.cu, a.chunk_off, a.Gc, a.W, a.P, a.kg, a.qg, a.h, a.vn};
   if (chunks_ == 0) return;
+  check(d_.gate != DeltaGate::PerKey || reinterpret_cast<uintptr_t>(g) % 16 == 0,
+        "delta rule chunk (cuda): KDA gates must be 16-byte aligned");
   StateCfg st;
   st.wide = wide_, st.segmented = segmented_, st.cols = state_cols_, st.nseg = nseg_;
   switch (dt_) {

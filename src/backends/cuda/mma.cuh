@@ -189,22 +189,38 @@ __device__ __forceinline__ void warp_mma(float (&c)[NT][4], const VA& a, const V
       if constexpr (std::is_same_v<CT, __half>) mma_f16(acc, af, b2);
       else mma_bf16(acc, af, b2);
     };
-    for (int k0 = 0; k0 < kdim; k0 += 16) {
+    auto step = [&](float(&acc)[NT][4], int k0) {
       uint32_t af[4];
       frag_a(af, a, k0);
 #pragma unroll
       for (int t = 0; t + 1 < NT; t += 2) {
         uint32_t bf[4];
         frag_b2(bf, b, 8 * t, k0);
-        mma(c[t], af, bf);
-        mma(c[t + 1], af, bf + 2);
+        mma(acc[t], af, bf);
+        mma(acc[t + 1], af, bf + 2);
       }
       if constexpr (NT % 2 == 1) {
         uint32_t bf[2];
         frag_b(bf, b, 8 * (NT - 1), k0);
-        mma(c[NT - 1], af, bf);
+        mma(acc[NT - 1], af, bf);
       }
+    };
+    int k0 = 0;
+    if constexpr (NT <= 2) {
+      // With one or two n-tiles every mma of a k-step feeds the same chain of accumulators: odd
+      // k-steps go to a second set, so two dependent chains interleave (summed at the end, in a
+      // fixed order).
+      float c2[NT][4] = {};
+      for (; k0 + 32 <= kdim; k0 += 32) {
+        step(c, k0);
+        step(c2, k0 + 16);
+      }
+#pragma unroll
+      for (int t = 0; t < NT; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) c[t][e] += c2[t][e];
     }
+    for (; k0 < kdim; k0 += 16) step(c, k0);
   } else {
     for (int k0 = 0; k0 < kdim; k0 += 8) {
       uint32_t ah[4], al[4];
