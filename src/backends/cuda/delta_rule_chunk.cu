@@ -674,17 +674,20 @@ __global__ void __launch_bounds__(128) state_combine_kernel(ChunkArgs a) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// output: one block (4 warps, 16 rows each) per (chunk, value head, BV columns of V).
+// output: one block per (chunk, value head, BV columns of V); warp w computes rows 16·(w%4) and,
+// with 8 warps (BV ≥ 64: 2 -> 4 blocks' worth of warps per SM at 80 KB of shared memory), half
+// the columns.
 template <class CT, int K, int BV>
 struct OutSmem {
+  static constexpr int kWarps = BV >= 64 ? 8 : 4;
   static constexpr int kLdK = pitch<CT>(K), kLdP = pitch<CT>(C), kLdV = pitch<CT>(BV);
   static constexpr size_t kBytes = sizeof(CT) * (C * kLdK + BV * kLdK + C * kLdP + C * kLdV) + sizeof(float) * C;
 };
 
 template <class CT, bool KDA, int K, int BV>
-__global__ void __launch_bounds__(128) output_kernel(ChunkArgs a) {
+__global__ void __launch_bounds__(OutSmem<CT, K, BV>::kWarps * 32) output_kernel(ChunkArgs a) {
   using L = OutSmem<CT, K, BV>;
-  constexpr int LDK = L::kLdK, LDP = L::kLdP, LDV = L::kLdV, NTS = BV / 8;
+  constexpr int LDK = L::kLdK, LDP = L::kLdP, LDV = L::kLdV, NTS = BV / 8 / (L::kWarps / 4);
   extern __shared__ __align__(16) unsigned char smem[];
   const int chunk = blockIdx.x, j = blockIdx.y, v0 = blockIdx.z * BV, h = j / a.group, HV = a.HV, V = a.V;
   const int2 ct = a.chunk_tab[chunk];
@@ -716,15 +719,15 @@ __global__ void __launch_bounds__(128) output_kernel(ChunkArgs a) {
     if (jj > i) sP[i * LDP + jj] = from_f32<CT>(0.f);
   }
   __syncthreads();
+  const int i0 = 16 * (warp & 3), n0 = 8 * NTS * (warp >> 2);  // this warp's rows and columns
   float acc[NTS][4] = {};
-  warp_mma<CT, NTS>(acc, View<CT, true>{sQ + 16 * warp * LDK, LDK}, View<CT, true>{sH, LDK}, K);
-  if constexpr (!KDA)
-    for_each_acc(acc, [&](int r, int, float& x) { x *= a.scale * fast_exp<CT>(sG[16 * warp + r]); });
-  warp_mma<CT, NTS>(acc, View<CT, true>{sP + 16 * warp * LDP, LDP}, View<CT, false>{sVn, LDV}, C);
+  warp_mma<CT, NTS>(acc, View<CT, true>{sQ + i0 * LDK, LDK}, View<CT, true>{sH + n0 * LDK, LDK}, K);
+  if constexpr (!KDA) for_each_acc(acc, [&](int r, int, float& x) { x *= a.scale * fast_exp<CT>(sG[i0 + r]); });
+  warp_mma<CT, NTS>(acc, View<CT, true>{sP + i0 * LDP, LDP}, View<CT, false>{sVn + n0, LDV}, C);
   CT* o = static_cast<CT*>(a.o);
   store_acc_rows<CT>(acc, AsIs{}, [&](int r, int c) {
-    const int i = 16 * warp + r;
-    return i < len ? o + tok(i) * V + v0 + c : nullptr;
+    const int i = i0 + r;
+    return i < len ? o + tok(i) * V + v0 + n0 + c : nullptr;
   });
 }
 
@@ -752,7 +755,7 @@ void launch_output(const ChunkArgs& a, int64_t chunks, cudaStream_t stream) {
   using OL = OutSmem<CT, K, BV>;
   auto kern = output_kernel<CT, KDA, K, BV>;
   check_cuda(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(OL::kBytes)), "output smem");
-  kern<<<dim3(unsigned(chunks), unsigned(a.HV), unsigned(a.V / BV)), 128, OL::kBytes, stream>>>(a);
+  kern<<<dim3(unsigned(chunks), unsigned(a.HV), unsigned(a.V / BV)), OL::kWarps * 32, OL::kBytes, stream>>>(a);
   check_cuda(cudaGetLastError(), "delta rule output kernel");
 }
 
