@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <map>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "backends/cuda/delta_rule_cuda.h"
@@ -247,12 +248,14 @@ TEST(CudaDeltaRule, ChunkMatchesOpFixtures) {
 }
 
 // Decode and multi-token verify with states in a slot pool, against the recurrence run per sequence.
+// N = 160 gives 2560 (sequence, head, 16-column) items: more than the persistent grid's resident
+// blocks, so blocks stride over several items with the next one's state loaded ahead.
 TEST(CudaDeltaRule, DecodeFromSlotPool) {
   HLA_REQUIRE_GPU();
   for (DeltaGate gate : {DeltaGate::Scalar, DeltaGate::PerKey}) {
     for (int64_t tokens : {1, 3}) {
-      for (int64_t K : {64, 128}) {
-        const int64_t N = 5, slots = 2 * N + 2, H = 2, HV = 4, V = 64;
+      for (auto [N, K] : {std::pair<int64_t, int64_t>{5, 64}, {5, 128}, {160, 64}, {160, 128}}) {
+        const int64_t slots = 2 * N + 2, H = 2, HV = 4, V = 64;
         const Problem p = make_problem(gate, H, HV, K, V, std::vector<int64_t>(N, tokens), 11 + K + tokens);
         // Pool: sequence n lives in slot 2n+1 (with decoys in between); h0 from the problem.
         const int64_t sz = HV * K * V;
@@ -291,8 +294,8 @@ TEST(CudaDeltaRule, DecodeFromSlotPool) {
           std::copy(pool_out.begin() + slot * sz, pool_out.begin() + (slot + 1) * sz, ht.begin() + n * sz);
         }
         const double eo = rel_l2(o.get(), ref.o), eh = rel_l2(ht, ref.ht);
-        EXPECT_LT(eo, 1e-5) << "tokens " << tokens << " K " << K;
-        EXPECT_LT(eh, 1e-5) << "tokens " << tokens << " K " << K;
+        EXPECT_LT(eo, 1e-5) << "N " << N << " tokens " << tokens << " K " << K;
+        EXPECT_LT(eh, 1e-5) << "N " << N << " tokens " << tokens << " K " << K;
         cudaFree(dsi);
         cudaFree(dso);
       }
