@@ -374,6 +374,24 @@ __device__ __forceinline__ void load_chunk_gates(float* dst, const float* Gc, in
   }
 }
 
+// v_new = U − W S for 16 chunk rows i0.. of a state step, from the accumulators holding W S: turns
+// them into v_new (0 past the chunk's lc rows) and writes the copy the update multiplies,
+// e^{G_last−G_i}·v_new (GDN; KDA's decay is in its keys), transposed: vnT[col·ldvn + i].
+// u(i, col) reads U. Gs: the chunk's cumulative gates (GDN).
+template <class CT, bool KDA, int NT, class UAt>
+__device__ __forceinline__ void finish_v_new(float (&acc)[NT][4], int i0, int lc, const float* Gs, UAt u, CT* vnT,
+                                             int ldvn) {
+  const float Gl = KDA ? 0.f : Gs[lc - 1];
+  auto decay = [&](int i) { return KDA ? 1.f : i < lc ? fast_exp<CT>(Gl - Gs[i]) : 0.f; };
+  const int rq = (threadIdx.x & 31) >> 2;  // the lane's first accumulator row
+  const float fac[2] = {decay(i0 + rq), decay(i0 + rq + 8)};
+  for_each_acc(acc, [&](int r, int col, float& x) {
+    const int i = i0 + r;
+    x = i < lc ? to_f32(u(i, col)) - x : 0.f;
+    vnT[col * ldvn + i] = from_f32<CT>(x * (r < 8 ? fac[0] : fac[1]));
+  });
+}
+
 // state: one block per (sequence, value head, BV columns of V), walking the chunks in order with
 // the state S [K x BV] in fp32 mma accumulators; the next chunk's W, K and U tiles are copied in
 // (cp.async) while the current one is processed, where shared memory allows two stages.
@@ -400,7 +418,7 @@ __global__ void __launch_bounds__(StateSmem<CT, KDA, K, BV>::kWarps * 32) state_
   extern __shared__ __align__(16) unsigned char smem[];
   const int n = blockIdx.x, j = blockIdx.y, v0 = blockIdx.z * BV, h = j / a.group, HV = a.HV, V = a.V;
   const int bos = a.cu[n], eos = a.cu[n + 1], nchunks = (eos - bos + C - 1) / C, coff = a.chunk_off[n];
-  const int warp = threadIdx.x >> 5, rq = (threadIdx.x & 31) >> 2;  // rq: the lane's accumulator row
+  const int warp = threadIdx.x >> 5;
   auto stage_ptr = [&](int s) { return smem + s * L::kStage; };
   auto sW = [&](int s) { return reinterpret_cast<CT*>(stage_ptr(s)); };
   auto sKg = [&](int s) { return sW(s) + C * LDK; };
@@ -460,7 +478,6 @@ __global__ void __launch_bounds__(StateSmem<CT, KDA, K, BV>::kWarps * 32) state_
     }
     const float* Gs = sGs(s);
     const float Gl = KDA ? 0.f : Gs[lc - 1];
-    auto row_decay = [&](int i) { return KDA ? 1.f : i < lc ? fast_exp<CT>(Gl - Gs[i]) : 0.f; };
     // v_new = U − W S for this warp's rows and columns; the decayed copy e^{G_last−G_i}·v_new (GDN)
     // feeds the update.
     const int n0 = NW > 4 ? 8 * NTW * (warp >> 2) : 0;  // this warp's first column of v_new
@@ -470,12 +487,8 @@ __global__ void __launch_bounds__(StateSmem<CT, KDA, K, BV>::kWarps * 32) state_
       float acc[NTW][4] = {};
       warp_mma<CT, NTW>(acc, View<CT, true>{sW(s) + i0 * LDK, LDK}, View<CT, true>{sS + n0 * LDK, LDK}, K);
       const CT* u = sU(s) + n0;
-      const float fac[2] = {row_decay(i0 + rq), row_decay(i0 + rq + 8)};
-      for_each_acc(acc, [&](int r, int col, float& x) {
-        const int i = i0 + r;
-        x = i < lc ? to_f32(u[i * LDU + col]) - x : 0.f;
-        sVn[(n0 + col) * LDVN + i] = from_f32<CT>(x * (r < 8 ? fac[0] : fac[1]));
-      });
+      finish_v_new<CT, KDA>(
+          acc, i0, lc, Gs, [&](int i, int col) { return u[i * LDU + col]; }, sVn + n0 * LDVN, LDVN);
       store_acc_rows<CT>(acc, AsIs{}, [&](int r, int col) {
         return i0 + r < lc ? vng + (size_t(tc + i0 + r) * HV + j) * V + v0 + n0 + col : nullptr;
       });
@@ -600,19 +613,15 @@ __global__ void __launch_bounds__(NW * 32) state_wide_kernel(ChunkArgs a, int se
       const float* Gs = sGs(s);
       const float Gl = KDA ? 0.f : Gs[lc - 1];
       const CT* u = sU(s);
-      auto row_decay = [&](int i) { return KDA ? 1.f : i < lc ? fast_exp<CT>(Gl - Gs[i]) : 0.f; };
       // v_new = U − W S (64 rows x this warp's 16 columns).
 #pragma unroll
       for (int vm = 0; vm < 4; ++vm) {
         float acc[2][4] = {};
         warp_mma<CT, 2>(acc, View<CT, true>{sW(s) + 16 * vm * LDK, LDK}, View<CT, true>{sS, LDK}, K);
-        const float fac[2] = {row_decay(16 * vm + (lane >> 2)), row_decay(16 * vm + (lane >> 2) + 8)};
-        for_each_acc(acc, [&](int r, int col, float& x) {
-          const int i = 16 * vm + r, gc = wc + col;
-          const float uu = gc < V && i < lc ? to_f32(u[i * LDU + gc]) : 0.f;
-          x = i < lc ? uu - x : 0.f;
-          sVn[col * LDVN + i] = from_f32<CT>(x * (r < 8 ? fac[0] : fac[1]));
-        });
+        // Columns past V (the identity columns of a LOCAL run) see U = 0.
+        finish_v_new<CT, KDA>(
+            acc, 16 * vm, lc, Gs,
+            [&](int i, int col) { return wc + col < V ? u[i * LDU + wc + col] : from_f32<CT>(0.f); }, sVn, LDVN);
         if constexpr (!LOCAL)
           store_acc_rows<CT>(acc, AsIs{}, [&](int r, int col) {
             return 16 * vm + r < lc ? vng + (size_t(tc + 16 * vm + r) * HV + j) * V + wc + col : nullptr;

@@ -184,10 +184,11 @@ template <class CT, int NT, class VA, class VB>
 __device__ __forceinline__ void warp_mma(float (&c)[NT][4], const VA& a, const VB& b, int kdim) {
   const int lane = threadIdx.x & 31, r = lane >> 2, q = lane & 3;
   if constexpr (sizeof(CT) == 2) {
-    auto mma = [](float(&acc)[4], const uint32_t(&af)[4], const uint32_t* bf) {
-      const uint32_t b2[2] = {bf[0], bf[1]};
-      if constexpr (std::is_same_v<CT, __half>) mma_f16(acc, af, b2);
-      else mma_bf16(acc, af, b2);
+    auto mma = [](float(&acc)[4], const uint32_t* af, const uint32_t* bf) {
+      if constexpr (std::is_same_v<CT, __half>)
+        mma_f16(acc, af, bf);
+      else
+        mma_bf16(acc, af, bf);
     };
     auto step = [&](float(&acc)[NT][4], int k0) {
       uint32_t af[4];
@@ -278,7 +279,6 @@ __device__ __forceinline__ void store_acc_rows(const float (&c)[NT][4], Val val,
     for_each_acc_pair(c, [&](int row, int col, float x0, float x1) {
       if (CT* p = dst(row, col)) *reinterpret_cast<float2*>(p) = make_float2(val(row, col, x0), val(row, col + 1, x1));
     });
-    return;
   } else {
     static_assert(NT <= 2 || NT % 4 == 0, "16-bit rows of 8, 16 or 32·k columns");
     constexpr int G = NT <= 2 ? NT : 4;  // n-tiles per exchange group
