@@ -275,4 +275,6 @@ TEST(Cli, BenchPrintsOneRowPerCase) {
   EXPECT_NEAR(rows["prefill_300"][3] - rows["prefill_100"][3], 200 * kv_per_token, 0.02);
   expect_clean_error("bench --model " + model + " --prefill 0", "--prefill");
   expect_clean_error("bench --model " + model + " --device cuda", "cuda");
+  // bf16 asked for on the CPU is refused, as by the other commands (not silently run in f32).
+  expect_clean_error("bench --model " + model + " --dtype bf16", "--dtype bf16");
 }

@@ -27,7 +27,7 @@ namespace hla::cli {
 namespace {
 
 struct BenchOptions {
-  std::string model, device = "cpu", dtype = "bf16";
+  std::string model, device = "cpu", dtype;  // dtype "": bf16 on the GPU, f32 on the CPU
   std::vector<int64_t> prefill{1024, 8192, 32768}, batches{1, 16, 64};
   int64_t steps = 32, chunk = 2048, decode_prompt = 128;
   uint64_t seed = 0;
@@ -145,9 +145,9 @@ void register_bench(CLI::App& app) {
   cmd->add_option("--decode-prompt", o->decode_prompt, "prompt tokens per sequence before decode")->capture_default_str();
   cmd->add_option("--seed", o->seed, "seed of the random token ids")->capture_default_str();
   cmd->add_option("--device", o->device, "cpu or cuda")->default_val("cpu");
-  cmd->add_option("--dtype", o->dtype, "weights on the GPU: f32 or bf16 (the CPU: f32)");
+  cmd->add_option("--dtype", o->dtype, "weights: f32 or bf16 (default bf16 on the GPU; the CPU computes in f32 only)");
   cmd->callback([o] {
-    if (o->device == "cpu" && o->dtype == "bf16") o->dtype = "f32";
+    if (o->dtype.empty()) o->dtype = o->device == "cuda" ? "bf16" : "f32";
     for (int64_t n : o->prefill) check(n > 0, "--prefill: lengths must be positive (got " + std::to_string(n) + ")");
     for (int64_t n : o->batches) check(n > 0, "--decode-batch: sizes must be positive (got " + std::to_string(n) + ")");
     check(o->steps > 0, "--decode-steps must be positive");
