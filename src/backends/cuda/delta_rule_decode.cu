@@ -69,17 +69,25 @@ __global__ void __launch_bounds__(128) decode_kernel(DecodeArgs a) {
   const CT* v = static_cast<const CT*>(a.v);
   CT* o = static_cast<CT*>(a.o);
   auto slice = [&](int slot, int j) { return a.pool + (size_t(slot) * HV + j) * K * V; };
-  auto load = [&](float4(&S)[RPT], int item) {
+  auto slice_row = [&](int item, int p) {  // this thread's row p of the item's slice
     const int n = item / (HV * nvb), j = item / nvb % HV, c0 = item % nvb * kCols + 4 * cg;
-    const float* src = slice(a.slot_in[n], j);
-#pragma unroll
-    for (int p = 0; p < RPT; ++p) S[p] = *reinterpret_cast<const float4*>(src + size_t(rr + 32 * p) * V + c0);
+    return slice(a.slot_in[n], j) + size_t(rr + 32 * p) * V + c0;
   };
+  // The next item's slice is copied into shared memory (cp.async) while this one is processed: in
+  // flight without holding registers, so as many blocks fit as without the prefetch. Each thread
+  // copies the float4s it reads back itself, so its own wait suffices (no barrier).
+  __shared__ float4 next[RPT][128];
 
-  float4 S[RPT], Sn[RPT];
-  load(S, blockIdx.x);  // the grid has at most one block per item
+  float4 S[RPT];
+#pragma unroll
+  for (int p = 0; p < RPT; ++p) S[p] = *reinterpret_cast<const float4*>(slice_row(blockIdx.x, p));
   for (int item = blockIdx.x; item < a.items; item += gridDim.x) {
-    if (item + int(gridDim.x) < a.items) load(Sn, item + gridDim.x);
+    const bool more = item + int(gridDim.x) < a.items;
+    if (more) {
+#pragma unroll
+      for (int p = 0; p < RPT; ++p) cp_async16(&next[p][threadIdx.x], slice_row(item + gridDim.x, p), true);
+      cp_async_commit();
+    }
     const int n = item / (HV * nvb), j = item / nvb % HV, h = j / a.group, c0 = item % nvb * kCols + 4 * cg;
     for (int t = 0; t < a.tokens; ++t) {
       const size_t tk = size_t(n) * a.tokens + t, th = tk * HV + j;
@@ -126,8 +134,11 @@ __global__ void __launch_bounds__(128) decode_kernel(DecodeArgs a) {
 #pragma unroll
       for (int p = 0; p < RPT; ++p) *reinterpret_cast<float4*>(dst + size_t(rr + 32 * p) * V + c0) = S[p];
     }
+    if (more) {
+      cp_async_wait<0>();
 #pragma unroll
-    for (int p = 0; p < RPT; ++p) S[p] = Sn[p];
+      for (int p = 0; p < RPT; ++p) S[p] = next[p][threadIdx.x];
+    }
   }
 }
 
