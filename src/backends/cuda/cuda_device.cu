@@ -13,6 +13,7 @@
 #include <map>
 #include <memory>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "backends/cuda/attention_cuda.h"
@@ -948,10 +949,8 @@ class CudaDevice : public Device {
   void swiglu(const float* gu, float* out, int64_t T, int64_t I) override {
     const OpScope op(*this, "swiglu");
     if (op.skip) return;
-    if (vec_width(gu, I, 2 * I) == 4)
-      launch(swiglu_kernel<4>, grid_for(T * I / 4), kThreads, gu, out, T, I);
-    else
-      launch(swiglu_kernel<1>, grid_for(T * I), kThreads, gu, out, T, I);
+    with_vec_width(vec_width(gu, I, 2 * I),
+                   [&](auto w) { launch(swiglu_kernel<w.value>, grid_for(T * I / w.value), kThreads, gu, out, T, I); });
   }
   void sigmoid_mul(float* o, const float* gate, int64_t ld_gate, int64_t ld_gate_head, int64_t T, int64_t heads,
                    int64_t dim) override {
@@ -979,12 +978,10 @@ class CudaDevice : public Device {
       launch(conv_decode_kernel, grid_for(N * C), kThreads, x, ldx, w, y, C, int(kw), b.d_slots, N, conv_pool);
       return;
     }
-    if (vec_width(x, C, ldx) == 4)
-      launch(conv_kernel<4>, grid_for(b.tokens() * C / 4), kThreads, x, ldx, w, y, b.tokens(), C, int(kw), b.d_cu,
-             b.d_slots, N, conv_pool);
-    else
-      launch(conv_kernel<1>, grid_for(b.tokens() * C), kThreads, x, ldx, w, y, b.tokens(), C, int(kw), b.d_cu,
-             b.d_slots, N, conv_pool);
+    with_vec_width(vec_width(x, C, ldx), [&](auto vw) {
+      launch(conv_kernel<vw.value>, grid_for(b.tokens() * C / vw.value), kThreads, x, ldx, w, y, b.tokens(), C, int(kw),
+             b.d_cu, b.d_slots, N, conv_pool);
+    });
     launch(conv_state_kernel, grid_for(N * C), kThreads, x, ldx, C, int(kw), b.d_cu, b.d_slots, N, conv_pool);
   }
   void rope(float* x, int64_t T, int64_t heads, int64_t ld_token, int64_t ld_head, const float* inv_freq, int64_t rot,
@@ -1168,10 +1165,18 @@ class CudaDevice : public Device {
   // dst [rows, width] = src rows (stride ld) as T.
   template <class T>
   void pack_to(const float* src, int64_t ld, int64_t width, T* dst, int64_t rows) {
-    if (vec_width(src, width, ld) == 4)
-      launch(pack_rows<T, 4>, grid_for(rows * width / 4), kThreads, src, ld, width, dst, rows);
+    with_vec_width(vec_width(src, width, ld), [&](auto w) {
+      launch(pack_rows<T, w.value>, grid_for(rows * width / w.value), kThreads, src, ld, width, dst, rows);
+    });
+  }
+  // Calls f(std::integral_constant<int, w>) for w = vec_width's 4 or 1: the elementwise kernels
+  // come in both widths, one thread per w elements.
+  template <class F>
+  static void with_vec_width(int w, F&& f) {
+    if (w == 4)
+      f(std::integral_constant<int, 4>{});
     else
-      launch(pack_rows<T, 1>, grid_for(rows * width), kThreads, src, ld, width, dst, rows);
+      f(std::integral_constant<int, 1>{});
   }
   // The device's kernels go out through these (PDL, launch.cuh): each starts with pdl_begin().
   template <class... P, class... A>
