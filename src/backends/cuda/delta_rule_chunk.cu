@@ -58,8 +58,9 @@ template <class CT> __host__ __device__ constexpr int pitch(int cols) { return c
 constexpr int kLdF = C + 4;  // fp32 64x64 tiles (L, T)
 
 // ---------------------------------------------------------------------------------------------
-// prep: one block (8 warps) per (chunk, value head). Shared memory allows 3 blocks per SM; 8
-// warps rather than 4 give the serial parts (solve, operand builds) twice the threads.
+// prep: one block (8 warps) per (chunk, value head). Shared memory allows 3 blocks per SM at
+// K = V = 128 in 16 bits (73 KB; KDA 97 KB: 2); 8 warps rather than 4 give the serial parts
+// (solve, operand builds) twice the threads.
 constexpr int kPrepWarps = 8;
 template <class CT, bool KDA, int K>
 struct PrepSmem {
