@@ -148,9 +148,7 @@ void Engine::step() {
                slots_.end());
   // Pack: decoding slots feed their last token; prefilling slots a chunk that ends at the next
   // block boundary (so its state can be snapshotted there) within the step's token budget.
-  std::vector<int64_t> ids;
-  SeqBatch batch;
-  batch.cu_seqlens = {0};
+  std::vector<int64_t> ids, cu{0};
   std::vector<Slot*> in_batch;
   std::vector<int64_t> chunk;
   int64_t budget = opt_.max_step_tokens;
@@ -166,10 +164,7 @@ void Engine::step() {
     ids.insert(ids.end(), s->req->prompt.begin() + s->fed, s->req->prompt.begin() + s->fed + n);
     in_batch.push_back(s.get()), chunk.push_back(n), budget -= n;
   }
-  for (size_t i = 0; i < in_batch.size(); ++i) {
-    batch.cu_seqlens.push_back(batch.cu_seqlens.back() + std::max<int64_t>(chunk[i], 1));
-    batch.caches.push_back(&in_batch[i]->cache);
-  }
+  for (size_t i = 0; i < in_batch.size(); ++i) cu.push_back(cu.back() + std::max<int64_t>(chunk[i], 1));
   int64_t prompt_tokens = 0, generated = 0;
   if (!in_batch.empty()) {
     // A row picks a token when its sequence decodes or its prompt ends in this step.
@@ -184,12 +179,14 @@ void Engine::step() {
     Tensor logits;
     std::vector<int64_t> best;
     if (dev_) {
-      DevBatch b{batch.cu_seqlens, {}, {}};
+      DevBatch b{cu, {}, {}};
       for (Slot* s : in_batch) b.slots.push_back(s->dev_slot), b.past.push_back(s->cached);
       if (all_greedy) best = model_.forward_greedy(*dev_, ids, b);
       else logits = model_.forward(*dev_, ids, b, false);
     } else {
-      logits = model_.forward(ids, batch, false);  // one row per sequence: its last token
+      SeqBatch b{cu, {}};
+      for (Slot* s : in_batch) b.caches.push_back(&s->cache);
+      logits = model_.forward(ids, b, false);  // one row per sequence: its last token
     }
     for (size_t i = 0; i < in_batch.size(); ++i) {
       Slot& s = *in_batch[i];

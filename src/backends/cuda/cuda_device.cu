@@ -1181,7 +1181,7 @@ class CudaDevice : public Device {
   // The device's kernels go out through these (PDL, launch.cuh): each starts with pdl_begin().
   template <class... P, class... A>
   void launch(void (*kernel)(P...), dim3 grid, dim3 block, A... args) {
-    launch_pdl("kernel launch", kernel, grid, block, 0, stream_, args...);
+    launch_smem(kernel, grid, block, 0, args...);
   }
   template <class... P, class... A>
   void launch_smem(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, A... args) {
