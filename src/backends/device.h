@@ -38,6 +38,49 @@ struct DevBatch {
   bool one_token_each() const { return tokens() == num_seqs(); }
 };
 
+// The input side of a delta-rule layer (Gated DeltaNet, KDA) between its input projection and the
+// recurrence, for Device::delta_prep: y [T, C] = SiLU(causal conv(x)) (as causal_conv_silu), then
+// the first l2_heads heads of head_dim channels of y L2-normalised in place (q and k, as l2norm);
+// beta [T, H] = sigmoid(b) (b row stride ldb); g [T, H·gate_width] = −exp(A_log[h])·softplus(a +
+// dt_bias) (a row stride lda, as gate_softplus).
+struct DeltaPrep {
+  const float* x;
+  int64_t ldx;
+  const float* conv_w;  // [C, kw]
+  int64_t C, kw;
+  float* conv_pool;  // [slots, C, kw−1]
+  float* y;
+  int64_t l2_heads, head_dim;
+  const float* b;
+  int64_t ldb;
+  float* beta;
+  const float* a;
+  int64_t lda;
+  const float *A_log, *dt_bias;
+  float* g;
+  int64_t H, gate_width;
+};
+
+// An attention layer's q, k and v from its projection rows, for Device::attention_prep: q [T, nh,
+// hd] = RoPE(RMSNorm(q rows)·q_norm), q head h of token t read at q_in + t·ld_q + h·q_head; k [T,
+// nkv, hd] likewise from k_in with k_norm; v [T, nkv·hd] = the v_in rows (k_in, v_in row stride
+// ld_kv). RMSNorm as rms_norm, RoPE as rope on the first rot channels of each head.
+struct AttentionPrep {
+  const float* q_in;
+  int64_t ld_q, q_head;
+  const float *k_in, *v_in;
+  int64_t ld_kv;
+  int64_t nh, nkv, hd;
+  const float *q_norm, *k_norm;
+  float eps;
+  bool zero_centered;
+  const float* inv_freq;
+  int64_t rot;
+  cpu::RopePairs pairs;
+  float attn_factor;
+  float *q, *k, *v;
+};
+
 // Parts of a layer's cache.
 enum class CachePart { Conv, State, K, V, IndexK };
 
@@ -102,8 +145,12 @@ class Device {
                               int64_t dim, float eps, cpu::GateAct act) = 0;
   // In place x[t, h, :] /= ||x[t, h, :]|| (+eps), rows at x + t·ld + h·dim.
   virtual void l2norm(float* x, int64_t ld, int64_t T, int64_t heads, int64_t dim) = 0;
-  // out [T, I] = SiLU(gu[:, :I]) ⊙ gu[:, I:] (gu [T, 2I]).
+  // out [T, I] = SiLU(g) ⊙ u for gu [T, 2I] holding the pairs (g_i, u_i) side by side: a SwiGLU
+  // block uploads its gate and up rows interleaved, so that one GEMV block computes both of a pair.
   virtual void swiglu(const float* gu, float* out, int64_t T, int64_t I) = 0;
+  // out [M, W.rows / 2] = swiglu(x · W^T) for W's interleaved gate and up rows (x row stride ldx).
+  // The default runs linear, then swiglu; the CUDA decode GEMV applies it as its epilogue.
+  virtual void linear_swiglu(const float* x, int64_t ldx, const DevMatrix& W, float* out, int64_t M);
   // o [T, heads, dim] ⊙= sigmoid(gate), gate row (t, h) at gate + t·ld_gate + h·ld_gate_head.
   virtual void sigmoid_mul(float* o, const float* gate, int64_t ld_gate, int64_t ld_gate_head, int64_t T,
                            int64_t heads, int64_t dim) = 0;
@@ -116,6 +163,12 @@ class Device {
   // sequence of `b`, continuing and advancing its slot in conv_pool [slots, C, kw−1].
   virtual void causal_conv_silu(const float* x, int64_t ldx, const float* w, float* y, int64_t C, int64_t kw,
                                 const DevBatch& b, float* conv_pool) = 0;
+  // DeltaPrep's steps for every sequence of b; the default runs causal_conv_silu, l2norm, sigmoid
+  // and gate_softplus one after another, a device may fuse them (the CUDA decode step does).
+  virtual void delta_prep(const DeltaPrep& p, const DevBatch& b);
+  // AttentionPrep's steps for the tokens of b; the default copies, normalises and rotates with
+  // the ops above, a device may fuse them (the CUDA device does).
+  virtual void attention_prep(const AttentionPrep& p, const DevBatch& b);
   // RoPE on x[t, h, :rot] (at x + t·ld_token + h·ld_head) at each token's position.
   virtual void rope(float* x, int64_t T, int64_t heads, int64_t ld_token, int64_t ld_head, const float* inv_freq,
                     int64_t rot, const DevBatch& b, cpu::RopePairs pairs, float attn_factor) = 0;

@@ -51,17 +51,16 @@ struct DeltaCore {
     c.conv.assign(size_t(conv_dim * (kw - 1)), 0.0f);
     c.state.assign(size_t(nv * dk * dv), 0.0f);
   }
-  // The same on a device, over every sequence of b at once; conv_in rows have stride ld_in.
-  void run_device(Device& dev, const float* conv_in, int64_t ld_in, const float* conv_w, const float* g,
-                  const float* beta, float* o, const DevBatch& b, int64_t layer) const {
-    const int64_t T = b.tokens();
-    float* mixed = dev.scratch(T * conv_dim);
-    dev.causal_conv_silu(conv_in, ld_in, conv_w, mixed, conv_dim, kw, b,
-                         dev.cache_pool(layer, CachePart::Conv, conv_dim * (kw - 1)));
-    dev.l2norm(mixed, conv_dim, T, 2 * nk, dk);  // q and k heads, adjacent
+  // The same on a device, over every sequence of b at once: p names the conv input (rows of stride
+  // p.ldx), the conv taps and the gates' inputs and outputs; the rest is this core's.
+  void run_device(Device& dev, DeltaPrep p, float* o, const DevBatch& b, int64_t layer) const {
+    p.C = conv_dim, p.kw = kw, p.y = dev.scratch(b.tokens() * conv_dim);
+    p.conv_pool = dev.cache_pool(layer, CachePart::Conv, conv_dim * (kw - 1));
+    p.l2_heads = 2 * nk, p.head_dim = dk, p.H = nv;  // q and k heads, adjacent
+    dev.delta_prep(p, b);
     DeltaRuleDims d;
     d.H = nk, d.HV = nv, d.K = dk, d.V = dv, d.gate = gate;
-    dev.delta_rule(d, mixed, mixed + nk * dk, mixed + 2 * nk * dk, conv_dim, g, beta, 1.0f / std::sqrt(float(dk)), b,
+    dev.delta_rule(d, p.y, p.y + nk * dk, p.y + 2 * nk * dk, conv_dim, p.g, p.beta, 1.0f / std::sqrt(float(dk)), b,
                    dev.cache_pool(layer, CachePart::State, nv * dk * dv), o);
   }
 };
@@ -157,12 +156,13 @@ class GatedDeltaNet : public Mixer {
     float* qkvz = dev.scratch(T * W);
     const float* ba = qkvz + C + nv * dv;
     dev.linear(x, D, dev_.in, qkvz, T);
-    float* beta = dev.scratch(T * nv);
-    float* g = dev.scratch(T * nv);
-    dev.sigmoid(ba, W, beta, T, nv);
-    dev.gate_softplus(ba + nv, W, dev_.A_log, dev_.dt_bias, g, T, nv, 1);
+    DeltaPrep p{};
+    p.x = qkvz, p.ldx = W, p.conv_w = dev_.conv;
+    p.b = ba, p.ldb = W, p.beta = dev.scratch(T * nv);  // beta = sigmoid(b)
+    p.a = ba + nv, p.lda = W, p.A_log = dev_.A_log, p.dt_bias = dev_.dt_bias, p.g = dev.scratch(T * nv);
+    p.gate_width = 1;
     float* o = dev.scratch(T * nv * dv);
-    core_.run_device(dev, qkvz, W, dev_.conv, g, beta, o, b, layer);
+    core_.run_device(dev, p, o, b, layer);
     dev.gated_rms_norm(o, qkvz + C, W, dev_.norm, T, nv, dv, s_.norm_eps, GateAct::SiLU);
     dev.linear(o, nv * dv, dev_.out, out, T);
   }
@@ -258,14 +258,15 @@ class KimiDeltaAttention : public Mixer {
     float* in = dev.scratch(T * W);
     const float* lo = in + 3 * HK;  // [f_a x | g_a x], then b x
     float* graw = dev.scratch(T * HK);
-    float* g = dev.scratch(T * HK);
-    float* beta = dev.scratch(T * H);
     dev.linear(x, D, dev_.in, in, T);
     dev.linear(lo, W, dev_.f_b, graw, T);
-    dev.gate_softplus(graw, HK, dev_.A_log, dev_.dt_bias, g, T, H, dk);
-    dev.sigmoid(lo + 2 * dk, W, beta, T, H);
+    DeltaPrep p{};
+    p.x = in, p.ldx = W, p.conv_w = dev_.conv;
+    p.b = lo + 2 * dk, p.ldb = W, p.beta = dev.scratch(T * H);
+    p.a = graw, p.lda = HK, p.A_log = dev_.A_log, p.dt_bias = dev_.dt_bias, p.g = dev.scratch(T * HK);
+    p.gate_width = dk;
     float* o = dev.scratch(T * HK);
-    core_.run_device(dev, in, W, dev_.conv, g, beta, o, b, layer);
+    core_.run_device(dev, p, o, b, layer);
     float* og = dev.scratch(T * HK);
     dev.linear(lo + dk, W, dev_.g_b, og, T);
     dev.gated_rms_norm(o, og, HK, dev_.o_norm, T, H, dk, s_.norm_eps, GateAct::Sigmoid);
@@ -380,23 +381,36 @@ class GatedAttention : public Mixer {
     float* q = dev.scratch(T * Q);
     float* k = dev.scratch(T * KV);
     float* v = dev.scratch(T * KV);
-    dev.copy(q, {Q, hd, 1}, qkv, {W, 2 * hd, 1}, T, nh, hd);
-    dev.copy(k, {KV, 1, 0}, qkv + 2 * Q, {W, 1, 0}, T, KV, 1);
-    dev.copy(v, {KV, 1, 0}, qkv + 2 * Q + KV, {W, 1, 0}, T, KV, 1);
-    if (s_.attn_conv_kernel > 0) {  // SiLU(causal conv) over the channels [q | k | v]
+    AttentionPrep p{qkv,
+                    W,
+                    2 * hd,
+                    qkv + 2 * Q,
+                    qkv + 2 * Q + KV,
+                    W,
+                    nh,
+                    nkv,
+                    hd,
+                    dev_.q_norm,
+                    dev_.k_norm,
+                    s_.norm_eps,
+                    true,
+                    dev_.inv_freq,
+                    int64_t(inv_freq_.size()) * 2,
+                    RopePairs::HalfSplit,
+                    1.0f,
+                    q,
+                    k,
+                    v};
+    if (s_.attn_conv_kernel > 0) {  // SiLU(causal conv) over the channels [q | k | v], then the rest in place
       const int64_t C = Q + 2 * KV, kw = s_.attn_conv_kernel;
       float* packed = dev.scratch(T * C);
       float* y = dev.scratch(T * C);
-      const std::tuple<float*, int64_t, int64_t> parts[] = {{q, 0, Q}, {k, Q, KV}, {v, Q + KV, KV}};  // column, width
-      for (auto [p, col, w] : parts) dev.copy(packed + col, {C, 1, 0}, p, {w, 1, 0}, T, w, 1);
+      dev.copy(packed, {C, hd, 1}, qkv, {W, 2 * hd, 1}, T, nh, hd);  // q without its gate
+      dev.copy(packed + Q, {C, 1, 0}, qkv + 2 * Q, {W, 1, 0}, T, 2 * KV, 1);
       dev.causal_conv_silu(packed, C, dev_.conv, y, C, kw, b, dev.cache_pool(layer, CachePart::Conv, C * (kw - 1)));
-      for (auto [p, col, w] : parts) dev.copy(p, {w, 1, 0}, y + col, {C, 1, 0}, T, w, 1);
+      p.q_in = y, p.ld_q = C, p.q_head = hd, p.k_in = y + Q, p.v_in = y + Q + KV, p.ld_kv = C;
     }
-    dev.rms_norm(q, hd, dev_.q_norm, q, hd, T * nh, hd, s_.norm_eps, true);
-    dev.rms_norm(k, hd, dev_.k_norm, k, hd, T * nkv, hd, s_.norm_eps, true);
-    const int64_t rot = int64_t(inv_freq_.size()) * 2;
-    dev.rope(q, T, nh, Q, hd, dev_.inv_freq, rot, b, RopePairs::HalfSplit, 1.0f);
-    dev.rope(k, T, nkv, KV, hd, dev_.inv_freq, rot, b, RopePairs::HalfSplit, 1.0f);
+    dev.attention_prep(p, b);
     float* o = dev.scratch(T * Q);
     const float scale = 1.0f / std::sqrt(float(hd));
     if (b.one_token_each() && !indexer_)  // decode: one launch for the batch
@@ -882,15 +896,15 @@ void SwiGLU::forward(const float* x, float* out, int64_t T) const {
 }
 
 void SwiGLU::bind_device(Device& dev) {
-  gate_up_d = dev.upload_matrix(stack_rows({{&gate, 0, I}, {&up, 0, I}}));
+  std::vector<RowSlice> pairs;  // gate row i, then up row i: Device::swiglu's layout
+  for (int64_t i = 0; i < I; ++i) pairs.push_back({&gate, i, 1}), pairs.push_back({&up, i, 1});
+  gate_up_d = dev.upload_matrix(stack_rows(pairs));
   down_d = dev.upload_matrix(down);
 }
 
 void SwiGLU::forward_device(Device& dev, const float* x, float* out, int64_t T) const {
-  float* gu = dev.scratch(T * 2 * I);
   float* h = dev.scratch(T * I);
-  dev.linear(x, D, gate_up_d, gu, T);
-  dev.swiglu(gu, h, T, I);
+  dev.linear_swiglu(x, D, gate_up_d, h, T);
   dev.linear(h, I, down_d, out, T);
 }
 

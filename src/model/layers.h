@@ -48,7 +48,7 @@ struct SwiGLU {
   void bind(Params& p, const std::string& prefix, int64_t D, int64_t I, const char* gate_name = "gate_proj",
             const char* up_name = "up_proj", const char* down_name = "down_proj");
   void forward(const float* x, float* out, int64_t T) const;
-  DevMatrix gate_up_d, down_d;  // [gate; up] [2I, D] and down on the bound device
+  DevMatrix gate_up_d, down_d;  // gate and up rows interleaved [2I, D], and down, on the bound device
   void bind_device(Device& dev);
   void forward_device(Device& dev, const float* x, float* out, int64_t T) const;
 };

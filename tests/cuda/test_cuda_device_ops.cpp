@@ -1,7 +1,9 @@
 // The CUDA device's own operations against CpuDevice (the oracle's functions) where the model tests
 // would hide a shape: the decode GEMV (up to 8 rows, K split across warps; bf16 weights, fp32
-// activations) and the cuBLASLt GEMM past it (bf16 operands); the greedy pick (argmax, lowest index
-// on ties).
+// activations), alone and with its SwiGLU input, and the cuBLASLt GEMM past it (bf16 operands); the
+// fused delta-rule decode prep (conv state over several steps, grouped heads, per-key gates) and
+// attention prep (gated q rows, partial RoPE); the greedy pick (argmax, lowest index on
+// ties).
 #include <gtest/gtest.h>
 
 #include <random>
@@ -33,7 +35,7 @@ TEST(CudaDeviceOps, LinearMatchesCpuDeviceInBf16) {
   struct Shape {
     int64_t M, N, K, ldx;
   };
-  // M ≤ 8: the GEMV with K splits 1, 2, 4 and 8, short rows (lanes without columns), an odd row
+  // M ≤ 8: the GEMV with K splits 1, 2 and 4, short rows (lanes without columns), an odd row
   // count, padded x rows; M > 8: cuBLASLt.
   const Shape shapes[] = {{1, 37, 32, 32},   {1, 2048, 4096, 4096},  {3, 2053, 2048, 2056},  {8, 12352, 2048, 2048},
                           {2, 100, 96, 100}, {8, 2048, 6144, 6144},  {1, 300, 16384, 16384}, {5, 70000, 64, 64},
@@ -55,6 +57,162 @@ TEST(CudaDeviceOps, LinearMatchesCpuDeviceInBf16) {
     }
     // The same bf16 products summed in another order in fp32.
     EXPECT_LT(err / scale, 1e-5) << "M " << s.M << " N " << s.N << " K " << s.K;
+  }
+}
+
+std::vector<float> random_vector(int64_t n, std::mt19937& rng, float lo = -1.0f, float hi = 1.0f) {
+  std::uniform_real_distribution<float> u(lo, hi);
+  std::vector<float> v(static_cast<size_t>(n));
+  for (float& x : v) x = u(rng);
+  return v;
+}
+Tensor vector_tensor(const std::vector<float>& v) {
+  Tensor t = Tensor::f32({int64_t(v.size())});
+  std::copy(v.begin(), v.end(), t.f32());
+  return t;
+}
+float max_rel_diff(const std::vector<float>& got, const std::vector<float>& want) {
+  double err = 0, scale = 1e-30;
+  for (size_t i = 0; i < want.size(); ++i) {
+    err = std::max(err, double(std::fabs(got[i] - want[i])));
+    scale = std::max(scale, double(std::fabs(want[i])));
+  }
+  return float(err / scale);
+}
+// A batch of sequences of `lens` tokens in `slots` after `past` tokens, uploaded as Model does.
+DevBatch make_batch(Device& dev, const std::vector<int64_t>& lens, const std::vector<int64_t>& slots,
+                    const std::vector<int64_t>& past) {
+  DevBatch b;
+  b.cu_seqlens = {0}, b.slots = slots, b.past = past;
+  std::vector<int32_t> cu{0}, sl(slots.begin(), slots.end()), pos;
+  for (size_t i = 0; i < lens.size(); ++i) {
+    b.cu_seqlens.push_back(b.cu_seqlens.back() + lens[i]);
+    cu.push_back(int32_t(b.cu_seqlens.back()));
+    for (int64_t t = 0; t < lens[i]; ++t) pos.push_back(int32_t(past[i] + t));
+  }
+  b.d_cu = dev.upload_i32(cu), b.d_slots = dev.upload_i32(sl), b.d_pos = dev.upload_i32(pos);
+  return b;
+}
+
+// W's rows are (gate, up) pairs; M ≤ 8 runs the GEMV with the SwiGLU epilogue (K splits 1 and 2),
+// M > 8 cuBLASLt and the swiglu kernel.
+TEST(CudaDeviceOps, LinearSwigluMatchesCpuDevice) {
+  HLA_REQUIRE_GPU();
+  std::mt19937 rng(3);
+  for (auto [M, N, K] : {std::tuple{1, 200, 96}, {5, 2048, 6144}, {8, 300, 2048}, {12, 200, 96}}) {
+    Tensor W = Tensor::f32({N, K});
+    const std::vector<float> w = random_vector(N * K, rng);
+    for (int64_t i = 0; i < W.numel(); ++i) W.f32()[i] = bf16_to_f32(f32_to_bf16(w[size_t(i)]));
+    const std::vector<float> x = random_vector(M * K, rng);
+    auto run = [&](Device& dev) {
+      const DevMatrix wd = dev.upload_matrix(W);
+      dev.begin_forward();
+      float* out = dev.scratch(M * N / 2);
+      dev.linear_swiglu(dev.upload_f32(x), K, wd, out, M);
+      std::vector<float> h(size_t(M * N / 2));
+      dev.to_host(out, h.data(), M * N / 2);
+      return h;
+    };
+    auto gpu = cuda::make_cuda_device(1, DType::BF16);
+    cpu::CpuDevice cpu(1, /*bf16 operands=*/M > 8);
+    EXPECT_LT(max_rel_diff(run(*gpu), run(cpu)), 1e-5) << "M " << M << " N " << N << " K " << K;
+  }
+}
+
+// Three decode steps of a Gated DeltaNet-shaped (scalar gate, grouped value heads) and a KDA-shaped
+// (per-key gate, head dim 64) layer over sequences in slots 2, 0 and 5: the conv state carries over.
+TEST(CudaDeviceOps, DeltaPrepMatchesCpuDeviceOverDecodeSteps) {
+  HLA_REQUIRE_GPU();
+  struct Case {
+    int64_t nk, nv, dk, gate_width;
+  };
+  for (const Case c : {Case{2, 4, 128, 1}, Case{3, 3, 64, 64}}) {
+    const int64_t C = 2 * c.nk * c.dk + c.nv * c.dk, kw = 4, N = 3, ldx = C + 2 * c.nv + 4, G = c.nv * c.gate_width;
+    std::mt19937 rng(7);
+    const Tensor conv_w = vector_tensor(random_vector(C * kw, rng)), A_log = vector_tensor(random_vector(c.nv, rng));
+    const Tensor dt_bias = vector_tensor(random_vector(G, rng));
+    std::vector<std::vector<float>> xs, as;
+    for (int step = 0; step < 3; ++step)
+      xs.push_back(random_vector(N * ldx, rng, -2, 2)), as.push_back(random_vector(N * G, rng, -4, 4));
+    auto run = [&](Device& dev) {
+      const float *w = dev.upload_vector(conv_w), *al = dev.upload_vector(A_log), *dt = dev.upload_vector(dt_bias);
+      std::vector<float> out;
+      for (int step = 0; step < 3; ++step) {
+        dev.begin_forward();
+        const DevBatch b = make_batch(dev, {1, 1, 1}, {2, 0, 5}, {step, step, step});
+        DeltaPrep p{};
+        p.x = dev.upload_f32(xs[size_t(step)]), p.ldx = ldx, p.conv_w = w, p.C = C, p.kw = kw;
+        p.conv_pool = dev.cache_pool(0, CachePart::Conv, C * (kw - 1)), p.y = dev.scratch(N * C);
+        p.l2_heads = 2 * c.nk, p.head_dim = c.dk;
+        p.b = p.x + C, p.ldb = ldx, p.beta = dev.scratch(N * c.nv);
+        p.a = dev.upload_f32(as[size_t(step)]), p.lda = G, p.A_log = al, p.dt_bias = dt, p.g = dev.scratch(N * G);
+        p.H = c.nv, p.gate_width = c.gate_width;
+        dev.delta_prep(p, b);
+        for (auto [ptr, n] : {std::pair{p.y, N * C}, {p.beta, N * c.nv}, {p.g, N * G}}) {
+          std::vector<float> h(static_cast<size_t>(n));
+          dev.to_host(ptr, h.data(), n);
+          out.insert(out.end(), h.begin(), h.end());
+        }
+      }
+      std::vector<float> pool(size_t(6 * C * (kw - 1)));
+      dev.to_host(dev.cache_pool(0, CachePart::Conv, C * (kw - 1)), pool.data(), int64_t(pool.size()));
+      out.insert(out.end(), pool.begin(), pool.end());
+      return out;
+    };
+    auto gpu = cuda::make_cuda_device(6, DType::F32);
+    cpu::CpuDevice cpu(6);
+    const std::vector<float> got = run(*gpu), want = run(cpu);
+    ASSERT_EQ(got.size(), want.size());
+    EXPECT_LT(max_rel_diff(got, want), 1e-5) << "dk " << c.dk << " gate width " << c.gate_width;
+  }
+}
+
+// Prefill and decode rows of Qwen3-Next-style gated q rows [q_h | gate_h], partial and full RoPE,
+// plain and zero-centred norm weights.
+TEST(CudaDeviceOps, AttentionPrepMatchesCpuDevice) {
+  HLA_REQUIRE_GPU();
+  for (auto [hd, rot, zero_centered] : {std::tuple{256, 64, true}, {64, 64, false}, {128, 16, true}}) {
+    const int64_t nh = 4, nkv = 2, Q = nh * hd, KV = nkv * hd, W = 2 * Q + 2 * KV, T = 6;
+    std::mt19937 rng(9);
+    const Tensor qn = vector_tensor(random_vector(hd, rng)), kn = vector_tensor(random_vector(hd, rng));
+    std::vector<float> inv_freq(size_t(rot / 2));
+    for (size_t i = 0; i < inv_freq.size(); ++i) inv_freq[i] = std::pow(10000.0f, -2.0f * float(i) / float(rot));
+    const Tensor freq = vector_tensor(inv_freq);
+    const std::vector<float> qkv = random_vector(T * W, rng, -2, 2);
+    auto run = [&](Device& dev) {
+      dev.begin_forward();
+      const DevBatch b = make_batch(dev, {3, 1, 2}, {0, 1, 2}, {5, 17, 0});
+      const float* in = dev.upload_f32(qkv);
+      const AttentionPrep p{in,
+                            W,
+                            2 * hd,
+                            in + 2 * Q,
+                            in + 2 * Q + KV,
+                            W,
+                            nh,
+                            nkv,
+                            hd,
+                            dev.upload_vector(qn),
+                            dev.upload_vector(kn),
+                            1e-6f,
+                            zero_centered,
+                            dev.upload_vector(freq),
+                            rot,
+                            cpu::RopePairs::HalfSplit,
+                            1.0f,
+                            dev.scratch(T * Q),
+                            dev.scratch(T * KV),
+                            dev.scratch(T * KV)};
+      dev.attention_prep(p, b);
+      std::vector<float> out(size_t(T * (Q + 2 * KV)));
+      dev.to_host(p.q, out.data(), T * Q);
+      dev.to_host(p.k, out.data() + T * Q, T * KV);
+      dev.to_host(p.v, out.data() + T * (Q + KV), T * KV);
+      return out;
+    };
+    auto gpu = cuda::make_cuda_device(3, DType::F32);
+    cpu::CpuDevice cpu(3);
+    EXPECT_LT(max_rel_diff(run(*gpu), run(cpu)), 1e-5) << "hd " << hd << " rot " << rot;
   }
 }
 

@@ -140,7 +140,7 @@ void CpuDevice::l2norm(float* x, int64_t ld, int64_t T, int64_t heads, int64_t d
 
 void CpuDevice::swiglu(const float* gu, float* out, int64_t T, int64_t I) {
   for (int64_t t = 0; t < T; ++t)
-    for (int64_t i = 0; i < I; ++i) out[t * I + i] = silu(gu[t * 2 * I + i]) * gu[t * 2 * I + I + i];
+    for (int64_t i = 0; i < I; ++i) out[t * I + i] = silu(gu[t * 2 * I + 2 * i]) * gu[t * 2 * I + 2 * i + 1];
 }
 
 void CpuDevice::sigmoid_mul(float* o, const float* gate, int64_t ld_gate, int64_t ld_gate_head, int64_t T,

@@ -58,12 +58,15 @@ __device__ __forceinline__ float warp_sum(float v) {
 
 // ---- elementwise and row kernels ------------------------------------------------------------
 
-// V consecutive floats (V = 4: one 16-byte access; the caller checks alignment).
+// V consecutive floats (V a multiple of 4: 16-byte accesses; the caller checks alignment).
 template <int V>
 __device__ __forceinline__ void load_v(const float* p, float (&v)[V]) {
-  if constexpr (V == 4) {
-    const float4 a = *reinterpret_cast<const float4*>(p);
-    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w;
+  if constexpr (V % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < V; i += 4) {
+      const float4 a = *reinterpret_cast<const float4*>(p + i);
+      v[i] = a.x, v[i + 1] = a.y, v[i + 2] = a.z, v[i + 3] = a.w;
+    }
   } else {
     for (int i = 0; i < V; ++i) v[i] = p[i];
   }
@@ -213,6 +216,12 @@ __global__ void gated_rms_norm_kernel(float* o, const float* gate, int64_t ld_ga
   for (int64_t i = lane + 32 * kRegs; i < dim; i += 32) orow[i] = orow[i] * s * w[i] * act(g[i]);
 }
 
+// The fused prep kernels keep one head's values in registers: head dims up to 32 × 8.
+constexpr int kPrepHeadRegs = 8;
+
+// 1 / ||x|| from the sum of squares, as cpu l2norm_forward.
+__device__ __forceinline__ float l2_inverse(float sum_sq) { return 1.0f / sqrtf(sum_sq + 1e-6f); }
+
 // One warp per (token, head) row.
 __global__ void l2norm_kernel(float* x, int64_t ld, int64_t T, int64_t heads, int64_t dim) {
   pdl_begin();
@@ -221,20 +230,19 @@ __global__ void l2norm_kernel(float* x, int64_t ld, int64_t T, int64_t heads, in
   float* r = x + (warp / heads) * ld + (warp % heads) * dim;
   float ss = 0;
   for (int64_t i = lane; i < dim; i += 32) ss += r[i] * r[i];
-  const float inv = 1.0f / sqrtf(warp_sum(ss) + 1e-6f);
+  const float inv = l2_inverse(warp_sum(ss));
   for (int64_t i = lane; i < dim; i += 32) r[i] *= inv;
 }
 
-template <int V>  // columns per thread
+template <int V>  // outputs per thread
 __global__ void swiglu_kernel(const float* gu, float* out, int64_t T, int64_t I) {
   pdl_begin();
   const int64_t IV = I / V;
   GRID_STRIDE(i, T * IV) {
     const int64_t t = i / IV, c = (i % IV) * V;
-    float g[V], u[V], o[V];
-    load_v(gu + t * 2 * I + c, g);
-    load_v(gu + t * 2 * I + I + c, u);
-    for (int j = 0; j < V; ++j) o[j] = g[j] * sigmoidf(g[j]) * u[j];
+    float p[2 * V], o[V];  // (g, u) pairs
+    load_v(gu + t * 2 * I + 2 * c, p);
+    for (int j = 0; j < V; ++j) o[j] = p[2 * j] * sigmoidf(p[2 * j]) * p[2 * j + 1];
     store_v(out + t * I + c, o);
   }
 }
@@ -253,13 +261,19 @@ __global__ void sigmoid_kernel(const float* x, int64_t ldx, float* y, int64_t T,
   GRID_STRIDE(i, T * n) y[i] = sigmoidf(x[(i / n) * ldx + i % n]);
 }
 
+// Gate value j of a token (head j / width): −exp(A_log)·softplus(a + dt_bias), as gate_softplus_forward.
+__device__ __forceinline__ float softplus_gate(float a, const float* A_log, const float* dt_bias, int64_t j,
+                                               int64_t width) {
+  const float x = a + (dt_bias ? dt_bias[j] : 0.0f);
+  return -expf(A_log[j / width]) * (x > 20.0f ? x : log1pf(expf(x)));
+}
+
 __global__ void gate_softplus_kernel(const float* a, int64_t lda, const float* A_log, const float* dt_bias, float* g,
                                      int64_t T, int64_t H, int64_t width) {
   pdl_begin();
   GRID_STRIDE(i, T * H * width) {
-    const int64_t j = i % (H * width), t = i / (H * width), h = j / width;
-    const float x = a[t * lda + j] + (dt_bias ? dt_bias[j] : 0.0f);
-    g[i] = -expf(A_log[h]) * (x > 20.0f ? x : log1pf(expf(x)));
+    const int64_t j = i % (H * width), t = i / (H * width);
+    g[i] = softplus_gate(a[t * lda + j], A_log, dt_bias, j, width);
   }
 }
 
@@ -302,21 +316,101 @@ __global__ void conv_kernel(const float* x, int64_t ldx, const float* w, float* 
   }
 }
 
-// Decode (one token per sequence): thread (sequence, channel) computes its output from the state and
-// the new input, then shifts the new input into the state.
+// Decode (one token per sequence): R channels of sequence s, channel c0 + 32·r for r < R while
+// below `end`, from the slot's conv state and the new input, which then shifts into the state. All
+// loads come before the first store (a store between them would serialise them: the pool might
+// alias x and w), so a thread's channels are in flight together. kw ≤ kConvMaxTaps.
+constexpr int kConvMaxTaps = 4;
+template <int R>
+__device__ __forceinline__ void conv_decode_channels(const float* x, int64_t ldx, const float* w, int64_t C, int kw,
+                                                     const int32_t* slots, float* pool, int64_t s, int64_t c0,
+                                                     int64_t end, float (&y)[R]) {
+  const int P = kw - 1;
+  float* st = pool + int64_t(slots[s]) * C * P;
+  float xin[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int64_t c = c0 + 32 * r;
+    if (c >= end) continue;
+    xin[r] = x[s * ldx + c];
+    float acc = w[c * kw + P] * xin[r];
+#pragma unroll
+    for (int j = 0; j < kConvMaxTaps - 1; ++j)
+      if (j < P) acc += w[c * kw + j] * st[c * P + j];
+    y[r] = acc * sigmoidf(acc);
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int64_t c = c0 + 32 * r;
+    if (c >= end || P == 0) continue;
+#pragma unroll
+    for (int j = 0; j < kConvMaxTaps - 2; ++j)
+      if (j + 1 < P) st[c * P + j] = st[c * P + j + 1];
+    st[c * P + P - 1] = xin[r];
+  }
+}
 __global__ void conv_decode_kernel(const float* x, int64_t ldx, const float* w, float* y, int64_t C, int kw,
                                    const int32_t* slots, int64_t N, float* pool) {
   pdl_begin();
-  const int P = kw - 1;
   GRID_STRIDE(i, N * C) {
-    const int64_t s = i / C, c = i % C;
-    float* st = pool + (int64_t(slots[s]) * C + c) * P;
-    const float xin = x[s * ldx + c];
-    float acc = w[c * kw + P] * xin;
-    for (int j = 0; j < P; ++j) acc += w[c * kw + j] * st[j];
-    for (int j = 0; j + 1 < P; ++j) st[j] = st[j + 1];
-    if (P > 0) st[P - 1] = xin;
-    y[i] = acc * sigmoidf(acc);
+    float out[1];
+    conv_decode_channels(x, ldx, w, C, kw, slots, pool, i / C, i % C, C, out);
+    y[i] = out[0];
+  }
+}
+
+// Device::delta_prep for one token per sequence in one launch (a decode step's conv, l2norm, sigmoid
+// and gate kernels were four chains of launch latency). Warp tasks per sequence: the l2_heads
+// normalised heads (one each, head_dim ≤ 32·kPrepHeadRegs), then groups of 128 plain channels, of
+// 128 betas and of 128 gate values; a lane keeps a head's conv outputs in registers for the norm.
+__global__ void delta_prep_decode_kernel(DeltaPrep p, const int32_t* slots, int64_t N) {
+  pdl_begin();
+  const int lane = threadIdx.x & 31;
+  const int64_t normed = p.l2_heads * p.head_dim, plain_tasks = (p.C - normed + 127) / 128;
+  const int64_t beta_tasks = (p.H + 127) / 128, gate_tasks = (p.H * p.gate_width + 127) / 128;
+  const int64_t per_seq = p.l2_heads + plain_tasks + beta_tasks + gate_tasks;
+  const int64_t warps = int64_t(gridDim.x) * blockDim.x / 32;
+  for (int64_t task = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / 32; task < N * per_seq; task += warps) {
+    const int64_t s = task / per_seq;
+    int64_t j = task % per_seq;
+    auto conv = [&](int64_t c0, int64_t end, auto& y) {
+      conv_decode_channels(p.x, p.ldx, p.conv_w, p.C, int(p.kw), slots, p.conv_pool, s, c0, end, y);
+    };
+    if (j < p.l2_heads) {
+      const int64_t c0 = j * p.head_dim;
+      float v[kPrepHeadRegs];
+      conv(c0 + lane, c0 + p.head_dim, v);
+      float ss = 0;
+#pragma unroll
+      for (int r = 0; r < kPrepHeadRegs; ++r)
+        if (lane + 32 * r < p.head_dim) ss += v[r] * v[r];
+      const float inv = l2_inverse(warp_sum(ss));
+#pragma unroll
+      for (int r = 0; r < kPrepHeadRegs; ++r)
+        if (lane + 32 * r < p.head_dim) p.y[s * p.C + c0 + lane + 32 * r] = v[r] * inv;
+      continue;
+    }
+    j -= p.l2_heads;
+    if (j < plain_tasks) {
+      const int64_t c0 = normed + j * 128 + lane;
+      float v[4];
+      conv(c0, p.C, v);
+#pragma unroll
+      for (int r = 0; r < 4; ++r)
+        if (c0 + 32 * r < p.C) p.y[s * p.C + c0 + 32 * r] = v[r];
+    } else if ((j -= plain_tasks) < beta_tasks) {
+      for (int r = 0; r < 4; ++r) {
+        const int64_t h = j * 128 + lane + 32 * r;
+        if (h < p.H) p.beta[s * p.H + h] = sigmoidf(p.b[s * p.ldb + h]);
+      }
+    } else {
+      j -= beta_tasks;
+      for (int r = 0; r < 4; ++r) {
+        const int64_t e = j * 128 + lane + 32 * r;
+        if (e < p.H * p.gate_width)
+          p.g[s * p.H * p.gate_width + e] = softplus_gate(p.a[s * p.lda + e], p.A_log, p.dt_bias, e, p.gate_width);
+      }
+    }
   }
 }
 
@@ -336,18 +430,63 @@ __global__ void conv_state_kernel(const float* x, int64_t ldx, int64_t C, int kw
   }
 }
 
+// Rotates pair i (of `half`) of one head's channels xh at position pos, as cpu rope.
+__device__ __forceinline__ void rope_pair(float* xh, int64_t i, int64_t half, int32_t pos, const float* inv_freq,
+                                          bool half_split, float attn_factor) {
+  const float ang = float(pos) * inv_freq[i];
+  const float c = cosf(ang) * attn_factor, s = sinf(ang) * attn_factor;
+  const int64_t ia = half_split ? i : 2 * i, ib = half_split ? i + half : 2 * i + 1;
+  const float a = xh[ia], b = xh[ib];
+  xh[ia] = a * c - b * s;
+  xh[ib] = b * c + a * s;
+}
+
 __global__ void rope_kernel(float* x, int64_t T, int64_t heads, int64_t ld_token, int64_t ld_head, const float* inv_freq,
                             int64_t half, const int32_t* pos, bool half_split, float attn_factor) {
   pdl_begin();
   GRID_STRIDE(idx, T * heads * half) {
     const int64_t i = idx % half, h = (idx / half) % heads, t = idx / (half * heads);
-    const float ang = float(pos[t]) * inv_freq[i];
-    const float c = cosf(ang) * attn_factor, s = sinf(ang) * attn_factor;
-    float* xh = x + t * ld_token + h * ld_head;
-    const int64_t ia = half_split ? i : 2 * i, ib = half_split ? i + half : 2 * i + 1;
-    const float a = xh[ia], b = xh[ib];
-    xh[ia] = a * c - b * s;
-    xh[ib] = b * c + a * s;
+    rope_pair(x + t * ld_token + h * ld_head, i, half, pos[t], inv_freq, half_split, attn_factor);
+  }
+}
+
+// Device::attention_prep in one launch (a decode step spent 7 launches on it). Warp tasks per
+// token: its nh + nkv q and k heads (RMSNorm from registers, head dim ≤ 32·kPrepHeadRegs, then RoPE
+// on the written row), then groups of 128 v channels to copy.
+__global__ void attention_prep_kernel(AttentionPrep p, const int32_t* pos, int64_t T) {
+  pdl_begin();
+  const int lane = threadIdx.x & 31;
+  const int64_t KV = p.nkv * p.hd, heads = p.nh + p.nkv, per_token = heads + (KV + 127) / 128;
+  const int64_t warps = int64_t(gridDim.x) * blockDim.x / 32;
+  for (int64_t task = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / 32; task < T * per_token; task += warps) {
+    const int64_t t = task / per_token, j = task % per_token;
+    if (j >= heads) {
+      for (int r = 0; r < 4; ++r) {
+        const int64_t c = (j - heads) * 128 + lane + 32 * r;
+        if (c < KV) p.v[t * KV + c] = p.v_in[t * p.ld_kv + c];
+      }
+      continue;
+    }
+    const bool is_q = j < p.nh;
+    const int64_t h = is_q ? j : j - p.nh;
+    const float* src = is_q ? p.q_in + t * p.ld_q + h * p.q_head : p.k_in + t * p.ld_kv + h * p.hd;
+    float* dst = is_q ? p.q + (t * p.nh + h) * p.hd : p.k + (t * p.nkv + h) * p.hd;
+    const float* w = is_q ? p.q_norm : p.k_norm;
+    float v[kPrepHeadRegs];
+    float ss = 0;
+#pragma unroll
+    for (int r = 0; r < kPrepHeadRegs; ++r)
+      if (lane + 32 * r < p.hd) v[r] = src[lane + 32 * r], ss += v[r] * v[r];
+    const float scale = 1.0f / sqrtf(warp_sum(ss) / float(p.hd) + p.eps);
+#pragma unroll
+    for (int r = 0; r < kPrepHeadRegs; ++r) {
+      const int64_t i = lane + 32 * r;
+      if (i < p.hd) dst[i] = v[r] * scale * (p.zero_centered ? 1.0f + w[i] : w[i]);
+    }
+    __syncwarp();  // the row is written before the rotation reads other lanes' values
+    const int64_t half = p.rot / 2;
+    for (int64_t i = lane; i < half; i += 32)
+      rope_pair(dst, i, half, pos[t], p.inv_freq, p.pairs == cpu::RopePairs::HalfSplit, p.attn_factor);
   }
 }
 
@@ -519,16 +658,19 @@ __global__ void decode_combine_kernel(const float* part, float* o, int64_t dv) {
 // columns, 16 bytes per lane per load (a warp's load covers 512 contiguous bytes), and dots it
 // with the M rows of x, which stay fp32 (more exact than the GEMM path's bf16 operands; the
 // weights are the bf16 values either way). The first kGemvPrefetch loads are issued before
-// pdl_begin(): W is constant, so they stream while the kernel before still runs. The S splits of
-// a row sit in one block and are summed in a fixed order (deterministic). K a multiple of 8·S,
-// x rows 16-byte aligned.
-constexpr int kGemvPrefetch = 4;
-template <int M>
-__global__ void __launch_bounds__(256)
+// pdl_begin(): W is constant, so they stream while the kernels before still run. The S splits of
+// a row sit in one block of kGemvWarps warps and are summed in a fixed order (deterministic).
+// Blocks of 4 warps rather than 8: the last blocks of a call finish sooner (the 2B model's chain
+// of 97 GEMVs: 1278 → 1249 µs on an H200). kSwiglu: rows 2i and 2i+1 are a SwiGLU block's gate
+// and up rows i (one block holds both: S ≤ kGemvWarps / 2) and y [M, N/2] gets SiLU(gate)·up, so
+// the elementwise pass is not a kernel of its own. K a multiple of 8·S, x rows 16-byte aligned.
+constexpr int kGemvPrefetch = 4, kGemvWarps = 4;
+template <int M, bool kSwiglu>
+__global__ void __launch_bounds__(kGemvWarps * 32)
     gemv_kernel(const __nv_bfloat16* W, const float* x, int64_t ldx, float* y, int64_t N, int64_t K, int S) {
-  __shared__ float part[8][M];
+  __shared__ float part[kGemvWarps][M];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t n = (blockIdx.x * int64_t(8) + warp) / S, seg = K / S;
+  const int64_t n = (blockIdx.x * int64_t(kGemvWarps) + warp) / S, seg = K / S;
   const int64_t k0 = (warp % S) * seg + lane * 8;  // this lane's first column; then every 256th
   const __nv_bfloat16* w = W + min(n, N - 1) * K + k0;
   uint4 pre[kGemvPrefetch];
@@ -547,10 +689,10 @@ __global__ void __launch_bounds__(256)
     }
 #pragma unroll
     for (int m = 0; m < M; ++m) {
-      const float4 a = *reinterpret_cast<const float4*>(x + m * ldx + k0 + k);
-      const float4 b = *reinterpret_cast<const float4*>(x + m * ldx + k0 + k + 4);
-      acc[m] += wf[0] * a.x + wf[1] * a.y + wf[2] * a.z + wf[3] * a.w + wf[4] * b.x + wf[5] * b.y + wf[6] * b.z +
-                wf[7] * b.w;
+      float a[8];
+      load_v(x + m * ldx + k0 + k, a);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) acc[m] += wf[j] * a[j];
     }
   };
 #pragma unroll
@@ -561,16 +703,26 @@ __global__ void __launch_bounds__(256)
     dot(__ldg(reinterpret_cast<const uint4*>(w + k)), k);
 #pragma unroll
   for (int m = 0; m < M; ++m) acc[m] = warp_sum(acc[m]);
-  if (S > 1) {
+  if (S > 1 || kSwiglu) {
     if (lane == 0)
       for (int m = 0; m < M; ++m) part[warp][m] = acc[m];
     __syncthreads();
-    if (warp % S != 0 || lane != 0) return;
-    for (int s = 1; s < S; ++s)
-      for (int m = 0; m < M; ++m) acc[m] += part[warp + s][m];
   }
-  if (lane == 0 && n < N)
-    for (int m = 0; m < M; ++m) y[m * N + n] = acc[m];
+  if (lane != 0 || warp % S != 0 || n >= N) return;
+  auto row_sum = [&](int w, int m) {  // the row of warp w: its splits in order
+    float v = part[w][m];
+    for (int s = 1; s < S; ++s) v += part[w + s][m];
+    return v;
+  };
+  if constexpr (kSwiglu) {
+    if (n % 2 == 0)
+      for (int m = 0; m < M; ++m) {
+        const float g = row_sum(warp, m);
+        y[m * (N / 2) + n / 2] = g * sigmoidf(g) * row_sum(warp + S, m);
+      }
+    return;
+  }
+  for (int m = 0; m < M; ++m) y[m * N + n] = S > 1 ? row_sum(warp, m) : acc[m];
 }
 
 // out[r] = the index of the largest of x[r, :n], the lowest one among ties (as the host's greedy
@@ -887,7 +1039,7 @@ class CudaDevice : public Device {
     // The GEMM's bf16 operand rows.
     auto* xb = wt_ == DType::BF16 && !small ? reinterpret_cast<__nv_bfloat16*>(scratch((M * W.cols + 1) / 2)) : nullptr;
     if (op.skip) return;
-    if (small) return gemv(W, x, ldx, y, M);
+    if (small) return gemv<false>(W, x, ldx, y, M);
     if (!xb) return gemm(W, x, ldx, y, M);
     pack_to(x, ldx, W.cols, xb, M);
     gemm(W, xb, W.cols, y, M);
@@ -974,7 +1126,7 @@ class CudaDevice : public Device {
     const OpScope op(*this, "causal_conv_silu");
     if (op.skip) return;
     const int N = int(b.num_seqs());
-    if (b.one_token_each()) {
+    if (b.one_token_each() && kw <= kConvMaxTaps) {
       launch(conv_decode_kernel, grid_for(N * C), kThreads, x, ldx, w, y, C, int(kw), b.d_slots, N, conv_pool);
       return;
     }
@@ -984,6 +1136,30 @@ class CudaDevice : public Device {
     });
     launch(conv_state_kernel, grid_for(N * C), kThreads, x, ldx, C, int(kw), b.d_cu, b.d_slots, N, conv_pool);
   }
+  void delta_prep(const DeltaPrep& p, const DevBatch& b) override {
+    if (!b.one_token_each() || p.head_dim > 32 * kPrepHeadRegs || p.kw > kConvMaxTaps) return Device::delta_prep(p, b);
+    const OpScope op(*this, "delta_prep");
+    if (op.skip) return;
+    const int64_t N = b.num_seqs();
+    const int64_t per_seq =
+        p.l2_heads + (p.C - p.l2_heads * p.head_dim + 127) / 128 + (p.H + 127) / 128 + (p.H * p.gate_width + 127) / 128;
+    launch(delta_prep_decode_kernel, grid_for(N * per_seq * 32), kThreads, p, b.d_slots, N);
+  }
+  void attention_prep(const AttentionPrep& p, const DevBatch& b) override {
+    if (p.hd > 32 * kPrepHeadRegs) return Device::attention_prep(p, b);
+    const OpScope op(*this, "attention_prep");
+    if (op.skip) return;
+    const int64_t T = b.tokens(), per_token = p.nh + p.nkv + (p.nkv * p.hd + 127) / 128;
+    if (T > 0) launch(attention_prep_kernel, grid_for(T * per_token * 32), kThreads, p, b.d_pos, T);
+  }
+  void linear_swiglu(const float* x, int64_t ldx, const DevMatrix& W, float* out, int64_t M) override {
+    if (wt_ != DType::BF16 || !gemv_fits(W, x, ldx, M) || W.rows % 2 != 0)
+      return Device::linear_swiglu(x, ldx, W, out, M);
+    const OpScope op(*this, "linear_swiglu");
+    if (op.skip || M == 0) return;
+    gemv<true>(W, x, ldx, out, M);
+  }
+
   void rope(float* x, int64_t T, int64_t heads, int64_t ld_token, int64_t ld_head, const float* inv_freq, int64_t rot,
             const DevBatch& b, cpu::RopePairs pairs, float attn_factor) override {
     const OpScope op(*this, "rope");
@@ -1201,27 +1377,28 @@ class CudaDevice : public Device {
     chunks_.emplace_back(p, bytes);
   }
 
-  // gemv_kernel for M ≤ 8 rows. S, the splits of K per row, grows while the card would hold
-  // fewer than ~4096 warps and each keeps ≥ 1024 columns (2048 rows of K = 4096 unsplit leave
-  // half the SMs' load slots empty).
+  // gemv_kernel for M ≤ 8 rows. S, the splits of K per row (at most a block's warps), grows while
+  // the card would hold fewer than ~4096 warps and each keeps ≥ 1024 columns (2048 rows of K = 4096
+  // unsplit leave half the SMs' load slots empty).
   static constexpr int64_t kGemvMaxRows = 8;
-  static int gemv_splits(const DevMatrix& W) {
+  static int gemv_splits(const DevMatrix& W, int max_splits = kGemvWarps) {
     const int64_t K = W.cols;
     int S = 1;
-    while (S < 8 && K % (16 * S) == 0 && W.rows * S < 4096 && K / S >= 2048) S *= 2;
+    while (S < max_splits && K % (16 * S) == 0 && W.rows * S < 4096 && K / S >= 2048) S *= 2;
     return K % (8 * S) == 0 ? S : 0;
   }
   static bool gemv_fits(const DevMatrix& W, const float* x, int64_t ldx, int64_t M) {
     return M <= kGemvMaxRows && gemv_splits(W) > 0 && ldx % 4 == 0 && ptr_alignment(x) >= 16;
   }
+  template <bool kSwiglu>
   void gemv(const DevMatrix& W, const float* x, int64_t ldx, float* y, int64_t M) {
-    const int S = gemv_splits(W);
-    const unsigned grid = unsigned((W.rows * S + 7) / 8);
+    const int S = gemv_splits(W, kSwiglu ? kGemvWarps / 2 : kGemvWarps);
+    const unsigned grid = unsigned((W.rows * S + kGemvWarps - 1) / kGemvWarps);
     const auto* w = static_cast<const __nv_bfloat16*>(W.p);
     switch (M) {
 #define HLA_GEMV_CASE(m) \
   case m:                \
-    return launch(gemv_kernel<m>, grid, 256, w, x, ldx, y, W.rows, W.cols, S);
+    return launch(gemv_kernel<m, kSwiglu>, grid, kGemvWarps * 32, w, x, ldx, y, W.rows, W.cols, S);
       HLA_GEMV_CASE(1) HLA_GEMV_CASE(2) HLA_GEMV_CASE(3) HLA_GEMV_CASE(4)
       HLA_GEMV_CASE(5) HLA_GEMV_CASE(6) HLA_GEMV_CASE(7) HLA_GEMV_CASE(8)
 #undef HLA_GEMV_CASE

@@ -4,9 +4,13 @@
 // next one's start is a large share of the step. A kernel launched through launch_pdl may be
 // scheduled while the kernel before it in the stream finishes: it must call pdl_begin() before it
 // reads or writes any memory an earlier kernel touches (only constant inputs such as weights may be
-// read before it — the GEMV streams its first weights there). pdl_begin() waits for the earlier
-// kernel to complete (and, through that kernel's own wait, for everything before it), then lets the
-// next kernel be scheduled. HLA_CUDA_PDL=0 launches plainly (the A/B switch for timings).
+// read before it — the GEMV streams its first weights there). pdl_begin() first lets the next
+// kernel be scheduled, then waits for the earlier kernel to complete (and, through that kernel's
+// own wait, for everything before it). Triggering first means a chain of small kernels is resident
+// and waiting before its predecessors end, and the GEMV after it starts streaming weights while
+// they run; a kernel launches only once every block of the one before has started, so waiting
+// dependents never take the slots of a grid they wait for. HLA_CUDA_PDL=0 launches plainly (the
+// A/B switch for timings).
 #pragma once
 #include <cuda_runtime.h>
 
@@ -17,8 +21,8 @@ namespace hla::cuda {
 bool pdl_enabled();
 
 __device__ __forceinline__ void pdl_begin() {
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
 }
 
 template <class... Params, class... Args>
