@@ -1,6 +1,7 @@
 // The CUDA device's own operations against CpuDevice (the oracle's functions) where the model tests
-// would hide a shape: the decode GEMV (up to 8 rows, K split across warps; bf16 weights, fp32
-// activations), alone and with its SwiGLU input, and the cuBLASLt GEMM past it (bf16 operands); the
+// would hide a shape: the decode GEMVs (one row: fp32 activations; 2–8 rows on the tensor cores:
+// bf16 operands; K split across warps), alone and with their SwiGLU epilogue, and the cuBLASLt GEMM
+// past them (bf16 operands); the
 // fused delta-rule decode prep (conv state over several steps, grouped heads, per-key gates) and
 // attention prep (gated q rows, partial RoPE); the greedy pick (argmax, lowest index on
 // ties).
@@ -35,11 +36,13 @@ TEST(CudaDeviceOps, LinearMatchesCpuDeviceInBf16) {
   struct Shape {
     int64_t M, N, K, ldx;
   };
-  // M ≤ 8: the GEMV with K splits 1, 2 and 4, short rows (lanes without columns), an odd row
-  // count, padded x rows; M > 8: cuBLASLt.
-  const Shape shapes[] = {{1, 37, 32, 32},   {1, 2048, 4096, 4096},  {3, 2053, 2048, 2056},  {8, 12352, 2048, 2048},
-                          {2, 100, 96, 100}, {8, 2048, 6144, 6144},  {1, 300, 16384, 16384}, {5, 70000, 64, 64},
-                          {9, 100, 96, 100}, {16, 2048, 6144, 6144}, {40, 64, 64, 64}};
+  // M = 1: the scalar GEMV with K splits 1, 2 and 4, short rows (lanes without columns); M = 2..8:
+  // the tensor-core GEMV with K splits 1 to 8, row counts off the 16-row tiles, padded x rows; K
+  // off its 32-column steps and M > 8: cuBLASLt.
+  const Shape shapes[] = {{1, 37, 32, 32},       {1, 2048, 4096, 4096},  {3, 2053, 2048, 2056},  {8, 12352, 2048, 2048},
+                          {2, 100, 96, 100},     {8, 2048, 6144, 6144},  {1, 300, 16384, 16384}, {5, 70000, 64, 64},
+                          {9, 100, 96, 100},     {16, 2048, 6144, 6144}, {40, 64, 64, 64},       {4, 50, 40, 40},
+                          {1, 2048, 6144, 6144}, {13, 333, 4096, 4096}};
   std::mt19937 rng(11);
   std::uniform_real_distribution<float> u(-1.0f, 1.0f);
   for (const Shape& s : shapes) {
@@ -48,7 +51,7 @@ TEST(CudaDeviceOps, LinearMatchesCpuDeviceInBf16) {
     std::vector<float> x(size_t(s.M * s.ldx));
     for (float& v : x) v = u(rng);
     auto gpu = cuda::make_cuda_device(1, DType::BF16);
-    cpu::CpuDevice cpu(1, /*bf16 operands=*/s.M > 8);  // the GEMV (M ≤ 8) keeps x in fp32
+    cpu::CpuDevice cpu(1, /*bf16 operands=*/s.M > 1);  // the one-row GEMV keeps x in fp32
     const std::vector<float> got = run_linear(*gpu, W, x, s.M, s.ldx), want = run_linear(cpu, W, x, s.M, s.ldx);
     double err = 0, scale = 0;
     for (size_t i = 0; i < want.size(); ++i) {
@@ -94,12 +97,13 @@ DevBatch make_batch(Device& dev, const std::vector<int64_t>& lens, const std::ve
   return b;
 }
 
-// W's rows are (gate, up) pairs; M ≤ 8 runs the GEMV with the SwiGLU epilogue (K splits 1 and 2),
-// M > 8 cuBLASLt and the swiglu kernel.
+// W's rows are (gate, up) pairs; M ≤ 8 runs a GEMV with the SwiGLU epilogue (one row: K splits 1
+// and 2; 2–8 rows: tensor cores), M > 8 cuBLASLt and the swiglu kernel.
 TEST(CudaDeviceOps, LinearSwigluMatchesCpuDevice) {
   HLA_REQUIRE_GPU();
   std::mt19937 rng(3);
-  for (auto [M, N, K] : {std::tuple{1, 200, 96}, {5, 2048, 6144}, {8, 300, 2048}, {12, 200, 96}}) {
+  for (auto [M, N, K] :
+       {std::tuple{1, 200, 96}, {1, 2048, 6144}, {5, 2048, 6144}, {8, 300, 2048}, {12, 200, 96}, {20, 200, 96}}) {
     Tensor W = Tensor::f32({N, K});
     const std::vector<float> w = random_vector(N * K, rng);
     for (int64_t i = 0; i < W.numel(); ++i) W.f32()[i] = bf16_to_f32(f32_to_bf16(w[size_t(i)]));
@@ -114,7 +118,7 @@ TEST(CudaDeviceOps, LinearSwigluMatchesCpuDevice) {
       return h;
     };
     auto gpu = cuda::make_cuda_device(1, DType::BF16);
-    cpu::CpuDevice cpu(1, /*bf16 operands=*/M > 8);
+    cpu::CpuDevice cpu(1, /*bf16 operands=*/M > 1);
     EXPECT_LT(max_rel_diff(run(*gpu), run(cpu)), 1e-5) << "M " << M << " N " << N << " K " << K;
   }
 }

@@ -20,6 +20,7 @@
 #include "backends/cuda/cuda_device.h"
 #include "backends/cuda/delta_rule_cuda.h"
 #include "backends/cuda/launch.cuh"
+#include "backends/cuda/mma.cuh"
 #include "core/error.h"
 
 namespace hla::cuda {
@@ -653,22 +654,21 @@ __global__ void decode_combine_kernel(const float* part, float* o, int64_t dv) {
   }
 }
 
-// y [M, N] = x [M, K] · W^T for bf16 W and at most 8 rows of x (decode): bandwidth-bound on W,
-// where a GEMM library's tiles idle. Warp (row n, split s) reads its share of W row n, K/S
-// columns, 16 bytes per lane per load (a warp's load covers 512 contiguous bytes), and dots it
-// with the M rows of x, which stay fp32 (more exact than the GEMM path's bf16 operands; the
-// weights are the bf16 values either way). The first kGemvPrefetch loads are issued before
-// pdl_begin(): W is constant, so they stream while the kernels before still run. The S splits of
-// a row sit in one block of kGemvWarps warps and are summed in a fixed order (deterministic).
-// Blocks of 4 warps rather than 8: the last blocks of a call finish sooner (the 2B model's chain
-// of 97 GEMVs: 1278 → 1249 µs on an H200). kSwiglu: rows 2i and 2i+1 are a SwiGLU block's gate
-// and up rows i (one block holds both: S ≤ kGemvWarps / 2) and y [M, N/2] gets SiLU(gate)·up, so
-// the elementwise pass is not a kernel of its own. K a multiple of 8·S, x rows 16-byte aligned.
+// y [N] = W · x for bf16 W and one row of x (decode at batch 1): bandwidth-bound on W, where a
+// GEMM library's tiles idle. Warp (row n, split s) reads its share of W row n, K/S columns, 16
+// bytes per lane per load (a warp's load covers 512 contiguous bytes), and dots it with x, which
+// stays fp32. The first kGemvPrefetch loads are issued before pdl_begin(): W is constant, so they
+// stream while the kernels before still run. The S splits of a row sit in one block of kGemvWarps
+// warps and are summed in a fixed order (deterministic). Blocks of 4 warps rather than 8: the
+// last blocks of a call finish sooner (the 2B model's chain of 97 GEMVs: 1278 → 1249 µs on an
+// H200). kSwiglu: rows 2i and 2i+1 are a SwiGLU block's gate and up rows i (one block holds both:
+// S ≤ kGemvWarps / 2) and y [N/2] gets SiLU(gate)·up, so the elementwise pass is not a kernel of
+// its own. K a multiple of 8·S, x 16-byte aligned.
 constexpr int kGemvPrefetch = 4, kGemvWarps = 4;
-template <int M, bool kSwiglu>
+template <bool kSwiglu>
 __global__ void __launch_bounds__(kGemvWarps * 32)
-    gemv_kernel(const __nv_bfloat16* W, const float* x, int64_t ldx, float* y, int64_t N, int64_t K, int S) {
-  __shared__ float part[kGemvWarps][M];
+    gemv_kernel(const __nv_bfloat16* W, const float* x, float* y, int64_t N, int64_t K, int S) {
+  __shared__ float part[kGemvWarps];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t n = (blockIdx.x * int64_t(kGemvWarps) + warp) / S, seg = K / S;
   const int64_t k0 = (warp % S) * seg + lane * 8;  // this lane's first column; then every 256th
@@ -678,21 +678,15 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
   for (int i = 0; i < kGemvPrefetch; ++i)
     if (lane * 8 + i * 256 < seg) pre[i] = __ldg(reinterpret_cast<const uint4*>(w + i * 256));
   pdl_begin();
-  float acc[M] = {};
-  auto dot = [&](const uint4& raw, int64_t k) {  // 8 weights at column k0 + k with each row of x
+  float acc = 0;
+  auto dot = [&](const uint4& raw, int64_t k) {  // 8 weights at column k0 + k
     const __nv_bfloat162* pair = reinterpret_cast<const __nv_bfloat162*>(&raw);
-    float wf[8];
+    float a[8];
+    load_v(x + k0 + k, a);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const float2 f = __bfloat1622float2(pair[j]);
-      wf[2 * j] = f.x, wf[2 * j + 1] = f.y;
-    }
-#pragma unroll
-    for (int m = 0; m < M; ++m) {
-      float a[8];
-      load_v(x + m * ldx + k0 + k, a);
-#pragma unroll
-      for (int j = 0; j < 8; ++j) acc[m] += wf[j] * a[j];
+      acc += f.x * a[2 * j] + f.y * a[2 * j + 1];
     }
   };
 #pragma unroll
@@ -701,28 +695,99 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
 #pragma unroll 4
   for (int64_t k = kGemvPrefetch * 256; lane * 8 + k < seg; k += 256)
     dot(__ldg(reinterpret_cast<const uint4*>(w + k)), k);
-#pragma unroll
-  for (int m = 0; m < M; ++m) acc[m] = warp_sum(acc[m]);
+  acc = warp_sum(acc);
   if (S > 1 || kSwiglu) {
-    if (lane == 0)
-      for (int m = 0; m < M; ++m) part[warp][m] = acc[m];
+    if (lane == 0) part[warp] = acc;
     __syncthreads();
   }
   if (lane != 0 || warp % S != 0 || n >= N) return;
-  auto row_sum = [&](int w, int m) {  // the row of warp w: its splits in order
-    float v = part[w][m];
-    for (int s = 1; s < S; ++s) v += part[w + s][m];
+  auto row_sum = [&](int wp) {  // the row of warp wp: its splits in order
+    float v = part[wp];
+    for (int s = 1; s < S; ++s) v += part[wp + s];
     return v;
   };
   if constexpr (kSwiglu) {
-    if (n % 2 == 0)
-      for (int m = 0; m < M; ++m) {
-        const float g = row_sum(warp, m);
-        y[m * (N / 2) + n / 2] = g * sigmoidf(g) * row_sum(warp + S, m);
-      }
-    return;
+    if (n % 2 == 0) {
+      const float g = row_sum(warp);
+      y[n / 2] = g * sigmoidf(g) * row_sum(warp + S);
+    }
+  } else {
+    y[n] = S > 1 ? row_sum(warp) : acc;
   }
-  for (int m = 0; m < M; ++m) y[m * N + n] = S > 1 ? row_sum(warp, m) : acc[m];
+}
+
+// y [M, N] = x [M, K] · W^T for 2 to 8 rows of x on the tensor cores: a scalar GEMV's M dot
+// products per weight make it compute-bound past one row (8 rows: 0.75 TB/s on an H200), and
+// cuBLASLt needs x packed to bf16 first, one more kernel per projection (decode at batch 4 on the
+// 2B model: 1184 → 1662 tokens/s; at 9–16 rows this kernel lost to cuBLASLt, 4885 → 4270 at batch
+// 16). A warp owns 16 rows of W and K/S columns (the S splits of a tile sit in one block of 8
+// warps); W is the mma's A operand, x^T its B, rounded to bf16 as the GEMM path rounds it. Inside each
+// 32-column step the reduction index is permuted so that a lane loads 16 contiguous bytes of one W
+// row: lane (g, t) holds columns 8t..8t+7 of rows g and g+8; values 0–3 feed the first mma of the
+// step, 4–7 the second, and the lane takes the same columns of row g of x. kGemvMmaUnroll steps of
+// loads are in flight per warp, the first ones issued before pdl_begin(). kSwiglu as gemv_kernel:
+// rows 2i, 2i+1 are a gate/up pair (neighbouring g: one xor-4 shuffle). K a multiple of 32·S,
+// x rows 16-byte aligned.
+constexpr int kGemvMmaUnroll = 4, kGemvMmaWarps = 8;
+template <bool kSwiglu>
+__global__ void __launch_bounds__(kGemvMmaWarps * 32)
+    gemv_mma_kernel(const __nv_bfloat16* W, const float* x, int64_t ldx, float* y, int64_t N, int64_t K, int S, int M) {
+  __shared__ float part[kGemvMmaWarps][32][4];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int64_t row0 = (blockIdx.x * int64_t(kGemvMmaWarps) + warp) / S * 16, seg = K / S;
+  const int64_t kb = (warp % S) * seg + 8 * t;  // this lane's first column
+  const __nv_bfloat16* wa = W + min(row0 + g, N - 1) * K + kb;
+  const __nv_bfloat16* wb = W + min(row0 + g + 8, N - 1) * K + kb;
+  uint4 la[kGemvMmaUnroll], lb[kGemvMmaUnroll];
+  auto load = [&](int64_t k) {
+#pragma unroll
+    for (int i = 0; i < kGemvMmaUnroll; ++i)
+      if (k + i * 32 < seg) {
+        la[i] = __ldg(reinterpret_cast<const uint4*>(wa + k + i * 32));
+        lb[i] = __ldg(reinterpret_cast<const uint4*>(wb + k + i * 32));
+      }
+  };
+  load(0);
+  pdl_begin();
+  float acc[4] = {};
+  auto step = [&](const uint4& A, const uint4& B, int64_t k) {
+    const uint32_t* a = reinterpret_cast<const uint32_t*>(&A);
+    const uint32_t* b = reinterpret_cast<const uint32_t*>(&B);
+    const uint32_t f1[4] = {a[0], b[0], a[1], b[1]}, f2[4] = {a[2], b[2], a[3], b[3]};
+    float v[8] = {};
+    if (g < M) load_v(x + g * ldx + kb + k, v);
+    auto bf = [&](int i) { return pack_pair(from_f32<__nv_bfloat16>(v[i]), from_f32<__nv_bfloat16>(v[i + 1])); };
+    const uint32_t b1[2] = {bf(0), bf(2)}, b2[2] = {bf(4), bf(6)};
+    mma_bf16(acc, f1, b1);
+    mma_bf16(acc, f2, b2);
+  };
+  for (int64_t k = 0; k < seg; k += kGemvMmaUnroll * 32) {
+    if (k > 0) load(k);
+#pragma unroll
+    for (int i = 0; i < kGemvMmaUnroll; ++i)
+      if (k + i * 32 < seg) step(la[i], lb[i], k + i * 32);
+  }
+  if (S > 1) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) part[warp][lane][e] = acc[e];
+    __syncthreads();
+    if (warp % S != 0) return;
+    for (int s = 1; s < S; ++s)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[e] += part[warp + s][lane][e];
+  }
+  // acc[e]: row row0 + g (+8 for e ≥ 2) of W, row 2t + (e & 1) of x.
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int64_t n = row0 + g + (e >= 2 ? 8 : 0);
+    const int m = 2 * t + (e & 1);
+    if constexpr (kSwiglu) {
+      const float up = __shfl_xor_sync(0xffffffffu, acc[e], 4);  // row n + 1 sits at g + 1
+      if (g % 2 == 0 && n < N && m < M) y[m * (N / 2) + n / 2] = acc[e] * sigmoidf(acc[e]) * up;
+    } else if (n < N && m < M) {
+      y[m * N + n] = acc[e];
+    }
+  }
 }
 
 // out[r] = the index of the largest of x[r, :n], the lowest one among ties (as the host's greedy
@@ -1377,32 +1442,38 @@ class CudaDevice : public Device {
     chunks_.emplace_back(p, bytes);
   }
 
-  // gemv_kernel for M ≤ 8 rows. S, the splits of K per row (at most a block's warps), grows while
-  // the card would hold fewer than ~4096 warps and each keeps ≥ 1024 columns (2048 rows of K = 4096
-  // unsplit leave half the SMs' load slots empty).
+  // Decode-sized products skip cuBLASLt: one row of x through gemv_kernel, 2 to 8 through
+  // gemv_mma_kernel. S, the splits of K per row (at most a block's warps), grows while the card
+  // would hold fewer than ~4096 warps (~2048 16-row tiles) and each split keeps ≥ 1024 (256) columns:
+  // 2048 rows of K = 4096 unsplit leave half the SMs' load slots empty.
   static constexpr int64_t kGemvMaxRows = 8;
-  static int gemv_splits(const DevMatrix& W, int max_splits = kGemvWarps) {
+  static int gemv_splits(const DevMatrix& W, int max_splits) {
     const int64_t K = W.cols;
     int S = 1;
     while (S < max_splits && K % (16 * S) == 0 && W.rows * S < 4096 && K / S >= 2048) S *= 2;
     return K % (8 * S) == 0 ? S : 0;
   }
+  static int gemv_mma_splits(const DevMatrix& W) {
+    const int64_t K = W.cols, tiles = (W.rows + 15) / 16;
+    int S = 1;
+    while (S < kGemvMmaWarps && K % (64 * S) == 0 && tiles * S < 2048 && K / S >= 512) S *= 2;
+    return K % (32 * S) == 0 ? S : 0;
+  }
   static bool gemv_fits(const DevMatrix& W, const float* x, int64_t ldx, int64_t M) {
-    return M <= kGemvMaxRows && gemv_splits(W) > 0 && ldx % 4 == 0 && ptr_alignment(x) >= 16;
+    const int S = M == 1 ? gemv_splits(W, kGemvWarps) : gemv_mma_splits(W);
+    return M <= kGemvMaxRows && S > 0 && ldx % 4 == 0 && ptr_alignment(x) >= 16;
   }
   template <bool kSwiglu>
   void gemv(const DevMatrix& W, const float* x, int64_t ldx, float* y, int64_t M) {
-    const int S = gemv_splits(W, kSwiglu ? kGemvWarps / 2 : kGemvWarps);
-    const unsigned grid = unsigned((W.rows * S + kGemvWarps - 1) / kGemvWarps);
     const auto* w = static_cast<const __nv_bfloat16*>(W.p);
-    switch (M) {
-#define HLA_GEMV_CASE(m) \
-  case m:                \
-    return launch(gemv_kernel<m, kSwiglu>, grid, kGemvWarps * 32, w, x, ldx, y, W.rows, W.cols, S);
-      HLA_GEMV_CASE(1) HLA_GEMV_CASE(2) HLA_GEMV_CASE(3) HLA_GEMV_CASE(4)
-      HLA_GEMV_CASE(5) HLA_GEMV_CASE(6) HLA_GEMV_CASE(7) HLA_GEMV_CASE(8)
-#undef HLA_GEMV_CASE
+    if (M == 1) {
+      const int S = gemv_splits(W, kSwiglu ? kGemvWarps / 2 : kGemvWarps);
+      const unsigned grid = unsigned((W.rows * S + kGemvWarps - 1) / kGemvWarps);
+      return launch(gemv_kernel<kSwiglu>, grid, kGemvWarps * 32, w, x, y, W.rows, W.cols, S);
     }
+    const int S = gemv_mma_splits(W);
+    const unsigned grid = unsigned(((W.rows + 15) / 16 * S + kGemvMmaWarps - 1) / kGemvMmaWarps);
+    launch(gemv_mma_kernel<kSwiglu>, grid, kGemvMmaWarps * 32, w, x, ldx, y, W.rows, W.cols, S, int(M));
   }
 
   // y [M, N] = x [M, K] · W^T: in cuBLASLt's column-major terms D [N, M] = W^T(stored [K, N]) · x (stored [K, M], ld ldb).

@@ -147,13 +147,7 @@ __global__ void __launch_bounds__(128) decode_kernel(DecodeArgs a) {
 template <class CT, bool KDA, int K>
 void launch_k(const DecodeArgs& a, cudaStream_t s) {
   auto kernel = decode_kernel<CT, KDA, K>;
-  static const int per_card = [&] {
-    int dev = 0, sms = 0, per_sm = 0;
-    check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
-    check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "multiprocessor count");
-    check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, 128, 0), "decode occupancy");
-    return sms * std::max(per_sm, 1);
-  }();
+  static const int per_card = blocks_on_card(reinterpret_cast<const void*>(kernel), 128);
   launch_pdl("delta rule decode kernel", kernel, dim3(unsigned(std::min(a.items, per_card))), 128, 0, s, a);
 }
 

@@ -1,4 +1,5 @@
 // Device discovery, error reporting and the launch switch for the CUDA backend.
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -20,6 +21,14 @@ bool device_available() {
 
 void check_cuda(cudaError_t e, const char* what) {
   check(e == cudaSuccess, std::string("cuda: ") + what + ": " + cudaGetErrorString(e));
+}
+
+int blocks_on_card(const void* kernel, int threads, size_t smem) {
+  int dev = 0, sms = 0, per_sm = 0;
+  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "multiprocessor count");
+  check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem), "occupancy");
+  return sms * std::max(per_sm, 1);
 }
 
 bool pdl_enabled() {

@@ -19,6 +19,9 @@
 namespace hla::cuda {
 
 bool pdl_enabled();
+// How many blocks of `kernel` (threads each, smem bytes of dynamic shared memory) the current
+// device holds at once: the grid of a persistent kernel.
+int blocks_on_card(const void* kernel, int threads, size_t smem = 0);
 
 __device__ __forceinline__ void pdl_begin() {
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
