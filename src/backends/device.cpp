@@ -1,3 +1,5 @@
+// The fused Device operations' defaults: the unfused operations one after another (what the CPU device
+// runs, and any device for shapes its fused kernels do not take).
 #include "backends/device.h"
 
 namespace hla {
