@@ -13,6 +13,7 @@
 #include "backends/cuda/cuda_device.h"
 #include "backends/cuda/delta_rule_cuda.h"
 #include "core/dtype.h"
+#include "model/layers.h"
 #include "tests/cuda/require_gpu.h"
 
 using namespace hla;
@@ -29,6 +30,35 @@ std::vector<float> run_linear(Device& dev, const Tensor& W, const std::vector<fl
   std::vector<float> y(size_t(M * W.size(0)));
   dev.to_host(yd, y.data(), M * W.size(0));
   return y;
+}
+
+std::vector<float> random_vector(int64_t n, std::mt19937& rng, float lo = -1.0f, float hi = 1.0f) {
+  std::uniform_real_distribution<float> u(lo, hi);
+  std::vector<float> v(static_cast<size_t>(n));
+  for (float& x : v) x = u(rng);
+  return v;
+}
+float max_rel_diff(const std::vector<float>& got, const std::vector<float>& want) {
+  double err = 0, scale = 1e-30;
+  for (size_t i = 0; i < want.size(); ++i) {
+    err = std::max(err, double(std::fabs(got[i] - want[i])));
+    scale = std::max(scale, double(std::fabs(want[i])));
+  }
+  return float(err / scale);
+}
+// A batch of sequences of `lens` tokens in `slots` after `past` tokens, uploaded as Model does.
+DevBatch make_batch(Device& dev, const std::vector<int64_t>& lens, const std::vector<int64_t>& slots,
+                    const std::vector<int64_t>& past) {
+  DevBatch b;
+  b.cu_seqlens = {0}, b.slots = slots, b.past = past;
+  std::vector<int32_t> cu{0}, sl(slots.begin(), slots.end()), pos;
+  for (size_t i = 0; i < lens.size(); ++i) {
+    b.cu_seqlens.push_back(b.cu_seqlens.back() + lens[i]);
+    cu.push_back(int32_t(b.cu_seqlens.back()));
+    for (int64_t t = 0; t < lens[i]; ++t) pos.push_back(int32_t(past[i] + t));
+  }
+  b.d_cu = dev.upload_i32(cu), b.d_slots = dev.upload_i32(sl), b.d_pos = dev.upload_i32(pos);
+  return b;
 }
 
 TEST(CudaDeviceOps, LinearMatchesCpuDeviceInBf16) {
@@ -53,48 +83,9 @@ TEST(CudaDeviceOps, LinearMatchesCpuDeviceInBf16) {
     auto gpu = cuda::make_cuda_device(1, DType::BF16);
     cpu::CpuDevice cpu(1, /*bf16 operands=*/s.M > 1);  // the one-row GEMV keeps x in fp32
     const std::vector<float> got = run_linear(*gpu, W, x, s.M, s.ldx), want = run_linear(cpu, W, x, s.M, s.ldx);
-    double err = 0, scale = 0;
-    for (size_t i = 0; i < want.size(); ++i) {
-      err = std::max(err, double(std::fabs(got[i] - want[i])));
-      scale = std::max(scale, double(std::fabs(want[i])));
-    }
     // The same bf16 products summed in another order in fp32.
-    EXPECT_LT(err / scale, 1e-5) << "M " << s.M << " N " << s.N << " K " << s.K;
+    EXPECT_LT(max_rel_diff(got, want), 1e-5) << "M " << s.M << " N " << s.N << " K " << s.K;
   }
-}
-
-std::vector<float> random_vector(int64_t n, std::mt19937& rng, float lo = -1.0f, float hi = 1.0f) {
-  std::uniform_real_distribution<float> u(lo, hi);
-  std::vector<float> v(static_cast<size_t>(n));
-  for (float& x : v) x = u(rng);
-  return v;
-}
-Tensor vector_tensor(const std::vector<float>& v) {
-  Tensor t = Tensor::f32({int64_t(v.size())});
-  std::copy(v.begin(), v.end(), t.f32());
-  return t;
-}
-float max_rel_diff(const std::vector<float>& got, const std::vector<float>& want) {
-  double err = 0, scale = 1e-30;
-  for (size_t i = 0; i < want.size(); ++i) {
-    err = std::max(err, double(std::fabs(got[i] - want[i])));
-    scale = std::max(scale, double(std::fabs(want[i])));
-  }
-  return float(err / scale);
-}
-// A batch of sequences of `lens` tokens in `slots` after `past` tokens, uploaded as Model does.
-DevBatch make_batch(Device& dev, const std::vector<int64_t>& lens, const std::vector<int64_t>& slots,
-                    const std::vector<int64_t>& past) {
-  DevBatch b;
-  b.cu_seqlens = {0}, b.slots = slots, b.past = past;
-  std::vector<int32_t> cu{0}, sl(slots.begin(), slots.end()), pos;
-  for (size_t i = 0; i < lens.size(); ++i) {
-    b.cu_seqlens.push_back(b.cu_seqlens.back() + lens[i]);
-    cu.push_back(int32_t(b.cu_seqlens.back()));
-    for (int64_t t = 0; t < lens[i]; ++t) pos.push_back(int32_t(past[i] + t));
-  }
-  b.d_cu = dev.upload_i32(cu), b.d_slots = dev.upload_i32(sl), b.d_pos = dev.upload_i32(pos);
-  return b;
 }
 
 // W's rows are (gate, up) pairs; M ≤ 8 runs a GEMV with the SwiGLU epilogue (one row: K splits 1

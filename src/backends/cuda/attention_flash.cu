@@ -372,15 +372,6 @@ __global__ void round_to_bf16(const float4* __restrict__ x, uint2* __restrict__ 
 
 constexpr int kMaxDevices = 64;
 
-int sm_count(int dev) {
-  static int cache[kMaxDevices] = {};
-  if (dev < kMaxDevices && cache[dev]) return cache[dev];
-  int n = 0;
-  check_cuda(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev), "attention_flash: SM count");
-  if (dev < kMaxDevices) cache[dev] = n;
-  return n;
-}
-
 // Split-K workspace of the decode configuration: the split rule below (splits only while
 // row_tiles·nkv < target, at most ceil(target / (row_tiles·nkv)) splits, n·nh ≤ 64·row_tiles·nkv)
 // bounds nsplit·n·nh by 64·(2·target − 1) rows, each of dv + 2 ≤ 258 floats. Allocated once per

@@ -114,12 +114,20 @@ __global__ void copy3_kernel(float* dst, Strides d, const float* src, Strides s,
 // up to 4 × 1024 with row_threads: no second read); the norm weights are read before pdl_begin()
 // (constant), so that load overlaps the kernel before.
 constexpr int kRowRegs = 4;
+// RMSNorm's pieces, as cpu::rms_norm: the weight of channel i (Qwen3-Next/3.5 store w − 1) and
+// 1 / rms from a row's sum of squares.
+__device__ __forceinline__ float norm_weight(const float* w, int64_t i, bool zero_centered) {
+  return zero_centered ? 1.0f + w[i] : w[i];
+}
+__device__ __forceinline__ float rms_inverse(float sum_sq, int64_t dim, float eps) {
+  return 1.0f / sqrtf(sum_sq / float(dim) + eps);
+}
 __device__ __forceinline__ void load_norm_weights(const float* w, int64_t dim, bool zero_centered,
                                                   float (&wr)[kRowRegs]) {
 #pragma unroll
   for (int j = 0; j < kRowRegs; ++j) {
     const int64_t i = threadIdx.x + j * int64_t(blockDim.x);
-    wr[j] = i < dim ? (zero_centered ? 1.0f + w[i] : w[i]) : 0.0f;
+    wr[j] = i < dim ? norm_weight(w, i, zero_centered) : 0.0f;
   }
 }
 
@@ -132,13 +140,13 @@ __device__ __forceinline__ void rms_scale_row(const float (&v)[kRowRegs], const 
 #pragma unroll
   for (int j = 0; j < kRowRegs; ++j) ss += v[j] * v[j];
   for (int64_t i = tail; i < dim; i += blockDim.x) ss += row[i] * row[i];
-  const float s = 1.0f / sqrtf(block_sum(ss) / float(dim) + eps);
+  const float s = rms_inverse(block_sum(ss), dim, eps);
 #pragma unroll
   for (int j = 0; j < kRowRegs; ++j) {
     const int64_t i = threadIdx.x + j * int64_t(blockDim.x);
     if (i < dim) y[i] = v[j] * s * wr[j];
   }
-  for (int64_t i = tail; i < dim; i += blockDim.x) y[i] = row[i] * s * (zero_centered ? 1.0f + w[i] : w[i]);
+  for (int64_t i = tail; i < dim; i += blockDim.x) y[i] = row[i] * s * norm_weight(w, i, zero_centered);
 }
 
 __global__ void rms_norm_kernel(const float* x, int64_t ldx, const float* w, float* y, int64_t ldy, int64_t dim,
@@ -210,7 +218,7 @@ __global__ void gated_rms_norm_kernel(float* o, const float* gate, int64_t ld_ga
     ss += v[j] * v[j];
   }
   for (int64_t i = lane + 32 * kRegs; i < dim; i += 32) ss += orow[i] * orow[i];
-  const float s = 1.0f / sqrtf(warp_sum(ss) / float(dim) + eps);
+  const float s = rms_inverse(warp_sum(ss), dim, eps);
 #pragma unroll
   for (int j = 0; j < kRegs; ++j)
     if (lane + 32 * j < dim) orow[lane + 32 * j] = v[j] * s * wr[j] * act(a[j]);
@@ -364,12 +372,21 @@ __global__ void conv_decode_kernel(const float* x, int64_t ldx, const float* w, 
 // and gate kernels were four chains of launch latency). Warp tasks per sequence: the l2_heads
 // normalised heads (one each, head_dim ≤ 32·kPrepHeadRegs), then groups of 128 plain channels, of
 // 128 betas and of 128 gate values; a lane keeps a head's conv outputs in registers for the norm.
+struct DeltaPrepTasks {  // per sequence; the launch sizes its grid from the same counts
+  int64_t heads, plain, beta, gate;
+  __host__ __device__ explicit DeltaPrepTasks(const DeltaPrep& p)
+      : heads(p.l2_heads),
+        plain((p.C - p.l2_heads * p.head_dim + 127) / 128),
+        beta((p.H + 127) / 128),
+        gate((p.H * p.gate_width + 127) / 128) {}
+  __host__ __device__ int64_t per_seq() const { return heads + plain + beta + gate; }
+};
 __global__ void delta_prep_decode_kernel(DeltaPrep p, const int32_t* slots, int64_t N) {
   pdl_begin();
   const int lane = threadIdx.x & 31;
-  const int64_t normed = p.l2_heads * p.head_dim, plain_tasks = (p.C - normed + 127) / 128;
-  const int64_t beta_tasks = (p.H + 127) / 128, gate_tasks = (p.H * p.gate_width + 127) / 128;
-  const int64_t per_seq = p.l2_heads + plain_tasks + beta_tasks + gate_tasks;
+  const DeltaPrepTasks tasks(p);
+  const int64_t normed = p.l2_heads * p.head_dim, plain_tasks = tasks.plain, beta_tasks = tasks.beta;
+  const int64_t per_seq = tasks.per_seq();
   const int64_t warps = int64_t(gridDim.x) * blockDim.x / 32;
   for (int64_t task = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / 32; task < N * per_seq; task += warps) {
     const int64_t s = task / per_seq;
@@ -454,10 +471,13 @@ __global__ void rope_kernel(float* x, int64_t T, int64_t heads, int64_t ld_token
 // Device::attention_prep in one launch (a decode step spent 7 launches on it). Warp tasks per
 // token: its nh + nkv q and k heads (RMSNorm from registers, head dim ≤ 32·kPrepHeadRegs, then RoPE
 // on the written row), then groups of 128 v channels to copy.
+__host__ __device__ inline int64_t attention_prep_tasks(const AttentionPrep& p) {  // per token
+  return p.nh + p.nkv + (p.nkv * p.hd + 127) / 128;
+}
 __global__ void attention_prep_kernel(AttentionPrep p, const int32_t* pos, int64_t T) {
   pdl_begin();
   const int lane = threadIdx.x & 31;
-  const int64_t KV = p.nkv * p.hd, heads = p.nh + p.nkv, per_token = heads + (KV + 127) / 128;
+  const int64_t KV = p.nkv * p.hd, heads = p.nh + p.nkv, per_token = attention_prep_tasks(p);
   const int64_t warps = int64_t(gridDim.x) * blockDim.x / 32;
   for (int64_t task = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / 32; task < T * per_token; task += warps) {
     const int64_t t = task / per_token, j = task % per_token;
@@ -478,11 +498,11 @@ __global__ void attention_prep_kernel(AttentionPrep p, const int32_t* pos, int64
 #pragma unroll
     for (int r = 0; r < kPrepHeadRegs; ++r)
       if (lane + 32 * r < p.hd) v[r] = src[lane + 32 * r], ss += v[r] * v[r];
-    const float scale = 1.0f / sqrtf(warp_sum(ss) / float(p.hd) + p.eps);
+    const float scale = rms_inverse(warp_sum(ss), p.hd, p.eps);
 #pragma unroll
     for (int r = 0; r < kPrepHeadRegs; ++r) {
       const int64_t i = lane + 32 * r;
-      if (i < p.hd) dst[i] = v[r] * scale * (p.zero_centered ? 1.0f + w[i] : w[i]);
+      if (i < p.hd) dst[i] = v[r] * scale * norm_weight(w, i, p.zero_centered);
     }
     __syncwarp();  // the row is written before the rotation reads other lanes' values
     const int64_t half = p.rot / 2;
@@ -1206,16 +1226,14 @@ class CudaDevice : public Device {
     const OpScope op(*this, "delta_prep");
     if (op.skip) return;
     const int64_t N = b.num_seqs();
-    const int64_t per_seq =
-        p.l2_heads + (p.C - p.l2_heads * p.head_dim + 127) / 128 + (p.H + 127) / 128 + (p.H * p.gate_width + 127) / 128;
-    launch(delta_prep_decode_kernel, grid_for(N * per_seq * 32), kThreads, p, b.d_slots, N);
+    launch(delta_prep_decode_kernel, grid_for(N * DeltaPrepTasks(p).per_seq() * 32), kThreads, p, b.d_slots, N);
   }
   void attention_prep(const AttentionPrep& p, const DevBatch& b) override {
     if (p.hd > 32 * kPrepHeadRegs) return Device::attention_prep(p, b);
     const OpScope op(*this, "attention_prep");
     if (op.skip) return;
-    const int64_t T = b.tokens(), per_token = p.nh + p.nkv + (p.nkv * p.hd + 127) / 128;
-    if (T > 0) launch(attention_prep_kernel, grid_for(T * per_token * 32), kThreads, p, b.d_pos, T);
+    const int64_t T = b.tokens();
+    if (T > 0) launch(attention_prep_kernel, grid_for(T * attention_prep_tasks(p) * 32), kThreads, p, b.d_pos, T);
   }
   void linear_swiglu(const float* x, int64_t ldx, const DevMatrix& W, float* out, int64_t M) override {
     if (wt_ != DType::BF16 || !gemv_fits(W, x, ldx, M) || W.rows % 2 != 0)

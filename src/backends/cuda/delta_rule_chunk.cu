@@ -898,9 +898,9 @@ DeltaChunkPlan::DeltaChunkPlan(const DeltaRuleDims& d, DType dt, int state_cols,
   chunks_ = int64_t(tab.size() / 2);
   check(state_cols == 0 || state_cols == -1 || state_cols == 16 || (state_cols == 32 && d.V % 32 == 0),
         "delta rule chunk (cuda): state_cols must be 0, -1, 16 or 32 (32 only when 32 divides V)");
-  int dev = 0, sms = 0, optin = 0;
+  int dev = 0, optin = 0;
   check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
-  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "multiprocessor count");
+  const int sms = sm_count(dev);
   check_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "shared memory limit");
   const size_t wbytes = dt == DType::F32 ? wide_smem<float>(d) : wide_smem<__half>(d);
   const bool wide_ok = K <= 128 && V <= 128 && wbytes <= size_t(optin);

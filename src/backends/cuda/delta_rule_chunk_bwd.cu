@@ -660,9 +660,9 @@ DeltaChunkBackward::DeltaChunkBackward(const DeltaRuleDims& d, DType dt, int sta
   check(d.V <= 128, "delta rule chunk backward (cuda): V must be at most 128, got " + std::to_string(d.V));
   check_delta_dims(d, dt, "delta rule chunk backward (cuda)");
   const int64_t N = d.num_seqs(), T = d.tokens(), H = d.H, HV = d.HV, K = d.K, V = d.V, chunks = fwd_.chunks();
-  int dev = 0, sms = 0;
+  int dev = 0;
   check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
-  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "multiprocessor count");
+  const int sms = sm_count(dev);
   check(state_cols == 0 || state_cols == 16 || (state_cols == 32 && V % 32 == 0),
         "delta rule chunk backward (cuda): state_cols must be 0, 16 or 32 (32 only when 32 divides V)");
   // The reverse state pass is sequential over chunks and its fp32 tiles (139 KB at K=128, 16

@@ -20,6 +20,8 @@ namespace hla::cuda {
 bool device_available();
 // Throws hla::Error naming `what` when a CUDA call failed.
 void check_cuda(cudaError_t e, const char* what);
+// The multiprocessors of device dev (asked once per device).
+int sm_count(int dev);
 
 // Chunked forward (chunk 64, WY/UT form) for one fixed set of sequence lengths. Three launches
 // (five with a segmented state pass):

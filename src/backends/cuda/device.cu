@@ -23,12 +23,21 @@ void check_cuda(cudaError_t e, const char* what) {
   check(e == cudaSuccess, std::string("cuda: ") + what + ": " + cudaGetErrorString(e));
 }
 
+int sm_count(int dev) {
+  constexpr int kMaxDevices = 64;
+  static int cache[kMaxDevices] = {};
+  if (dev < kMaxDevices && cache[dev]) return cache[dev];
+  int n = 0;
+  check_cuda(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev), "multiprocessor count");
+  if (dev < kMaxDevices) cache[dev] = n;
+  return n;
+}
+
 int blocks_on_card(const void* kernel, int threads, size_t smem) {
-  int dev = 0, sms = 0, per_sm = 0;
+  int dev = 0, per_sm = 0;
   check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
-  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "multiprocessor count");
   check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem), "occupancy");
-  return sms * std::max(per_sm, 1);
+  return sm_count(dev) * std::max(per_sm, 1);
 }
 
 bool pdl_enabled() {
