@@ -2,6 +2,8 @@
 // runs, and any device for shapes its fused kernels do not take).
 #include "backends/device.h"
 
+#include <numeric>
+
 namespace hla {
 
 void Device::linear_swiglu(const float* x, int64_t ldx, const DevMatrix& W, float* out, int64_t M) {
@@ -27,6 +29,42 @@ void Device::attention_prep(const AttentionPrep& p, const DevBatch& b) {
   rms_norm(p.k, p.hd, p.k_norm, p.k, p.hd, T * p.nkv, p.hd, p.eps, p.zero_centered);
   rope(p.q, T, p.nh, Q, p.hd, p.inv_freq, p.rot, b, p.pairs, p.attn_factor);
   rope(p.k, T, p.nkv, KV, p.hd, p.inv_freq, p.rot, b, p.pairs, p.attn_factor);
+}
+
+void Device::moe(const MoeExperts& m, const float* x, const float* logits, const float* shared,
+                 const float* shared_gate, float* out, int64_t T) {
+  const int64_t D = m.D, E = m.router.experts;
+  std::vector<float> host_logits(static_cast<size_t>(T * E)), bias;
+  to_host(logits, host_logits.data(), T * E);
+  if (m.bias) {
+    bias.resize(size_t(E));
+    to_host(m.bias, bias.data(), E);
+  }
+  std::vector<std::vector<int32_t>> tokens(static_cast<size_t>(E));
+  std::vector<std::vector<float>> weights(static_cast<size_t>(E));
+  for (int64_t t = 0; t < T; ++t)
+    for (auto [e, w] : cpu::moe_route(host_logits.data() + t * E, m.bias ? bias.data() : nullptr, m.router)) {
+      tokens[size_t(e)].push_back(int32_t(t));
+      weights[size_t(e)].push_back(w);
+    }
+  zero(out, T * D);
+  float* xe = scratch(T * D);
+  float* h = scratch(T * m.I);
+  float* y = scratch(T * D);
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t n = int64_t(tokens[size_t(e)].size());
+    if (n == 0) continue;
+    const int32_t* idx = upload_i32(tokens[size_t(e)]);
+    gather_rows(x, idx, xe, n, D);
+    linear_swiglu(xe, D, m.gate_up.row_block(2 * m.I * e, 2 * m.I), h, n);
+    linear(h, m.I, m.down.row_block(D * e, D), y, n);
+    scatter_add_rows(out, idx, upload_f32(weights[size_t(e)]), y, n, D);
+  }
+  if (!shared) return;
+  std::vector<int32_t> all(static_cast<size_t>(T));
+  std::iota(all.begin(), all.end(), 0);
+  scatter_add_rows(out, upload_i32(all), shared_gate ? shared_gate : upload_f32(std::vector<float>(size_t(T), 1.0f)),
+                   shared, T, D);
 }
 
 }  // namespace hla

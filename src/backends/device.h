@@ -19,10 +19,14 @@
 
 namespace hla {
 
-// A weight matrix W [rows, cols] on the device (y = x · W^T).
+// A weight matrix W [rows, cols] on the device (y = x · W^T), elem_bytes per element (the
+// device's weight type).
 struct DevMatrix {
   const void* p = nullptr;
-  int64_t rows = 0, cols = 0;
+  int64_t rows = 0, cols = 0, elem_bytes = 4;
+  DevMatrix row_block(int64_t row0, int64_t n) const {
+    return {static_cast<const char*>(p) + row0 * cols * elem_bytes, n, cols, elem_bytes};
+  }
 };
 
 // The tokens of one forward: sequence i owns rows [cu_seqlens[i], cu_seqlens[i+1]), continues cache
@@ -79,6 +83,17 @@ struct AttentionPrep {
   cpu::RopePairs pairs;
   float attn_factor;
   float *q, *k, *v;
+};
+
+// An MoE block's routed experts, for Device::moe: E = router.experts experts, each a SwiGLU MLP
+// of hidden size D and intermediate size I. Expert e's gate and up rows, interleaved as for
+// Device::swiglu, are rows [2I·e, 2I·(e+1)) of gate_up [E·2I, D]; its down projection is rows
+// [D·e, D·(e+1)) of down [E·D, I]. bias [E] (device memory, or null) as cpu::moe_route's.
+struct MoeExperts {
+  cpu::MoeRouter router;
+  const float* bias = nullptr;
+  int64_t D = 0, I = 0;
+  DevMatrix gate_up, down;
 };
 
 // Parts of a layer's cache.
@@ -200,6 +215,15 @@ class Device {
   // out [rows] = the index of the largest value of each row of x [rows, n], the lowest among ties
   // (greedy decoding on the device: only the ids come back, not the rows of logits).
   virtual void argmax_rows(const float* x, int64_t rows, int64_t n, int32_t* out) = 0;
+  // The routed experts of an MoE block for T tokens: out [T, D] = Σ over each token's picks
+  // (cpu::moe_route of its router logits, logits [T, E]) of weight · expert(x row), x [T, D]
+  // contiguous; plus, when shared is given, shared_gate[t] (1 when null) · shared [T, D]. The
+  // default routes on the host (it copies the logits back) and runs each expert's tokens through
+  // gather_rows, linear_swiglu, linear and scatter_add_rows; a device may route on itself.
+  virtual void moe(const MoeExperts& m, const float* x, const float* logits, const float* shared,
+                   const float* shared_gate, float* out, int64_t T);
+  // Does moe() run these experts without the host, so that a decode step through it may be recorded?
+  virtual bool moe_on_device(const MoeExperts&) const { return false; }
   // MoE: dst [n, D] = src rows idx; dst[idx[i]] += w[i]·src[i] (idx distinct within a call).
   virtual void gather_rows(const float* src, const int32_t* idx, float* dst, int64_t n, int64_t D) = 0;
   virtual void scatter_add_rows(float* dst, const int32_t* idx, const float* w, const float* src, int64_t n,

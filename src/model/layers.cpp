@@ -735,65 +735,59 @@ class MoeFfn : public Ffn {
       shared_.bind(p, pre + (s.shared_gate ? "shared_expert." : "shared_experts."), D, s.shared_intermediate);
       if (s.shared_gate) p.bind(pre + "shared_expert_gate.weight", {1, D}, &shared_gate_);
     }
+    router_spec_.experts = E, router_spec_.top_k = s.top_k, router_spec_.sigmoid = s.router == Router::Sigmoid;
+    router_spec_.n_group = s.n_group, router_spec_.topk_group = s.topk_group, router_spec_.norm_topk = s.norm_topk;
+    router_spec_.routed_scale = float(s.routed_scale);
   }
 
+  // The experts go up stacked (MoeExperts' layout), so a device may run them all in one grouped GEMM.
   void bind_device(Device& dev) override {
+    const int64_t D = s_.hidden;
     router_d_ = dev.upload_matrix(router_);
-    for (auto& e : experts_) e.bind_device(dev);
+    std::vector<RowSlice> gate_up, down;
+    for (const SwiGLU& e : experts_) {
+      for (const RowSlice& r : e.gate_up_rows()) gate_up.push_back(r);
+      down.push_back({&e.down, 0, D});
+    }
+    experts_d_ = {router_spec_,
+                  router_spec_.sigmoid ? dev.upload_vector(bias_) : nullptr,
+                  D,
+                  s_.moe_intermediate,
+                  dev.upload_matrix(stack_rows(gate_up)),
+                  dev.upload_matrix(stack_rows(down))};
     if (s_.shared_intermediate > 0) {
       shared_.bind_device(dev);
       if (s_.shared_gate) shared_gate_d_ = dev.upload_matrix(shared_gate_);
     }
+    replayable_ = dev.moe_on_device(experts_d_);
   }
 
-  bool replayable_decode() const override { return false; }  // routing reads the logits on the host
-  // Routing runs on the host from the device's router logits (one copy of [T, E] per layer); each
-  // expert then runs one GEMM over its gathered tokens.
+  bool replayable_decode() const override { return replayable_; }
   void forward_device(Device& dev, const float* x, float* out, int64_t T) const override {
     const int64_t D = s_.hidden, E = s_.n_experts;
-    float* logits_d = dev.scratch(T * E);
-    dev.linear(x, D, router_d_, logits_d, T);
-    auto logits = buffer(T * E);
-    dev.to_host(logits_d, logits.data(), T * E);
-    std::vector<std::vector<int32_t>> tok(static_cast<size_t>(E));
-    std::vector<std::vector<float>> wt(static_cast<size_t>(E));
-    const auto routed = route_tokens(logits.data(), T);
-    for (int64_t e = 0; e < E; ++e)
-      for (auto [t, w] : routed[size_t(e)]) {
-        tok[size_t(e)].push_back(int32_t(t));
-        wt[size_t(e)].push_back(w);
-      }
-    dev.zero(out, T * D);
-    float* xin = dev.scratch(T * D);
-    float* y = dev.scratch(T * D);
-    for (int64_t e = 0; e < E; ++e) {
-      const int64_t n = int64_t(tok[size_t(e)].size());
-      if (n == 0) continue;
-      const int32_t* idx = dev.upload_i32(tok[size_t(e)]);
-      dev.gather_rows(x, idx, xin, n, D);
-      experts_[size_t(e)].forward_device(dev, xin, y, n);
-      dev.scatter_add_rows(out, idx, dev.upload_f32(wt[size_t(e)]), y, n, D);
-    }
+    float* logits = dev.scratch(T * E);
+    dev.linear(x, D, router_d_, logits, T);
+    float *shared = nullptr, *gate = nullptr;
     if (s_.shared_intermediate > 0) {
-      shared_.forward_device(dev, x, y, T);
-      std::vector<int32_t> all(static_cast<size_t>(T));
-      std::iota(all.begin(), all.end(), 0);
-      const float* gate = dev.upload_f32(std::vector<float>(size_t(T), 1.0f));
+      shared = dev.scratch(T * D);
+      shared_.forward_device(dev, x, shared, T);
       if (s_.shared_gate) {
-        float* g = dev.scratch(T);
-        dev.linear(x, D, shared_gate_d_, g, T);
-        dev.sigmoid(g, 1, g, T, 1);
-        gate = g;
+        gate = dev.scratch(T);
+        dev.linear(x, D, shared_gate_d_, gate, T);
+        dev.sigmoid(gate, 1, gate, T, 1);
       }
-      dev.scatter_add_rows(out, dev.upload_i32(all), gate, y, T, D);
     }
+    dev.moe(experts_d_, x, logits, shared, gate, out, T);
   }
 
   void forward(const float* x, float* out, int64_t T) const override {
     const int64_t D = s_.hidden, E = s_.n_experts;
     auto logits = buffer(T * E);
     linear(x, router_.f32(), logits.data(), T, D, E);
-    const auto tokens_of = route_tokens(logits.data(), T);
+    std::vector<std::vector<std::pair<int64_t, float>>> tokens_of(static_cast<size_t>(E));  // (token, weight)
+    for (int64_t t = 0; t < T; ++t)
+      for (auto [e, w] : moe_route(logits.data() + t * E, router_spec_.sigmoid ? bias_.f32() : nullptr, router_spec_))
+        tokens_of[size_t(e)].emplace_back(t, w);
     std::fill(out, out + T * D, 0.0f);
     for (int64_t e = 0; e < E; ++e) {
       const auto& list = tokens_of[size_t(e)];
@@ -823,64 +817,14 @@ class MoeFfn : public Ffn {
   }
 
  private:
-  // Per expert, its (token, weight) picks of logits [T, E] in token order. (Routing the tokens with
-  // OpenMP made the 8K prefill of the Qwen3-Next-shaped model 32% faster on the GPU machine but its
-  // batch-1 decode 20% slower, cause not found: serial.)
-  std::vector<std::vector<std::pair<int64_t, float>>> route_tokens(const float* logits, int64_t T) const {
-    std::vector<std::vector<std::pair<int64_t, float>>> tokens_of(static_cast<size_t>(s_.n_experts));
-    for (int64_t t = 0; t < T; ++t)
-      for (auto& [e, w] : route(logits + t * s_.n_experts)) tokens_of[size_t(e)].emplace_back(t, w);
-    return tokens_of;
-  }
-  // (expert, weight) pairs for one token's router logits.
-  std::vector<std::pair<int64_t, float>> route(const float* logit) const {
-    const int64_t E = s_.n_experts, k = s_.top_k;
-    std::vector<float> prob(static_cast<size_t>(E)), select(static_cast<size_t>(E));
-    if (s_.router == Router::Softmax) {  // softmax over all experts, select on the probabilities
-      const float mx = *std::max_element(logit, logit + E);
-      float sum = 0;
-      for (int64_t e = 0; e < E; ++e) sum += prob[size_t(e)] = std::exp(logit[e] - mx);
-      for (auto& p : prob) p /= sum;
-      select = prob;
-    } else {  // sigmoid scores; the correction bias steers selection only
-      for (int64_t e = 0; e < E; ++e) {
-        prob[size_t(e)] = sigmoid(logit[e]);
-        select[size_t(e)] = prob[size_t(e)] + bias_.f32()[e];
-      }
-      if (s_.n_group > 1) {  // keep the topk_group groups with the best sum of their top-2 scores
-        const int64_t G = s_.n_group, per = E / G;
-        std::vector<std::pair<float, int64_t>> gscore;
-        for (int64_t g = 0; g < G; ++g) {
-          std::vector<float> v(select.begin() + g * per, select.begin() + (g + 1) * per);
-          std::partial_sort(v.begin(), v.begin() + std::min<int64_t>(2, per), v.end(), std::greater<float>());
-          gscore.emplace_back(v[0] + (per > 1 ? v[1] : 0.0f), g);
-        }
-        std::stable_sort(gscore.begin(), gscore.end(), [](auto& a, auto& b) { return a.first > b.first; });
-        for (size_t r = size_t(s_.topk_group); r < gscore.size(); ++r)
-          for (int64_t e = gscore[r].second * per; e < (gscore[r].second + 1) * per; ++e) select[size_t(e)] = -INFINITY;
-      }
-    }
-    std::vector<int64_t> idx(static_cast<size_t>(E));
-    std::iota(idx.begin(), idx.end(), 0);
-    std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), [&](int64_t a, int64_t b) {
-      return select[size_t(a)] != select[size_t(b)] ? select[size_t(a)] > select[size_t(b)] : a < b;
-    });
-    std::vector<std::pair<int64_t, float>> picks;
-    float sum = 0;
-    for (int64_t i = 0; i < k; ++i) sum += prob[size_t(idx[size_t(i)])];
-    for (int64_t i = 0; i < k; ++i) {
-      float w = prob[size_t(idx[size_t(i)])];
-      if (s_.norm_topk) w /= s_.router == Router::Sigmoid ? sum + 1e-20f : sum;
-      picks.emplace_back(idx[size_t(i)], w * float(s_.routed_scale));
-    }
-    return picks;
-  }
-
   const ModelSpec& s_;
   Tensor router_, bias_, shared_gate_;
   std::vector<SwiGLU> experts_;
   SwiGLU shared_;
+  MoeRouter router_spec_;
   DevMatrix router_d_, shared_gate_d_;
+  MoeExperts experts_d_;
+  bool replayable_ = false;
 };
 
 }  // namespace
@@ -901,10 +845,14 @@ void SwiGLU::forward(const float* x, float* out, int64_t T) const {
   linear(g.data(), down.f32(), out, T, I, D);
 }
 
-void SwiGLU::bind_device(Device& dev) {
+std::vector<RowSlice> SwiGLU::gate_up_rows() const {
   std::vector<RowSlice> pairs;  // gate row i, then up row i: Device::swiglu's layout
   for (int64_t i = 0; i < I; ++i) pairs.push_back({&gate, i, 1}), pairs.push_back({&up, i, 1});
-  gate_up_d = dev.upload_matrix(stack_rows(pairs));
+  return pairs;
+}
+
+void SwiGLU::bind_device(Device& dev) {
+  gate_up_d = dev.upload_matrix(stack_rows(gate_up_rows()));
   down_d = dev.upload_matrix(down);
 }
 

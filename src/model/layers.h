@@ -41,6 +41,13 @@ class Ffn {
 std::unique_ptr<Mixer> make_mixer(const ModelSpec& s, int64_t layer, Params& p);
 std::unique_ptr<Ffn> make_ffn(const ModelSpec& s, int64_t layer, Params& p);
 
+// Rows of several matrices (each [rows, cols], same cols) stacked into one, so a device runs one
+// GEMM where the CPU form runs several: {tensor, first row, row count} per slice.
+struct RowSlice {
+  const Tensor* t;
+  int64_t row0, rows;
+};
+
 // SwiGLU MLP down(silu(gate(x)) ⊙ up(x)), shared by dense layers, experts and shared experts.
 struct SwiGLU {
   Tensor gate, up, down;  // [I, D], [I, D], [D, I]
@@ -49,16 +56,11 @@ struct SwiGLU {
             const char* up_name = "up_proj", const char* down_name = "down_proj");
   void forward(const float* x, float* out, int64_t T) const;
   DevMatrix gate_up_d, down_d;  // gate and up rows interleaved [2I, D], and down, on the bound device
+  std::vector<RowSlice> gate_up_rows() const;  // gate row i, then up row i, for i < I
   void bind_device(Device& dev);
   void forward_device(Device& dev, const float* x, float* out, int64_t T) const;
 };
 
-// Rows of several matrices (each [rows, cols], same cols) stacked into one, so a device runs one
-// GEMM where the CPU form runs several: {tensor, first row, row count} per slice.
-struct RowSlice {
-  const Tensor* t;
-  int64_t row0, rows;
-};
 Tensor stack_rows(const std::vector<RowSlice>& slices);
 // A host vector as a 1-D f32 tensor (RoPE frequencies to upload).
 Tensor vector_tensor(const std::vector<float>& v);

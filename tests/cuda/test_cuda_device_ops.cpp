@@ -4,7 +4,7 @@
 // past them (bf16 operands); the
 // fused delta-rule decode prep (conv state over several steps, grouped heads, per-key gates) and
 // attention prep (gated q rows, partial RoPE); the greedy pick (argmax, lowest index on
-// ties).
+// ties); the MoE block's routed experts.
 #include <gtest/gtest.h>
 
 #include <random>
@@ -208,6 +208,61 @@ TEST(CudaDeviceOps, AttentionPrepMatchesCpuDevice) {
     auto gpu = cuda::make_cuda_device(3, DType::F32);
     cpu::CpuDevice cpu(3);
     EXPECT_LT(max_rel_diff(run(*gpu), run(cpu)), 1e-5) << "hd " << hd << " rot " << rot;
+  }
+}
+
+// The routed experts (route, sort by expert, grouped GEMMs, combine: moe_cuda.h) against the
+// default Device::moe on CpuDevice (cpu::moe_route on the host, one expert at a time), both with
+// bf16 operands. Softmax routing at decode sizes (16-row tiles) and prefill sizes (128-row tiles);
+// sigmoid routing with a bias, groups and a scale, on D and I off the 64-column steps and tiles;
+// more tokens than one pass.
+TEST(CudaDeviceOps, MoeMatchesCpuDevice) {
+  HLA_REQUIRE_GPU();
+  struct Case {
+    int64_t E, k, D, I, T;
+    bool sigmoid;
+    int64_t n_group, topk_group;
+    bool shared, gate;
+  };
+  const Case cases[] = {
+      {64, 8, 256, 128, 1, false, 1, 1, true, true},    {64, 8, 256, 128, 5, false, 1, 1, true, true},
+      {64, 8, 256, 128, 64, false, 1, 1, false, false}, {64, 8, 256, 128, 700, false, 1, 1, true, true},
+      {32, 4, 96, 40, 3, true, 4, 2, true, false},      {32, 4, 96, 40, 600, true, 4, 2, false, false},
+      {4, 2, 64, 32, 8200, false, 1, 1, true, true}};
+  std::mt19937 rng(17);
+  for (const Case& c : cases) {
+    auto bf16_tensor = [&](int64_t rows, int64_t cols, float amp) {
+      Tensor t = Tensor::f32({rows, cols});
+      const std::vector<float> v = random_vector(rows * cols, rng, -amp, amp);
+      for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = bf16_to_f32(f32_to_bf16(v[size_t(i)]));
+      return t;
+    };
+    const Tensor gate_up = bf16_tensor(c.E * 2 * c.I, c.D, 0.1f), down = bf16_tensor(c.E * c.D, c.I, 0.1f);
+    const Tensor bias = vector_tensor(random_vector(c.E, rng, -0.1f, 0.1f));
+    const std::vector<float> x = random_vector(c.T * c.D, rng), logits = random_vector(c.T * c.E, rng, -3.0f, 3.0f);
+    const std::vector<float> shared = random_vector(c.T * c.D, rng), gate = random_vector(c.T, rng, 0.0f, 1.0f);
+    cpu::MoeRouter router{c.E, c.k, c.sigmoid, c.n_group, c.topk_group, true, c.sigmoid ? 2.5f : 1.0f};
+    auto run = [&](Device& dev) {
+      const MoeExperts m{router,
+                         c.sigmoid ? dev.upload_vector(bias) : nullptr,
+                         c.D,
+                         c.I,
+                         dev.upload_matrix(gate_up),
+                         dev.upload_matrix(down)};
+      dev.begin_forward();
+      float* out = dev.scratch(c.T * c.D);
+      dev.moe(m, dev.upload_f32(x), dev.upload_f32(logits), c.shared ? dev.upload_f32(shared) : nullptr,
+              c.gate ? dev.upload_f32(gate) : nullptr, out, c.T);
+      std::vector<float> y(size_t(c.T * c.D));
+      dev.to_host(out, y.data(), c.T * c.D);
+      return y;
+    };
+    auto gpu = cuda::make_cuda_device(1, DType::BF16);
+    cpu::CpuDevice cpu(1, /*bf16 operands=*/true);
+    // The same bf16 products summed in another order; where that moves a SwiGLU output across a
+    // bf16 rounding boundary, it differs by one bf16 ulp (2^-8 relative) in one of I terms.
+    EXPECT_LT(max_rel_diff(run(*gpu), run(cpu)), 2e-3)
+        << "E " << c.E << " k " << c.k << " D " << c.D << " I " << c.I << " T " << c.T;
   }
 }
 

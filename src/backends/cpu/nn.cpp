@@ -3,6 +3,7 @@
 #include <cblas.h>
 
 #include <algorithm>
+#include <functional>
 
 namespace hla::cpu {
 
@@ -177,6 +178,49 @@ std::vector<std::vector<int32_t>> window_keys(int64_t n, int64_t past, int64_t w
     std::iota(sel[size_t(t)].begin(), sel[size_t(t)].end(), int32_t(first));
   }
   return sel;
+}
+
+std::vector<std::pair<int64_t, float>> moe_route(const float* logit, const float* bias, const MoeRouter& r) {
+  const int64_t E = r.experts, k = r.top_k;
+  std::vector<float> prob(static_cast<size_t>(E)), select(static_cast<size_t>(E));
+  if (!r.sigmoid) {  // softmax over all experts, select on the probabilities
+    const float mx = *std::max_element(logit, logit + E);
+    float sum = 0;
+    for (int64_t e = 0; e < E; ++e) sum += prob[size_t(e)] = std::exp(logit[e] - mx);
+    for (auto& p : prob) p /= sum;
+    select = prob;
+  } else {  // sigmoid scores; the correction bias steers selection only
+    for (int64_t e = 0; e < E; ++e) {
+      prob[size_t(e)] = sigmoid(logit[e]);
+      select[size_t(e)] = prob[size_t(e)] + (bias ? bias[e] : 0.0f);
+    }
+    if (r.n_group > 1) {  // keep the topk_group groups with the best sum of their top-2 scores
+      const int64_t G = r.n_group, per = E / G;
+      std::vector<std::pair<float, int64_t>> gscore;
+      for (int64_t g = 0; g < G; ++g) {
+        std::vector<float> v(select.begin() + g * per, select.begin() + (g + 1) * per);
+        std::partial_sort(v.begin(), v.begin() + std::min<int64_t>(2, per), v.end(), std::greater<float>());
+        gscore.emplace_back(v[0] + (per > 1 ? v[1] : 0.0f), g);
+      }
+      std::stable_sort(gscore.begin(), gscore.end(), [](auto& a, auto& b) { return a.first > b.first; });
+      for (size_t i = size_t(r.topk_group); i < gscore.size(); ++i)
+        for (int64_t e = gscore[i].second * per; e < (gscore[i].second + 1) * per; ++e) select[size_t(e)] = -INFINITY;
+    }
+  }
+  std::vector<int64_t> idx(static_cast<size_t>(E));
+  std::iota(idx.begin(), idx.end(), 0);
+  std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), [&](int64_t a, int64_t b) {
+    return select[size_t(a)] != select[size_t(b)] ? select[size_t(a)] > select[size_t(b)] : a < b;
+  });
+  float sum = 0;
+  for (int64_t i = 0; i < k; ++i) sum += prob[size_t(idx[size_t(i)])];
+  std::vector<std::pair<int64_t, float>> picks;
+  for (int64_t i = 0; i < k; ++i) {
+    float w = prob[size_t(idx[size_t(i)])];
+    if (r.norm_topk) w /= r.sigmoid ? sum + 1e-20f : sum;
+    picks.emplace_back(idx[size_t(i)], w * r.routed_scale);
+  }
+  return picks;
 }
 
 }  // namespace hla::cpu

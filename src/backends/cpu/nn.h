@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdint>
 #include <numeric>
+#include <utility>
 #include <vector>
 
 namespace hla::cpu {
@@ -109,5 +110,20 @@ std::vector<int32_t> dsa_topk(const T* score, int64_t n, int64_t topk) {
   std::sort(idx.begin(), idx.end());
   return idx;
 }
+
+// MoE routing of one token. Softmax routers (Qwen): probabilities over all experts, the top_k
+// picked on them. Sigmoid routers (Kimi, DeepSeek): sigmoid scores; the selection adds a
+// correction bias, and with n_group > 1 keeps only the topk_group groups (experts/n_group each)
+// whose two best biased scores sum highest. Ties go to the lower index. Weights are the picks'
+// probabilities, over their sum when norm_topk (+1e-20 for sigmoid), times routed_scale.
+struct MoeRouter {
+  int64_t experts = 0, top_k = 0;
+  bool sigmoid = false;
+  int64_t n_group = 1, topk_group = 1;
+  bool norm_topk = true;
+  float routed_scale = 1.0f;
+};
+// The top_k (expert, weight) picks of logit [experts], in pick order; bias [experts] or null.
+std::vector<std::pair<int64_t, float>> moe_route(const float* logit, const float* bias, const MoeRouter& r);
 
 }  // namespace hla::cpu

@@ -21,6 +21,7 @@
 #include "backends/cuda/delta_rule_cuda.h"
 #include "backends/cuda/launch.cuh"
 #include "backends/cuda/mma.cuh"
+#include "backends/cuda/moe_cuda.h"
 #include "core/error.h"
 
 namespace hla::cuda {
@@ -972,7 +973,7 @@ class CudaDevice : public Device {
     } else {
       p = upload_bytes(src, size_t(w.numel()) * 4);
     }
-    return {p, rows, cols};
+    return {p, rows, cols, wt_ == DType::BF16 ? 2 : 4};
   }
   const float* upload_vector(const Tensor& v) override {
     return static_cast<const float*>(upload_bytes(v.f32(), size_t(v.numel()) * 4));
@@ -1304,6 +1305,15 @@ class CudaDevice : public Device {
     const OpScope op(*this, "argmax_rows");
     if (op.skip || rows == 0) return;
     launch(argmax_rows_kernel, unsigned(rows), 1024, x, n, out);
+  }
+  bool moe_on_device(const MoeExperts& m) const override { return wt_ == DType::BF16 && moe_fits(m); }
+  void moe(const MoeExperts& m, const float* x, const float* logits, const float* shared, const float* shared_gate,
+           float* out, int64_t T) override {
+    if (!moe_on_device(m)) return Device::moe(m, x, logits, shared, shared_gate, out, T);
+    const OpScope op(*this, "moe");
+    void* buf = scratch(int64_t(moe_scratch_bytes(m, std::min(T, kMoeTokensPerPass)) / 4));
+    if (op.skip || T == 0) return;
+    moe_forward(m, x, logits, shared, shared_gate, out, T, buf, stream_);
   }
   void gather_rows(const float* src, const int32_t* idx, float* dst, int64_t n, int64_t D) override {
     const OpScope op(*this, "gather_rows");
