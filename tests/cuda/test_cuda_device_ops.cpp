@@ -2,7 +2,8 @@
 // would hide a shape: the decode GEMVs (one row: fp32 activations; 2–8 rows on the tensor cores:
 // bf16 operands; K split across warps), alone and with their SwiGLU epilogue, and the cuBLASLt GEMM
 // past them (bf16 operands); the
-// fused delta-rule decode prep (conv state over several steps, grouped heads, per-key gates) and
+// fused delta-rule decode prep (conv state over several steps, grouped heads, per-key gates), the
+// prefill short conv, and
 // attention prep (gated q rows, partial RoPE); the greedy pick (argmax, lowest index on
 // ties); the MoE block's routed experts.
 #include <gtest/gtest.h>
@@ -159,6 +160,60 @@ TEST(CudaDeviceOps, DeltaPrepMatchesCpuDeviceOverDecodeSteps) {
     const std::vector<float> got = run(*gpu), want = run(cpu);
     ASSERT_EQ(got.size(), want.size());
     EXPECT_LT(max_rel_diff(got, want), 1e-5) << "dk " << c.dk << " gate width " << c.gate_width;
+  }
+}
+
+// The prefill short conv (causal_conv_silu over packed sequences) in two forwards, the second
+// continuing the slots' conv states: 4-channel and 1-channel rows (row stride off 4), 4 taps and
+// 2 (window places that weigh 0) and 6 (the 16-place window); a 50K-token sequence makes each
+// thread slide over several tokens, across a sequence start.
+TEST(CudaDeviceOps, CausalConvMatchesCpuDeviceOverTwoForwards) {
+  HLA_REQUIRE_GPU();
+  struct Case {
+    int64_t C, ldx, kw;
+    std::vector<int64_t> lens1, lens2;
+  };
+  const Case cases[] = {{48, 52, 4, {5, 37, 1, 70}, {3, 4, 1, 40}},
+                        {48, 50, 2, {5, 37, 1, 70}, {3, 4, 1, 40}},
+                        {40, 40, 6, {2, 9, 1, 30}, {1, 1, 7, 3}},
+                        {48, 48, 4, {50000, 3, 7, 2}, {1, 2, 3, 40}}};
+  const std::vector<int64_t> slots{3, 1, 0, 2};
+  for (const Case& c : cases) {
+    std::mt19937 rng(23);
+    const Tensor conv_w = vector_tensor(random_vector(c.C * c.kw, rng));
+    std::vector<std::vector<float>> xs;
+    for (const auto* lens : {&c.lens1, &c.lens2}) {
+      int64_t T = 0;
+      for (int64_t n : *lens) T += n;
+      xs.push_back(random_vector(T * c.ldx, rng, -2, 2));
+    }
+    auto run = [&](Device& dev) {
+      const float* w = dev.upload_vector(conv_w);
+      float* pool = dev.cache_pool(0, CachePart::Conv, c.C * (c.kw - 1));
+      std::vector<float> out;
+      std::vector<int64_t> past(slots.size(), 0);
+      for (int f = 0; f < 2; ++f) {
+        const std::vector<int64_t>& lens = f == 0 ? c.lens1 : c.lens2;
+        dev.begin_forward();
+        const DevBatch b = make_batch(dev, lens, slots, past);
+        const int64_t T = b.tokens();
+        float* y = dev.scratch(T * c.C);
+        dev.causal_conv_silu(dev.upload_f32(xs[size_t(f)]), c.ldx, w, y, c.C, c.kw, b, pool);
+        std::vector<float> h(static_cast<size_t>(T * c.C));
+        dev.to_host(y, h.data(), T * c.C);
+        out.insert(out.end(), h.begin(), h.end());
+        for (size_t i = 0; i < lens.size(); ++i) past[i] += lens[i];
+      }
+      std::vector<float> state(size_t(4 * c.C * (c.kw - 1)));
+      dev.to_host(pool, state.data(), int64_t(state.size()));
+      out.insert(out.end(), state.begin(), state.end());
+      return out;
+    };
+    auto gpu = cuda::make_cuda_device(4, DType::F32);
+    cpu::CpuDevice cpu(4);
+    const std::vector<float> got = run(*gpu), want = run(cpu);
+    ASSERT_EQ(got.size(), want.size());
+    EXPECT_LT(max_rel_diff(got, want), 1e-5) << "C " << c.C << " ldx " << c.ldx << " kw " << c.kw;
   }
 }
 

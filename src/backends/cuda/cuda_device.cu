@@ -298,31 +298,58 @@ __device__ __forceinline__ int seq_of(const int32_t* cu, int N, int64_t t) {
   return lo;
 }
 
-// y[t, c] from the inputs t−P..t of its sequence (the slot's conv state before the first token);
-// V channels per thread.
-template <int V>
+// y[t, c] from the inputs t−P..t of its sequence (the slot's conv state before the first token).
+// A thread takes V channels of `span` consecutive tokens and slides a window of the W−1 inputs
+// before the current one along them in registers, so each input is read once (plus W−1 rows where
+// its span or a sequence starts): kw ≤ W taps, tap j of kw at window place j + W − kw (places
+// before it weigh 0; each sum adds the taps in the order cpu::causal_conv1d_silu does).
+template <int V, int W>
 __global__ void conv_kernel(const float* x, int64_t ldx, const float* w, float* y, int64_t T, int64_t C, int kw,
-                            const int32_t* cu, const int32_t* slots, int N, const float* pool) {
+                            int span, const int32_t* cu, const int32_t* slots, int N, const float* pool) {
+  const int P = kw - 1, skip = W - kw;
+  const int64_t CV = C / V, i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  const int64_t c = i % CV * V, t0 = i / CV * span;
+  float wr[W][V];
+#pragma unroll
+  for (int j = 0; j < W; ++j)
+#pragma unroll
+    for (int v = 0; v < V; ++v) wr[j][v] = j >= skip && t0 < T ? w[(c + v) * kw + j - skip] : 0.0f;
   pdl_begin();
-  const int P = kw - 1;
-  const int64_t CV = C / V;
-  GRID_STRIDE(i, T * CV) {
-    const int64_t t = i / CV, c = (i % CV) * V;
-    const int s = seq_of(cu, N, t);
-    const int64_t tt = t - cu[s];
+  if (t0 >= T) return;
+  const int64_t t1 = min(T, t0 + span);
+  int s = seq_of(cu, N, t0);
+  float win[W][V];               // win[W−1]: the current input; win[j]: the one W−1−j tokens before it
+  auto start = [&](int64_t t) {  // the W−1 inputs before token t of sequence s
     const float* st = pool + (int64_t(slots[s]) * C + c) * P;
-    float acc[V] = {};
-    for (int j = 0; j < kw; ++j) {
-      const int64_t src = tt - P + j;
-      float xv[V];
-      if (src >= 0)
-        load_v(x + (cu[s] + src) * ldx + c, xv);
+#pragma unroll
+    for (int j = 0; j < W - 1; ++j) {
+      const int64_t back = W - 1 - j, rel = t - back - cu[s];  // rel ≥ −back: in the state when back ≤ P
+      if (rel >= 0)
+        load_v(x + (t - back) * ldx + c, win[j]);
       else
-        for (int v = 0; v < V; ++v) xv[v] = st[v * P + P + src];
-      for (int v = 0; v < V; ++v) acc[v] += w[(c + v) * kw + j] * xv[v];
+#pragma unroll
+        for (int v = 0; v < V; ++v) win[j][v] = back <= P ? st[v * P + P + rel] : 0.0f;
     }
+  };
+  start(t0);
+  for (int64_t t = t0; t < t1; ++t) {
+    if (t >= cu[s + 1]) {
+      while (t >= cu[s + 1]) ++s;
+      start(t);
+    }
+    load_v(x + t * ldx + c, win[W - 1]);
+    float acc[V] = {};
+#pragma unroll
+    for (int j = 0; j < W; ++j)
+#pragma unroll
+      for (int v = 0; v < V; ++v) acc[v] += wr[j][v] * win[j][v];
+#pragma unroll
     for (int v = 0; v < V; ++v) acc[v] *= sigmoidf(acc[v]);
     store_v(y + t * C + c, acc);
+#pragma unroll
+    for (int j = 0; j + 1 < W; ++j)
+#pragma unroll
+      for (int v = 0; v < V; ++v) win[j][v] = win[j + 1][v];
   }
 }
 
@@ -1149,7 +1176,7 @@ class CudaDevice : public Device {
                     bool zero_centered) override {
     const OpScope op(*this, "add_rms_norm");
     if (op.skip || rows == 0) return;
-    launch(add_rms_norm_kernel, unsigned(rows), row_threads(dim), h, y, w, x, dim, eps, zero_centered);
+    launch(add_rms_norm_kernel, unsigned(rows), row_threads(dim, rows), h, y, w, x, dim, eps, zero_centered);
   }
   void copy(float* dst, Strides d, const float* src, Strides s, int64_t n0, int64_t n1, int64_t n2) override {
     const OpScope op(*this, "copy");
@@ -1162,14 +1189,14 @@ class CudaDevice : public Device {
     const OpScope op(*this, "rms_norm");
     if (op.skip) return;
     if (rows == 0) return;
-    launch(rms_norm_kernel, unsigned(rows), row_threads(dim), x, ldx, w, y, ldy, dim, eps, zero_centered);
+    launch(rms_norm_kernel, unsigned(rows), row_threads(dim, rows), x, ldx, w, y, ldy, dim, eps, zero_centered);
   }
   void layer_norm(const float* x, const float* w, const float* b, float* y, int64_t rows, int64_t dim,
                   float eps) override {
     const OpScope op(*this, "layer_norm");
     if (op.skip) return;
     if (rows == 0) return;
-    launch(layer_norm_kernel, unsigned(rows), row_threads(dim), x, w, b, y, dim, eps);
+    launch(layer_norm_kernel, unsigned(rows), row_threads(dim, rows), x, w, b, y, dim, eps);
   }
   void gated_rms_norm(float* o, const float* gate, int64_t ld_gate, const float* w, int64_t T, int64_t heads,
                       int64_t dim, float eps, cpu::GateAct act) override {
@@ -1216,9 +1243,20 @@ class CudaDevice : public Device {
       launch(conv_decode_kernel, grid_for(N * C), kThreads, x, ldx, w, y, C, int(kw), b.d_slots, N, conv_pool);
       return;
     }
-    with_vec_width(vec_width(x, C, ldx), [&](auto vw) {
-      launch(conv_kernel<vw.value>, grid_for(b.tokens() * C / vw.value), kThreads, x, ldx, w, y, b.tokens(), C, int(kw),
-             b.d_cu, b.d_slots, N, conv_pool);
+    // Spans of up to 32 tokens while the grid keeps ≥ 256K threads (8192 channels x 8K tokens: 512K).
+    const int64_t T = b.tokens(), vw = vec_width(x, C, ldx);
+    const int span = int(std::clamp<int64_t>(T * (C / vw) / (int64_t(1) << 18), 1, 32));
+    const unsigned grid = unsigned(((T + span - 1) / span * (C / vw) + kThreads - 1) / kThreads);
+    auto run = [&](auto V, auto W) {
+      launch(conv_kernel<V.value, W.value>, grid, kThreads, x, ldx, w, y, T, C, int(kw), span, b.d_cu, b.d_slots, N,
+             conv_pool);
+    };
+    check(kw <= 16, "cuda: short convolutions of more than 16 taps are not supported");
+    with_vec_width(int(vw), [&](auto V) {
+      if (kw <= kConvMaxTaps)
+        run(V, std::integral_constant<int, kConvMaxTaps>{});
+      else
+        run(V, std::integral_constant<int, 16>{});
     });
     launch(conv_state_kernel, grid_for(N * C), kThreads, x, ldx, C, int(kw), b.d_cu, b.d_slots, N, conv_pool);
   }
@@ -1429,7 +1467,12 @@ class CudaDevice : public Device {
     return *plans_.emplace(key, std::make_unique<DeltaChunkPlan>(d, dt)).first->second;
   }
 
-  static unsigned row_threads(int64_t dim) { return dim >= 1024 ? 1024 : dim >= 256 ? 256 : 64; }
+  // Threads per row of the norm kernels: a few rows (decode) spread each row over up to 1024;
+  // many rows (prefill) keep kRowRegs values per thread, so more rows are resident together.
+  static unsigned row_threads(int64_t dim, int64_t rows) {
+    if (rows >= 1024) return unsigned(std::clamp<int64_t>((dim + 32 * kRowRegs - 1) / (32 * kRowRegs) * 32, 64, 1024));
+    return dim >= 1024 ? 1024 : dim >= 256 ? 256 : 64;
+  }
 
   // dst [rows, width] = src rows (stride ld) as T.
   template <class T>

@@ -166,7 +166,8 @@ struct Tiling {
   static_assert(MI >= 1 && NI % 2 == 0, "a warp covers whole 16-row tiles and pairs of 8-column tiles");
 };
 // Decode-sized batches (a few rows per expert): 16-row tiles, so an expert's weights are streamed
-// once per 16 of its rows, through 4 warps side by side along N.
+// once per 16 of its rows, through 4 warps side by side along N. (2 warps over 32 columns with 8
+// stages in flight measured the same at batch 1 and 7% slower at batch 16 and 64.)
 using SmallTiles = Tiling<16, 64, 1, 4, 4>;
 // Prefill: 128 x 128 tiles, 8 warps of 64 x 32.
 using LargeTiles = Tiling<128, 128, 2, 4, 3>;
