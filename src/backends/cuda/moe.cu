@@ -329,8 +329,8 @@ void grouped_gemms(const MoeExperts& m, const MoeBuffers& b, int64_t R, cudaStre
   const int E = int(m.router.experts);
   // Every expert's partial tile adds at most one to the R / BM full ones; blocks past the plan's
   // count return at once. The n-blocks of a row tile are adjacent in the grid, so they run
-  // together and its rows come from DRAM once (x-major order re-read all rows per n-block: 2.3
-  // TB/s of DRAM traffic in the 8K-token gate/up GEMM).
+  // together and its rows come from DRAM once (with the tiles along x, the 8K-token gate/up GEMM
+  // drew 2.3 TB/s from DRAM; the 16 GEMMs of an 8K forward went 13.7 -> 13.3 ms).
   const int64_t tiles = (R + Cfg::BM - 1) / Cfg::BM + std::min<int64_t>(E, R);
   check(tiles <= 65535, "internal: moe_forward pass of too many row tiles");
   const int N1 = int(2 * m.I), N2 = int(m.D);
