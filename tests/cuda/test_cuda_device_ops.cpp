@@ -268,9 +268,9 @@ TEST(CudaDeviceOps, AttentionPrepMatchesCpuDevice) {
 
 // The routed experts (route, sort by expert, grouped GEMMs, combine: moe_cuda.h) against the
 // default Device::moe on CpuDevice (cpu::moe_route on the host, one expert at a time), both with
-// bf16 operands. Softmax routing at decode sizes (16-row tiles) and prefill sizes (128-row tiles);
-// sigmoid routing with a bias, groups and a scale, on D and I off the 64-column steps and tiles;
-// more tokens than one pass.
+// bf16 operands. Softmax routing at batch-1/2 decode (a GEMV per pick), 16-row tiles and 128-row
+// tiles; sigmoid routing with a bias, groups and a scale, on D and I off the 64-column steps and
+// tiles, through all three paths; more tokens than one pass.
 TEST(CudaDeviceOps, MoeMatchesCpuDevice) {
   HLA_REQUIRE_GPU();
   struct Case {
@@ -280,7 +280,8 @@ TEST(CudaDeviceOps, MoeMatchesCpuDevice) {
     bool shared, gate;
   };
   const Case cases[] = {
-      {64, 8, 256, 128, 1, false, 1, 1, true, true},    {64, 8, 256, 128, 5, false, 1, 1, true, true},
+      {64, 8, 256, 128, 1, false, 1, 1, true, true},    {64, 8, 256, 128, 2, false, 1, 1, false, false},
+      {64, 8, 256, 128, 5, false, 1, 1, true, true},    {32, 4, 96, 40, 10, true, 4, 2, true, true},
       {64, 8, 256, 128, 64, false, 1, 1, false, false}, {64, 8, 256, 128, 700, false, 1, 1, true, true},
       {32, 4, 96, 40, 3, true, 4, 2, true, false},      {32, 4, 96, 40, 600, true, 4, 2, false, false},
       {4, 2, 64, 32, 8200, false, 1, 1, true, true}};

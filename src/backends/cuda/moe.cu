@@ -35,8 +35,8 @@ __device__ __forceinline__ float warp_sum(float v) {
 // The ranking of moe_route: a higher score first, the lower index on ties.
 __device__ __forceinline__ bool ranks_before(float a, int ia, float b, int ib) { return a > b || (a == b && ia < ib); }
 
-// One warp per token: pick_e / pick_w [T, k] in pick order, counts[e] += the picks of e. Shared
-// memory: per warp prob [E] and select [E].
+// One warp per token: pick_e / pick_w [T, k] in pick order, counts[e] += the picks of e (when
+// counts is given). Shared memory: per warp prob [E] and select [E].
 constexpr int kRouteWarps = 4;
 __global__ void __launch_bounds__(kRouteWarps * 32)
     moe_route_kernel(const float* logits, const float* bias, RouteArgs r, int T, int32_t* pick_e, float* pick_w,
@@ -108,7 +108,7 @@ __global__ void __launch_bounds__(kRouteWarps * 32)
     float w = prob[e];
     if (r.norm_topk) w /= norm;
     pick_w[int64_t(t) * r.k + i] = w * r.scale;
-    atomicAdd(counts + e, 1);
+    if (counts) atomicAdd(counts + e, 1);
   }
 }
 
@@ -266,7 +266,63 @@ __global__ void __launch_bounds__(Cfg::kThreads)
       }
 }
 
+// Decode-sized passes (a few picks): out[r] = W_{pick_e[r]} · in[r / k_div] for pick r =
+// blockIdx.y, one warp per output row, 16 bytes of W per lane per load. Only the picked experts'
+// rows are read and nothing is sorted or gathered; the input row is rounded to bf16 as the tile
+// path's operands are. kSwiglu: rows (2i, 2i+1) are (gate_i, up_i) in one block and out (bf16,
+// [R, N/2]) = SiLU(gate)·up, rounded to bf16; else out (fp32, [R, N]). K a multiple of 8.
+constexpr int kGemvWarps = 4;
+template <bool kSwiglu, class In>
+__global__ void __launch_bounds__(kGemvWarps * 32)
+    moe_gemv_kernel(const bf16* W, int N, int K, const int32_t* pick_e, const In* in, int k_div, void* out) {
+  pdl_begin();
+  __shared__ float part[kGemvWarps];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, r = blockIdx.y;
+  const int n = blockIdx.x * kGemvWarps + warp;
+  const bf16* w = W + (int64_t(pick_e[r]) * N + min(n, N - 1)) * K;
+  const In* x = in + int64_t(r / k_div) * K;
+  float acc = 0;
+#pragma unroll 4
+  for (int k = lane * 8; k < K; k += 256) {
+    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(w + k));
+    const __nv_bfloat162* wp = reinterpret_cast<const __nv_bfloat162*>(&raw);
+    float a[8];
+    if constexpr (sizeof(In) == 4) {
+      const float4 lo = *reinterpret_cast<const float4*>(x + k), hi = *reinterpret_cast<const float4*>(x + k + 4);
+      const float f[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+      for (int j = 0; j < 8; ++j) a[j] = __bfloat162float(__float2bfloat16_rn(f[j]));
+    } else {
+      const uint4 xr = *reinterpret_cast<const uint4*>(x + k);
+      const __nv_bfloat162* xp = reinterpret_cast<const __nv_bfloat162*>(&xr);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float2 f = __bfloat1622float2(xp[j]);
+        a[2 * j] = f.x, a[2 * j + 1] = f.y;
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 f = __bfloat1622float2(wp[j]);
+      acc += f.x * a[2 * j] + f.y * a[2 * j + 1];
+    }
+  }
+  acc = warp_sum(acc);
+  if constexpr (kSwiglu) {
+    if (lane == 0) part[warp] = acc;
+    __syncthreads();
+    if (lane == 0 && warp % 2 == 0 && n < N) {
+      const float g = part[warp];
+      static_cast<bf16*>(out)[int64_t(r) * (N / 2) + n / 2] =
+          __float2bfloat16_rn(g / (1.0f + expf(-g)) * part[warp + 1]);
+    }
+  } else if (lane == 0 && n < N) {
+    static_cast<float*>(out)[int64_t(r) * N + n] = acc;
+  }
+}
+
 // out [T, D] = Σ_j pick_w[t, j] · y[pos_of[t, j]] (+ gate[t] · shared[t]); one thread per 4 columns.
+// pos_of null: pick (t, j) is row t·k + j of y.
 __global__ void moe_combine_kernel(const float* y, const int32_t* pos_of, const float* pick_w, int k, int D,
                                    const float* shared, const float* shared_gate, float* out, int64_t T) {
   pdl_begin();
@@ -276,7 +332,8 @@ __global__ void moe_combine_kernel(const float* y, const int32_t* pos_of, const 
   float4 acc = make_float4(0, 0, 0, 0);
   for (int j = 0; j < k; ++j) {
     const float w = pick_w[t * k + j];
-    const float4 v = reinterpret_cast<const float4*>(y + int64_t(pos_of[t * k + j]) * D)[c];
+    const int64_t row = pos_of ? pos_of[t * k + j] : t * k + j;
+    const float4 v = reinterpret_cast<const float4*>(y + row * D)[c];
     acc.x += w * v.x, acc.y += w * v.y, acc.z += w * v.z, acc.w += w * v.w;
   }
   if (shared) {
@@ -363,12 +420,31 @@ void moe_forward(const MoeExperts& m, const float* x, const float* logits, const
   const MoeBuffers b(scratch, m, std::min(T, kMoeTokensPerPass));
   for (int64_t t0 = 0; t0 < T; t0 += kMoeTokensPerPass) {
     const int64_t n = std::min(T - t0, kMoeTokensPerPass), R = n * k;
+    const unsigned route_blocks = unsigned((n + kRouteWarps - 1) / kRouteWarps);
+    const size_t route_smem = size_t(2 * E * kRouteWarps) * 4;
+    const int64_t threads = n * D / 4;
+    const unsigned combine_blocks = unsigned((threads + 255) / 256);
+    if (R <= kMoeGemvPicks) {  // decode: a GEMV per pick, no sorting
+      launch_pdl("moe route", moe_route_kernel, route_blocks, kRouteWarps * 32, route_smem, stream, logits + t0 * E,
+                 m.bias, args, int(n), b.pick_e, b.pick_w, static_cast<int32_t*>(nullptr));
+      const int N1 = int(2 * m.I), I = int(m.I);
+      launch_pdl("moe gate/up gemv", moe_gemv_kernel<true, float>, dim3(unsigned(N1 / kGemvWarps), unsigned(R)),
+                 kGemvWarps * 32, 0, stream, static_cast<const bf16*>(m.gate_up.p), N1, D,
+                 static_cast<const int32_t*>(b.pick_e), x + t0 * D, k, static_cast<void*>(b.h));
+      launch_pdl("moe down gemv", moe_gemv_kernel<false, bf16>,
+                 dim3(unsigned((D + kGemvWarps - 1) / kGemvWarps), unsigned(R)), kGemvWarps * 32, 0, stream,
+                 static_cast<const bf16*>(m.down.p), D, I, static_cast<const int32_t*>(b.pick_e),
+                 static_cast<const bf16*>(b.h), 1, static_cast<void*>(b.y));
+      launch_pdl("moe combine", moe_combine_kernel, combine_blocks, 256, 0, stream, static_cast<const float*>(b.y),
+                 static_cast<const int32_t*>(nullptr), static_cast<const float*>(b.pick_w), k, D,
+                 shared ? shared + t0 * D : nullptr, shared_gate ? shared_gate + t0 : nullptr, out + t0 * D, n);
+      continue;
+    }
     // Prefill-sized passes (≥ 64 rows per expert on average) take the large tiles.
     const bool large = R >= 64 * int64_t(E);
     check_cuda(cudaMemsetAsync(b.counts, 0, size_t(E) * 4, stream), "moe counts");
-    launch_pdl("moe route", moe_route_kernel, unsigned((n + kRouteWarps - 1) / kRouteWarps), kRouteWarps * 32,
-               size_t(2 * E * kRouteWarps) * 4, stream, logits + t0 * E, m.bias, args, int(n), b.pick_e, b.pick_w,
-               b.counts);
+    launch_pdl("moe route", moe_route_kernel, route_blocks, kRouteWarps * 32, route_smem, stream, logits + t0 * E,
+               m.bias, args, int(n), b.pick_e, b.pick_w, b.counts);
     launch_pdl("moe plan", moe_plan_kernel, 1, 32, 0, stream, static_cast<const int32_t*>(b.counts), E,
                large ? LargeTiles::BM : SmallTiles::BM, b.offsets, b.tiles, b.cursor);
     launch_pdl("moe gather", moe_gather_kernel, unsigned(R), kGatherThreads, 0, stream, x + t0 * D, D,
@@ -377,11 +453,9 @@ void moe_forward(const MoeExperts& m, const float* x, const float* logits, const
       grouped_gemms<LargeTiles>(m, b, R, stream);
     else
       grouped_gemms<SmallTiles>(m, b, R, stream);
-    const int64_t threads = n * D / 4;
-    launch_pdl("moe combine", moe_combine_kernel, unsigned((threads + 255) / 256), 256, 0, stream,
-               static_cast<const float*>(b.y), static_cast<const int32_t*>(b.pos_of),
-               static_cast<const float*>(b.pick_w), k, D, shared ? shared + t0 * D : nullptr,
-               shared_gate ? shared_gate + t0 : nullptr, out + t0 * D, n);
+    launch_pdl("moe combine", moe_combine_kernel, combine_blocks, 256, 0, stream, static_cast<const float*>(b.y),
+               static_cast<const int32_t*>(b.pos_of), static_cast<const float*>(b.pick_w), k, D,
+               shared ? shared + t0 * D : nullptr, shared_gate ? shared_gate + t0 : nullptr, out + t0 * D, n);
   }
 }
 

@@ -10,6 +10,8 @@
 //   5. combine: out[t] = Σ_j weight_j · y[row of pick j] (+ shared_gate[t] · shared[t]), in pick
 //      order, so the result does not depend on the order in which step 3 handed out the rows.
 // Tokens go through in passes of kMoeTokensPerPass, which bounds the scratch (y is fp32 [rows, D]).
+// A pass of at most kMoeGemvPicks (token, pick) rows (decode at batch 1 and 2) skips steps 2 and
+// 3: one GEMV per pick reads its expert's rows directly (a 16-row tile would idle 15 of its rows).
 #pragma once
 #include <cuda_runtime.h>
 
@@ -19,7 +21,7 @@
 
 namespace hla::cuda {
 
-constexpr int64_t kMoeTokensPerPass = 8192;
+constexpr int64_t kMoeTokensPerPass = 8192, kMoeGemvPicks = 16;
 
 // Shapes the kernels take: D and I multiples of 8 (16-byte rows), at most 1024 experts, at most 32
 // expert groups dividing the experts evenly, and top_k at most the experts.
