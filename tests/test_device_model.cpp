@@ -83,6 +83,45 @@ TEST(DeviceWiring, EngineOnDeviceServesWhatSessionsGenerate) {
   }
 }
 
+// The engine's prefix snapshots on a device (Device::save_slot / load_slot): after a request with
+// a 48-token prefix, one sharing all 48 starts at 48 and one sharing 40 at 32 (the last block
+// boundary stored), and each generates what a CPU Session generates for its prompt alone. Models
+// with recurrent and conv state plus KV rows (Qwen3-Next) and with MLA KV and indexer-key rows
+// (DeepSeek-V3.2).
+TEST(DeviceWiring, EngineOnDeviceStartsFromPrefixSnapshots) {
+  HLA_REQUIRE_FIXTURES();
+  for (const char* name : {"qwen3_next", "deepseek_v32"}) {
+    auto m = Model::load(fixture(std::string("models/") + name));
+    cpu::CpuDevice dev(2);
+    m->bind_device(dev);
+    EngineOptions opt;
+    opt.max_slots = 2, opt.max_step_tokens = 64, opt.block = 16;
+    std::vector<int64_t> shared;
+    for (int64_t t = 0; t < 48; ++t) shared.push_back((t * 37 + 11) % m->spec().vocab);
+    auto prompt = [&](int64_t keep, std::vector<int64_t> tail) {
+      std::vector<int64_t> p(shared.begin(), shared.begin() + keep);
+      p.insert(p.end(), tail.begin(), tail.end());
+      return p;
+    };
+    const std::vector<std::vector<int64_t>> prompts = {prompt(48, {1, 2, 3}), prompt(48, {4, 5}), prompt(40, {6})};
+    const int64_t want_cached[] = {0, 48, 32};
+    GenerationParams g;
+    g.max_tokens = 6;
+    Engine engine(*m, opt, &dev);
+    for (size_t i = 0; i < prompts.size(); ++i) {  // one after another: each sees the snapshots before it
+      auto r = engine.submit(prompts[i], g);
+      ASSERT_NE(r, nullptr);
+      std::vector<int64_t> got;
+      for (int tries = 0; !r->wait(&got, std::chrono::milliseconds(100)); ++tries) ASSERT_LT(tries, 600);
+      EXPECT_EQ(r->cached_prompt_tokens(), want_cached[i]) << name << " request " << i;
+      Sampler sampler(g.sampling);
+      EXPECT_EQ(got, Session(*m).generate(prompts[i], g.max_tokens, sampler)) << name << " request " << i;
+    }
+    EXPECT_EQ(engine.stats().prefix_hits, 2) << name;
+    EXPECT_GT(engine.stats().prefix_cache_bytes, 0u) << name;
+  }
+}
+
 // A prompt fed in 64-token forwards ends where one forward ends (CPU and device sessions).
 TEST_P(DeviceWiring, ChunkedPrefillEqualsOneForward) {
   HLA_REQUIRE_FIXTURES();

@@ -10,6 +10,7 @@
 // delta-rule state) and growable rows (KV, index keys).
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -134,6 +135,16 @@ class Device {
   virtual float* cache_rows(int64_t layer, CachePart part, int64_t slot, int64_t rows, int64_t width) = 0;
   virtual void reset_slot(int64_t slot) = 0;            // zeros its fixed parts, empties its rows
   virtual int64_t slot_bytes(int64_t slot) const = 0;  // cache memory held for one slot now
+  // A copy of one slot's cache in the device's memory (the server's prefix snapshots): save_slot
+  // copies the slot's fixed parts and the first `rows` rows of each growable part, between
+  // forwards; load_slot makes `slot` hold that cache again (a snapshot of this device only).
+  class SlotSnapshot {
+   public:
+    virtual ~SlotSnapshot() = default;
+    virtual size_t bytes() const = 0;
+  };
+  virtual std::unique_ptr<SlotSnapshot> save_slot(int64_t slot, int64_t rows) = 0;
+  virtual void load_slot(const SlotSnapshot& snapshot, int64_t slot) = 0;
   virtual int64_t memory_bytes() const = 0;            // device memory in use (weights, cache, scratch)
 
   // ---- compute ------------------------------------------------------------------------------

@@ -44,7 +44,11 @@ void Request::finish(const std::string& reason) {
 }
 
 Engine::Engine(const Model& model, EngineOptions opt, Device* dev)
-    : model_(model), opt_(opt), dev_(dev), prefix_(opt.prefix_cache_bytes, opt.block) {
+    : model_(model),
+      opt_(opt),
+      dev_(dev),
+      prefix_(opt.prefix_cache_bytes, opt.block),
+      device_prefix_(opt.prefix_cache_bytes, opt.block) {
   check(!dev || dev->max_slots() >= opt.max_slots, "internal: the device holds fewer cache slots than --max-slots");
   thread_ = std::thread([this] { loop(); });
 }
@@ -128,10 +132,16 @@ void Engine::step() {
     auto s = std::make_unique<Slot>(Slot{r, SequenceCache{}, -1, Sampler(r->params.sampling)});
     if (dev_) {
       s->dev_slot = free_device_slot();
-      dev_->reset_slot(s->dev_slot);
+      const DeviceSnapshot* snap = nullptr;
+      s->fed = s->cached = device_prefix_.lookup(r->prompt, &snap);
+      if (snap)
+        dev_->load_slot(**snap, s->dev_slot);
+      else
+        dev_->reset_slot(s->dev_slot);
     } else {
-      s->cache = model_.new_cache();
-      s->fed = s->cached = prefix_.lookup(r->prompt, &s->cache);
+      const SequenceCache* snap = nullptr;
+      s->fed = s->cached = prefix_.lookup(r->prompt, &snap);
+      s->cache = snap ? *snap : model_.new_cache();
     }
     r->cached_tokens_ = s->fed;
     (s->fed > 0 ? hits : misses)++;
@@ -193,7 +203,12 @@ void Engine::step() {
       s.cached += std::max<int64_t>(chunk[i], 1);
       if (chunk[i] > 0) {
         s.fed += chunk[i], prompt_tokens += chunk[i];
-        if (!dev_ && s.fed % opt_.block == 0) prefix_.insert(s.req->prompt, s.fed, s.cache);
+        if (s.fed % opt_.block == 0) {
+          if (dev_)
+            device_prefix_.insert(s.req->prompt, s.fed, [&] { return dev_->save_slot(s.dev_slot, s.fed); });
+          else
+            prefix_.insert(s.req->prompt, s.fed, [&] { return s.cache; });
+        }
         if (s.fed == int64_t(s.req->prompt.size()) && s.req->params.max_tokens == 0) s.req->finish("length");
       }
       if (!picks[i]) continue;
@@ -211,7 +226,7 @@ void Engine::step() {
   stats_.prefix_hits += hits, stats_.prefix_misses += misses, stats_.prefix_hit_tokens += hit_tokens;
   stats_.queued = int64_t(pending_.size());
   stats_.running = int64_t(slots_.size());
-  stats_.prefix_cache_bytes = prefix_.bytes();
+  stats_.prefix_cache_bytes = dev_ ? device_prefix_.bytes() : prefix_.bytes();
   stats_.steps++;
 }
 

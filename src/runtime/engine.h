@@ -3,8 +3,8 @@
 // prompt chunks of the requests still in prefill (chunked prefill), samples, and streams tokens to
 // the waiting request handles. Each request lives in a slot holding its own hybrid cache; prompts
 // start from the longest prefix snapshot in the PrefixCache. On a device (the model bound to it)
-// each request's cache is one of the device's cache slots instead, and there is no prefix cache
-// (its snapshots are host copies of a cache).
+// each request's cache is one of the device's cache slots instead, and the prefix snapshots are
+// copies of slots in the device's memory (Device::save_slot / load_slot).
 #pragma once
 #include <atomic>
 #include <chrono>
@@ -101,7 +101,8 @@ class Engine {
   const Model& model_;
   const EngineOptions opt_;
   Device* dev_;
-  PrefixCache prefix_;
+  PrefixCache<SequenceCache> prefix_;          // on the CPU
+  PrefixCache<DeviceSnapshot> device_prefix_;  // on a device
   mutable std::mutex mu_;
   std::condition_variable cv_;
   std::deque<std::shared_ptr<Request>> pending_;

@@ -3,15 +3,21 @@
 #include <algorithm>
 
 namespace hla {
+namespace {
+size_t snapshot_bytes(const SequenceCache& c) { return c.bytes(); }
+size_t snapshot_bytes(const DeviceSnapshot& s) { return s->bytes(); }
+}  // namespace
 
-uint64_t PrefixCache::hash(const int64_t* t, int64_t n) {
+template <class Snapshot>
+uint64_t PrefixCache<Snapshot>::hash(const int64_t* t, int64_t n) {
   uint64_t h = 1469598103934665603ull;  // FNV-1a over the ids' bytes
   for (int64_t i = 0; i < n; ++i)
     for (int b = 0; b < 8; ++b) h = (h ^ ((uint64_t(t[i]) >> (8 * b)) & 0xff)) * 1099511628211ull;
   return h ^ uint64_t(n);
 }
 
-int64_t PrefixCache::lookup(const std::vector<int64_t>& tokens, SequenceCache* out) {
+template <class Snapshot>
+int64_t PrefixCache<Snapshot>::lookup(const std::vector<int64_t>& tokens, const Snapshot** out) {
   const int64_t n = int64_t(tokens.size());
   for (int64_t len = ((n - 1) / block_) * block_; len > 0; len -= block_) {
     auto it = index_.find(hash(tokens.data(), len));
@@ -19,19 +25,23 @@ int64_t PrefixCache::lookup(const std::vector<int64_t>& tokens, SequenceCache* o
     const Entry& e = *it->second;
     if (int64_t(e.tokens.size()) != len || !std::equal(e.tokens.begin(), e.tokens.end(), tokens.begin())) continue;
     lru_.splice(lru_.begin(), lru_, it->second);
-    *out = e.cache;
+    *out = &e.snapshot;
     return len;
   }
   return 0;
 }
 
-void PrefixCache::insert(const std::vector<int64_t>& tokens, int64_t length, const SequenceCache& cache) {
+template <class Snapshot>
+void PrefixCache<Snapshot>::insert(const std::vector<int64_t>& tokens, int64_t length,
+                                   const std::function<Snapshot()>& make) {
   const uint64_t h = hash(tokens.data(), length);
   if (index_.count(h)) {
     lru_.splice(lru_.begin(), lru_, index_[h]);
     return;
   }
-  const size_t b = cache.bytes() + size_t(length) * sizeof(int64_t);
+  if (budget_ == 0) return;
+  Snapshot snapshot = make();
+  const size_t b = snapshot_bytes(snapshot) + size_t(length) * sizeof(int64_t);
   if (b > budget_) return;
   while (bytes_ + b > budget_ && !lru_.empty()) {
     const Entry& victim = lru_.back();
@@ -39,9 +49,12 @@ void PrefixCache::insert(const std::vector<int64_t>& tokens, int64_t length, con
     index_.erase(hash(victim.tokens.data(), int64_t(victim.tokens.size())));
     lru_.pop_back();
   }
-  lru_.push_front(Entry{std::vector<int64_t>(tokens.begin(), tokens.begin() + length), cache, b});
+  lru_.push_front(Entry{std::vector<int64_t>(tokens.begin(), tokens.begin() + length), std::move(snapshot), b});
   index_[h] = lru_.begin();
   bytes_ += b;
 }
+
+template class PrefixCache<SequenceCache>;
+template class PrefixCache<DeviceSnapshot>;
 
 }  // namespace hla

@@ -5,7 +5,7 @@
 // fused delta-rule decode prep (conv state over several steps, grouped heads, per-key gates), the
 // prefill short conv, and
 // attention prep (gated q rows, partial RoPE); the greedy pick (argmax, lowest index on
-// ties); the MoE block's routed experts.
+// ties); the MoE block's routed experts; a cache slot's prefix snapshot.
 #include <gtest/gtest.h>
 
 #include <random>
@@ -320,6 +320,44 @@ TEST(CudaDeviceOps, MoeMatchesCpuDevice) {
     EXPECT_LT(max_rel_diff(run(*gpu), run(cpu)), 2e-3)
         << "E " << c.E << " k " << c.k << " D " << c.D << " I " << c.I << " T " << c.T;
   }
+}
+
+// A cache slot's prefix snapshot (the server's prefix cache on a device): slot 1's fixed parts and
+// first 7 of its 10 rows, saved, then overwritten, come back bit for bit when loaded into slot 2,
+// on the GPU as on the CPU device.
+TEST(CudaDeviceOps, SlotSnapshotRoundTrip) {
+  HLA_REQUIRE_GPU();
+  const int64_t n = 300, nc = 12, width = 40, rows = 7;
+  auto run = [&](Device& dev) {
+    std::mt19937 rng(29);
+    auto fill = [&](float* dst, int64_t count) {
+      dev.copy(dst, {count, 1, 0}, dev.upload_f32(random_vector(count, rng)), {count, 1, 0}, 1, count, 1);
+    };
+    auto read = [&](int64_t slot) {
+      std::vector<float> out(size_t(n + nc + rows * width));
+      dev.to_host(dev.cache_pool(0, CachePart::State, n) + slot * n, out.data(), n);
+      dev.to_host(dev.cache_pool(1, CachePart::Conv, nc) + slot * nc, out.data() + n, nc);
+      dev.to_host(dev.cache_rows(1, CachePart::K, slot, rows, width), out.data() + n + nc, rows * width);
+      return out;
+    };
+    dev.begin_forward();
+    fill(dev.cache_pool(0, CachePart::State, n) + n, n);
+    fill(dev.cache_pool(1, CachePart::Conv, nc) + nc, nc);
+    fill(dev.cache_rows(1, CachePart::K, 1, rows + 3, width), (rows + 3) * width);
+    const std::vector<float> before = read(1);
+    const auto snap = dev.save_slot(1, rows);
+    EXPECT_EQ(snap->bytes(), size_t(n + nc + rows * width) * sizeof(float)) << dev.name();
+    dev.begin_forward();
+    fill(dev.cache_pool(0, CachePart::State, n) + n, n);  // the slot moves on; the snapshot must not
+    fill(dev.cache_rows(1, CachePart::K, 1, rows + 3, width), (rows + 3) * width);
+    dev.load_slot(*snap, 2);
+    EXPECT_EQ(read(2), before) << dev.name();
+    EXPECT_NE(read(1), before) << dev.name();
+  };
+  auto gpu = cuda::make_cuda_device(3, DType::F32);
+  cpu::CpuDevice cpu(3);
+  run(*gpu);
+  run(cpu);
 }
 
 TEST(CudaDeviceOps, ArgmaxPicksTheLowestIndexAmongTies) {

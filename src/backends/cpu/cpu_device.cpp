@@ -55,9 +55,11 @@ float* CpuDevice::cache_pool(int64_t layer, CachePart part, int64_t n) {
 }
 
 float* CpuDevice::cache_rows(int64_t layer, CachePart part, int64_t slot, int64_t rows, int64_t width) {
-  auto& r = rows_[{layer, part, slot}];
-  if (int64_t(r.size()) < rows * width) r.resize(size_t(rows * width));
-  return r.data();
+  Rows& r = rows_[{layer, part, slot}];
+  check(r.v.empty() || r.width == width, "internal: cache rows changed width");
+  r.width = width;
+  if (int64_t(r.v.size()) < rows * width) r.v.resize(size_t(rows * width));
+  return r.v.data();
 }
 
 void CpuDevice::reset_slot(int64_t slot) {
@@ -66,14 +68,54 @@ void CpuDevice::reset_slot(int64_t slot) {
     std::fill(pool.begin() + std::ptrdiff_t(size_t(slot) * n), pool.begin() + std::ptrdiff_t(size_t(slot + 1) * n), 0.0f);
   }
   for (auto& [key, r] : rows_)
-    if (std::get<2>(key) == slot) r.clear();
+    if (std::get<2>(key) == slot) r.v.clear();
+}
+
+namespace {
+struct CpuSnapshot : Device::SlotSnapshot {
+  std::map<std::pair<int64_t, CachePart>, std::vector<float>> fixed;  // each part's block of the slot
+  std::map<std::pair<int64_t, CachePart>, std::pair<std::vector<float>, int64_t>> rows;  // rows, width
+  size_t bytes() const override {
+    size_t n = 0;
+    for (auto& [key, v] : fixed) n += v.size();
+    for (auto& [key, r] : rows) n += r.first.size();
+    return n * sizeof(float);
+  }
+};
+}  // namespace
+
+std::unique_ptr<Device::SlotSnapshot> CpuDevice::save_slot(int64_t slot, int64_t rows) {
+  auto snap = std::make_unique<CpuSnapshot>();
+  for (auto& [key, pool] : pools_) {
+    const size_t n = pool.size() / size_t(slots_);
+    snap->fixed[key].assign(pool.begin() + std::ptrdiff_t(size_t(slot) * n),
+                            pool.begin() + std::ptrdiff_t(size_t(slot + 1) * n));
+  }
+  for (auto& [key, r] : rows_) {
+    if (std::get<2>(key) != slot || r.v.empty()) continue;
+    check(int64_t(r.v.size()) >= rows * r.width, "internal: a snapshot of more cache rows than the slot holds");
+    snap->rows[{std::get<0>(key), std::get<1>(key)}] = {{r.v.begin(), r.v.begin() + std::ptrdiff_t(rows * r.width)},
+                                                        r.width};
+  }
+  return snap;
+}
+
+void CpuDevice::load_slot(const SlotSnapshot& snapshot, int64_t slot) {
+  const auto& snap = static_cast<const CpuSnapshot&>(snapshot);
+  reset_slot(slot);
+  for (auto& [key, v] : snap.fixed)
+    std::copy(v.begin(), v.end(), cache_pool(key.first, key.second, int64_t(v.size())) + slot * int64_t(v.size()));
+  for (auto& [key, r] : snap.rows) {
+    const int64_t width = r.second, n = int64_t(r.first.size()) / width;
+    std::copy(r.first.begin(), r.first.end(), cache_rows(key.first, key.second, slot, n, width));
+  }
 }
 
 int64_t CpuDevice::slot_bytes(int64_t slot) const {
   size_t n = 0;
   for (auto& [key, pool] : pools_) n += pool.size() / size_t(slots_);
   for (auto& [key, r] : rows_)
-    if (std::get<2>(key) == slot) n += r.size();
+    if (std::get<2>(key) == slot) n += r.v.size();
   return int64_t(n * sizeof(float));
 }
 
@@ -82,7 +124,7 @@ int64_t CpuDevice::memory_bytes() const {
   for (auto* d : {&weights_, &scratch_})
     for (auto& v : *d) n += v.size();
   for (auto& [key, pool] : pools_) n += pool.size();
-  for (auto& [key, r] : rows_) n += r.size();
+  for (auto& [key, r] : rows_) n += r.v.size();
   return int64_t(n * sizeof(float));
 }
 

@@ -34,6 +34,8 @@ class CpuDevice : public Device {
   float* cache_rows(int64_t layer, CachePart part, int64_t slot, int64_t rows, int64_t width) override;
   void reset_slot(int64_t slot) override;
   int64_t slot_bytes(int64_t slot) const override;
+  std::unique_ptr<SlotSnapshot> save_slot(int64_t slot, int64_t rows) override;
+  void load_slot(const SlotSnapshot& snapshot, int64_t slot) override;
   int64_t memory_bytes() const override;
 
   void linear(const float* x, int64_t ldx, const DevMatrix& W, float* y, int64_t M) override;
@@ -80,7 +82,11 @@ class CpuDevice : public Device {
   bool bf16_;
   std::deque<std::vector<float>> weights_, scratch_;  // deques: pointers stay valid as they grow
   std::map<std::pair<int64_t, CachePart>, std::vector<float>> pools_;
-  std::map<std::tuple<int64_t, CachePart, int64_t>, std::vector<float>> rows_;
+  struct Rows {
+    std::vector<float> v;
+    int64_t width = 0;
+  };
+  std::map<std::tuple<int64_t, CachePart, int64_t>, Rows> rows_;
 };
 
 }  // namespace hla::cpu
