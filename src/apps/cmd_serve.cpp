@@ -34,8 +34,9 @@ void register_serve(CLI::App& app) {
   cmd->add_option("--max-tokens-limit", o->max_tokens_limit, "largest max_tokens accepted")->default_val(4096);
   cmd->add_option("--max-body-bytes", o->max_body_bytes, "largest request body")->default_val(8u << 20);
   cmd->add_option("--prefix-block", o->engine.block, "prefix-cache block (tokens)")->default_val(256);
-  cmd->add_option("--prefix-cache-mb", *cache_mb, "prefix-cache budget (MiB; the CPU engine's)")->default_val(1024);
-  cmd->add_option("--device", *device, "cpu or cuda (one GPU; no prefix cache there)")->capture_default_str();
+  cmd->add_option("--prefix-cache-mb", *cache_mb, "prefix-cache budget (MiB; on --device cuda, of GPU memory)")
+      ->default_val(1024);
+  cmd->add_option("--device", *device, "cpu or cuda (one GPU)")->capture_default_str();
   cmd->add_option("--dtype", *dtype, "weights on the GPU: f32 or bf16")->capture_default_str();
   cmd->callback([model, o, cache_mb, device, dtype] {
     check(o->port > 0 && o->port < 65536, "--port must be in 1..65535");
