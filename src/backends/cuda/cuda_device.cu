@@ -19,6 +19,7 @@
 #include "backends/cuda/attention_cuda.h"
 #include "backends/cuda/cuda_device.h"
 #include "backends/cuda/delta_rule_cuda.h"
+#include "backends/cuda/kernel_util.cuh"
 #include "backends/cuda/launch.cuh"
 #include "backends/cuda/mma.cuh"
 #include "backends/cuda/moe_cuda.h"
@@ -39,8 +40,6 @@ void check_lt(cublasStatus_t s, const char* what) {
   check(s == CUBLAS_STATUS_SUCCESS, std::string("cublasLt: ") + what + " failed (status " + std::to_string(int(s)) + ")");
 }
 
-__device__ __forceinline__ float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
-
 // Sum over the block in a fixed order (deterministic); every thread gets the total.
 __device__ float block_sum(float v) {
   __shared__ float part[32];
@@ -51,11 +50,6 @@ __device__ float block_sum(float v) {
   float t = 0;
   for (int w = 0; w < int(blockDim.x + 31) / 32; ++w) t += part[w];
   return t;
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
 }
 
 // ---- elementwise and row kernels ------------------------------------------------------------
@@ -728,14 +722,9 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
   pdl_begin();
   float acc = 0;
   auto dot = [&](const uint4& raw, int64_t k) {  // 8 weights at column k0 + k
-    const __nv_bfloat162* pair = reinterpret_cast<const __nv_bfloat162*>(&raw);
     float a[8];
     load_v(x + k0 + k, a);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float2 f = __bfloat1622float2(pair[j]);
-      acc += f.x * a[2 * j] + f.y * a[2 * j + 1];
-    }
+    acc = dot_bf16x8(acc, raw, a);
   };
 #pragma unroll
   for (int i = 0; i < kGemvPrefetch; ++i)

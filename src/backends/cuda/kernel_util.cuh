@@ -1,5 +1,7 @@
-// Small device helpers shared by the CUDA kernels: asynchronous tile copies, exponentials.
+// Small device helpers shared by the CUDA kernels: asynchronous tile copies, warp reductions,
+// the sigmoid, the bf16 GEMV step, exponentials.
 #pragma once
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include "core/dtype.h"
@@ -62,6 +64,30 @@ __device__ __forceinline__ Pack<CT> ld16(const CT* p) {
 template <class CT>
 __device__ __forceinline__ void st16(CT* p, const Pack<CT>& x) {
   *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(x.v);
+}
+
+// Warp-wide reductions: every lane gets the result (butterfly order, the same on every lane).
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+__device__ __forceinline__ float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+// acc + the dot product of 8 bf16 weights (one 16-byte load) with a[0..7], pair by pair (the
+// decode GEMVs' inner step).
+__device__ __forceinline__ float dot_bf16x8(float acc, const uint4& w, const float (&a)[8]) {
+  const __nv_bfloat162* pair = reinterpret_cast<const __nv_bfloat162*>(&w);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float2 f = __bfloat1622float2(pair[j]);
+    acc += f.x * a[2 * j] + f.y * a[2 * j + 1];
+  }
+  return acc;
 }
 
 // e^x: full precision for fp32 inputs (they must stay within 1e-4 of fp64), the fast hardware

@@ -24,14 +24,6 @@ struct RouteArgs {
   float scale;
 };
 
-__device__ __forceinline__ float warp_max(float v) {
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(~0u, v, o));
-  return v;
-}
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(~0u, v, o);
-  return v;
-}
 // The ranking of moe_route: a higher score first, the lower index on ties.
 __device__ __forceinline__ bool ranks_before(float a, int ia, float b, int ib) { return a > b || (a == b && ia < ib); }
 
@@ -58,7 +50,7 @@ __global__ void __launch_bounds__(kRouteWarps * 32)
     for (int e = lane; e < E; e += 32) select[e] = prob[e] = prob[e] / sum;
   } else {
     for (int e = lane; e < E; e += 32) {
-      prob[e] = 1.0f / (1.0f + expf(-l[e]));
+      prob[e] = sigmoidf(l[e]);
       select[e] = prob[e] + (bias ? bias[e] : 0.0f);
     }
     if (r.n_group > 1) {  // lane g scores group g by its two best; the topk_group best groups stay
@@ -258,8 +250,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
         if (row >= rows || col >= N) continue;
         const float v0 = acc[mi][ni][2 * h], v1 = acc[mi][ni][2 * h + 1];
         if constexpr (kSwiglu) {
-          const float silu = v0 / (1.0f + expf(-v0));
-          static_cast<bf16*>(out)[int64_t(m0 + row) * (N / 2) + col / 2] = __float2bfloat16_rn(silu * v1);
+          static_cast<bf16*>(out)[int64_t(m0 + row) * (N / 2) + col / 2] = __float2bfloat16_rn(v0 * sigmoidf(v0) * v1);
         } else {
           *reinterpret_cast<float2*>(static_cast<float*>(out) + int64_t(m0 + row) * N + col) = make_float2(v0, v1);
         }
@@ -285,7 +276,6 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
 #pragma unroll 4
   for (int k = lane * 8; k < K; k += 256) {
     const uint4 raw = __ldg(reinterpret_cast<const uint4*>(w + k));
-    const __nv_bfloat162* wp = reinterpret_cast<const __nv_bfloat162*>(&raw);
     float a[8];
     if constexpr (sizeof(In) == 4) {
       const float4 lo = *reinterpret_cast<const float4*>(x + k), hi = *reinterpret_cast<const float4*>(x + k + 4);
@@ -301,11 +291,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
         a[2 * j] = f.x, a[2 * j + 1] = f.y;
       }
     }
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float2 f = __bfloat1622float2(wp[j]);
-      acc += f.x * a[2 * j] + f.y * a[2 * j + 1];
-    }
+    acc = dot_bf16x8(acc, raw, a);
   }
   acc = warp_sum(acc);
   if constexpr (kSwiglu) {
@@ -313,8 +299,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
     __syncthreads();
     if (lane == 0 && warp % 2 == 0 && n < N) {
       const float g = part[warp];
-      static_cast<bf16*>(out)[int64_t(r) * (N / 2) + n / 2] =
-          __float2bfloat16_rn(g / (1.0f + expf(-g)) * part[warp + 1]);
+      static_cast<bf16*>(out)[int64_t(r) * (N / 2) + n / 2] = __float2bfloat16_rn(g * sigmoidf(g) * part[warp + 1]);
     }
   } else if (lane == 0 && n < N) {
     static_cast<float*>(out)[int64_t(r) * N + n] = acc;
