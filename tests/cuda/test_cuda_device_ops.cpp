@@ -279,12 +279,18 @@ TEST(CudaDeviceOps, MoeMatchesCpuDevice) {
     int64_t n_group, topk_group;
     bool shared, gate;
   };
-  const Case cases[] = {
-      {64, 8, 256, 128, 1, false, 1, 1, true, true},    {64, 8, 256, 128, 2, false, 1, 1, false, false},
-      {64, 8, 256, 128, 5, false, 1, 1, true, true},    {32, 4, 96, 40, 10, true, 4, 2, true, true},
-      {64, 8, 256, 128, 64, false, 1, 1, false, false}, {64, 8, 256, 128, 700, false, 1, 1, true, true},
-      {32, 4, 96, 40, 3, true, 4, 2, true, false},      {32, 4, 96, 40, 600, true, 4, 2, false, false},
-      {4, 2, 64, 32, 8200, false, 1, 1, true, true}};
+  const Case cases[] = {{64, 8, 256, 128, 1, false, 1, 1, true, true},
+                        {64, 8, 256, 128, 2, false, 1, 1, false, false},
+                        {64, 8, 256, 128, 5, false, 1, 1, true, true},
+                        {32, 4, 96, 40, 10, true, 4, 2, true, true},
+                        {64, 8, 256, 128, 64, false, 1, 1, false, false},
+                        {64, 8, 256, 128, 700, false, 1, 1, true, true},
+                        {32, 4, 96, 40, 3, true, 4, 2, true, false},
+                        {32, 4, 96, 40, 600, true, 4, 2, false, false},
+                        {4, 2, 64, 32, 8200, false, 1, 1, true, true},
+                        // wgmma tiles: 2 and 3 blocks of 256 columns, the last partial; 9 and 3 steps of 64 along K
+                        // with 8-column tails (the 4-stage ring wraps).
+                        {8, 2, 520, 136, 1100, false, 1, 1, true, true}};
   std::mt19937 rng(17);
   for (const Case& c : cases) {
     auto bf16_tensor = [&](int64_t rows, int64_t cols, float amp) {

@@ -5,8 +5,9 @@
 //   2. plan: one warp turns the counts into each expert's first row in expert order and its first
 //      row tile of the grouped GEMMs;
 //   3. gather: each (token, pick) row of x goes to its expert's next free row, as bf16;
-//   4. two grouped GEMMs (tensor cores, mma.sync): h = SwiGLU(rows · gate_up_e^T) as bf16, then
-//      y = h · down_e^T, each block one row tile of one expert (found from the plan on the GPU);
+//   4. two grouped GEMMs on the tensor cores (wgmma for prefill-sized passes, mma.sync for a few
+//      rows per expert): h = SwiGLU(rows · gate_up_e^T) as bf16, then y = h · down_e^T, each block
+//      one row tile of one expert (found from the plan on the GPU);
 //   5. combine: out[t] = Σ_j weight_j · y[row of pick j] (+ shared_gate[t] · shared[t]), in pick
 //      order, so the result does not depend on the order in which step 3 handed out the rows.
 // Tokens go through in passes of kMoeTokensPerPass, which bounds the scratch (y is fp32 [rows, D]).
