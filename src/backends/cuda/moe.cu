@@ -4,11 +4,13 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <utility>
 
 #include "backends/cuda/kernel_util.cuh"
 #include "backends/cuda/launch.cuh"
 #include "backends/cuda/mma.cuh"
 #include "backends/cuda/moe_cuda.h"
+#include "backends/cuda/tma.cuh"
 #include "backends/cuda/wgmma.cuh"
 #include "core/error.h"
 
@@ -274,16 +276,20 @@ __global__ void __launch_bounds__(Cfg::kThreads)
       }
 }
 
-// Prefill-sized passes: 128 x 256 tiles on the warpgroup tensor cores (wgmma.cuh; mma.sync's
-// 128 x 128 tiles ran the 16 GEMMs of an 8K-token forward of the 2.5B MoE model at ~250 TFLOP/s).
-// Warpgroup g owns rows [64g, 64g + 64) of the tile and all 256 columns: two m64n128 products per
-// 16-column step, 128 fp32 accumulators a thread. All 256 threads fill a STAGES-deep ring of
-// swizzled A [128 x 64] and W [256 x 64] tiles with cp.async, kAhead = STAGES - 2 steps ahead: the
-// products of step kt run while steps kt+1 and kt+2 land, and the stage refilled at step kt is the
-// one step kt−2 read, whose products every warpgroup has waited for (wgmma_wait<1> closes each
-// step) before the barrier of step kt. Rows past the expert's, N and K read as zeros.
+// Prefill-sized passes: 128 x 256 tiles on the warpgroup tensor cores (wgmma.cuh), fed by the
+// copy engine (tma.cuh). mma.sync's 128 x 128 tiles ran the 16 GEMMs of an 8K-token forward of
+// the 2.5B MoE model in 13.3 ms on an H200 (~250 TFLOP/s); wgmma fed by cp.async from the same
+// warps, with a barrier of the whole block per K step, in 10.1 ms.
+// Three warpgroups: the first (its registers cut to 40) has one thread issue the copies of A
+// [128 x 64] and W [256 x 64] boxes into a STAGES-deep ring; the other two own rows [0, 64) and
+// [64, 128) of the tile and all 256 columns (two m64n128 products per 16-column step, 128 fp32
+// accumulators a thread, registers raised to 232). full[s] completes when stage s's bytes have
+// landed; empty[s] when both consumers' products that read it have completed (each arrives after
+// wgmma_wait<1> of the next step), and only then is it refilled. A tile's rows past its expert's
+// read the next expert's rows (their products are not stored); rows past the pass's end and
+// columns past K read zeros.
 struct WgmmaTiles {
-  static constexpr int BM = 128, BN = 256, BK = 64, STAGES = 4, kThreads = 256;
+  static constexpr int BM = 128, BN = 256, BK = 64, STAGES = 4, kThreads = 384;
   static constexpr int kABytes = BM * kSwizzleRowBytes, kStageBytes = (BM + BN) * kSwizzleRowBytes;
   static constexpr size_t kSmem = size_t(STAGES) * kStageBytes + kSwizzleGroupBytes;  // + slack to align the ring
   static_assert(BK * sizeof(bf16) == kSwizzleRowBytes, "a K step is one swizzled 128-byte row");
@@ -291,50 +297,45 @@ struct WgmmaTiles {
 
 template <bool kSwiglu>
 __global__ void __launch_bounds__(WgmmaTiles::kThreads, 1)
-    moe_wgmma_kernel(const bf16* A, const bf16* W, int N, int K, const int32_t* offsets, const int32_t* tiles, int E,
-                     void* out) {
+    moe_wgmma_kernel(const __grid_constant__ CUtensorMap a_map, const __grid_constant__ CUtensorMap w_map, int N, int K,
+                     const int32_t* offsets, const int32_t* tiles, int E, void* out) {
   using Cfg = WgmmaTiles;
-  constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, STAGES = Cfg::STAGES, kAhead = STAGES - 2;
-  pdl_begin();
-  const RowTile rt = find_row_tile(offsets, tiles, E, BM);
-  if (rt.e < 0) return;
-  const int n0 = blockIdx.x * BN;
-  const bf16* a_rows = A + int64_t(rt.m0) * K;
-  const bf16* w_rows = W + (int64_t(rt.e) * N + n0) * K;
+  constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, STAGES = Cfg::STAGES;
+  __shared__ uint64_t full[STAGES], empty[STAGES];
   extern __shared__ unsigned char wgmma_smem[];
   const uint32_t raw = smem_addr(wgmma_smem);
   const uint32_t ring = (raw + kSwizzleGroupBytes - 1) & ~uint32_t(kSwizzleGroupBytes - 1);
   unsigned char* ring_p = wgmma_smem + (ring - raw);
-  const int KT = (K + BK - 1) / BK;
-  auto load = [&](int kt) {
-    const int k0 = kt * BK;
-    unsigned char* a = ring_p + (kt % STAGES) * Cfg::kStageBytes;
-    unsigned char* b = a + Cfg::kABytes;
-    for (int idx = threadIdx.x; idx < BM * 8; idx += Cfg::kThreads) {
-      const int r = idx >> 3, c = idx & 7;
-      const bool ok = r < rt.rows && k0 + 8 * c < K;
-      cp_async16(a + swizzled_chunk(r, c), ok ? a_rows + int64_t(r) * K + k0 + 8 * c : A, ok);
-    }
-    for (int idx = threadIdx.x; idx < BN * 8; idx += Cfg::kThreads) {
-      const int r = idx >> 3, c = idx & 7;
-      const bool ok = n0 + r < N && k0 + 8 * c < K;
-      cp_async16(b + swizzled_chunk(r, c), ok ? w_rows + int64_t(r) * K + k0 + 8 * c : W, ok);
-    }
-  };
-  const int wg = threadIdx.x >> 7;
-  float acc[2][64] = {};
-  for (int s = 0; s < kAhead; ++s) {
-    if (s < KT) load(s);
-    cp_async_commit();
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < STAGES; ++s) mbarrier_init(&full[s], 1), mbarrier_init(&empty[s], 2);
+    mbarrier_init_fence();
   }
+  __syncthreads();
+  pdl_begin();
+  const RowTile rt = find_row_tile(offsets, tiles, E, BM);
+  if (rt.e < 0) return;
+  const int n0 = blockIdx.x * BN, KT = (K + BK - 1) / BK, wg = threadIdx.x >> 7;
+  if (wg == 0) {  // producer
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+    if (threadIdx.x != 0) return;
+    for (int kt = 0; kt < KT; ++kt) {
+      const int s = kt % STAGES;
+      if (kt >= STAGES) mbarrier_wait(&empty[s], (kt / STAGES - 1) & 1);
+      unsigned char* a = ring_p + s * Cfg::kStageBytes;
+      mbarrier_expect(&full[s], Cfg::kStageBytes);
+      tma_load_2d(a, a_map, kt * BK, rt.m0, &full[s]);
+      tma_load_2d(a + Cfg::kABytes, w_map, kt * BK, rt.e * N + n0, &full[s]);
+    }
+    return;
+  }
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+  const int c = wg - 1;  // consumer: rows [64c, 64c + 64)
+  float acc[2][64] = {};
   for (int kt = 0; kt < KT; ++kt) {
-    cp_async_wait<kAhead - 1>();  // this thread's copies of step kt have landed
-    fence_async_shared();
-    __syncthreads();
-    if (kt + kAhead < KT) load(kt + kAhead);
-    cp_async_commit();
-    const uint32_t a = ring + (kt % STAGES) * Cfg::kStageBytes + wg * 64 * kSwizzleRowBytes;
-    const uint32_t b = ring + (kt % STAGES) * Cfg::kStageBytes + Cfg::kABytes;
+    const int s = kt % STAGES;
+    mbarrier_wait(&full[s], (kt / STAGES) & 1);
+    const uint32_t a = ring + s * Cfg::kStageBytes + c * 64 * kSwizzleRowBytes;
+    const uint32_t b = ring + s * Cfg::kStageBytes + Cfg::kABytes;
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < BK / 16; ++kk) {  // 16 columns = 32 bytes into each swizzled row
@@ -343,7 +344,8 @@ __global__ void __launch_bounds__(WgmmaTiles::kThreads, 1)
       wgmma_m64n128k16_bf16(acc[1], da, wgmma_desc(b + 128 * kSwizzleRowBytes + 32 * kk));
     }
     wgmma_commit();
-    wgmma_wait<1>();
+    wgmma_wait<1>();  // step kt−1's products are done: its stage may be refilled
+    if (kt > 0 && threadIdx.x % 128 == 0) mbarrier_arrive(&empty[(kt - 1) % STAGES]);
   }
   wgmma_wait<0>();
   wgmma_hold(acc[0]);
@@ -355,7 +357,7 @@ __global__ void __launch_bounds__(WgmmaTiles::kThreads, 1)
     for (int j = 0; j < 16; ++j)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int row = wg * 64 + warp * 16 + (lane >> 2) + 8 * h;
+        const int row = c * 64 + warp * 16 + (lane >> 2) + 8 * h;
         const int col = n0 + half * 128 + 8 * j + 2 * (lane & 3);
         if (row < rt.rows && col < N)
           store_products<kSwiglu>(out, N, rt.m0 + row, col, acc[half][4 * j + 2 * h], acc[half][4 * j + 2 * h + 1]);
@@ -463,16 +465,15 @@ struct MoeBuffers {
   }
 };
 
-using GroupedGemmKernel = void (*)(const bf16*, const bf16*, int, int, const int32_t*, const int32_t*, int, void*);
-
-// The two GEMMs of a pass with the tiling Cfg (BM, BN, kThreads, kSmem) and its kernels.
-template <class Cfg>
+// The two GEMMs of a pass with the tiling Cfg (BM, BN, kThreads, kSmem) and its kernels, whose
+// first two arguments, the row operand A [rows, K] and the stacked experts W [E·N, K], are what
+// operands(A, rows, W, w_rows, K) returns (pointers, or tensor maps).
+template <class Cfg, class GateUpKernel, class DownKernel, class Operands>
 void grouped_gemms(const MoeExperts& m, const MoeBuffers& b, int64_t R, cudaStream_t stream,
-                   GroupedGemmKernel gate_up_kernel, GroupedGemmKernel down_kernel) {
+                   GateUpKernel gate_up_kernel, DownKernel down_kernel, Operands operands) {
   static const bool ready = [&] {  // more than the default 48 KB of dynamic shared memory
-    for (GroupedGemmKernel k : {gate_up_kernel, down_kernel})
-      check_cuda(cudaFuncSetAttribute(reinterpret_cast<const void*>(k), cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      int(Cfg::kSmem)),
+    for (const void* k : {reinterpret_cast<const void*>(gate_up_kernel), reinterpret_cast<const void*>(down_kernel)})
+      check_cuda(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Cfg::kSmem)),
                  "moe gemm shared memory");
     return true;
   }();
@@ -485,12 +486,13 @@ void grouped_gemms(const MoeExperts& m, const MoeBuffers& b, int64_t R, cudaStre
   const int64_t tiles = (R + Cfg::BM - 1) / Cfg::BM + std::min<int64_t>(E, R);
   check(tiles <= 65535, "internal: moe_forward pass of too many row tiles");
   const int N1 = int(2 * m.I), N2 = int(m.D);
+  const auto up = operands(b.xs, R, static_cast<const bf16*>(m.gate_up.p), E * int64_t(N1), int(m.D));
   launch_pdl("moe gate/up gemm", gate_up_kernel, dim3(unsigned((N1 + Cfg::BN - 1) / Cfg::BN), unsigned(tiles)),
-             Cfg::kThreads, Cfg::kSmem, stream, b.xs, static_cast<const bf16*>(m.gate_up.p), N1, int(m.D), b.offsets,
-             b.tiles, E, static_cast<void*>(b.h));
+             Cfg::kThreads, Cfg::kSmem, stream, up.first, up.second, N1, int(m.D), b.offsets, b.tiles, E,
+             static_cast<void*>(b.h));
+  const auto down = operands(b.h, R, static_cast<const bf16*>(m.down.p), E * int64_t(N2), int(m.I));
   launch_pdl("moe down gemm", down_kernel, dim3(unsigned((N2 + Cfg::BN - 1) / Cfg::BN), unsigned(tiles)), Cfg::kThreads,
-             Cfg::kSmem, stream, static_cast<const bf16*>(b.h), static_cast<const bf16*>(m.down.p), N2, int(m.I),
-             b.offsets, b.tiles, E, static_cast<void*>(b.y));
+             Cfg::kSmem, stream, down.first, down.second, N2, int(m.I), b.offsets, b.tiles, E, static_cast<void*>(b.y));
 }
 
 }  // namespace
@@ -543,9 +545,15 @@ void moe_forward(const MoeExperts& m, const float* x, const float* logits, const
     launch_pdl("moe gather", moe_gather_kernel, unsigned(R), kGatherThreads, 0, stream, x + t0 * D, D,
                static_cast<const int32_t*>(b.pick_e), k, b.cursor, b.pos_of, b.xs);
     if (large)
-      grouped_gemms<WgmmaTiles>(m, b, R, stream, moe_wgmma_kernel<true>, moe_wgmma_kernel<false>);
+      grouped_gemms<WgmmaTiles>(m, b, R, stream, moe_wgmma_kernel<true>, moe_wgmma_kernel<false>,
+                                [](const bf16* A, int64_t rows, const bf16* W, int64_t w_rows, int K) {
+                                  return std::make_pair(tensor_map_bf16(A, rows, K, WgmmaTiles::BM),
+                                                        tensor_map_bf16(W, w_rows, K, WgmmaTiles::BN));
+                                });
     else
-      grouped_gemms<SmallTiles>(m, b, R, stream, moe_gemm_kernel<SmallTiles, true>, moe_gemm_kernel<SmallTiles, false>);
+      grouped_gemms<SmallTiles>(
+          m, b, R, stream, moe_gemm_kernel<SmallTiles, true>, moe_gemm_kernel<SmallTiles, false>,
+          [](const bf16* A, int64_t, const bf16* W, int64_t, int) { return std::make_pair(A, W); });
     launch_pdl("moe combine", moe_combine_kernel, combine_blocks, 256, 0, stream, static_cast<const float*>(b.y),
                static_cast<const int32_t*>(b.pos_of), static_cast<const float*>(b.pick_w), k, D,
                shared ? shared + t0 * D : nullptr, shared_gate ? shared_gate + t0 : nullptr, out + t0 * D, n);
