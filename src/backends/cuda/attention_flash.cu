@@ -43,6 +43,8 @@
 #include "backends/cuda/attention_cuda.h"
 #include "backends/cuda/delta_rule_cuda.h"
 #include "backends/cuda/mma.cuh"
+#include "backends/cuda/tma.cuh"
+#include "backends/cuda/wgmma.cuh"
 
 namespace hla::cuda {
 namespace {
@@ -140,6 +142,86 @@ __device__ __forceinline__ float exp2_ftz(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
+}
+
+// The online-softmax step of one kBN-key tile for a thread's two rows h = 0, 1 (rows rq and
+// rq + 8 of its warp's 16; pos[h] their positions, -1 past the tile's rows): raw scores s (the
+// mma C layout: s[t][e] is key ks + 8t + 2·qq + (e & 1) of row e >> 1) become the bf16 weights
+// pa (the A fragments of P·V), the running max m and sum l move on, and acc is rescaled.
+// `masked`: some key of the tile may lie past a row's position or the key range end ke.
+template <int DV>
+__device__ __forceinline__ void softmax_tile(float (&s)[kBN / 8][4], uint32_t (&pa)[kBN / 8][2],
+                                             float (&acc)[DV / 8][4], float (&m)[2], float (&l)[2], const int (&pos)[2],
+                                             int ks, int ke, bool masked, float scale_log2, int qq) {
+  float tmax[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int t = 0; t < kBN / 8; ++t)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int j = ks + 8 * t + 2 * qq + (e & 1), h = e >> 1;
+      const float x = (!masked || (j <= pos[h] && j < ke)) ? s[t][e] * scale_log2 : -INFINITY;
+      s[t][e] = x;
+      tmax[h] = fmaxf(tmax[h], x);
+    }
+  float mu[2], alpha[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    tmax[h] = fmaxf(tmax[h], __shfl_xor_sync(0xffffffffu, tmax[h], 1));
+    tmax[h] = fmaxf(tmax[h], __shfl_xor_sync(0xffffffffu, tmax[h], 2));
+    const float mn = fmaxf(m[h], tmax[h]);
+    mu[h] = mn == -INFINITY ? 0.f : mn;  // a row with nothing visible yet: keep everything at 0
+    alpha[h] = exp2_ftz(m[h] - mu[h]);
+    m[h] = mn;
+  }
+  float rs[2] = {0.f, 0.f};
+#pragma unroll
+  for (int t = 0; t < kBN / 8; ++t)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      __nv_bfloat162 pv = __floats2bfloat162_rn(exp2_ftz(s[t][2 * h] - mu[h]), exp2_ftz(s[t][2 * h + 1] - mu[h]));
+      pa[t][h] = reinterpret_cast<uint32_t&>(pv);
+      rs[h] += __low2float(pv) + __high2float(pv);
+    }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) l[h] = l[h] * alpha[h] + rs[h];
+#pragma unroll
+  for (int t = 0; t < DV / 8; ++t)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[t][e] *= alpha[e >> 1];
+}
+
+// Writes a thread's two rows (tile rows lr0 and lr0 + 8; acc[t][e] is column 8t + 2·qq + (e & 1)
+// of row e >> 1): normalised into o, or (splits) the unnormalised accumulator and (m, l) into
+// the partials of split z.
+template <int DV>
+__device__ __forceinline__ void store_rows(const FlashParams& p, const float (&acc)[DV / 8][4], const float (&m)[2],
+                                           float (&l)[2], int r0, int lr0, int rows_valid, int kvh, int z, int qq) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
+    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int lr = lr0 + 8 * h;
+    if (lr >= rows_valid) continue;
+    const int gr = r0 + lr, i = gr / p.group, g = gr - i * p.group;
+    const int64_t row = int64_t(i) * p.nh + int64_t(kvh) * p.group + g;
+    if (p.nsplit == 1) {
+      const float inv = 1.f / l[h];
+      float* out = p.o + row * DV + 2 * qq;
+#pragma unroll
+      for (int t = 0; t < DV / 8; ++t)
+        *reinterpret_cast<float2*>(out + 8 * t) = make_float2(acc[t][2 * h] * inv, acc[t][2 * h + 1] * inv);
+    } else {
+      const int64_t prow = int64_t(z) * p.n * p.nh + row;
+      float* out = p.op + prow * DV + 2 * qq;
+#pragma unroll
+      for (int t = 0; t < DV / 8; ++t)
+        *reinterpret_cast<float2*>(out + 8 * t) = make_float2(acc[t][2 * h], acc[t][2 * h + 1]);
+      if (qq == 0) *reinterpret_cast<float2*>(p.ml + prow * 2) = make_float2(m[h], l[h]);
+    }
+  }
 }
 
 // Prefill with dv ≤ 128 asks for two resident blocks per SM (≤ 128 registers a thread), so one
@@ -255,44 +337,8 @@ __global__ void __launch_bounds__(Cfg<kPrefill>::threads, kPrefill && DV <= 128 
 
       // Only a tile reaching past the warp's first row's position, or past the key range, needs
       // the causal/range mask; the others are fully visible to every row of the warp.
-      const bool masked = ks + kBN > min(ke, warp_minpos + 1);
-      float tmax[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-      for (int t = 0; t < kBN / 8; ++t)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int j = ks + 8 * t + 2 * qq + (e & 1), h = e >> 1;
-          const float x = (!masked || (j <= pos[h] && j < ke)) ? s[t][e] * p.scale_log2 : -INFINITY;
-          s[t][e] = x;
-          tmax[h] = fmaxf(tmax[h], x);
-        }
-      float mu[2], alpha[2];
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        tmax[h] = fmaxf(tmax[h], __shfl_xor_sync(0xffffffffu, tmax[h], 1));
-        tmax[h] = fmaxf(tmax[h], __shfl_xor_sync(0xffffffffu, tmax[h], 2));
-        const float mn = fmaxf(m[h], tmax[h]);
-        mu[h] = mn == -INFINITY ? 0.f : mn;  // a row with nothing visible yet: keep everything at 0
-        alpha[h] = exp2_ftz(m[h] - mu[h]);
-        m[h] = mn;
-      }
       uint32_t pa[kBN / 8][2];
-      float rs[2] = {0.f, 0.f};
-#pragma unroll
-      for (int t = 0; t < kBN / 8; ++t)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          __nv_bfloat162 pv =
-              __floats2bfloat162_rn(exp2_ftz(s[t][2 * h] - mu[h]), exp2_ftz(s[t][2 * h + 1] - mu[h]));
-          pa[t][h] = reinterpret_cast<uint32_t&>(pv);
-          rs[h] += __low2float(pv) + __high2float(pv);
-        }
-#pragma unroll
-      for (int h = 0; h < 2; ++h) l[h] = l[h] * alpha[h] + rs[h];
-#pragma unroll
-      for (int t = 0; t < DV / 8; ++t)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[t][e] *= alpha[e >> 1];
+      softmax_tile<DV>(s, pa, acc, m, l, pos, ks, ke, ks + kBN > min(ke, warp_minpos + 1), p.scale_log2, qq);
 
       // O += P·V: P's accumulator fragments are the A fragments; V's B fragments via ldmatrix.trans.
 #pragma unroll
@@ -312,31 +358,158 @@ __global__ void __launch_bounds__(Cfg<kPrefill>::threads, kPrefill && DV <= 128 
     if constexpr (kPrefill) buf ^= 1;
   }
 
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
-    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
+  store_rows<DV>(p, acc, m, l, r0, wr0 + rq, rows_valid, kvh, z, qq);
+}
+
+// Prefill on the warpgroup tensor cores (wgmma.cuh) fed by the copy engine (tma.cuh), for
+// dq = dv = D ∈ {128, 256} (the mma.sync kernel above ran the 6 attention layers of the 2B
+// Qwen3.5-shaped model at 8K tokens in 14.1 ms on an H200). Three warpgroups per 128-row tile: the
+// first (registers cut to 40) has one thread copy each 64-key tile's K [64 x D] and Vᵀ [D x 64]
+// boxes into a two-stage ring; the other two own rows [0, 64) and [64, 128), load their Q rows
+// (rounded to bf16) into swizzled shared memory once, and per tile run S = Q·Kᵀ (m64n64, Q and K
+// from shared memory), the online softmax in registers (softmax_tile: the wgmma accumulator
+// layout is mma.sync's, per warp), then O += P·V with P straight from registers as the A operand
+// and Vᵀ from shared memory (m64nD). K and V come from a bf16 copy made by kv_heads_bf16: K as
+// [nkv][S][D] and V transposed, [nkv][D][Sp] (Sp = S rounded up to 8, zeros past S), so both
+// products read K-major tiles. Keys past S of one head read the next head's (masked, finite).
+template <int D>
+struct WgAttn {
+  static constexpr int BM = 128, threads = 384, stages = 2;
+  static constexpr int kQBytes = BM * D * 2, kKBytes = kBN * D * 2, kStageBytes = kKBytes + D * kBN * 2;
+  static constexpr int kQBox = BM * kSwizzleRowBytes, kKBox = kBN * kSwizzleRowBytes;  // one 64-column box
+  static constexpr size_t smem = size_t(kQBytes) + stages * size_t(kStageBytes) + kSwizzleGroupBytes;
+  static_assert(BM == Cfg<true>::bm, "row tiles as the mma.sync prefill's");
+};
+
+template <int D>
+__global__ void __launch_bounds__(WgAttn<D>::threads, 1)
+    flash_attn_wgmma(const __grid_constant__ CUtensorMap k_map, const __grid_constant__ CUtensorMap v_map,
+                     FlashParams p) {
+  using C = WgAttn<D>;
+  __shared__ uint64_t full[C::stages], empty[C::stages];
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t raw = smem_addr(smem_raw);
+  const uint32_t qs = (raw + kSwizzleGroupBytes - 1) & ~uint32_t(kSwizzleGroupBytes - 1), ring = qs + C::kQBytes;
+  unsigned char* qs_p = smem_raw + (qs - raw);
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < C::stages; ++s) mbarrier_init(&full[s], 1), mbarrier_init(&empty[s], 2);
+    mbarrier_init_fence();
   }
+  __syncthreads();
+
+  const int kvh = blockIdx.y, z = blockIdx.z;
+  const int r0 = (p.row_tiles - 1 - int(blockIdx.x)) * C::BM;  // heaviest (latest) row tiles first
+  const int base_pos = p.S - p.n;
+  const int rows_valid = min(C::BM, p.R - r0);
+  const int block_maxpos = base_pos + (r0 + rows_valid - 1) / p.group;
+  const int ks0 = z * p.tiles_per_split * kBN;
+  const int ke = min(min(ks0 + p.tiles_per_split * kBN, p.S), block_maxpos + 1);
+  const int ntiles = ks0 < ke ? (ke - ks0 + kBN - 1) / kBN : 0;
+  const int wg = threadIdx.x >> 7;
+  if (wg == 0) {  // producer
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+    if (threadIdx.x != 0) return;
+    for (int t = 0; t < ntiles; ++t) {
+      const int s = t % C::stages, ks = ks0 + t * kBN;
+      if (t >= C::stages) mbarrier_wait(&empty[s], (t / C::stages - 1) & 1);
+      unsigned char* k = smem_raw + (ring - raw) + s * C::kStageBytes;
+      mbarrier_expect(&full[s], C::kStageBytes);
+#pragma unroll
+      for (int j = 0; j < D / 64; ++j) tma_load_2d(k + j * C::kKBox, k_map, 64 * j, kvh * p.S + ks, &full[s]);
+      tma_load_2d(k + C::kKBytes, v_map, ks, kvh * D, &full[s]);
+    }
+    return;
+  }
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+  const int c = wg - 1, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, rq = lane >> 2, qq = lane & 3;
+
+  // This warpgroup's 64 Q rows (packed as query·group + head-in-group), bf16, swizzled: 64-column
+  // box j holds columns [64j, 64j + 64) of all 128 rows.
+  for (int idx = threadIdx.x & 127; idx < 64 * (D / 8); idx += 128) {
+    const int r = c * 64 + idx / (D / 8), ch = idx % (D / 8);
+    uint4 w = make_uint4(0, 0, 0, 0);
+    if (r < rows_valid) {
+      const int gr = r0 + r, i = gr / p.group, g = gr - i * p.group;
+      const float* src = p.q + (int64_t(i) * p.nh + int64_t(kvh) * p.group + g) * D + 8 * ch;
+      const float4 a = __ldg(reinterpret_cast<const float4*>(src)), b = __ldg(reinterpret_cast<const float4*>(src + 4));
+      w = make_uint4(pack_bf16(a.x, a.y), pack_bf16(a.z, a.w), pack_bf16(b.x, b.y), pack_bf16(b.z, b.w));
+    }
+    *reinterpret_cast<uint4*>(qs_p + (ch / 8) * C::kQBox + swizzled_chunk(r, ch % 8)) = w;
+  }
+  fence_async_shared();
+  asm volatile("bar.sync %0, 128;\n" ::"r"(1 + c));  // this warpgroup's Q rows are in
+
+  const int wr0 = c * 64 + warp * 16;
+  int pos[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int lr = wr0 + rq + 8 * h;
-    if (lr >= rows_valid) continue;
-    const int gr = r0 + lr, i = gr / p.group, g = gr - i * p.group;
-    const int64_t row = int64_t(i) * p.nh + int64_t(kvh) * p.group + g;
-    if (p.nsplit == 1) {
-      const float inv = 1.f / l[h];
-      float* out = p.o + row * DV + 2 * qq;
+    pos[h] = lr < rows_valid ? base_pos + (r0 + lr) / p.group : -1;
+  }
+  const int wg_rows = min(64, rows_valid - c * 64);
+  const int wg_minpos = base_pos + (r0 + c * 64) / p.group;
+  const int wg_maxpos = wg_rows > 0 ? base_pos + (r0 + c * 64 + wg_rows - 1) / p.group : -1;
+
+  float acc[D / 8][4] = {};
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  for (int t = 0; t < ntiles; ++t) {
+    const int s = t % C::stages, ks = ks0 + t * kBN;
+    const uint32_t k = ring + s * C::kStageBytes, vt = k + C::kKBytes;
+    mbarrier_wait(&full[s], (t / C::stages) & 1);
+    if (ks <= wg_maxpos) {  // otherwise every key of the tile is in this warpgroup's future
+      float sc[kBN / 8][4] = {};
+      wgmma_fence();
 #pragma unroll
-      for (int t = 0; t < DV / 8; ++t)
-        *reinterpret_cast<float2*>(out + 8 * t) = make_float2(acc[t][2 * h] * inv, acc[t][2 * h + 1] * inv);
-    } else {
-      const int64_t prow = int64_t(z) * p.n * p.nh + row;
-      float* out = p.op + prow * DV + 2 * qq;
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const uint32_t col = (kk % 4) * 32;  // 16 columns = 32 bytes into a swizzled row
+        wgmma_m64n64k16_bf16(reinterpret_cast<float(&)[kBN / 2]>(sc),
+                             wgmma_desc(qs + (kk / 4) * C::kQBox + c * 64 * kSwizzleRowBytes + col),
+                             wgmma_desc(k + (kk / 4) * C::kKBox + col));
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      wgmma_hold(reinterpret_cast<float(&)[kBN / 2]>(sc));
+      uint32_t pa[kBN / 8][2];
+      softmax_tile<D>(sc, pa, acc, m, l, pos, ks, ke, ks + kBN > min(ke, wg_minpos + 1), p.scale_log2, qq);
+      wgmma_fence();
 #pragma unroll
-      for (int t = 0; t < DV / 8; ++t)
-        *reinterpret_cast<float2*>(out + 8 * t) = make_float2(acc[t][2 * h], acc[t][2 * h + 1]);
-      if (qq == 0) *reinterpret_cast<float2*>(p.ml + prow * 2) = make_float2(m[h], l[h]);
+      for (int kk = 0; kk < kBN / 16; ++kk) {
+        const uint32_t a[4] = {pa[2 * kk][0], pa[2 * kk][1], pa[2 * kk + 1][0], pa[2 * kk + 1][1]};
+        if constexpr (D == 256)
+          wgmma_m64n256k16_bf16_rs(reinterpret_cast<float(&)[D / 2]>(acc), a, wgmma_desc(vt + kk * 32));
+        else
+          wgmma_m64n128k16_bf16_rs(reinterpret_cast<float(&)[D / 2]>(acc), a, wgmma_desc(vt + kk * 32));
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      wgmma_hold(reinterpret_cast<float(&)[D / 2]>(acc));
     }
+    if ((threadIdx.x & 127) == 0) mbarrier_arrive(&empty[s]);  // this warpgroup is done with stage s
+  }
+  store_rows<D>(p, acc, m, l, r0, wr0 + rq, rows_valid, kvh, z, qq);
+}
+
+// The bf16 K/V copies flash_attn_wgmma reads: kh [nkv][S][D] = K [S][nkv][D] regrouped by head
+// (one thread per 4 values), and vt [nkv][D][Sp] = V transposed per head, zeros for keys S..Sp−1
+// (32 x 32 tiles through shared memory, so reads run along D and writes along the keys).
+__global__ void k_heads_bf16(const float4* __restrict__ k, uint2* __restrict__ kh, int64_t S, int nkv, int d4) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= S * nkv * d4) return;
+  const int64_t s = i / (int64_t(nkv) * d4), rem = i - s * nkv * d4, h = rem / d4, c = rem - h * d4;
+  const float4 f = k[i];
+  kh[(h * S + s) * d4 + c] = make_uint2(pack_bf16(f.x, f.y), pack_bf16(f.z, f.w));
+}
+__global__ void v_transpose_bf16(const float* __restrict__ v, bf16* __restrict__ vt, int S, int Sp, int nkv, int D) {
+  __shared__ float tile[32][33];
+  const int s0 = blockIdx.x * 32, d0 = blockIdx.y * 32, h = blockIdx.z;
+  for (int r = threadIdx.y; r < 32; r += blockDim.y) {  // r: key, threadIdx.x: column
+    const int s = s0 + r;
+    tile[r][threadIdx.x] = s < S ? v[(int64_t(s) * nkv + h) * D + d0 + threadIdx.x] : 0.f;
+  }
+  __syncthreads();
+  for (int r = threadIdx.y; r < 32; r += blockDim.y) {  // r: column, threadIdx.x: key
+    const int s = s0 + threadIdx.x;
+    if (s < Sp) vt[(int64_t(h) * D + d0 + r) * Sp + s] = __float2bfloat16_rn(tile[threadIdx.x][r]);
   }
 }
 
@@ -393,6 +566,20 @@ void launch(const FlashParams& p, cudaStream_t stream) {
              "attention_flash: smem attribute");
   const dim3 grid(unsigned(p.row_tiles), unsigned(p.nkv), unsigned(p.nsplit));
   kernel<<<grid, Cfg<kPrefill>::threads, smem, stream>>>(p);
+  check_cuda(cudaGetLastError(), "attention_flash");
+}
+
+template <int D>
+void launch_wgmma(const CUtensorMap& k_map, const CUtensorMap& v_map, const FlashParams& p, cudaStream_t stream) {
+  const auto kernel = flash_attn_wgmma<D>;
+  static const bool ready = [&] {
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(WgAttn<D>::smem)),
+               "attention_flash: smem attribute");
+    return true;
+  }();
+  (void)ready;
+  const dim3 grid(unsigned(p.row_tiles), unsigned(p.nkv), unsigned(p.nsplit));
+  kernel<<<grid, WgAttn<D>::threads, WgAttn<D>::smem, stream>>>(k_map, v_map, p);
   check_cuda(cudaGetLastError(), "attention_flash");
 }
 
@@ -456,7 +643,33 @@ bool attention_flash(const float* q, const float* k, const float* v, float* o, i
   p.R = int(R), p.row_tiles = int(row_tiles), p.tiles_per_split = int(tps), p.nsplit = int(nsplit);
   p.scale_log2 = scale * kLog2e;
   void* scratch = nullptr;
-  if (prefill) {
+  const bool wgmma = prefill && dq == dv && (dq == 128 || dq == 256);
+  if (wgmma) {
+    // bf16 K by head, then Vᵀ by head, then (when splitting) the fp32 partials.
+    const int64_t Sp = (S + 7) / 8 * 8;
+    const size_t nk = size_t(S * nkv * dq), nv = size_t(Sp * nkv * dv);
+    const size_t parts = nsplit > 1 ? size_t(nsplit) * size_t(n * nh) * size_t(dv + 2) : 0;
+    check_cuda(cudaMallocAsync(&scratch, (nk + nv) * sizeof(bf16) + parts * sizeof(float), stream),
+               "attention_flash: scratch");
+    bf16* kh = static_cast<bf16*>(scratch);
+    bf16* vt = kh + nk;
+    const int64_t k4 = int64_t(nk / 4);
+    k_heads_bf16<<<unsigned((k4 + 255) / 256), 256, 0, stream>>>(
+        reinterpret_cast<const float4*>(k), reinterpret_cast<uint2*>(kh), S, int(nkv), int(dq / 4));
+    v_transpose_bf16<<<dim3(unsigned((Sp + 31) / 32), unsigned(dv / 32), unsigned(nkv)), dim3(32, 8), 0, stream>>>(
+        v, vt, int(S), int(Sp), int(nkv), int(dv));
+    check_cuda(cudaGetLastError(), "attention_flash: K/V by head");
+    if (nsplit > 1) {
+      p.op = reinterpret_cast<float*>(vt + nv);
+      p.ml = p.op + size_t(nsplit) * size_t(n * nh) * size_t(dv);
+    }
+    const CUtensorMap k_map = tensor_map_bf16(kh, nkv * S, dq, kBN);
+    const CUtensorMap v_map = tensor_map_bf16(vt, nkv * dv, Sp, int(dv));
+    if (dq == 256)
+      launch_wgmma<256>(k_map, v_map, p, stream);
+    else
+      launch_wgmma<128>(k_map, v_map, p, stream);
+  } else if (prefill) {
     // bf16 K, then bf16 V, then (when splitting) the fp32 partials; every part starts 128-byte
     // aligned since dq and dv are multiples of 64.
     const size_t nk = size_t(S * nkv * dq), nv = size_t(S * nkv * dv);
@@ -482,8 +695,10 @@ bool attention_flash(const float* q, const float* k, const float* v, float* o, i
     p.ml = ws + size_t(nsplit) * size_t(n * nh) * size_t(dv);
   }
 
-  if (prefill) launch_dims<true>(p, dq, dv, stream);
-  else launch_dims<false>(p, dq, dv, stream);
+  if (prefill && !wgmma)
+    launch_dims<true>(p, dq, dv, stream);
+  else if (!prefill)
+    launch_dims<false>(p, dq, dv, stream);
   if (nsplit > 1) {
     const int64_t rows = n * nh, total = rows * dv;
     const int threads = 256;
