@@ -12,6 +12,13 @@ void Device::linear_swiglu(const float* x, int64_t ldx, const DevMatrix& W, floa
   swiglu(gu, out, M, W.rows / 2);
 }
 
+void Device::swiglu_mlp(const float* x, int64_t ldx, const DevMatrix& gate_up, const DevMatrix& down, float* out,
+                        int64_t M) {
+  float* h = scratch(M * (gate_up.rows / 2));
+  linear_swiglu(x, ldx, gate_up, h, M);
+  linear(h, gate_up.rows / 2, down, out, M);
+}
+
 void Device::delta_prep(const DeltaPrep& p, const DevBatch& b) {
   const int64_t T = b.tokens();
   causal_conv_silu(p.x, p.ldx, p.conv_w, p.y, p.C, p.kw, b, p.conv_pool);
@@ -49,15 +56,13 @@ void Device::moe(const MoeExperts& m, const float* x, const float* logits, const
     }
   zero(out, T * D);
   float* xe = scratch(T * D);
-  float* h = scratch(T * m.I);
   float* y = scratch(T * D);
   for (int64_t e = 0; e < E; ++e) {
     const int64_t n = int64_t(tokens[size_t(e)].size());
     if (n == 0) continue;
     const int32_t* idx = upload_i32(tokens[size_t(e)]);
     gather_rows(x, idx, xe, n, D);
-    linear_swiglu(xe, D, m.gate_up.row_block(2 * m.I * e, 2 * m.I), h, n);
-    linear(h, m.I, m.down.row_block(D * e, D), y, n);
+    swiglu_mlp(xe, D, m.gate_up.row_block(2 * m.I * e, 2 * m.I), m.down.row_block(D * e, D), y, n);
     scatter_add_rows(out, idx, upload_f32(weights[size_t(e)]), y, n, D);
   }
   if (!shared) return;

@@ -177,6 +177,10 @@ class Device {
   // out [M, W.rows / 2] = swiglu(x · W^T) for W's interleaved gate and up rows (x row stride ldx).
   // The default runs linear, then swiglu; the CUDA decode GEMV applies it as its epilogue.
   virtual void linear_swiglu(const float* x, int64_t ldx, const DevMatrix& W, float* out, int64_t M);
+  // out [M, down.rows] = swiglu(x · gate_up^T) · down^T: a SwiGLU MLP. The default runs
+  // linear_swiglu, then linear; the CUDA device hands the hidden rows to the second GEMM in bf16.
+  virtual void swiglu_mlp(const float* x, int64_t ldx, const DevMatrix& gate_up, const DevMatrix& down, float* out,
+                          int64_t M);
   // o [T, heads, dim] ⊙= sigmoid(gate), gate row (t, h) at gate + t·ld_gate + h·ld_gate_head.
   virtual void sigmoid_mul(float* o, const float* gate, int64_t ld_gate, int64_t ld_gate_head, int64_t T,
                            int64_t heads, int64_t dim) = 0;

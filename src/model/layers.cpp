@@ -857,9 +857,7 @@ void SwiGLU::bind_device(Device& dev) {
 }
 
 void SwiGLU::forward_device(Device& dev, const float* x, float* out, int64_t T) const {
-  float* h = dev.scratch(T * I);
-  dev.linear_swiglu(x, D, gate_up_d, h, T);
-  dev.linear(h, I, down_d, out, T);
+  dev.swiglu_mlp(x, D, gate_up_d, down_d, out, T);
 }
 
 void Mixer::bind_device(Device& dev) {

@@ -115,6 +115,39 @@ TEST(CudaDeviceOps, LinearSwigluMatchesCpuDevice) {
   }
 }
 
+// A SwiGLU MLP (Device::swiglu_mlp): the GEMV path at one row, the tensor-core GEMV at 5, and the
+// bf16 prefill path (SwiGLU writing the down GEMM's bf16 operand) at 12 and 300 rows, one with
+// strided x rows, against CpuDevice with the same operand rounding. Both round h to bf16; the
+// GEMM's other summation order can move an h value across a rounding boundary (one bf16 ulp,
+// 2^-8 relative, in one of I terms), hence the bound.
+TEST(CudaDeviceOps, SwigluMlpMatchesCpuDevice) {
+  HLA_REQUIRE_GPU();
+  std::mt19937 rng(5);
+  for (auto [M, D, I, ldx] :
+       {std::tuple{1, 96, 100, 96}, {5, 256, 64, 256}, {12, 96, 100, 104}, {300, 2048, 512, 2048}}) {
+    auto bf16_tensor = [&](int64_t rows, int64_t cols) {
+      Tensor t = Tensor::f32({rows, cols});
+      const std::vector<float> v = random_vector(rows * cols, rng, -0.1f, 0.1f);
+      for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = bf16_to_f32(f32_to_bf16(v[size_t(i)]));
+      return t;
+    };
+    const Tensor gate_up = bf16_tensor(2 * I, D), down = bf16_tensor(D, I);
+    const std::vector<float> x = random_vector(M * ldx, rng);
+    auto run = [&](Device& dev) {
+      const DevMatrix gu = dev.upload_matrix(gate_up), dn = dev.upload_matrix(down);
+      dev.begin_forward();
+      float* out = dev.scratch(M * D);
+      dev.swiglu_mlp(dev.upload_f32(x), ldx, gu, dn, out, M);
+      std::vector<float> y(size_t(M * D));
+      dev.to_host(out, y.data(), M * D);
+      return y;
+    };
+    auto gpu = cuda::make_cuda_device(1, DType::BF16);
+    cpu::CpuDevice cpu(1, /*bf16 operands=*/M > 1);
+    EXPECT_LT(max_rel_diff(run(*gpu), run(cpu)), 2e-3) << "M " << M << " D " << D << " I " << I;
+  }
+}
+
 // Three decode steps of a Gated DeltaNet-shaped (scalar gate, grouped value heads) and a KDA-shaped
 // (per-key gate, head dim 64) layer over sequences in slots 2, 0 and 5: the conv state carries over.
 TEST(CudaDeviceOps, DeltaPrepMatchesCpuDeviceOverDecodeSteps) {

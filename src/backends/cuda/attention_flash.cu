@@ -362,30 +362,30 @@ __global__ void __launch_bounds__(Cfg<kPrefill>::threads, kPrefill && DV <= 128 
 }
 
 // Prefill on the warpgroup tensor cores (wgmma.cuh) fed by the copy engine (tma.cuh), for
-// dq = dv = D ∈ {128, 256} (the mma.sync kernel above ran the 6 attention layers of the 2B
+// dq ∈ {128, 192, 256} and dv ∈ {128, 256} (the mma.sync kernel above ran the 6 attention layers of the 2B
 // Qwen3.5-shaped model at 8K tokens in 14.1 ms on an H200). Three warpgroups per 128-row tile: the
-// first (registers cut to 40) has one thread copy each 64-key tile's K [64 x D] and Vᵀ [D x 64]
+// first (registers cut to 40) has one thread copy each 64-key tile's K [64 x DQ] and Vᵀ [DV x 64]
 // boxes into a two-stage ring; the other two own rows [0, 64) and [64, 128), load their Q rows
 // (rounded to bf16) into swizzled shared memory once, and per tile run S = Q·Kᵀ (m64n64, Q and K
 // from shared memory), the online softmax in registers (softmax_tile: the wgmma accumulator
 // layout is mma.sync's, per warp), then O += P·V with P straight from registers as the A operand
-// and Vᵀ from shared memory (m64nD). K and V come from a bf16 copy made by kv_heads_bf16: K as
-// [nkv][S][D] and V transposed, [nkv][D][Sp] (Sp = S rounded up to 8, zeros past S), so both
+// and Vᵀ from shared memory (m64nDV). K and V come from a bf16 copy made by k_heads_bf16 and
+// v_transpose_bf16: K as [nkv][S][DQ] and V transposed, [nkv][DV][Sp] (Sp = S rounded up to 8, zeros past S), so both
 // products read K-major tiles. Keys past S of one head read the next head's (masked, finite).
-template <int D>
+template <int DQ, int DV>
 struct WgAttn {
   static constexpr int BM = 128, threads = 384, stages = 2;
-  static constexpr int kQBytes = BM * D * 2, kKBytes = kBN * D * 2, kStageBytes = kKBytes + D * kBN * 2;
+  static constexpr int kQBytes = BM * DQ * 2, kKBytes = kBN * DQ * 2, kStageBytes = kKBytes + DV * kBN * 2;
   static constexpr int kQBox = BM * kSwizzleRowBytes, kKBox = kBN * kSwizzleRowBytes;  // one 64-column box
   static constexpr size_t smem = size_t(kQBytes) + stages * size_t(kStageBytes) + kSwizzleGroupBytes;
   static_assert(BM == Cfg<true>::bm, "row tiles as the mma.sync prefill's");
 };
 
-template <int D>
-__global__ void __launch_bounds__(WgAttn<D>::threads, 1)
+template <int DQ, int DV>
+__global__ void __launch_bounds__(WgAttn<DQ, DV>::threads, 1)
     flash_attn_wgmma(const __grid_constant__ CUtensorMap k_map, const __grid_constant__ CUtensorMap v_map,
                      FlashParams p) {
-  using C = WgAttn<D>;
+  using C = WgAttn<DQ, DV>;
   __shared__ uint64_t full[C::stages], empty[C::stages];
   extern __shared__ unsigned char smem_raw[];
   const uint32_t raw = smem_addr(smem_raw);
@@ -415,8 +415,8 @@ __global__ void __launch_bounds__(WgAttn<D>::threads, 1)
       unsigned char* k = smem_raw + (ring - raw) + s * C::kStageBytes;
       mbarrier_expect(&full[s], C::kStageBytes);
 #pragma unroll
-      for (int j = 0; j < D / 64; ++j) tma_load_2d(k + j * C::kKBox, k_map, 64 * j, kvh * p.S + ks, &full[s]);
-      tma_load_2d(k + C::kKBytes, v_map, ks, kvh * D, &full[s]);
+      for (int j = 0; j < DQ / 64; ++j) tma_load_2d(k + j * C::kKBox, k_map, 64 * j, kvh * p.S + ks, &full[s]);
+      tma_load_2d(k + C::kKBytes, v_map, ks, kvh * DV, &full[s]);
     }
     return;
   }
@@ -425,12 +425,12 @@ __global__ void __launch_bounds__(WgAttn<D>::threads, 1)
 
   // This warpgroup's 64 Q rows (packed as query·group + head-in-group), bf16, swizzled: 64-column
   // box j holds columns [64j, 64j + 64) of all 128 rows.
-  for (int idx = threadIdx.x & 127; idx < 64 * (D / 8); idx += 128) {
-    const int r = c * 64 + idx / (D / 8), ch = idx % (D / 8);
+  for (int idx = threadIdx.x & 127; idx < 64 * (DQ / 8); idx += 128) {
+    const int r = c * 64 + idx / (DQ / 8), ch = idx % (DQ / 8);
     uint4 w = make_uint4(0, 0, 0, 0);
     if (r < rows_valid) {
       const int gr = r0 + r, i = gr / p.group, g = gr - i * p.group;
-      const float* src = p.q + (int64_t(i) * p.nh + int64_t(kvh) * p.group + g) * D + 8 * ch;
+      const float* src = p.q + (int64_t(i) * p.nh + int64_t(kvh) * p.group + g) * DQ + 8 * ch;
       const float4 a = __ldg(reinterpret_cast<const float4*>(src)), b = __ldg(reinterpret_cast<const float4*>(src + 4));
       w = make_uint4(pack_bf16(a.x, a.y), pack_bf16(a.z, a.w), pack_bf16(b.x, b.y), pack_bf16(b.z, b.w));
     }
@@ -450,7 +450,7 @@ __global__ void __launch_bounds__(WgAttn<D>::threads, 1)
   const int wg_minpos = base_pos + (r0 + c * 64) / p.group;
   const int wg_maxpos = wg_rows > 0 ? base_pos + (r0 + c * 64 + wg_rows - 1) / p.group : -1;
 
-  float acc[D / 8][4] = {};
+  float acc[DV / 8][4] = {};
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
   for (int t = 0; t < ntiles; ++t) {
     const int s = t % C::stages, ks = ks0 + t * kBN;
@@ -460,7 +460,7 @@ __global__ void __launch_bounds__(WgAttn<D>::threads, 1)
       float sc[kBN / 8][4] = {};
       wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
+      for (int kk = 0; kk < DQ / 16; ++kk) {
         const uint32_t col = (kk % 4) * 32;  // 16 columns = 32 bytes into a swizzled row
         wgmma_m64n64k16_bf16(reinterpret_cast<float(&)[kBN / 2]>(sc),
                              wgmma_desc(qs + (kk / 4) * C::kQBox + c * 64 * kSwizzleRowBytes + col),
@@ -470,23 +470,23 @@ __global__ void __launch_bounds__(WgAttn<D>::threads, 1)
       wgmma_wait<0>();
       wgmma_hold(reinterpret_cast<float(&)[kBN / 2]>(sc));
       uint32_t pa[kBN / 8][2];
-      softmax_tile<D>(sc, pa, acc, m, l, pos, ks, ke, ks + kBN > min(ke, wg_minpos + 1), p.scale_log2, qq);
+      softmax_tile<DV>(sc, pa, acc, m, l, pos, ks, ke, ks + kBN > min(ke, wg_minpos + 1), p.scale_log2, qq);
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < kBN / 16; ++kk) {
         const uint32_t a[4] = {pa[2 * kk][0], pa[2 * kk][1], pa[2 * kk + 1][0], pa[2 * kk + 1][1]};
-        if constexpr (D == 256)
-          wgmma_m64n256k16_bf16_rs(reinterpret_cast<float(&)[D / 2]>(acc), a, wgmma_desc(vt + kk * 32));
+        if constexpr (DV == 256)
+          wgmma_m64n256k16_bf16_rs(reinterpret_cast<float(&)[DV / 2]>(acc), a, wgmma_desc(vt + kk * 32));
         else
-          wgmma_m64n128k16_bf16_rs(reinterpret_cast<float(&)[D / 2]>(acc), a, wgmma_desc(vt + kk * 32));
+          wgmma_m64n128k16_bf16_rs(reinterpret_cast<float(&)[DV / 2]>(acc), a, wgmma_desc(vt + kk * 32));
       }
       wgmma_commit();
       wgmma_wait<0>();
-      wgmma_hold(reinterpret_cast<float(&)[D / 2]>(acc));
+      wgmma_hold(reinterpret_cast<float(&)[DV / 2]>(acc));
     }
     if ((threadIdx.x & 127) == 0) mbarrier_arrive(&empty[s]);  // this warpgroup is done with stage s
   }
-  store_rows<D>(p, acc, m, l, r0, wr0 + rq, rows_valid, kvh, z, qq);
+  store_rows<DV>(p, acc, m, l, r0, wr0 + rq, rows_valid, kvh, z, qq);
 }
 
 // The bf16 K/V copies flash_attn_wgmma reads: kh [nkv][S][D] = K [S][nkv][D] regrouped by head
@@ -569,17 +569,18 @@ void launch(const FlashParams& p, cudaStream_t stream) {
   check_cuda(cudaGetLastError(), "attention_flash");
 }
 
-template <int D>
+template <int DQ, int DV>
 void launch_wgmma(const CUtensorMap& k_map, const CUtensorMap& v_map, const FlashParams& p, cudaStream_t stream) {
-  const auto kernel = flash_attn_wgmma<D>;
+  using C = WgAttn<DQ, DV>;
+  const auto kernel = flash_attn_wgmma<DQ, DV>;
   static const bool ready = [&] {
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(WgAttn<D>::smem)),
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(C::smem)),
                "attention_flash: smem attribute");
     return true;
   }();
   (void)ready;
   const dim3 grid(unsigned(p.row_tiles), unsigned(p.nkv), unsigned(p.nsplit));
-  kernel<<<grid, WgAttn<D>::threads, WgAttn<D>::smem, stream>>>(k_map, v_map, p);
+  kernel<<<grid, C::threads, C::smem, stream>>>(k_map, v_map, p);
   check_cuda(cudaGetLastError(), "attention_flash");
 }
 
@@ -643,7 +644,8 @@ bool attention_flash(const float* q, const float* k, const float* v, float* o, i
   p.R = int(R), p.row_tiles = int(row_tiles), p.tiles_per_split = int(tps), p.nsplit = int(nsplit);
   p.scale_log2 = scale * kLog2e;
   void* scratch = nullptr;
-  const bool wgmma = prefill && dq == dv && (dq == 128 || dq == 256);
+  // The wgmma kernel's head dims: Qwen3.5 / Qwen3-Next (256), MLA's prefill form (192 / 128), 128.
+  const bool wgmma = prefill && ((dq == dv && (dq == 128 || dq == 256)) || (dq == 192 && dv == 128));
   if (wgmma) {
     // bf16 K by head, then Vᵀ by head, then (when splitting) the fp32 partials.
     const int64_t Sp = (S + 7) / 8 * 8;
@@ -666,9 +668,11 @@ bool attention_flash(const float* q, const float* k, const float* v, float* o, i
     const CUtensorMap k_map = tensor_map_bf16(kh, nkv * S, dq, kBN);
     const CUtensorMap v_map = tensor_map_bf16(vt, nkv * dv, Sp, int(dv));
     if (dq == 256)
-      launch_wgmma<256>(k_map, v_map, p, stream);
+      launch_wgmma<256, 256>(k_map, v_map, p, stream);
+    else if (dq == 192)
+      launch_wgmma<192, 128>(k_map, v_map, p, stream);
     else
-      launch_wgmma<128>(k_map, v_map, p, stream);
+      launch_wgmma<128, 128>(k_map, v_map, p, stream);
   } else if (prefill) {
     // bf16 K, then bf16 V, then (when splitting) the fp32 partials; every part starts 128-byte
     // aligned since dq and dv are multiples of 64.

@@ -74,6 +74,17 @@ __device__ __forceinline__ void store_v(float* p, const float (&v)[V]) {
   else
     for (int i = 0; i < V; ++i) p[i] = v[i];
 }
+// The same, rounded to bf16 (V == 4: one 8-byte store).
+template <int V>
+__device__ __forceinline__ void store_v(__nv_bfloat16* p, const float (&v)[V]) {
+  if constexpr (V == 4) {
+    const __nv_bfloat162 lo = __floats2bfloat162_rn(v[0], v[1]), hi = __floats2bfloat162_rn(v[2], v[3]);
+    *reinterpret_cast<uint2*>(p) =
+        make_uint2(reinterpret_cast<const uint32_t&>(lo), reinterpret_cast<const uint32_t&>(hi));
+  } else {
+    for (int i = 0; i < V; ++i) p[i] = __float2bfloat16_rn(v[i]);
+  }
+}
 // The largest power of two (4 to 256) that p's address is a multiple of.
 int ptr_alignment(const void* p) {
   const uintptr_t a = reinterpret_cast<uintptr_t>(p);
@@ -238,8 +249,8 @@ __global__ void l2norm_kernel(float* x, int64_t ld, int64_t T, int64_t heads, in
   for (int64_t i = lane; i < dim; i += 32) r[i] *= inv;
 }
 
-template <int V>  // outputs per thread
-__global__ void swiglu_kernel(const float* gu, float* out, int64_t T, int64_t I) {
+template <int V, class Out>  // outputs per thread; Out float, or bf16 when a GEMM reads them next
+__global__ void swiglu_kernel(const float* gu, Out* out, int64_t T, int64_t I) {
   pdl_begin();
   const int64_t IV = I / V;
   GRID_STRIDE(i, T * IV) {
@@ -579,10 +590,21 @@ __global__ void pack_rows(const float* src, int64_t ld, int64_t width, T* dst, i
     for (int j = 0; j < V; ++j) dst[r * width + c + j] = T(v[j]);
   }
 }
-template <class T>
-__global__ void unpack(const T* src, float* dst, int64_t n) {
+// dst [n] = bf16 src [n] as floats: 8 values (one 16-byte load) per thread where both pointers
+// allow it, the tail (or everything, unaligned) one value per thread.
+__global__ void unpack_bf16(const __nv_bfloat16* src, float* dst, int64_t n) {
   pdl_begin();
-  GRID_STRIDE(i, n) dst[i] = float(src[i]);
+  const bool vec = (reinterpret_cast<uintptr_t>(src) | reinterpret_cast<uintptr_t>(dst)) % 16 == 0;
+  const int64_t n8 = vec ? n / 8 : 0;
+  GRID_STRIDE(i, n8) {
+    const uint4 raw = reinterpret_cast<const uint4*>(src)[i];
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+    const float2 a = __bfloat1622float2(h[0]), b = __bfloat1622float2(h[1]), c = __bfloat1622float2(h[2]),
+                 d = __bfloat1622float2(h[3]);
+    reinterpret_cast<float4*>(dst)[2 * i] = make_float4(a.x, a.y, b.x, b.y);
+    reinterpret_cast<float4*>(dst)[2 * i + 1] = make_float4(c.x, c.y, d.x, d.y);
+  }
+  GRID_STRIDE(i, n - 8 * n8) dst[8 * n8 + i] = __bfloat162float(src[8 * n8 + i]);
 }
 
 // Attention, fp32, one warp per query row: lane l holds dims l, l+32, .. of q and of the output.
@@ -1259,8 +1281,31 @@ class CudaDevice : public Device {
   void swiglu(const float* gu, float* out, int64_t T, int64_t I) override {
     const OpScope op(*this, "swiglu");
     if (op.skip) return;
-    with_vec_width(vec_width(gu, I, 2 * I),
-                   [&](auto w) { launch(swiglu_kernel<w.value>, grid_for(T * I / w.value), kThreads, gu, out, T, I); });
+    swiglu_to(gu, out, T, I);
+  }
+  // SwiGLU MLP in bf16 at prefill: the SwiGLU pass writes the down projection's bf16 operand
+  // itself, so h skips an fp32 round trip and a conversion pass (the same rounding as linear's
+  // conversion). Decode-sized batches keep the SwiGLU GEMV epilogue.
+  void swiglu_mlp(const float* x, int64_t ldx, const DevMatrix& gate_up, const DevMatrix& down, float* out,
+                  int64_t M) override {
+    const int64_t I = gate_up.rows / 2;
+    if (wt_ != DType::BF16 || gemv_fits(gate_up, x, ldx, M) || gate_up.rows % 2 != 0 || down.cols != I)
+      return Device::swiglu_mlp(x, ldx, gate_up, down, out, M);
+    const OpScope op(*this, "swiglu_mlp");
+    auto* xb = reinterpret_cast<__nv_bfloat16*>(scratch((M * gate_up.cols + 1) / 2));
+    float* gu = scratch(M * gate_up.rows);
+    auto* hb = reinterpret_cast<__nv_bfloat16*>(scratch((M * I + 1) / 2));
+    if (op.skip || M == 0) return;
+    pack_to(x, ldx, gate_up.cols, xb, M);
+    gemm(gate_up, xb, gate_up.cols, gu, M);
+    swiglu_to(gu, hb, M, I);
+    gemm(down, hb, I, out, M);
+  }
+  template <class Out>
+  void swiglu_to(const float* gu, Out* out, int64_t T, int64_t I) {
+    with_vec_width(vec_width(gu, I, 2 * I), [&](auto w) {
+      launch(swiglu_kernel<w.value, Out>, grid_for(T * I / w.value), kThreads, gu, out, T, I);
+    });
   }
   void sigmoid_mul(float* o, const float* gate, int64_t ld_gate, int64_t ld_gate_head, int64_t T, int64_t heads,
                    int64_t dim) override {
@@ -1719,7 +1764,7 @@ void CudaDevice::delta_rule(const DeltaRuleDims& dims, const float* q, const flo
                                cudaMemcpyDeviceToDevice, stream_),
                "delta rule: scatter states");
   if (bf16)
-    launch(unpack<__nv_bfloat16>, grid_for(T * HV * V), kThreads, static_cast<const __nv_bfloat16*>(oc), o, T * HV * V);
+    launch(unpack_bf16, grid_for((T * HV * V + 7) / 8), kThreads, static_cast<const __nv_bfloat16*>(oc), o, T * HV * V);
 }
 
 }  // namespace
