@@ -365,24 +365,31 @@ __global__ void __launch_bounds__(WgmmaTiles::kThreads, 1)
 }
 
 // Decode-sized passes (a few picks): out[r] = W_{pick_e[r]} · in[r / k_div] for pick r =
-// blockIdx.y, one warp per output row, 16 bytes of W per lane per load. Only the picked experts'
-// rows are read and nothing is sorted or gathered; the input row is rounded to bf16 as the tile
-// path's operands are. kSwiglu: rows (2i, 2i+1) are (gate_i, up_i) in one block and out (bf16,
-// [R, N/2]) = SiLU(gate)·up, rounded to bf16; else out (fp32, [R, N]). K a multiple of 8.
+// blockIdx.y. A warp owns kRows consecutive output rows, 16 bytes of each per lane per load, all
+// kRows loads of a step in flight together, and reads its input slice once for them: one row per
+// warp left the down projection (K = 512: 1 KB a warp) bound by each warp's fixed cost. Only the
+// picked experts' rows are read and nothing is sorted or gathered; the input row is rounded to
+// bf16 as the tile path's operands are. kSwiglu: rows (2i, 2i+1) are (gate_i, up_i), in one warp
+// (kRows even), and out (bf16, [R, N/2]) = SiLU(gate)·up, rounded to bf16; else out (fp32,
+// [R, N]). K a multiple of 8.
 constexpr int kGemvWarps = 4;
-template <bool kSwiglu, class In>
+template <bool kSwiglu, class In, int kRows>
 __global__ void __launch_bounds__(kGemvWarps * 32)
     moe_gemv_kernel(const bf16* W, int N, int K, const int32_t* pick_e, const In* in, int k_div, void* out) {
+  static_assert(!kSwiglu || kRows % 2 == 0, "a gate/up pair in one warp");
   pdl_begin();
-  __shared__ float part[kGemvWarps];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, r = blockIdx.y;
-  const int n = blockIdx.x * kGemvWarps + warp;
-  const bf16* w = W + (int64_t(pick_e[r]) * N + min(n, N - 1)) * K;
+  const int n0 = (blockIdx.x * kGemvWarps + warp) * kRows;
+  const bf16* w[kRows];
+#pragma unroll
+  for (int j = 0; j < kRows; ++j) w[j] = W + (int64_t(pick_e[r]) * N + min(n0 + j, N - 1)) * K;
   const In* x = in + int64_t(r / k_div) * K;
-  float acc = 0;
+  float acc[kRows] = {};
 #pragma unroll 4
   for (int k = lane * 8; k < K; k += 256) {
-    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(w + k));
+    uint4 raw[kRows];
+#pragma unroll
+    for (int j = 0; j < kRows; ++j) raw[j] = __ldg(reinterpret_cast<const uint4*>(w[j] + k));
     float a[8];
     if constexpr (sizeof(In) == 4) {
       const float4 lo = *reinterpret_cast<const float4*>(x + k), hi = *reinterpret_cast<const float4*>(x + k + 4);
@@ -398,18 +405,21 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
         a[2 * j] = f.x, a[2 * j + 1] = f.y;
       }
     }
-    acc = dot_bf16x8(acc, raw, a);
+#pragma unroll
+    for (int j = 0; j < kRows; ++j) acc[j] = dot_bf16x8(acc[j], raw[j], a);
   }
-  acc = warp_sum(acc);
-  if constexpr (kSwiglu) {
-    if (lane == 0) part[warp] = acc;
-    __syncthreads();
-    if (lane == 0 && warp % 2 == 0 && n < N) {
-      const float g = part[warp];
-      static_cast<bf16*>(out)[int64_t(r) * (N / 2) + n / 2] = __float2bfloat16_rn(g * sigmoidf(g) * part[warp + 1]);
-    }
-  } else if (lane == 0 && n < N) {
-    static_cast<float*>(out)[int64_t(r) * N + n] = acc;
+#pragma unroll
+  for (int j = 0; j < kRows; ++j) acc[j] = warp_sum(acc[j]);
+  if (lane != 0) return;
+#pragma unroll
+  for (int j = 0; j < kRows; j += kSwiglu ? 2 : 1) {
+    const int n = n0 + j;
+    if (n >= N) break;
+    if constexpr (kSwiglu)
+      static_cast<bf16*>(out)[int64_t(r) * (N / 2) + n / 2] =
+          __float2bfloat16_rn(acc[j] * sigmoidf(acc[j]) * acc[j + 1]);
+    else
+      static_cast<float*>(out)[int64_t(r) * N + n] = acc[j];
   }
 }
 
@@ -523,13 +533,17 @@ void moe_forward(const MoeExperts& m, const float* x, const float* logits, const
       launch_pdl("moe route", moe_route_kernel, route_blocks, kRouteWarps * 32, route_smem, stream, logits + t0 * E,
                  m.bias, args, int(n), b.pick_e, b.pick_w, static_cast<int32_t*>(nullptr));
       const int N1 = int(2 * m.I), I = int(m.I);
-      launch_pdl("moe gate/up gemv", moe_gemv_kernel<true, float>, dim3(unsigned(N1 / kGemvWarps), unsigned(R)),
+      // 2 rows a warp (a gate/up pair) for the gate/up rows, 4 for the down rows' shorter K.
+      constexpr int kUpRows = 2, kDownRows = 4;
+      auto blocks = [](int rows, int per_warp) {
+        return unsigned((rows + kGemvWarps * per_warp - 1) / (kGemvWarps * per_warp));
+      };
+      launch_pdl("moe gate/up gemv", moe_gemv_kernel<true, float, kUpRows>, dim3(blocks(N1, kUpRows), unsigned(R)),
                  kGemvWarps * 32, 0, stream, static_cast<const bf16*>(m.gate_up.p), N1, D,
                  static_cast<const int32_t*>(b.pick_e), x + t0 * D, k, static_cast<void*>(b.h));
-      launch_pdl("moe down gemv", moe_gemv_kernel<false, bf16>,
-                 dim3(unsigned((D + kGemvWarps - 1) / kGemvWarps), unsigned(R)), kGemvWarps * 32, 0, stream,
-                 static_cast<const bf16*>(m.down.p), D, I, static_cast<const int32_t*>(b.pick_e),
-                 static_cast<const bf16*>(b.h), 1, static_cast<void*>(b.y));
+      launch_pdl("moe down gemv", moe_gemv_kernel<false, bf16, kDownRows>, dim3(blocks(D, kDownRows), unsigned(R)),
+                 kGemvWarps * 32, 0, stream, static_cast<const bf16*>(m.down.p), D, I,
+                 static_cast<const int32_t*>(b.pick_e), static_cast<const bf16*>(b.h), 1, static_cast<void*>(b.y));
       launch_pdl("moe combine", moe_combine_kernel, combine_blocks, 256, 0, stream, static_cast<const float*>(b.y),
                  static_cast<const int32_t*>(nullptr), static_cast<const float*>(b.pick_w), k, D,
                  shared ? shared + t0 * D : nullptr, shared_gate ? shared_gate + t0 : nullptr, out + t0 * D, n);
