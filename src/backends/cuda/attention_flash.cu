@@ -1,4 +1,4 @@
-// Tensor-core causal softmax attention of one sequence (FlashAttention-2 form, mma.sync bf16).
+// Tensor-core causal softmax attention of one sequence (FlashAttention-2 form, bf16 operands).
 //
 // A block owns a tile of "rows" of one kv head: row r = i·group + g is query i of the g-th query
 // head sharing that kv head (GQA heads are packed together, so a decode step of a group fills the
@@ -9,7 +9,9 @@
 // running sum adds the rounded values, so the normalisation matches the weights that were applied.
 // Only tiles that cross the causal diagonal (or the end of the key range) are masked.
 //
-// Two configurations of the same kernel:
+// Prefill (n·group ≥ 256 rows per kv head) with head dims 256/256, 128/128 or 192/128 runs
+// flash_attn_wgmma (Hopper's warpgroup tensor cores fed by TMA copies; described at the kernel).
+// Every other case runs one of two configurations of the mma.sync kernel:
 //   prefill (n·group ≥ 256 rows per kv head): 128-row tiles (8 warps; two blocks per SM where
 //     dv ≤ 128) so each K/V tile feeds twice the rows; K and V are first rounded to bf16 into a stream-ordered scratch buffer
 //     (one cheap elementwise pass; every K/V row is then read by many row tiles at half the
