@@ -648,48 +648,42 @@ bool attention_flash(const float* q, const float* k, const float* v, float* o, i
   void* scratch = nullptr;
   // The wgmma kernel's head dims: Qwen3.5 / Qwen3-Next (256), MLA's prefill form (192 / 128), 128.
   const bool wgmma = prefill && ((dq == dv && (dq == 128 || dq == 256)) || (dq == 192 && dv == 128));
-  if (wgmma) {
-    // bf16 K by head, then Vᵀ by head, then (when splitting) the fp32 partials.
-    const int64_t Sp = (S + 7) / 8 * 8;
+  if (prefill) {
+    // bf16 K, then bf16 V, then (when splitting) the fp32 partials; every part starts 16-byte
+    // aligned. The wgmma kernel reads K grouped by head and V transposed, its key rows padded to
+    // Sp, a multiple of 8 keys (the copy engine's 16-byte row pitch); the mma.sync kernel reads
+    // them in their own layout.
+    const int64_t Sp = wgmma ? (S + 7) / 8 * 8 : S;
     const size_t nk = size_t(S * nkv * dq), nv = size_t(Sp * nkv * dv);
-    const size_t parts = nsplit > 1 ? size_t(nsplit) * size_t(n * nh) * size_t(dv + 2) : 0;
-    check_cuda(cudaMallocAsync(&scratch, (nk + nv) * sizeof(bf16) + parts * sizeof(float), stream),
-               "attention_flash: scratch");
-    bf16* kh = static_cast<bf16*>(scratch);
-    bf16* vt = kh + nk;
-    const int64_t k4 = int64_t(nk / 4);
-    k_heads_bf16<<<unsigned((k4 + 255) / 256), 256, 0, stream>>>(
-        reinterpret_cast<const float4*>(k), reinterpret_cast<uint2*>(kh), S, int(nkv), int(dq / 4));
-    v_transpose_bf16<<<dim3(unsigned((Sp + 31) / 32), unsigned(dv / 32), unsigned(nkv)), dim3(32, 8), 0, stream>>>(
-        v, vt, int(S), int(Sp), int(nkv), int(dv));
-    check_cuda(cudaGetLastError(), "attention_flash: K/V by head");
-    if (nsplit > 1) {
-      p.op = reinterpret_cast<float*>(vt + nv);
-      p.ml = p.op + size_t(nsplit) * size_t(n * nh) * size_t(dv);
-    }
-    const CUtensorMap k_map = tensor_map_bf16(kh, nkv * S, dq, kBN);
-    const CUtensorMap v_map = tensor_map_bf16(vt, nkv * dv, Sp, int(dv));
-    if (dq == 256)
-      launch_wgmma<256, 256>(k_map, v_map, p, stream);
-    else if (dq == 192)
-      launch_wgmma<192, 128>(k_map, v_map, p, stream);
-    else
-      launch_wgmma<128, 128>(k_map, v_map, p, stream);
-  } else if (prefill) {
-    // bf16 K, then bf16 V, then (when splitting) the fp32 partials; every part starts 128-byte
-    // aligned since dq and dv are multiples of 64.
-    const size_t nk = size_t(S * nkv * dq), nv = size_t(S * nkv * dv);
     const size_t parts = nsplit > 1 ? size_t(nsplit) * size_t(n * nh) * size_t(dv + 2) : 0;
     check_cuda(cudaMallocAsync(&scratch, (nk + nv) * sizeof(bf16) + parts * sizeof(float), stream),
                "attention_flash: scratch");
     bf16* kb = static_cast<bf16*>(scratch);
     bf16* vb = kb + nk;
-    launch_round_to_bf16(k, kb, nk, stream);
-    launch_round_to_bf16(v, vb, nv, stream);
-    p.kb = kb, p.vb = vb;
     if (nsplit > 1) {
       p.op = reinterpret_cast<float*>(vb + nv);
       p.ml = p.op + size_t(nsplit) * size_t(n * nh) * size_t(dv);
+    }
+    if (wgmma) {
+      const int64_t k4 = int64_t(nk / 4);
+      k_heads_bf16<<<unsigned((k4 + 255) / 256), 256, 0, stream>>>(
+          reinterpret_cast<const float4*>(k), reinterpret_cast<uint2*>(kb), S, int(nkv), int(dq / 4));
+      v_transpose_bf16<<<dim3(unsigned((Sp + 31) / 32), unsigned(dv / 32), unsigned(nkv)), dim3(32, 8), 0, stream>>>(
+          v, vb, int(S), int(Sp), int(nkv), int(dv));
+      check_cuda(cudaGetLastError(), "attention_flash: K/V by head");
+      const CUtensorMap k_map = tensor_map_bf16(kb, nkv * S, dq, kBN);
+      const CUtensorMap v_map = tensor_map_bf16(vb, nkv * dv, Sp, int(dv));
+      if (dq == 256)
+        launch_wgmma<256, 256>(k_map, v_map, p, stream);
+      else if (dq == 192)
+        launch_wgmma<192, 128>(k_map, v_map, p, stream);
+      else
+        launch_wgmma<128, 128>(k_map, v_map, p, stream);
+    } else {
+      launch_round_to_bf16(k, kb, nk, stream);
+      launch_round_to_bf16(v, vb, nv, stream);
+      p.kb = kb, p.vb = vb;
+      launch_dims<true>(p, dq, dv, stream);
     }
   } else if (nsplit > 1) {
     const size_t bound = size_t(Cfg<false>::bm) * size_t(2 * target) * (256 + 2);
@@ -701,10 +695,7 @@ bool attention_flash(const float* q, const float* k, const float* v, float* o, i
     p.ml = ws + size_t(nsplit) * size_t(n * nh) * size_t(dv);
   }
 
-  if (prefill && !wgmma)
-    launch_dims<true>(p, dq, dv, stream);
-  else if (!prefill)
-    launch_dims<false>(p, dq, dv, stream);
+  if (!prefill) launch_dims<false>(p, dq, dv, stream);
   if (nsplit > 1) {
     const int64_t rows = n * nh, total = rows * dv;
     const int threads = 256;
