@@ -146,18 +146,18 @@ __device__ __forceinline__ float exp2_ftz(float x) {
   return y;
 }
 
-// The online-softmax step of one kBN-key tile for a thread's two rows h = 0, 1 (rows rq and
+// The online-softmax step of one BN-key tile for a thread's two rows h = 0, 1 (rows rq and
 // rq + 8 of its warp's 16; pos[h] their positions, -1 past the tile's rows): raw scores s (the
 // mma C layout: s[t][e] is key ks + 8t + 2·qq + (e & 1) of row e >> 1) become the bf16 weights
 // pa (the A fragments of P·V), the running max m and sum l move on, and acc is rescaled.
 // `masked`: some key of the tile may lie past a row's position or the key range end ke.
-template <int DV>
-__device__ __forceinline__ void softmax_tile(float (&s)[kBN / 8][4], uint32_t (&pa)[kBN / 8][2],
-                                             float (&acc)[DV / 8][4], float (&m)[2], float (&l)[2], const int (&pos)[2],
-                                             int ks, int ke, bool masked, float scale_log2, int qq) {
+template <int BN, int DV>
+__device__ __forceinline__ void softmax_tile(float (&s)[BN / 8][4], uint32_t (&pa)[BN / 8][2], float (&acc)[DV / 8][4],
+                                             float (&m)[2], float (&l)[2], const int (&pos)[2], int ks, int ke,
+                                             bool masked, float scale_log2, int qq) {
   float tmax[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-  for (int t = 0; t < kBN / 8; ++t)
+  for (int t = 0; t < BN / 8; ++t)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int j = ks + 8 * t + 2 * qq + (e & 1), h = e >> 1;
@@ -177,7 +177,7 @@ __device__ __forceinline__ void softmax_tile(float (&s)[kBN / 8][4], uint32_t (&
   }
   float rs[2] = {0.f, 0.f};
 #pragma unroll
-  for (int t = 0; t < kBN / 8; ++t)
+  for (int t = 0; t < BN / 8; ++t)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       __nv_bfloat162 pv = __floats2bfloat162_rn(exp2_ftz(s[t][2 * h] - mu[h]), exp2_ftz(s[t][2 * h + 1] - mu[h]));
@@ -340,7 +340,7 @@ __global__ void __launch_bounds__(Cfg<kPrefill>::threads, kPrefill && DV <= 128 
       // Only a tile reaching past the warp's first row's position, or past the key range, needs
       // the causal/range mask; the others are fully visible to every row of the warp.
       uint32_t pa[kBN / 8][2];
-      softmax_tile<DV>(s, pa, acc, m, l, pos, ks, ke, ks + kBN > min(ke, warp_minpos + 1), p.scale_log2, qq);
+      softmax_tile<kBN, DV>(s, pa, acc, m, l, pos, ks, ke, ks + kBN > min(ke, warp_minpos + 1), p.scale_log2, qq);
 
       // O += P·V: P's accumulator fragments are the A fragments; V's B fragments via ldmatrix.trans.
 #pragma unroll
@@ -376,9 +376,12 @@ __global__ void __launch_bounds__(Cfg<kPrefill>::threads, kPrefill && DV <= 128 
 // products read K-major tiles. Keys past S of one head read the next head's (masked, finite).
 template <int DQ, int DV>
 struct WgAttn {
-  static constexpr int BM = 128, threads = 384, stages = 2;
-  static constexpr int kQBytes = BM * DQ * 2, kKBytes = kBN * DQ * 2, kStageBytes = kKBytes + DV * kBN * 2;
-  static constexpr int kQBox = BM * kSwizzleRowBytes, kKBox = kBN * kSwizzleRowBytes;  // one 64-column box
+  // Keys per tile: 128 where the ring fits (dq ≤ 192), so each tile's fixed costs (barrier waits,
+  // product drains, the row max exchange) cover twice the tensor-core work; 64 at dq = 256.
+  static constexpr int BM = 128, BN = DQ <= 192 ? 128 : 64, threads = 384, stages = 2;
+  static constexpr int kQBytes = BM * DQ * 2, kKBytes = BN * DQ * 2, kStageBytes = kKBytes + DV * BN * 2;
+  static constexpr int kQBox = BM * kSwizzleRowBytes, kKBox = BN * kSwizzleRowBytes;  // one 64-column box
+  static constexpr int kVBox = DV * kSwizzleRowBytes;                                 // Vᵀ: 64 keys
   static constexpr size_t smem = size_t(kQBytes) + stages * size_t(kStageBytes) + kSwizzleGroupBytes;
   static_assert(BM == Cfg<true>::bm, "row tiles as the mma.sync prefill's");
 };
@@ -388,6 +391,7 @@ __global__ void __launch_bounds__(WgAttn<DQ, DV>::threads, 1)
     flash_attn_wgmma(const __grid_constant__ CUtensorMap k_map, const __grid_constant__ CUtensorMap v_map,
                      FlashParams p) {
   using C = WgAttn<DQ, DV>;
+  constexpr int BN = C::BN;
   __shared__ uint64_t full[C::stages], empty[C::stages];
   extern __shared__ unsigned char smem_raw[];
   const uint32_t raw = smem_addr(smem_raw);
@@ -406,19 +410,21 @@ __global__ void __launch_bounds__(WgAttn<DQ, DV>::threads, 1)
   const int block_maxpos = base_pos + (r0 + rows_valid - 1) / p.group;
   const int ks0 = z * p.tiles_per_split * kBN;
   const int ke = min(min(ks0 + p.tiles_per_split * kBN, p.S), block_maxpos + 1);
-  const int ntiles = ks0 < ke ? (ke - ks0 + kBN - 1) / kBN : 0;
+  const int ntiles = ks0 < ke ? (ke - ks0 + BN - 1) / BN : 0;
   const int wg = threadIdx.x >> 7;
   if (wg == 0) {  // producer
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
     if (threadIdx.x != 0) return;
     for (int t = 0; t < ntiles; ++t) {
-      const int s = t % C::stages, ks = ks0 + t * kBN;
+      const int s = t % C::stages, ks = ks0 + t * BN;
       if (t >= C::stages) mbarrier_wait(&empty[s], (t / C::stages - 1) & 1);
       unsigned char* k = smem_raw + (ring - raw) + s * C::kStageBytes;
       mbarrier_expect(&full[s], C::kStageBytes);
 #pragma unroll
       for (int j = 0; j < DQ / 64; ++j) tma_load_2d(k + j * C::kKBox, k_map, 64 * j, kvh * p.S + ks, &full[s]);
-      tma_load_2d(k + C::kKBytes, v_map, ks, kvh * DV, &full[s]);
+#pragma unroll
+      for (int j = 0; j < BN / 64; ++j)
+        tma_load_2d(k + C::kKBytes + j * C::kVBox, v_map, ks + 64 * j, kvh * DV, &full[s]);
     }
     return;
   }
@@ -455,32 +461,36 @@ __global__ void __launch_bounds__(WgAttn<DQ, DV>::threads, 1)
   float acc[DV / 8][4] = {};
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
   for (int t = 0; t < ntiles; ++t) {
-    const int s = t % C::stages, ks = ks0 + t * kBN;
+    const int s = t % C::stages, ks = ks0 + t * BN;
     const uint32_t k = ring + s * C::kStageBytes, vt = k + C::kKBytes;
     mbarrier_wait(&full[s], (t / C::stages) & 1);
     if (ks <= wg_maxpos) {  // otherwise every key of the tile is in this warpgroup's future
-      float sc[kBN / 8][4] = {};
+      float sc[BN / 8][4] = {};
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < DQ / 16; ++kk) {
         const uint32_t col = (kk % 4) * 32;  // 16 columns = 32 bytes into a swizzled row
-        wgmma_m64n64k16_bf16(reinterpret_cast<float(&)[kBN / 2]>(sc),
-                             wgmma_desc(qs + (kk / 4) * C::kQBox + c * 64 * kSwizzleRowBytes + col),
-                             wgmma_desc(k + (kk / 4) * C::kKBox + col));
+        const uint64_t da = wgmma_desc(qs + (kk / 4) * C::kQBox + c * 64 * kSwizzleRowBytes + col);
+        const uint64_t db = wgmma_desc(k + (kk / 4) * C::kKBox + col);
+        if constexpr (BN == 128)
+          wgmma_m64n128k16_bf16(reinterpret_cast<float(&)[BN / 2]>(sc), da, db);
+        else
+          wgmma_m64n64k16_bf16(reinterpret_cast<float(&)[BN / 2]>(sc), da, db);
       }
       wgmma_commit();
       wgmma_wait<0>();
-      wgmma_hold(reinterpret_cast<float(&)[kBN / 2]>(sc));
-      uint32_t pa[kBN / 8][2];
-      softmax_tile<DV>(sc, pa, acc, m, l, pos, ks, ke, ks + kBN > min(ke, wg_minpos + 1), p.scale_log2, qq);
+      wgmma_hold(reinterpret_cast<float(&)[BN / 2]>(sc));
+      uint32_t pa[BN / 8][2];
+      softmax_tile<BN, DV>(sc, pa, acc, m, l, pos, ks, ke, ks + BN > min(ke, wg_minpos + 1), p.scale_log2, qq);
       wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < kBN / 16; ++kk) {
+      for (int kk = 0; kk < BN / 16; ++kk) {  // 16 keys: box kk / 4, 32 bytes in per step
         const uint32_t a[4] = {pa[2 * kk][0], pa[2 * kk][1], pa[2 * kk + 1][0], pa[2 * kk + 1][1]};
+        const uint64_t db = wgmma_desc(vt + (kk / 4) * C::kVBox + (kk % 4) * 32);
         if constexpr (DV == 256)
-          wgmma_m64n256k16_bf16_rs(reinterpret_cast<float(&)[DV / 2]>(acc), a, wgmma_desc(vt + kk * 32));
+          wgmma_m64n256k16_bf16_rs(reinterpret_cast<float(&)[DV / 2]>(acc), a, db);
         else
-          wgmma_m64n128k16_bf16_rs(reinterpret_cast<float(&)[DV / 2]>(acc), a, wgmma_desc(vt + kk * 32));
+          wgmma_m64n128k16_bf16_rs(reinterpret_cast<float(&)[DV / 2]>(acc), a, db);
       }
       wgmma_commit();
       wgmma_wait<0>();
@@ -571,8 +581,9 @@ void launch(const FlashParams& p, cudaStream_t stream) {
   check_cuda(cudaGetLastError(), "attention_flash");
 }
 
+// kh [nkv·S, DQ] and vt [nkv·DV, Sp] as flash_attn_wgmma reads them (k_heads_bf16, v_transpose_bf16).
 template <int DQ, int DV>
-void launch_wgmma(const CUtensorMap& k_map, const CUtensorMap& v_map, const FlashParams& p, cudaStream_t stream) {
+void launch_wgmma(const bf16* kh, const bf16* vt, int64_t Sp, const FlashParams& p, cudaStream_t stream) {
   using C = WgAttn<DQ, DV>;
   const auto kernel = flash_attn_wgmma<DQ, DV>;
   static const bool ready = [&] {
@@ -581,6 +592,8 @@ void launch_wgmma(const CUtensorMap& k_map, const CUtensorMap& v_map, const Flas
     return true;
   }();
   (void)ready;
+  const CUtensorMap k_map = tensor_map_bf16(kh, int64_t(p.nkv) * p.S, DQ, C::BN);
+  const CUtensorMap v_map = tensor_map_bf16(vt, int64_t(p.nkv) * DV, Sp, DV);
   const dim3 grid(unsigned(p.row_tiles), unsigned(p.nkv), unsigned(p.nsplit));
   kernel<<<grid, C::threads, C::smem, stream>>>(k_map, v_map, p);
   check_cuda(cudaGetLastError(), "attention_flash");
@@ -671,14 +684,12 @@ bool attention_flash(const float* q, const float* k, const float* v, float* o, i
       v_transpose_bf16<<<dim3(unsigned((Sp + 31) / 32), unsigned(dv / 32), unsigned(nkv)), dim3(32, 8), 0, stream>>>(
           v, vb, int(S), int(Sp), int(nkv), int(dv));
       check_cuda(cudaGetLastError(), "attention_flash: K/V by head");
-      const CUtensorMap k_map = tensor_map_bf16(kb, nkv * S, dq, kBN);
-      const CUtensorMap v_map = tensor_map_bf16(vb, nkv * dv, Sp, int(dv));
       if (dq == 256)
-        launch_wgmma<256, 256>(k_map, v_map, p, stream);
+        launch_wgmma<256, 256>(kb, vb, Sp, p, stream);
       else if (dq == 192)
-        launch_wgmma<192, 128>(k_map, v_map, p, stream);
+        launch_wgmma<192, 128>(kb, vb, Sp, p, stream);
       else
-        launch_wgmma<128, 128>(k_map, v_map, p, stream);
+        launch_wgmma<128, 128>(kb, vb, Sp, p, stream);
     } else {
       launch_round_to_bf16(k, kb, nk, stream);
       launch_round_to_bf16(v, vb, nv, stream);
