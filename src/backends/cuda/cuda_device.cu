@@ -1151,47 +1151,57 @@ class CudaDevice : public Device {
       check_cuda(cudaMemsetAsync(static_cast<float*>(p) + slot * n, 0, size_t(n) * 4, stream_), "reset slot");
     }
   }
-  // Prefix snapshots: one device buffer per cache part, copied in stream order, so a save after a
-  // forward and a load before the next need no synchronisation.
+  // Prefix snapshots: a slot's cache parts copied into one block allocated, copied and freed in
+  // stream order, so a save after a forward and a load before the next need no synchronisation.
+  // One allocation per snapshot: the server takes one at every prefix block boundary of every
+  // prompt, and a cudaMalloc and cudaFree per part (48 for the 2B model) synchronised the device.
   struct CudaSnapshot : SlotSnapshot {
     struct Part {
       int64_t layer;
       CachePart part;
-      void* p;
+      size_t offset;        // into block
       int64_t rows, width;  // fixed parts: 1 row of the part's size
     };
     cudaStream_t stream = nullptr;
+    void* block = nullptr;
     std::vector<Part> fixed, grown;
     size_t total = 0;
     size_t bytes() const override { return total; }
+    float* at(const Part& q) const { return reinterpret_cast<float*>(static_cast<char*>(block) + q.offset); }
     ~CudaSnapshot() override {
-      cudaStreamSynchronize(stream);  // a load_slot copy may still read it
-      for (auto* parts : {&fixed, &grown})
-        for (const Part& q : *parts) cudaFree(q.p);
+      if (block) cudaFreeAsync(block, stream);  // after any load_slot copy queued on the stream
     }
   };
   std::unique_ptr<SlotSnapshot> save_slot(int64_t slot, int64_t rows) override {
     check(mode_ == Mode::Eager, "internal: save_slot inside a recorded forward");
     auto snap = std::make_unique<CudaSnapshot>();
     snap->stream = stream_;
-    auto copy = [&](std::vector<CudaSnapshot::Part>& to, int64_t layer, CachePart part, const float* src, int64_t n,
-                    int64_t width) {
-      const size_t bytes = size_t(n * width) * 4;
-      void* p = nullptr;
-      check_cuda(cudaMalloc(&p, std::max<size_t>(bytes, 4)), "prefix snapshot (out of GPU memory?)");
-      to.push_back({layer, part, p, n, width});
-      snap->total += bytes;
-      check_cuda(cudaMemcpyAsync(p, src, bytes, cudaMemcpyDeviceToDevice, stream_), "prefix snapshot");
+    std::vector<const float*> sources;
+    size_t end = 0;  // of the parts in the block, each 256-byte aligned
+    auto add = [&](std::vector<CudaSnapshot::Part>& to, int64_t layer, CachePart part, const float* src, int64_t n,
+                   int64_t width) {
+      to.push_back({layer, part, end, n, width});
+      end += align_up(size_t(n * width) * 4);
+      snap->total += size_t(n * width) * 4;
+      sources.push_back(src);
     };
     for (auto& [key, p] : pools_) {
       const int64_t n = pool_size_.at(key);
-      copy(snap->fixed, key.first, key.second, static_cast<const float*>(p) + slot * n, 1, n);
+      add(snap->fixed, key.first, key.second, static_cast<const float*>(p) + slot * n, 1, n);
     }
     for (auto& [key, r] : rows_) {
       if (std::get<2>(key) != slot || !r.p) continue;
       check(rows <= r.cap, "internal: a snapshot of more cache rows than the slot holds");
-      copy(snap->grown, std::get<0>(key), std::get<1>(key), r.p, rows, r.width);
+      add(snap->grown, std::get<0>(key), std::get<1>(key), r.p, rows, r.width);
     }
+    check_cuda(cudaMallocAsync(&snap->block, std::max<size_t>(end, 256), stream_),
+               "prefix snapshot (out of GPU memory?)");
+    size_t i = 0;
+    for (auto* parts : {&snap->fixed, &snap->grown})
+      for (const auto& q : *parts)
+        check_cuda(
+            cudaMemcpyAsync(snap->at(q), sources[i++], size_t(q.rows * q.width) * 4, cudaMemcpyDeviceToDevice, stream_),
+            "prefix snapshot");
     return snap;
   }
   void load_slot(const SlotSnapshot& snapshot, int64_t slot) override {
@@ -1199,12 +1209,12 @@ class CudaDevice : public Device {
     const auto& snap = static_cast<const CudaSnapshot&>(snapshot);
     reset_slot(slot);
     for (const auto& q : snap.fixed)
-      check_cuda(cudaMemcpyAsync(cache_pool(q.layer, q.part, q.width) + slot * q.width, q.p, size_t(q.width) * 4,
+      check_cuda(cudaMemcpyAsync(cache_pool(q.layer, q.part, q.width) + slot * q.width, snap.at(q), size_t(q.width) * 4,
                                  cudaMemcpyDeviceToDevice, stream_),
                  "prefix snapshot");
     for (const auto& q : snap.grown)
-      check_cuda(cudaMemcpyAsync(cache_rows(q.layer, q.part, slot, q.rows, q.width), q.p, size_t(q.rows * q.width) * 4,
-                                 cudaMemcpyDeviceToDevice, stream_),
+      check_cuda(cudaMemcpyAsync(cache_rows(q.layer, q.part, slot, q.rows, q.width), snap.at(q),
+                                 size_t(q.rows * q.width) * 4, cudaMemcpyDeviceToDevice, stream_),
                  "prefix snapshot");
   }
   int64_t slot_bytes(int64_t slot) const override {
