@@ -47,12 +47,15 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--vocab", type=int, default=1000, help="prompt ids are drawn below this")
     ap.add_argument("--shared-prefix", type=int, default=0)
+    ap.add_argument("--max-step-tokens", type=int, default=0, help="passed to hla serve (0: its default)")
     ap.add_argument("--check", action="store_true")
     a = ap.parse_args()
     dev = ["--device", a.device, "--dtype", a.dtype]
     port = free_port()
     server = subprocess.Popen([a.hla, "serve", "--model", a.model, "--port", str(port),
-                               "--max-slots", str(max(a.requests, 1))] + dev, stderr=subprocess.PIPE, text=True)
+                               "--max-slots", str(max(a.requests, 1))] + dev +
+                              (["--max-step-tokens", str(a.max_step_tokens)] if a.max_step_tokens else []),
+                              stderr=subprocess.PIPE, text=True)
     try:
         for _ in range(600):
             try:
@@ -86,7 +89,8 @@ def main():
     ids = [o["choices"][0]["token_ids"] for o in out]
     n = sum(len(x) for x in ids[1 if a.shared_prefix else 0:])  # the timed wave's tokens
     res = {"requests": a.requests - (1 if a.shared_prefix else 0), "prompt_len": a.prompt_len, "generated": n, "seconds": round(wall, 3),
-           "tokens_per_s": round(n / wall, 1), "device": a.device, "dtype": a.dtype}
+           "tokens_per_s": round(n / wall, 1), "device": a.device, "dtype": a.dtype,
+           "max_step_tokens": a.max_step_tokens or "default"}
     for line in metrics.splitlines():
         name = line.split(" ")[0]
         if name in ("hla_prefix_cache_hits_total", "hla_prefix_cache_hit_tokens_total"):

@@ -62,6 +62,7 @@ struct EngineOptions {
   int64_t max_slots = 32;             // requests decoding at once
   int64_t max_queued = 256;           // waiting + running; beyond this submit() refuses
   int64_t max_step_tokens = 512;      // tokens per forward: bounds the decode stall a prefill causes
+                                      // (hla serve: 2048 on a GPU, where 512-token forwards idle it)
   int64_t block = 256;                // prefix-cache granularity = prefill chunk alignment
   size_t prefix_cache_bytes = size_t(1) << 30;
 };
