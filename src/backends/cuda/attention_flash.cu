@@ -366,14 +366,16 @@ __global__ void __launch_bounds__(Cfg<kPrefill>::threads, kPrefill && DV <= 128 
 // Prefill on the warpgroup tensor cores (wgmma.cuh) fed by the copy engine (tma.cuh), for
 // dq ∈ {128, 192, 256} and dv ∈ {128, 256} (the mma.sync kernel above ran the 6 attention layers of the 2B
 // Qwen3.5-shaped model at 8K tokens in 14.1 ms on an H200). Three warpgroups per 128-row tile: the
-// first (registers cut to 40) has one thread copy each 64-key tile's K [64 x DQ] and Vᵀ [DV x 64]
+// first (registers cut to 40) has one thread copy each BN-key tile's K [BN x DQ] and Vᵀ [DV x BN]
 // boxes into a two-stage ring; the other two own rows [0, 64) and [64, 128), load their Q rows
-// (rounded to bf16) into swizzled shared memory once, and per tile run S = Q·Kᵀ (m64n64, Q and K
+// (rounded to bf16) into swizzled shared memory once, and per tile run S = Q·Kᵀ (m64nBN, Q and K
 // from shared memory), the online softmax in registers (softmax_tile: the wgmma accumulator
 // layout is mma.sync's, per warp), then O += P·V with P straight from registers as the A operand
 // and Vᵀ from shared memory (m64nDV). K and V come from a bf16 copy made by k_heads_bf16 and
-// v_transpose_bf16: K as [nkv][S][DQ] and V transposed, [nkv][DV][Sp] (Sp = S rounded up to 8, zeros past S), so both
-// products read K-major tiles. Keys past S of one head read the next head's (masked, finite).
+// v_transpose_bf16: K as [nkv][S][DQ] and V transposed, [nkv][DV][Sp] (Sp = S rounded up to 8,
+// zeros past S), so both products read K-major tiles. Keys past S of one head read the next
+// head's (masked, finite). Consumers in lockstep measured faster than ping-pong ones (named
+// barriers taking turns at S = Q·Kᵀ: d = 256 at 8K 442 → 381 TFLOP/s).
 template <int DQ, int DV>
 struct WgAttn {
   // Keys per tile: 128 where the ring fits (dq ≤ 192), so each tile's fixed costs (barrier waits,
