@@ -94,10 +94,11 @@ TEST(Cli, SamplingIsSeededAndValidated) {
   expect_clean_error(base + "--device cuda --dtype f16", "--dtype");
 }
 
-// `hla serve --device/--dtype` are checked before anything loads or binds a port.
+// `hla serve --device/--dtype/--max-step-tokens` are checked before anything loads or binds a port.
 TEST(Cli, ServeDeviceOptionsAreValidated) {
   HLA_REQUIRE_FIXTURES();
   const std::string base = "serve --model " + fixture("models/qwen3_5") + " --port 1 ";
+  expect_clean_error(base + "--max-step-tokens -3", "--max-step-tokens");
   expect_clean_error(base + "--device tpu", "--device");
   expect_clean_error(base + "--dtype bf16", "--dtype bf16");  // the CPU engine is f32
   expect_clean_error(base + "--device cuda --dtype f16", "--dtype");
