@@ -234,7 +234,7 @@ class Device {
   // (cpu::moe_route of its router logits, logits [T, E]) of weight · expert(x row), x [T, D]
   // contiguous; plus, when shared is given, shared_gate[t] (1 when null) · shared [T, D]. The
   // default routes on the host (it copies the logits back) and runs each expert's tokens through
-  // gather_rows, linear_swiglu, linear and scatter_add_rows; a device may route on itself.
+  // gather_rows, swiglu_mlp and scatter_add_rows; a device may route on itself.
   virtual void moe(const MoeExperts& m, const float* x, const float* logits, const float* shared,
                    const float* shared_gate, float* out, int64_t T);
   // Does moe() run these experts without the host, so that a decode step through it may be recorded?

@@ -39,6 +39,15 @@ std::vector<float> random_vector(int64_t n, std::mt19937& rng, float lo = -1.0f,
   for (float& x : v) x = u(rng);
   return v;
 }
+
+// A [rows, cols] tensor of values uniform in (−amp, amp) rounded to bf16, so that an fp32 and a
+// bf16 device hold the same weights.
+Tensor random_bf16_tensor(int64_t rows, int64_t cols, std::mt19937& rng, float amp = 1.0f) {
+  Tensor t = Tensor::f32({rows, cols});
+  const std::vector<float> v = random_vector(rows * cols, rng, -amp, amp);
+  for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = bf16_to_f32(f32_to_bf16(v[size_t(i)]));
+  return t;
+}
 float max_rel_diff(const std::vector<float>& got, const std::vector<float>& want) {
   double err = 0, scale = 1e-30;
   for (size_t i = 0; i < want.size(); ++i) {
@@ -96,9 +105,7 @@ TEST(CudaDeviceOps, LinearSwigluMatchesCpuDevice) {
   std::mt19937 rng(3);
   for (auto [M, N, K] :
        {std::tuple{1, 200, 96}, {1, 2048, 6144}, {5, 2048, 6144}, {8, 300, 2048}, {12, 200, 96}, {20, 200, 96}}) {
-    Tensor W = Tensor::f32({N, K});
-    const std::vector<float> w = random_vector(N * K, rng);
-    for (int64_t i = 0; i < W.numel(); ++i) W.f32()[i] = bf16_to_f32(f32_to_bf16(w[size_t(i)]));
+    const Tensor W = random_bf16_tensor(N, K, rng);
     const std::vector<float> x = random_vector(M * K, rng);
     auto run = [&](Device& dev) {
       const DevMatrix wd = dev.upload_matrix(W);
@@ -125,13 +132,7 @@ TEST(CudaDeviceOps, SwigluMlpMatchesCpuDevice) {
   std::mt19937 rng(5);
   for (auto [M, D, I, ldx] :
        {std::tuple{1, 96, 100, 96}, {5, 256, 64, 256}, {12, 96, 100, 104}, {300, 2048, 512, 2048}}) {
-    auto bf16_tensor = [&](int64_t rows, int64_t cols) {
-      Tensor t = Tensor::f32({rows, cols});
-      const std::vector<float> v = random_vector(rows * cols, rng, -0.1f, 0.1f);
-      for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = bf16_to_f32(f32_to_bf16(v[size_t(i)]));
-      return t;
-    };
-    const Tensor gate_up = bf16_tensor(2 * I, D), down = bf16_tensor(D, I);
+    const Tensor gate_up = random_bf16_tensor(2 * I, D, rng, 0.1f), down = random_bf16_tensor(D, I, rng, 0.1f);
     const std::vector<float> x = random_vector(M * ldx, rng);
     auto run = [&](Device& dev) {
       const DevMatrix gu = dev.upload_matrix(gate_up), dn = dev.upload_matrix(down);
@@ -326,13 +327,8 @@ TEST(CudaDeviceOps, MoeMatchesCpuDevice) {
                         {8, 2, 520, 136, 1100, false, 1, 1, true, true}};
   std::mt19937 rng(17);
   for (const Case& c : cases) {
-    auto bf16_tensor = [&](int64_t rows, int64_t cols, float amp) {
-      Tensor t = Tensor::f32({rows, cols});
-      const std::vector<float> v = random_vector(rows * cols, rng, -amp, amp);
-      for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = bf16_to_f32(f32_to_bf16(v[size_t(i)]));
-      return t;
-    };
-    const Tensor gate_up = bf16_tensor(c.E * 2 * c.I, c.D, 0.1f), down = bf16_tensor(c.E * c.D, c.I, 0.1f);
+    const Tensor gate_up = random_bf16_tensor(c.E * 2 * c.I, c.D, rng, 0.1f);
+    const Tensor down = random_bf16_tensor(c.E * c.D, c.I, rng, 0.1f);
     const Tensor bias = vector_tensor(random_vector(c.E, rng, -0.1f, 0.1f));
     const std::vector<float> x = random_vector(c.T * c.D, rng), logits = random_vector(c.T * c.E, rng, -3.0f, 3.0f);
     const std::vector<float> shared = random_vector(c.T * c.D, rng), gate = random_vector(c.T, rng, 0.0f, 1.0f);

@@ -192,12 +192,43 @@ __device__ __forceinline__ void softmax_tile(float (&s)[BN / 8][4], uint32_t (&p
     for (int e = 0; e < 4; ++e) acc[t][e] *= alpha[e >> 1];
 }
 
+// Block (x, kv head y, key split z) of the row-tile grid, bm rows a tile: tile rows [r0, r0 + rows)
+// (row r = query·group + head in the group; the heaviest, latest tiles first) and the key range
+// [ks0, ke) (the split's keys, up to its last row's position). Positions grow with the row.
+struct RowBlock {
+  int kvh, z, r0, rows, ks0, ke;
+  int base_pos, group, nh;
+  __device__ RowBlock(const FlashParams& p, int bm)
+      : kvh(blockIdx.y), z(blockIdx.z), base_pos(p.S - p.n), group(p.group), nh(p.nh) {
+    r0 = (p.row_tiles - 1 - int(blockIdx.x)) * bm;
+    rows = min(bm, p.R - r0);
+    ks0 = z * p.tiles_per_split * kBN;
+    ke = min(min(ks0 + p.tiles_per_split * kBN, p.S), pos(rows - 1) + 1);
+  }
+  __device__ int pos(int lr) const { return base_pos + (r0 + lr) / group; }  // of tile row lr
+  // The q / o row (query·nh + head) of tile row lr.
+  __device__ int64_t head_row(int lr) const {
+    const int gr = r0 + lr, i = gr / group;
+    return int64_t(i) * nh + int64_t(kvh) * group + (gr - i * group);
+  }
+  // A thread's rows lr0 and lr0 + 8: their positions, -1 past the tile's rows.
+  __device__ void thread_pos(int lr0, int (&out)[2]) const {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) out[h] = lr0 + 8 * h < rows ? pos(lr0 + 8 * h) : -1;
+  }
+  // The last position of the n tile rows from lr0 (a warp's 16, a warpgroup's 64), -1 if none is valid.
+  __device__ int last_pos(int lr0, int n) const {
+    const int k = min(n, rows - lr0);
+    return k > 0 ? pos(lr0 + k - 1) : -1;
+  }
+};
+
 // Writes a thread's two rows (tile rows lr0 and lr0 + 8; acc[t][e] is column 8t + 2·qq + (e & 1)
 // of row e >> 1): normalised into o, or (splits) the unnormalised accumulator and (m, l) into
 // the partials of split z.
 template <int DV>
-__device__ __forceinline__ void store_rows(const FlashParams& p, const float (&acc)[DV / 8][4], const float (&m)[2],
-                                           float (&l)[2], int r0, int lr0, int rows_valid, int kvh, int z, int qq) {
+__device__ __forceinline__ void store_rows(const FlashParams& p, const RowBlock& b, const float (&acc)[DV / 8][4],
+                                           const float (&m)[2], float (&l)[2], int lr0, int qq) {
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
@@ -206,9 +237,8 @@ __device__ __forceinline__ void store_rows(const FlashParams& p, const float (&a
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int lr = lr0 + 8 * h;
-    if (lr >= rows_valid) continue;
-    const int gr = r0 + lr, i = gr / p.group, g = gr - i * p.group;
-    const int64_t row = int64_t(i) * p.nh + int64_t(kvh) * p.group + g;
+    if (lr >= b.rows) continue;
+    const int64_t row = b.head_row(lr);
     if (p.nsplit == 1) {
       const float inv = 1.f / l[h];
       float* out = p.o + row * DV + 2 * qq;
@@ -216,7 +246,7 @@ __device__ __forceinline__ void store_rows(const FlashParams& p, const float (&a
       for (int t = 0; t < DV / 8; ++t)
         *reinterpret_cast<float2*>(out + 8 * t) = make_float2(acc[t][2 * h] * inv, acc[t][2 * h + 1] * inv);
     } else {
-      const int64_t prow = int64_t(z) * p.n * p.nh + row;
+      const int64_t prow = int64_t(b.z) * p.n * p.nh + row;
       float* out = p.op + prow * DV + 2 * qq;
 #pragma unroll
       for (int t = 0; t < DV / 8; ++t)
@@ -242,13 +272,8 @@ __global__ void __launch_bounds__(Cfg<kPrefill>::threads, kPrefill && DV <= 128 
   const uint32_t kv_addr = smem_addr(kv_smem);
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, rq = lane >> 2, qq = lane & 3;
-  const int kvh = blockIdx.y, z = blockIdx.z;
-  const int r0 = (p.row_tiles - 1 - int(blockIdx.x)) * kBM;  // heaviest (latest) row tiles first
-  const int base_pos = p.S - p.n;
-  const int rows_valid = min(kBM, p.R - r0);
-  const int block_maxpos = base_pos + (r0 + rows_valid - 1) / p.group;
-  const int ks0 = z * p.tiles_per_split * kBN;
-  const int ke = min(min(ks0 + p.tiles_per_split * kBN, p.S), block_maxpos + 1);
+  const RowBlock blk(p, kBM);
+  const int kvh = blk.kvh, rows_valid = blk.rows, ks0 = blk.ks0, ke = blk.ke;
 
   // Prefill: start the first K/V tile's copy before the (synchronous) Q conversion.
   auto issue_kv = [&](int b, int ks) {
@@ -266,22 +291,13 @@ __global__ void __launch_bounds__(Cfg<kPrefill>::threads, kPrefill && DV <= 128 
   }
 
   // Q tile (rows packed as query·group + head-in-group).
-  load_tile_bf16<kThreads>(Qs, ldq, kBM, DQ, rows_valid, [&](int r) {
-    const int gr = r0 + r, i = gr / p.group, g = gr - i * p.group;
-    return p.q + (int64_t(i) * p.nh + int64_t(kvh) * p.group + g) * DQ;
-  });
+  load_tile_bf16<kThreads>(Qs, ldq, kBM, DQ, rows_valid, [&](int r) { return p.q + blk.head_row(r) * DQ; });
 
   const int wr0 = warp * 16;
   int pos[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int lr = wr0 + rq + 8 * h;
-    pos[h] = lr < rows_valid ? base_pos + (r0 + lr) / p.group : -1;
-  }
-  // Positions grow with the row, so the warp's first row sees the fewest keys and its last the most.
-  const int warp_rows = min(16, rows_valid - wr0);
-  const int warp_minpos = base_pos + (r0 + wr0) / p.group;
-  const int warp_maxpos = warp_rows > 0 ? base_pos + (r0 + wr0 + warp_rows - 1) / p.group : -1;
+  blk.thread_pos(wr0 + rq, pos);
+  // The warp's first row sees the fewest keys and its last the most.
+  const int warp_minpos = blk.pos(wr0), warp_maxpos = blk.last_pos(wr0, 16);
 
   // ldmatrix row addresses (lane l names row l%8 of 8x8 matrix l/8). Q as A: matrices (rows 0-7 |
   // 8-15) x (k 0-7 | 8-15), row-block first. K as B (keys are B's columns, stored k-contiguous):
@@ -360,7 +376,7 @@ __global__ void __launch_bounds__(Cfg<kPrefill>::threads, kPrefill && DV <= 128 
     if constexpr (kPrefill) buf ^= 1;
   }
 
-  store_rows<DV>(p, acc, m, l, r0, wr0 + rq, rows_valid, kvh, z, qq);
+  store_rows<DV>(p, blk, acc, m, l, wr0 + rq, qq);
 }
 
 // Prefill on the warpgroup tensor cores (wgmma.cuh) fed by the copy engine (tma.cuh), for
@@ -396,22 +412,13 @@ __global__ void __launch_bounds__(WgAttn<DQ, DV>::threads, 1)
   constexpr int BN = C::BN;
   __shared__ uint64_t full[C::stages], empty[C::stages];
   extern __shared__ unsigned char smem_raw[];
-  const uint32_t raw = smem_addr(smem_raw);
-  const uint32_t qs = (raw + kSwizzleGroupBytes - 1) & ~uint32_t(kSwizzleGroupBytes - 1), ring = qs + C::kQBytes;
-  unsigned char* qs_p = smem_raw + (qs - raw);
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < C::stages; ++s) mbarrier_init(&full[s], 1), mbarrier_init(&empty[s], 2);
-    mbarrier_init_fence();
-  }
+  unsigned char* qs_p = swizzle_aligned(smem_raw);  // Q, then the K/V ring
+  const uint32_t qs = smem_addr(qs_p), ring = qs + C::kQBytes;
+  if (threadIdx.x == 0) ring_barriers_init(full, empty, 2);
   __syncthreads();
 
-  const int kvh = blockIdx.y, z = blockIdx.z;
-  const int r0 = (p.row_tiles - 1 - int(blockIdx.x)) * C::BM;  // heaviest (latest) row tiles first
-  const int base_pos = p.S - p.n;
-  const int rows_valid = min(C::BM, p.R - r0);
-  const int block_maxpos = base_pos + (r0 + rows_valid - 1) / p.group;
-  const int ks0 = z * p.tiles_per_split * kBN;
-  const int ke = min(min(ks0 + p.tiles_per_split * kBN, p.S), block_maxpos + 1);
+  const RowBlock blk(p, C::BM);
+  const int kvh = blk.kvh, ks0 = blk.ks0, ke = blk.ke;
   const int ntiles = ks0 < ke ? (ke - ks0 + BN - 1) / BN : 0;
   const int wg = threadIdx.x >> 7;
   if (wg == 0) {  // producer
@@ -420,7 +427,7 @@ __global__ void __launch_bounds__(WgAttn<DQ, DV>::threads, 1)
     for (int t = 0; t < ntiles; ++t) {
       const int s = t % C::stages, ks = ks0 + t * BN;
       if (t >= C::stages) mbarrier_wait(&empty[s], (t / C::stages - 1) & 1);
-      unsigned char* k = smem_raw + (ring - raw) + s * C::kStageBytes;
+      unsigned char* k = qs_p + C::kQBytes + s * C::kStageBytes;
       mbarrier_expect(&full[s], C::kStageBytes);
 #pragma unroll
       for (int j = 0; j < DQ / 64; ++j) tma_load_2d(k + j * C::kKBox, k_map, 64 * j, kvh * p.S + ks, &full[s]);
@@ -438,9 +445,8 @@ __global__ void __launch_bounds__(WgAttn<DQ, DV>::threads, 1)
   for (int idx = threadIdx.x & 127; idx < 64 * (DQ / 8); idx += 128) {
     const int r = c * 64 + idx / (DQ / 8), ch = idx % (DQ / 8);
     uint4 w = make_uint4(0, 0, 0, 0);
-    if (r < rows_valid) {
-      const int gr = r0 + r, i = gr / p.group, g = gr - i * p.group;
-      const float* src = p.q + (int64_t(i) * p.nh + int64_t(kvh) * p.group + g) * DQ + 8 * ch;
+    if (r < blk.rows) {
+      const float* src = p.q + blk.head_row(r) * DQ + 8 * ch;
       const float4 a = __ldg(reinterpret_cast<const float4*>(src)), b = __ldg(reinterpret_cast<const float4*>(src + 4));
       w = make_uint4(pack_bf16(a.x, a.y), pack_bf16(a.z, a.w), pack_bf16(b.x, b.y), pack_bf16(b.z, b.w));
     }
@@ -451,14 +457,8 @@ __global__ void __launch_bounds__(WgAttn<DQ, DV>::threads, 1)
 
   const int wr0 = c * 64 + warp * 16;
   int pos[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int lr = wr0 + rq + 8 * h;
-    pos[h] = lr < rows_valid ? base_pos + (r0 + lr) / p.group : -1;
-  }
-  const int wg_rows = min(64, rows_valid - c * 64);
-  const int wg_minpos = base_pos + (r0 + c * 64) / p.group;
-  const int wg_maxpos = wg_rows > 0 ? base_pos + (r0 + c * 64 + wg_rows - 1) / p.group : -1;
+  blk.thread_pos(wr0 + rq, pos);
+  const int wg_minpos = blk.pos(c * 64), wg_maxpos = blk.last_pos(c * 64, 64);
 
   float acc[DV / 8][4] = {};
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
@@ -500,7 +500,7 @@ __global__ void __launch_bounds__(WgAttn<DQ, DV>::threads, 1)
     }
     if ((threadIdx.x & 127) == 0) mbarrier_arrive(&empty[s]);  // this warpgroup is done with stage s
   }
-  store_rows<DV>(p, acc, m, l, r0, wr0 + rq, rows_valid, kvh, z, qq);
+  store_rows<DV>(p, blk, acc, m, l, wr0 + rq, qq);
 }
 
 // The bf16 K/V copies flash_attn_wgmma reads: kh [nkv][S][D] = K [S][nkv][D] regrouped by head

@@ -315,7 +315,9 @@ __device__ __forceinline__ int seq_of(const int32_t* cu, int N, int64_t t) {
 // A thread takes V channels of `span` consecutive tokens and slides a window of the W−1 inputs
 // before the current one along them in registers, so each input is read once (plus W−1 rows where
 // its span or a sequence starts): kw ≤ W taps, tap j of kw at window place j + W − kw (places
-// before it weigh 0; each sum adds the taps in the order cpu::causal_conv1d_silu does).
+// before it weigh 0; each sum adds the taps in the order cpu::causal_conv1d_silu does). Windows
+// of 4 (the models' taps) or kConvWideTaps.
+constexpr int kConvWideTaps = 16;
 template <int V, int W>
 __global__ void conv_kernel(const float* x, int64_t ldx, const float* w, float* y, int64_t T, int64_t C, int kw,
                             int span, const int32_t* cu, const int32_t* slots, int N, const float* pool) {
@@ -1363,12 +1365,12 @@ class CudaDevice : public Device {
       launch(conv_kernel<V.value, W.value>, grid, kThreads, x, ldx, w, y, T, C, int(kw), span, b.d_cu, b.d_slots, N,
              conv_pool);
     };
-    check(kw <= 16, "cuda: short convolutions of more than 16 taps are not supported");
+    check(kw <= kConvWideTaps, "cuda: short convolutions of more than 16 taps are not supported");
     with_vec_width(int(vw), [&](auto V) {
       if (kw <= kConvMaxTaps)
         run(V, std::integral_constant<int, kConvMaxTaps>{});
       else
-        run(V, std::integral_constant<int, 16>{});
+        run(V, std::integral_constant<int, kConvWideTaps>{});
     });
     launch(conv_state_kernel, grid_for(N * C), kThreads, x, ldx, C, int(kw), b.d_cu, b.d_slots, N, conv_pool);
   }

@@ -303,13 +303,9 @@ __global__ void __launch_bounds__(WgmmaTiles::kThreads, 1)
   constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, STAGES = Cfg::STAGES;
   __shared__ uint64_t full[STAGES], empty[STAGES];
   extern __shared__ unsigned char wgmma_smem[];
-  const uint32_t raw = smem_addr(wgmma_smem);
-  const uint32_t ring = (raw + kSwizzleGroupBytes - 1) & ~uint32_t(kSwizzleGroupBytes - 1);
-  unsigned char* ring_p = wgmma_smem + (ring - raw);
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < STAGES; ++s) mbarrier_init(&full[s], 1), mbarrier_init(&empty[s], 2);
-    mbarrier_init_fence();
-  }
+  unsigned char* ring_p = swizzle_aligned(wgmma_smem);
+  const uint32_t ring = smem_addr(ring_p);
+  if (threadIdx.x == 0) ring_barriers_init(full, empty, 2);
   __syncthreads();
   pdl_begin();
   const RowTile rt = find_row_tile(offsets, tiles, E, BM);
@@ -529,9 +525,11 @@ void moe_forward(const MoeExperts& m, const float* x, const float* logits, const
     const size_t route_smem = size_t(2 * E * kRouteWarps) * 4;
     const int64_t threads = n * D / 4;
     const unsigned combine_blocks = unsigned((threads + 255) / 256);
-    if (R <= kMoeGemvPicks) {  // decode: a GEMV per pick, no sorting
-      launch_pdl("moe route", moe_route_kernel, route_blocks, kRouteWarps * 32, route_smem, stream, logits + t0 * E,
-                 m.bias, args, int(n), b.pick_e, b.pick_w, static_cast<int32_t*>(nullptr));
+    const bool gemv = R <= kMoeGemvPicks;  // decode: a GEMV per pick, no counts, sorting or gather
+    if (!gemv) check_cuda(cudaMemsetAsync(b.counts, 0, size_t(E) * 4, stream), "moe counts");
+    launch_pdl("moe route", moe_route_kernel, route_blocks, kRouteWarps * 32, route_smem, stream, logits + t0 * E,
+               m.bias, args, int(n), b.pick_e, b.pick_w, gemv ? nullptr : b.counts);
+    if (gemv) {
       const int N1 = int(2 * m.I), I = int(m.I);
       // 2 rows a warp (a gate/up pair) for the gate/up rows, 4 for the down rows' shorter K.
       constexpr int kUpRows = 2, kDownRows = 4;
@@ -544,33 +542,27 @@ void moe_forward(const MoeExperts& m, const float* x, const float* logits, const
       launch_pdl("moe down gemv", moe_gemv_kernel<false, bf16, kDownRows>, dim3(blocks(D, kDownRows), unsigned(R)),
                  kGemvWarps * 32, 0, stream, static_cast<const bf16*>(m.down.p), D, I,
                  static_cast<const int32_t*>(b.pick_e), static_cast<const bf16*>(b.h), 1, static_cast<void*>(b.y));
-      launch_pdl("moe combine", moe_combine_kernel, combine_blocks, 256, 0, stream, static_cast<const float*>(b.y),
-                 static_cast<const int32_t*>(nullptr), static_cast<const float*>(b.pick_w), k, D,
-                 shared ? shared + t0 * D : nullptr, shared_gate ? shared_gate + t0 : nullptr, out + t0 * D, n);
-      continue;
+    } else {
+      // Prefill-sized passes (≥ 64 rows per expert on average) take the wgmma tiles.
+      const bool large = R >= 64 * int64_t(E);
+      launch_pdl("moe plan", moe_plan_kernel, 1, 32, 0, stream, static_cast<const int32_t*>(b.counts), E,
+                 large ? WgmmaTiles::BM : SmallTiles::BM, b.offsets, b.tiles, b.cursor);
+      launch_pdl("moe gather", moe_gather_kernel, unsigned(R), kGatherThreads, 0, stream, x + t0 * D, D,
+                 static_cast<const int32_t*>(b.pick_e), k, b.cursor, b.pos_of, b.xs);
+      if (large)
+        grouped_gemms<WgmmaTiles>(m, b, R, stream, moe_wgmma_kernel<true>, moe_wgmma_kernel<false>,
+                                  [](const bf16* A, int64_t rows, const bf16* W, int64_t w_rows, int K) {
+                                    return std::make_pair(tensor_map_bf16(A, rows, K, WgmmaTiles::BM),
+                                                          tensor_map_bf16(W, w_rows, K, WgmmaTiles::BN));
+                                  });
+      else
+        grouped_gemms<SmallTiles>(
+            m, b, R, stream, moe_gemm_kernel<SmallTiles, true>, moe_gemm_kernel<SmallTiles, false>,
+            [](const bf16* A, int64_t, const bf16* W, int64_t, int) { return std::make_pair(A, W); });
     }
-    // Prefill-sized passes (≥ 64 rows per expert on average) take the wgmma tiles.
-    const bool large = R >= 64 * int64_t(E);
-    check_cuda(cudaMemsetAsync(b.counts, 0, size_t(E) * 4, stream), "moe counts");
-    launch_pdl("moe route", moe_route_kernel, route_blocks, kRouteWarps * 32, route_smem, stream, logits + t0 * E,
-               m.bias, args, int(n), b.pick_e, b.pick_w, b.counts);
-    launch_pdl("moe plan", moe_plan_kernel, 1, 32, 0, stream, static_cast<const int32_t*>(b.counts), E,
-               large ? WgmmaTiles::BM : SmallTiles::BM, b.offsets, b.tiles, b.cursor);
-    launch_pdl("moe gather", moe_gather_kernel, unsigned(R), kGatherThreads, 0, stream, x + t0 * D, D,
-               static_cast<const int32_t*>(b.pick_e), k, b.cursor, b.pos_of, b.xs);
-    if (large)
-      grouped_gemms<WgmmaTiles>(m, b, R, stream, moe_wgmma_kernel<true>, moe_wgmma_kernel<false>,
-                                [](const bf16* A, int64_t rows, const bf16* W, int64_t w_rows, int K) {
-                                  return std::make_pair(tensor_map_bf16(A, rows, K, WgmmaTiles::BM),
-                                                        tensor_map_bf16(W, w_rows, K, WgmmaTiles::BN));
-                                });
-    else
-      grouped_gemms<SmallTiles>(
-          m, b, R, stream, moe_gemm_kernel<SmallTiles, true>, moe_gemm_kernel<SmallTiles, false>,
-          [](const bf16* A, int64_t, const bf16* W, int64_t, int) { return std::make_pair(A, W); });
     launch_pdl("moe combine", moe_combine_kernel, combine_blocks, 256, 0, stream, static_cast<const float*>(b.y),
-               static_cast<const int32_t*>(b.pos_of), static_cast<const float*>(b.pick_w), k, D,
-               shared ? shared + t0 * D : nullptr, shared_gate ? shared_gate + t0 : nullptr, out + t0 * D, n);
+               gemv ? nullptr : b.pos_of, static_cast<const float*>(b.pick_w), k, D, shared ? shared + t0 * D : nullptr,
+               shared_gate ? shared_gate + t0 : nullptr, out + t0 * D, n);
   }
 }
 

@@ -49,6 +49,14 @@ __device__ __forceinline__ void mbarrier_init_fence() {
 __device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
 }
+// The barriers of an S-stage producer/consumer ring, by one thread (then a __syncthreads): full[s]
+// completes when stage s's bytes have landed (one arrival, the producer's mbarrier_expect),
+// empty[s] when all `consumers` have released the stage.
+template <int S>
+__device__ __forceinline__ void ring_barriers_init(uint64_t (&full)[S], uint64_t (&empty)[S], int consumers) {
+  for (int s = 0; s < S; ++s) mbarrier_init(&full[s], 1), mbarrier_init(&empty[s], consumers);
+  mbarrier_init_fence();
+}
 // Arrives and announces `bytes` more that copies will deliver to this phase.
 __device__ __forceinline__ void mbarrier_expect(uint64_t* bar, uint32_t bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");

@@ -25,6 +25,13 @@ __device__ __forceinline__ uint32_t swizzled_chunk(int r, int c) {
   return uint32_t(r * kSwizzleRowBytes + ((c ^ (r & 7)) << 4));
 }
 
+// The first 1024-byte-aligned byte at or after p in shared memory, where a ring of swizzled tiles
+// starts (the swizzle pattern is anchored to 1024 bytes; kernels ask for that much slack).
+__device__ __forceinline__ unsigned char* swizzle_aligned(unsigned char* p) {
+  const uint32_t a = smem_addr(p);
+  return p + (((a + kSwizzleGroupBytes - 1) & ~uint32_t(kSwizzleGroupBytes - 1)) - a);
+}
+
 // The matrix descriptor of a swizzled K-major tile at shared address `addr` (bits 0-13: address
 // / 16; 16-29: leading-dimension offset / 16, unused for a K-major swizzled tile whose 16-column
 // step fits one 128-byte row; 32-45: stride between 8-row groups / 16; 62-63: 1 = 128B swizzle).
