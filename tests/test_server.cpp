@@ -176,14 +176,18 @@ TEST(Server, ConcurrentStreamsAllComplete) {
                             {{"prompt", {i + 3, 7, i + 11}}, {"max_tokens", 10}, {"temperature", 0}})["choices"][0]["token_ids"];
   std::vector<std::thread> threads;
   std::vector<json> together(n);
-  std::vector<bool> complete(n, false);
+  std::vector<char> complete(n, 0);  // not vector<bool>: its bits share words across threads
+  std::vector<std::string> errors(n);
   for (int i = 0; i < n; ++i)
     threads.emplace_back([&, i] {
       auto c = s.client();
       auto r = c.Post("/v1/completions",
                       json{{"prompt", {i + 3, 7, i + 11}}, {"max_tokens", 10}, {"temperature", 0}, {"stream", true}}.dump(),
                       "application/json");
-      if (!r) return;
+      if (!r) {
+        errors[size_t(i)] = httplib::to_string(r.error());
+        return;
+      }
       bool done = false;
       std::vector<int64_t> ids;
       for (auto& e : sse_events(r->body, &done))
@@ -193,7 +197,7 @@ TEST(Server, ConcurrentStreamsAllComplete) {
     });
   for (auto& t : threads) t.join();
   for (int i = 0; i < n; ++i) {
-    EXPECT_TRUE(complete[size_t(i)]) << i;
+    EXPECT_TRUE(complete[size_t(i)]) << i << " " << errors[size_t(i)];
     // Batched decode runs GEMMs instead of GEMVs: the ids agree unless two logits tie within
     // round-off, which does not happen on this fixture.
     EXPECT_EQ(together[size_t(i)], alone[size_t(i)]) << i;

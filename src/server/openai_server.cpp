@@ -1,6 +1,7 @@
 #include "server/openai_server.h"
 
 #include <httplib.h>
+#include <sys/socket.h>
 
 #include <algorithm>
 #include <atomic>
@@ -499,8 +500,19 @@ OpenAIServer::OpenAIServer(const TextModel& tm, ServerOptions opt) : impl_(std::
 OpenAIServer::~OpenAIServer() = default;
 
 void OpenAIServer::run() {
+  // Debian's libcpp-httplib is compiled with a listen backlog of 5: a burst of more than 5 new
+  // connections overflows the accept queue, and the extra clients wait a 1 s SYN retransmit or get
+  // reset. The last socket httplib hands to the options hook is the one it bound, and listen() on a
+  // listening socket only resizes its queue.
+  socket_t bound = INVALID_SOCKET;
+  impl_->http.set_socket_options([&bound](socket_t sock) {
+    httplib::default_socket_options(sock);
+    bound = sock;
+  });
   check(impl_->http.bind_to_port(impl_->opt.host, impl_->opt.port),
         "cannot listen on " + impl_->opt.host + ":" + std::to_string(impl_->opt.port));
+  check(::listen(bound, SOMAXCONN) == 0,
+        "cannot widen the listen queue on " + impl_->opt.host + ":" + std::to_string(impl_->opt.port));
   impl_->http.listen_after_bind();
 }
 
