@@ -215,6 +215,19 @@ TEST(DeltaRuleChunk, AnyChunkSizeGivesTheSameResult) {
   }
 }
 
+// beta in (0, 2) (linear_allow_neg_eigval: the transition I − beta·k·kᵀ reflects when beta > 1):
+// the chunk form's (I + diag(beta) Mkk)^{-1} and its backward still give the recurrence's answer.
+TEST(DeltaRuleChunk, NegativeEigenvaluesMatchRecurrent) {
+  for (DeltaGate gate : {DeltaGate::Scalar, DeltaGate::PerKey}) {
+    Problem p = make_problem(gate, {0, 70, 200}, 1, 2, 32, 32, true, 13);
+    for (double& b : p.beta) b *= 2.0;
+    const Result ref = run<double>(p, DeltaMode::Recurrent);
+    const std::string what = gate == DeltaGate::Scalar ? "gdn" : "kda";
+    expect_close(run<double>(p, DeltaMode::Chunk), ref, 1e-11, 1e-10, what + " f64");
+    expect_close(run<float>(p, DeltaMode::Chunk), ref, 1e-5, 1e-4, what + " f32");
+  }
+}
+
 // Gates at the bound KDA's lower-bound form allows (−5 per token, e^{−320} over a chunk) and far
 // beyond it (−40 per token, where sub-chunks fall back to one row at a time): no overflow, the
 // same answer as the recurrence, in float.
@@ -319,8 +332,11 @@ TEST(DeltaRuleLayer, ActivationsMatchTheirDefinitions) {
   EXPECT_NEAR(y[0], 3.0 / std::sqrt(25.0 + 1e-6), 1e-15);
   const float bf[] = {0.0f, 2.0f};
   float beta[2];
-  beta_sigmoid_forward(bf, beta, 2);
+  beta_sigmoid_forward(bf, beta, 2, 1.0f);
   EXPECT_FLOAT_EQ(beta[0], 0.5f);
+  beta_sigmoid_forward(bf, beta, 2, 2.0f);  // negative eigenvalues: beta in [0, 2]
+  EXPECT_FLOAT_EQ(beta[0], 1.0f);
+  EXPECT_FLOAT_EQ(beta[1], 2.0f / (1.0f + std::exp(-2.0f)));
 }
 
 TEST(DeltaRuleLayer, FiniteDifferences) {
@@ -338,11 +354,16 @@ TEST(DeltaRuleLayer, FiniteDifferences) {
     l2norm_backward(x.data(), w.data(), dx.data(), 3, 5);
     EXPECT_LT(fd_error(x, dx, [&] { l2norm_forward(x.data(), y.data(), 3, 5); return dot(y, w); }), 1e-8);
   }
-  {
+  for (double beta_max : {1.0, 2.0}) {
     auto b = normal(6, 3.0), w = normal(6);
     std::vector<double> beta(6), db(6);
-    beta_sigmoid_backward(b.data(), w.data(), db.data(), 6);
-    EXPECT_LT(fd_error(b, db, [&] { beta_sigmoid_forward(b.data(), beta.data(), 6); return dot(beta, w); }), 1e-8);
+    beta_sigmoid_backward(b.data(), w.data(), db.data(), 6, beta_max);
+    EXPECT_LT(fd_error(b, db,
+                       [&] {
+                         beta_sigmoid_forward(b.data(), beta.data(), 6, beta_max);
+                         return dot(beta, w);
+                       }),
+              1e-8);
   }
   // Gates over [tokens=3, HV=2, width] for width 1 (GDN) and 4 (KDA); pre-activations spread so
   // that some cross softplus' linear threshold at 20.

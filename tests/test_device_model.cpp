@@ -148,19 +148,33 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, DeviceWiring,
                          ::testing::Values("qwen3_next", "qwen3_5", "kimi_linear", "deepseek_v32"));
 
 TEST(DeviceWiring, HybridLayersEqualCpuForward) {
-  const nlohmann::json j = {
-      {"model_type", "hla_hybrid"}, {"vocab_size", 37},        {"hidden_size", 16},    {"num_hidden_layers", 5},
-      {"layer_pattern", "KGAWS"},   {"intermediate_size", 24}, {"num_attention_heads", 4},
-      {"num_key_value_heads", 2},   {"head_dim", 6},           {"partial_rotary_factor", 0.67},
-      {"sliding_window", 3},        {"index_n_heads", 2},      {"index_head_dim", 4},  {"index_topk", 4},
-      {"linear_num_value_heads", 2}, {"linear_key_head_dim", 4}, {"linear_conv_kernel_dim", 3},
-      {"attention_conv_kernel_dim", 3}};
-  const ModelSpec s = parse_model_spec(Config(j, "test-config.json"));
-  auto m = Model::random(s, 11, nullptr);
-  cpu::CpuDevice dev(3);
-  const DeviceModelErrors e = compare_device_model(*m, dev, 17, 9);
-  EXPECT_LT(e.prefill, 1e-5);
-  EXPECT_LT(e.decode, 1e-5);
+  for (bool neg_eigval : {false, true}) {
+    const nlohmann::json j = {{"linear_allow_neg_eigval", neg_eigval},
+                              {"model_type", "hla_hybrid"},
+                              {"vocab_size", 37},
+                              {"hidden_size", 16},
+                              {"num_hidden_layers", 5},
+                              {"layer_pattern", "KGAWS"},
+                              {"intermediate_size", 24},
+                              {"num_attention_heads", 4},
+                              {"num_key_value_heads", 2},
+                              {"head_dim", 6},
+                              {"partial_rotary_factor", 0.67},
+                              {"sliding_window", 3},
+                              {"index_n_heads", 2},
+                              {"index_head_dim", 4},
+                              {"index_topk", 4},
+                              {"linear_num_value_heads", 2},
+                              {"linear_key_head_dim", 4},
+                              {"linear_conv_kernel_dim", 3},
+                              {"attention_conv_kernel_dim", 3}};
+    const ModelSpec s = parse_model_spec(Config(j, "test-config.json"));
+    auto m = Model::random(s, 11, nullptr);
+    cpu::CpuDevice dev(3);
+    const DeviceModelErrors e = compare_device_model(*m, dev, 17, 9);
+    EXPECT_LT(e.prefill, 1e-5) << "neg eigval " << neg_eigval;
+    EXPECT_LT(e.decode, 1e-5) << "neg eigval " << neg_eigval;
+  }
 }
 
 TEST(DeviceWiring, LightningIsRefusedByName) {

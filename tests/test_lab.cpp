@@ -2,7 +2,6 @@
 // optimizer's no-decay rule and schedule, checkpoint + resume equals an uninterrupted run, the PNG
 // writer, and `hla train` producing a model directory that `hla generate` loads.
 #include <gtest/gtest.h>
-
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -11,6 +10,7 @@
 #include <set>
 
 #include "eval/data.h"
+#include "eval/lab.h"
 #include "eval/plot.h"
 #include "eval/tasks.h"
 #include "model/model.h"
@@ -185,6 +185,11 @@ TEST(LabCli, TrainWritesAModelThatGenerateLoads) {
   EXPECT_EQ(std::count(out.begin(), out.end(), ' '), 2) << out;
   EXPECT_NE(run_command(cli_path() + " train --config " + (d / "cfg.json") + " --data nosuchtask --out " + (d / "x"), &out), 0);
   EXPECT_NE(out.find("unknown task"), std::string::npos) << out;
+  EXPECT_NE(
+      run_command(cli_path() + " train --config " + (d / "cfg.json") + " --data parity --lr -0.01 --out " + (d / "x"),
+                  &out),
+      0);
+  EXPECT_NE(out.find("learning rate -0.01"), std::string::npos) << out;
   // --device cuda trains where CUDA is built in and a GPU is present, else fails with one clear line.
   if (run_command(cli_path() + " train --config " + (d / "cfg.json") +
                       " --data parity --device cuda --steps 1 --batch 2 --eval-examples 2 --out " + (d / "y"),
@@ -248,7 +253,12 @@ TEST(LabCli, KillNineThenResumeMatchesUninterruptedRun) {
 TEST(LabCli, LabWritesReportResultsAndPlots) {
   TempDir d;
   std::string out;
-  ASSERT_EQ(run_command(cli_path() + " lab --preset smoke --layouts attention,gdn --steps 3 --out " + (d / "lab"), &out), 0)
+  ASSERT_EQ(run_command(cli_path() +
+                            " lab --preset smoke --layouts attention,gdn --steps 3 --lrs 0.001,0.003 "
+                            "--neg-eigval --out " +
+                            (d / "lab"),
+                        &out),
+            0)
       << out;
   const auto results = nlohmann::json::parse(read_file(d / "lab/results.json"));
   ASSERT_EQ(results.size(), 6u);  // 2 layouts x 3 pair counts
@@ -266,10 +276,20 @@ TEST(LabCli, LabWritesReportResultsAndPlots) {
   const std::string report = read_file(d / "lab/report.md");
   EXPECT_NE(report.find("| attention |"), std::string::npos) << report;
   EXPECT_NE(report.find("Pure linear layouts fall behind full attention"), std::string::npos);
+  EXPECT_NE(report.find("learning rates {0.001, 0.003}"), std::string::npos) << report;
+  EXPECT_NE(report.find("β ∈ [0, 2], negative eigenvalues"), std::string::npos) << report;
   for (const char* png : {"plots/mqar_s_accuracy.png", "plots/mqar_s_training.png"})
     EXPECT_EQ(read_file(d / (std::string("lab/") + png)).substr(1, 3), "PNG") << png;
   EXPECT_NE(run_command(cli_path() + " lab --layouts nosuch --out " + (d / "x"), &out), 0);
   EXPECT_NE(out.find("unknown layout 'nosuch'"), std::string::npos) << out;
+  EXPECT_NE(run_command(cli_path() + " lab --lrs 0.001,-1 --out " + (d / "x"), &out), 0);
+  EXPECT_NE(out.find("learning rate -1"), std::string::npos) << out;
+  EXPECT_FALSE(std::filesystem::exists(d / "x/results.json"));
+  // the lab's configs carry the flag to every delta-rule layer
+  const eval::LabSize size = eval::lab_preset("smoke").sizes[0];
+  for (bool neg : {false, true})
+    EXPECT_EQ(parse_model_spec(Config(eval::lab_model_config("kda-3:1", size, 8, neg), "lab")).beta_max,
+              neg ? 2.0f : 1.0f);
 }
 
 // The demo model shipped in the repository (trained by hla on Brown) loads and writes text, and

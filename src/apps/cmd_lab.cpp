@@ -7,6 +7,7 @@
 #include "apps/commands.h"
 #include "core/error.h"
 #include "eval/lab.h"
+#include "train/optim.h"
 
 namespace hla::cli {
 
@@ -25,6 +26,8 @@ void register_lab(CLI::App& app) {
   struct Options {
     std::string preset = "smoke", out, tasks, layouts;
     int64_t steps = 0, seeds = 0;
+    std::vector<double> lrs;
+    bool neg_eigval = false;
   };
   auto o = std::make_shared<Options>();
   cmd->add_option("--preset", o->preset, "smoke (minutes on 2 CPU cores) or standard")->default_val("smoke");
@@ -34,16 +37,23 @@ void register_lab(CLI::App& app) {
   cmd->add_option("--layouts", o->layouts, "comma-separated layouts instead of the preset's");
   cmd->add_option("--steps", o->steps, "training steps per run instead of the preset's");
   cmd->add_option("--seeds", o->seeds, "number of seeds instead of the preset's");
+  cmd->add_option("--lrs", o->lrs, "comma-separated learning rates to sweep instead of the preset's")->delimiter(',');
+  cmd->add_flag("--neg-eigval", o->neg_eigval,
+                "GDN/KDA layers with beta in [0, 2] (negative eigenvalues, which parity needs; Grazzi et al.)");
   cmd->callback([o] {
     eval::LabPreset p = eval::lab_preset(o->preset);
     if (!o->tasks.empty()) p.tasks = split(o->tasks);
     if (!o->layouts.empty()) p.layouts = split(o->layouts);
     if (o->steps > 0) p.steps = o->steps;
+    if (!o->lrs.empty()) p.lrs = o->lrs;
+    for (double lr : p.lrs) train::validate(train::OptimConfig{lr});  // before any training
+    p.neg_eigval = o->neg_eigval;
     if (o->seeds > 0) {
       p.seeds.clear();
       for (int64_t i = 0; i < o->seeds; ++i) p.seeds.push_back(uint64_t(i));
     }
-    for (auto& l : p.layouts) eval::lab_model_config(l, p.sizes[0], 8);  // unknown names fail before any training
+    for (auto& l : p.layouts)
+      eval::lab_model_config(l, p.sizes[0], 8, p.neg_eigval);  // unknown names fail before any training
     eval::run_lab(p, o->out);
   });
 }

@@ -23,7 +23,7 @@ void Device::delta_prep(const DeltaPrep& p, const DevBatch& b) {
   const int64_t T = b.tokens();
   causal_conv_silu(p.x, p.ldx, p.conv_w, p.y, p.C, p.kw, b, p.conv_pool);
   l2norm(p.y, p.C, T, p.l2_heads, p.head_dim);
-  sigmoid(p.b, p.ldb, p.beta, T, p.H);
+  sigmoid(p.b, p.ldb, p.beta, T, p.H, p.beta_max);
   gate_softplus(p.a, p.lda, p.A_log, p.dt_bias, p.g, T, p.H, p.gate_width);
 }
 

@@ -46,7 +46,7 @@ struct DevBatch {
 // The input side of a delta-rule layer (Gated DeltaNet, KDA) between its input projection and the
 // recurrence, for Device::delta_prep: y [T, C] = SiLU(causal conv(x)) (as causal_conv_silu), then
 // the first l2_heads heads of head_dim channels of y L2-normalised in place (q and k, as l2norm);
-// beta [T, H] = sigmoid(b) (b row stride ldb); g [T, H·gate_width] = −exp(A_log[h])·softplus(a +
+// beta [T, H] = beta_max·sigmoid(b) (b row stride ldb); g [T, H·gate_width] = −exp(A_log[h])·softplus(a +
 // dt_bias) (a row stride lda, as gate_softplus).
 struct DeltaPrep {
   const float* x;
@@ -58,6 +58,7 @@ struct DeltaPrep {
   int64_t l2_heads, head_dim;
   const float* b;
   int64_t ldb;
+  float beta_max;  // 1, or 2 for negative eigenvalues (ModelSpec::beta_max)
   float* beta;
   const float* a;
   int64_t lda;
@@ -184,8 +185,8 @@ class Device {
   // o [T, heads, dim] ⊙= sigmoid(gate), gate row (t, h) at gate + t·ld_gate + h·ld_gate_head.
   virtual void sigmoid_mul(float* o, const float* gate, int64_t ld_gate, int64_t ld_gate_head, int64_t T,
                            int64_t heads, int64_t dim) = 0;
-  // y [T, n] = sigmoid(x) (row stride ldx).
-  virtual void sigmoid(const float* x, int64_t ldx, float* y, int64_t T, int64_t n) = 0;
+  // y [T, n] = scale·sigmoid(x) (row stride ldx).
+  virtual void sigmoid(const float* x, int64_t ldx, float* y, int64_t T, int64_t n, float scale) = 0;
   // g [T, H·width] = −exp(A_log[h])·softplus(a + dt_bias) (a row stride lda), as gate_softplus_forward.
   virtual void gate_softplus(const float* a, int64_t lda, const float* A_log, const float* dt_bias, float* g,
                              int64_t T, int64_t H, int64_t width) = 0;

@@ -82,20 +82,34 @@ LabPreset lab_preset(const std::string& name) {
   return p;
 }
 
-nlohmann::json lab_model_config(const std::string& layout, const LabSize& s, int64_t vocab) {
+nlohmann::json lab_model_config(const std::string& layout, const LabSize& s, int64_t vocab, bool neg_eigval) {
   auto it = layout_patterns().find(layout);
   check(it != layout_patterns().end(), "unknown layout '" + layout +
                                            "' (attention, kda-3:1, gdn-3:1, kda-7:1, lightning-7:1, kda, gdn, sparse-3:1)");
   // a 7:1 ladder needs 8 layers even where the size has fewer
   const int64_t layers = std::max<int64_t>(s.layers, int64_t(it->second.size()));
-  return {{"model_type", "hla_hybrid"},   {"vocab_size", vocab},       {"hidden_size", s.hidden},
-          {"num_hidden_layers", layers},  {"layer_pattern", it->second}, {"intermediate_size", s.intermediate},
-          {"num_attention_heads", s.heads}, {"num_key_value_heads", s.heads}, {"head_dim", s.head_dim},
-          {"partial_rotary_factor", 1.0}, {"rope_theta", 10000.0},     {"sliding_window", 64},
-          {"index_n_heads", 2},           {"index_head_dim", 16},      {"index_topk", s.index_topk},
-          {"linear_num_value_heads", s.lin_heads}, {"linear_key_head_dim", s.lin_dim}, {"linear_conv_kernel_dim", 4},
+  return {{"model_type", "hla_hybrid"},
+          {"vocab_size", vocab},
+          {"hidden_size", s.hidden},
+          {"num_hidden_layers", layers},
+          {"layer_pattern", it->second},
+          {"intermediate_size", s.intermediate},
+          {"num_attention_heads", s.heads},
+          {"num_key_value_heads", s.heads},
+          {"head_dim", s.head_dim},
+          {"partial_rotary_factor", 1.0},
+          {"rope_theta", 10000.0},
+          {"sliding_window", 64},
+          {"index_n_heads", 2},
+          {"index_head_dim", 16},
+          {"index_topk", s.index_topk},
+          {"linear_num_value_heads", s.lin_heads},
+          {"linear_key_head_dim", s.lin_dim},
+          {"linear_conv_kernel_dim", 4},
           {"attention_conv_kernel_dim", 4},  // every mixer gets the same short conv in front (Based, Zoology)
-          {"rms_norm_eps", 1e-6},         {"tie_word_embeddings", true}};
+          {"linear_allow_neg_eigval", neg_eigval},
+          {"rms_norm_eps", 1e-6},
+          {"tie_word_embeddings", true}};
 }
 
 void run_lab(const LabPreset& P, const std::string& out) {
@@ -135,7 +149,7 @@ void run_lab(const LabPreset& P, const std::string& out) {
           nlohmann::json best_curve;
           for (double lr : P.lrs) {
             const auto r0 = elapsed();
-            const nlohmann::json cfg = lab_model_config(layout, size, brown ? 256 : task->vocab);
+            const nlohmann::json cfg = lab_model_config(layout, size, brown ? 256 : task->vocab, P.neg_eigval);
             const ModelSpec spec = parse_model_spec(Config(cfg, "lab config"));
             std::map<std::string, Tensor> init;
             Model::random(spec, seed, &init);
@@ -229,10 +243,12 @@ void run_lab(const LabPreset& P, const std::string& out) {
   md << "}; " << P.eval_examples << " held-out test examples per difficulty (fixed seeds, never trained on). "
      << "Cells: mean ± sample std over seeds (— with one seed).\n\nModel sizes:\n\n";
   for (const LabSize& s : P.sizes)
-    md << "- `" << s.name << "`: hidden " << s.hidden << ", " << s.layers << " layers (8 for the 7:1 layouts), attention "
-       << s.heads << "×" << s.head_dim << " (RoPE; a short conv of 4 in front, as every linear layer has), linear " << s.lin_heads << " heads × " << s.lin_dim
-       << " (state " << s.lin_heads * s.lin_dim * s.lin_dim << " floats per layer), SwiGLU " << s.intermediate
-       << ", DSA top-k " << s.index_topk << " (indexer 2×16, dense warm-up 10% of steps)\n";
+    md << "- `" << s.name << "`: hidden " << s.hidden << ", " << s.layers
+       << " layers (8 for the 7:1 layouts), attention " << s.heads << "×" << s.head_dim
+       << " (RoPE; a short conv of 4 in front, as every linear layer has), linear " << s.lin_heads << " heads × "
+       << s.lin_dim << " (state " << s.lin_heads * s.lin_dim * s.lin_dim << " floats per layer; GDN/KDA β "
+       << (P.neg_eigval ? "∈ [0, 2], negative eigenvalues, `--neg-eigval`" : "∈ [0, 1] as released") << "), SwiGLU "
+       << s.intermediate << ", DSA top-k " << s.index_topk << " (indexer 2×16, dense warm-up 10% of steps)\n";
   md << "\nLayouts (layer pattern repeated over the layers; K kda, G gdn, L lightning, A attention, S DSA-sparse attention):\n\n";
   for (const std::string& l : P.layouts) md << "- `" << l << "`: `" << layout_patterns().at(l) << "`\n";
   for (auto& [tname, by_layout] : values) {
@@ -325,7 +341,10 @@ void run_lab(const LabPreset& P, const std::string& out) {
       per += std::string(" ") + t + ": kda " + num(k) + ", attention " + num(a) + ";";
     }
     claim("Linear layers beat attention on state tracking (parity, S5 beyond the training length)", n > 0, lin > att,
-          per.empty() ? "" : per.substr(1));
+          per.empty() ? ""
+                      : per.substr(1) + (P.neg_eigval ? " (β ∈ [0, 2])"
+                                                      : " (β ∈ [0, 1]: parity needs negative eigenvalues, "
+                                                        "`--neg-eigval`)"));
   }
   {
     const double sp = mean_of("mqar", "sparse-3:1", sz, all), dn = mean_of("mqar", "kda-3:1", sz, all);

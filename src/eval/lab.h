@@ -23,11 +23,13 @@ struct LabPreset {
   std::vector<uint64_t> seeds;
   std::vector<double> lrs;           // the best (by mean test accuracy / lowest perplexity) is reported
   int64_t steps = 0, batch = 0, eval_examples = 0, brown_len = 128;
+  bool neg_eigval = false;  // delta-rule layers with beta in [0, 2] (linear_allow_neg_eigval)
 };
 
 LabPreset lab_preset(const std::string& name);  // smoke | standard
-// The model config of `layout` at `size` for a task with `vocab` tokens.
-nlohmann::json lab_model_config(const std::string& layout, const LabSize& size, int64_t vocab);
+// The model config of `layout` at `size` for a task with `vocab` tokens; neg_eigval sets
+// linear_allow_neg_eigval.
+nlohmann::json lab_model_config(const std::string& layout, const LabSize& size, int64_t vocab, bool neg_eigval);
 
 // Runs the preset (only the listed tasks/layouts when given) and writes OUT/report.md,
 // OUT/results.json, OUT/curves.json, OUT/plots/*.png. Progress goes to stderr.

@@ -119,8 +119,8 @@ class GatedDeltaNet : public Mixer {
       linear(x, in_b_.f32(), bb.data(), T, D, nv);
       linear(x, in_a_.f32(), a.data(), T, D, nv);
     }
-    // beta = sigmoid(b); g = -exp(A_log) · softplus(a + dt_bias), in place
-    beta_sigmoid_forward(bb.data(), bb.data(), T * nv);
+    // beta = beta_max · sigmoid(b); g = -exp(A_log) · softplus(a + dt_bias), in place
+    beta_sigmoid_forward(bb.data(), bb.data(), T * nv, s_.beta_max);
     gate_softplus_forward(a.data(), A_log_.f32(), dt_bias_.f32(), a.data(), T, nv, int64_t(1));
     auto o = buffer(T * nv * dv);
     for (int64_t i = 0; i < b.num_seqs(); ++i) {
@@ -158,7 +158,7 @@ class GatedDeltaNet : public Mixer {
     dev.linear(x, D, dev_.in, qkvz, T);
     DeltaPrep p{};
     p.x = qkvz, p.ldx = W, p.conv_w = dev_.conv;
-    p.b = ba, p.ldb = W, p.beta = dev.scratch(T * nv);  // beta = sigmoid(b)
+    p.b = ba, p.ldb = W, p.beta_max = s_.beta_max, p.beta = dev.scratch(T * nv);
     p.a = ba + nv, p.lda = W, p.A_log = dev_.A_log, p.dt_bias = dev_.dt_bias, p.g = dev.scratch(T * nv);
     p.gate_width = 1;
     float* o = dev.scratch(T * nv * dv);
@@ -224,7 +224,7 @@ class KimiDeltaAttention : public Mixer {
     gate_softplus_forward(g.data(), A_log_.f32(), dt_bias_.f32(), g.data(), T, H, dk);
     auto beta = buffer(T * H);
     linear(x, b_.f32(), beta.data(), T, D, H);
-    beta_sigmoid_forward(beta.data(), beta.data(), T * H);
+    beta_sigmoid_forward(beta.data(), beta.data(), T * H, s_.beta_max);
     auto o = buffer(T * HK);
     for (int64_t i = 0; i < b.num_seqs(); ++i) {
       const int64_t t0 = b.cu_seqlens[size_t(i)];
@@ -262,7 +262,7 @@ class KimiDeltaAttention : public Mixer {
     dev.linear(lo, W, dev_.f_b, graw, T);
     DeltaPrep p{};
     p.x = in, p.ldx = W, p.conv_w = dev_.conv;
-    p.b = lo + 2 * dk, p.ldb = W, p.beta = dev.scratch(T * H);
+    p.b = lo + 2 * dk, p.ldb = W, p.beta_max = s_.beta_max, p.beta = dev.scratch(T * H);
     p.a = graw, p.lda = HK, p.A_log = dev_.A_log, p.dt_bias = dev_.dt_bias, p.g = dev.scratch(T * HK);
     p.gate_width = dk;
     float* o = dev.scratch(T * HK);
@@ -774,7 +774,7 @@ class MoeFfn : public Ffn {
       if (s_.shared_gate) {
         gate = dev.scratch(T);
         dev.linear(x, D, shared_gate_d_, gate, T);
-        dev.sigmoid(gate, 1, gate, T, 1);
+        dev.sigmoid(gate, 1, gate, T, 1, 1.0f);
       }
     }
     dev.moe(experts_d_, x, logits, shared, gate, out, T);

@@ -332,6 +332,7 @@ void parse_hybrid(const Config& c, ModelSpec& s) {
     s.lin_dk = positive(c, "linear_key_head_dim");
     s.lin_dv = positive(c, "linear_value_head_dim", s.lin_dk);
     s.conv_kernel = positive(c, "linear_conv_kernel_dim", 4);
+    s.beta_max = c.get_bool("linear_allow_neg_eigval", false) ? 2.0f : 1.0f;
     check(s.lin_nv % s.lin_nk == 0, c.field_error("linear_num_value_heads", "must be a multiple of linear_num_key_heads"));
     // KDA and lightning use lin_nv heads with key and value dims lin_dk (square state).
     check(!any({MixerKind::KimiDeltaAttention, MixerKind::Lightning}) || (s.lin_nk == s.lin_nv && s.lin_dk == s.lin_dv),

@@ -45,6 +45,10 @@ struct ModelSpec {
   int64_t intermediate = 0;
   // delta-rule layers (GDN: nk key heads, nv value heads; KDA: nk = nv)
   int64_t lin_nk = 0, lin_nv = 0, lin_dk = 0, lin_dv = 0, conv_kernel = 0;
+  // beta = beta_max·sigmoid(b). hla_hybrid's `linear_allow_neg_eigval` makes it 2: the transition
+  // I − beta·k·kᵀ then has eigenvalues in [−1, 1], which parity and other state tracking need
+  // (Grazzi et al., arXiv 2411.12537); the released architectures use 1.
+  float beta_max = 1.0f;
   // softmax attention
   int64_t n_heads = 0, n_kv_heads = 0, head_dim = 0;
   RopeSpec rope;

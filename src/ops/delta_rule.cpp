@@ -256,15 +256,15 @@ T softplus(T x) {
 }  // namespace
 
 template <class T>
-void beta_sigmoid_forward(const T* b, T* beta, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) beta[i] = sigmoid(b[i]);
+void beta_sigmoid_forward(const T* b, T* beta, int64_t n, T beta_max) {
+  for (int64_t i = 0; i < n; ++i) beta[i] = beta_max * sigmoid(b[i]);
 }
 
 template <class T>
-void beta_sigmoid_backward(const T* b, const T* dbeta, T* db, int64_t n) {
+void beta_sigmoid_backward(const T* b, const T* dbeta, T* db, int64_t n, T beta_max) {
   for (int64_t i = 0; i < n; ++i) {
     const T s = sigmoid(b[i]);
-    db[i] = dbeta[i] * s * (T(1) - s);
+    db[i] = dbeta[i] * beta_max * s * (T(1) - s);
   }
 }
 
@@ -333,26 +333,25 @@ void gate_lowerbound_backward(const T* a, const T* A_log, const T* dt_bias, T lo
     }
 }
 
-#define HLA_DELTA_RULE_INSTANTIATE(T)                                                                            \
-  template void delta_rule_recurrent<T>(const DeltaRuleDims&, const T*, const T*, const T*, const T*, const T*, T, \
-                                        T*, T*);                                                                 \
-  template void delta_rule_forward<T>(const DeltaRuleDims&, const T*, const T*, const T*, const T*, const T*, T,   \
-                                      T*, T*, DeltaMode);                                                        \
-  template void delta_rule_backward_recurrent<T>(const DeltaRuleDims&, const T*, const T*, const T*, const T*,     \
-                                                 const T*, T, const T*, const T*, const T*, T*, T*, T*, T*, T*,  \
-                                                 T*);                                                            \
-  template void delta_rule_backward<T>(const DeltaRuleDims&, const T*, const T*, const T*, const T*, const T*, T,  \
-                                       const T*, const T*, const T*, T*, T*, T*, T*, T*, T*, DeltaMode);         \
-  template void l2norm_forward<T>(const T*, T*, int64_t, int64_t, T);                                            \
-  template void l2norm_backward<T>(const T*, const T*, T*, int64_t, int64_t, T);                                 \
-  template void beta_sigmoid_forward<T>(const T*, T*, int64_t);                                                  \
-  template void beta_sigmoid_backward<T>(const T*, const T*, T*, int64_t);                                       \
-  template void gate_softplus_forward<T>(const T*, const T*, const T*, T*, int64_t, int64_t, int64_t);           \
-  template void gate_softplus_backward<T>(const T*, const T*, const T*, const T*, T*, T*, T*, int64_t, int64_t,  \
-                                          int64_t);                                                              \
-  template void gate_lowerbound_forward<T>(const T*, const T*, const T*, T, T*, int64_t, int64_t, int64_t);      \
-  template void gate_lowerbound_backward<T>(const T*, const T*, const T*, T, const T*, T*, T*, T*, int64_t,      \
-                                            int64_t, int64_t);
+#define HLA_DELTA_RULE_INSTANTIATE(T)                                                                                  \
+  template void delta_rule_recurrent<T>(const DeltaRuleDims&, const T*, const T*, const T*, const T*, const T*, T, T*, \
+                                        T*);                                                                           \
+  template void delta_rule_forward<T>(const DeltaRuleDims&, const T*, const T*, const T*, const T*, const T*, T, T*,   \
+                                      T*, DeltaMode);                                                                  \
+  template void delta_rule_backward_recurrent<T>(const DeltaRuleDims&, const T*, const T*, const T*, const T*,         \
+                                                 const T*, T, const T*, const T*, const T*, T*, T*, T*, T*, T*, T*);   \
+  template void delta_rule_backward<T>(const DeltaRuleDims&, const T*, const T*, const T*, const T*, const T*, T,      \
+                                       const T*, const T*, const T*, T*, T*, T*, T*, T*, T*, DeltaMode);               \
+  template void l2norm_forward<T>(const T*, T*, int64_t, int64_t, T);                                                  \
+  template void l2norm_backward<T>(const T*, const T*, T*, int64_t, int64_t, T);                                       \
+  template void beta_sigmoid_forward<T>(const T*, T*, int64_t, T);                                                     \
+  template void beta_sigmoid_backward<T>(const T*, const T*, T*, int64_t, T);                                          \
+  template void gate_softplus_forward<T>(const T*, const T*, const T*, T*, int64_t, int64_t, int64_t);                 \
+  template void gate_softplus_backward<T>(const T*, const T*, const T*, const T*, T*, T*, T*, int64_t, int64_t,        \
+                                          int64_t);                                                                    \
+  template void gate_lowerbound_forward<T>(const T*, const T*, const T*, T, T*, int64_t, int64_t, int64_t);            \
+  template void gate_lowerbound_backward<T>(const T*, const T*, const T*, T, const T*, T*, T*, T*, int64_t, int64_t,   \
+                                            int64_t);
 HLA_DELTA_RULE_INSTANTIATE(float)
 HLA_DELTA_RULE_INSTANTIATE(double)
 #undef HLA_DELTA_RULE_INSTANTIATE

@@ -79,11 +79,11 @@ void l2norm_forward(const T* x, T* y, int64_t rows, int64_t dim, T eps = T(1e-6)
 template <class T>
 void l2norm_backward(const T* x, const T* dy, T* dx, int64_t rows, int64_t dim, T eps = T(1e-6));
 
-// beta = sigmoid(b), elementwise over n values.
+// beta = beta_max·sigmoid(b), elementwise over n values (beta_max 1, or 2 for negative eigenvalues).
 template <class T>
-void beta_sigmoid_forward(const T* b, T* beta, int64_t n);
+void beta_sigmoid_forward(const T* b, T* beta, int64_t n, T beta_max);
 template <class T>
-void beta_sigmoid_backward(const T* b, const T* dbeta, T* db, int64_t n);
+void beta_sigmoid_backward(const T* b, const T* dbeta, T* db, int64_t n, T beta_max);
 
 // Gate activations over a [tokens, HV, width] pre-activation `a` (width 1 for GDN, K for KDA's
 // per-key gate), A_log [HV], dt_bias [HV·width] (nullptr = none):

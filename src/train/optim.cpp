@@ -6,6 +6,15 @@
 
 namespace hla::train {
 
+void validate(const OptimConfig& c) {
+  auto num = [](double v) { return std::to_string(v); };
+  check(std::isfinite(c.lr) && c.lr > 0, "learning rate " + num(c.lr) + " is not a positive number");
+  check(std::isfinite(c.weight_decay) && c.weight_decay >= 0, "weight decay " + num(c.weight_decay) + " is negative");
+  check(std::isfinite(c.clip) && c.clip >= 0, "gradient clip " + num(c.clip) + " is negative (0 turns it off)");
+}
+
+AdamW::AdamW(const OptimConfig& c) : c_(c) { validate(c); }
+
 double lr_at(const OptimConfig& c, int64_t step) {
   if (step < c.warmup) return c.lr * double(step + 1) / double(c.warmup);
   const double span = double(std::max<int64_t>(1, c.total - c.warmup));

@@ -17,12 +17,15 @@ struct OptimConfig {
   int64_t warmup = 0, total = 1;  // steps
 };
 
+// A one-line error for a learning rate, weight decay or clip out of range.
+void validate(const OptimConfig& c);
+
 // Learning rate at optimizer step `step` (0-based): linear warmup over `warmup` steps, then cosine.
 double lr_at(const OptimConfig& c, int64_t step);
 
 class AdamW {
  public:
-  explicit AdamW(const OptimConfig& c) : c_(c) {}
+  explicit AdamW(const OptimConfig& c);  // validates c
   // One update from the accumulated gradients (already averaged); clips their global norm to
   // c.clip first. Returns the norm before clipping.
   double step(const std::vector<Param<float>*>& params);

@@ -170,19 +170,19 @@ struct DeltaCore {
 };
 
 // Gated DeltaNet, Qwen3.5 flat layout (`linear_attn.*`): in_proj_qkv -> conv over [q|k|v] ->
-// delta rule with g = −exp(A_log)·softplus(a + dt_bias), beta = sigmoid(b) -> gated RMSNorm (SiLU
+// delta rule with g = −exp(A_log)·softplus(a + dt_bias), beta = beta_max·sigmoid(b) -> gated RMSNorm (SiLU
 // of z) -> out_proj.
 template <class T>
 struct Gdn : Base<T> {
   int64_t D, nk, nv, dk, dv, kw, C;
-  T eps;
+  T eps, beta_max;
   Linear<T> qkv, zp, bp, ap, out;
   Param<T>*conv, *A_log, *dt_bias, *norm;
   DeltaCore<T> core;
   Vec<T> x, mixed, pre, act, z, bl, a, yn;
   Gdn(Binder<T>& b, const ModelSpec& s, const std::string& pre_) {
     D = s.hidden, nk = s.lin_nk, nv = s.lin_nv, dk = s.lin_dk, dv = s.lin_dv, kw = s.conv_kernel;
-    C = 2 * nk * dk + nv * dv, eps = T(s.norm_eps);
+    C = 2 * nk * dk + nv * dv, eps = T(s.norm_eps), beta_max = T(s.beta_max);
     qkv.bind(b, pre_ + "in_proj_qkv.weight", D, C);
     zp.bind(b, pre_ + "in_proj_z.weight", D, nv * dv);
     bp.bind(b, pre_ + "in_proj_b.weight", D, nv);
@@ -210,7 +210,7 @@ struct Gdn : Base<T> {
     cols(act.data(), core.kr.data(), N, C, nk * dk, nk * dk, false);
     cols(act.data(), core.v.data(), N, C, 2 * nk * dk, nv * dv, false);
     core.beta = zeros<T>(N * nv), core.g = zeros<T>(N * nv);
-    beta_sigmoid_forward<T>(bl.data(), core.beta.data(), N * nv);
+    beta_sigmoid_forward<T>(bl.data(), core.beta.data(), N * nv, beta_max);
     gate_softplus_forward<T>(a.data(), A_log->w.data(), dt_bias->w.data(), core.g.data(), N, nv, 1);
     core.forward(c);
     yn = zeros<T>(N * nv * dv);
@@ -226,7 +226,7 @@ struct Gdn : Base<T> {
     Vec<T> dqr, dkr, dv_, dg, dbeta;
     core.backward(dout.data(), dqr, dkr, dv_, dg, dbeta, c);
     Vec<T> dbl = zeros<T>(N * nv), da = zeros<T>(N * nv), dA = zeros<T>(nv), ddt = zeros<T>(nv);
-    beta_sigmoid_backward<T>(bl.data(), dbeta.data(), dbl.data(), N * nv);
+    beta_sigmoid_backward<T>(bl.data(), dbeta.data(), dbl.data(), N * nv, beta_max);
     gate_softplus_backward<T>(a.data(), A_log->w.data(), dt_bias->w.data(), dg.data(), da.data(), dA.data(), ddt.data(),
                               N, nv, 1);
     add(A_log->g.data(), dA.data(), nv);
@@ -248,13 +248,14 @@ struct Gdn : Base<T> {
 template <class T>
 struct Kda : Base<T> {
   int64_t D, H, dk, HK, kw;
-  T eps;
+  T eps, beta_max;
   Linear<T> qp, kp, vp, fa, fb, bp, ga, gb, out;
   Param<T>*cq, *ck, *cv, *A_log, *dt_bias, *onorm;
   DeltaCore<T> core;
   Vec<T> x, qm, km, vm, pq, pk, pv, flo, f, bl, glo, og, yn;
   Kda(Binder<T>& b, const ModelSpec& s, const std::string& p) {
-    D = s.hidden, H = s.lin_nv, dk = s.lin_dk, HK = H * dk, kw = s.conv_kernel, eps = T(s.norm_eps);
+    D = s.hidden, H = s.lin_nv, dk = s.lin_dk, HK = H * dk, kw = s.conv_kernel, eps = T(s.norm_eps),
+    beta_max = T(s.beta_max);
     qp.bind(b, p + "q_proj.weight", D, HK);
     kp.bind(b, p + "k_proj.weight", D, HK);
     vp.bind(b, p + "v_proj.weight", D, HK);
@@ -289,7 +290,7 @@ struct Kda : Base<T> {
     core.g = zeros<T>(N * HK), core.beta = zeros<T>(N * H);
     gate_softplus_forward<T>(f.data(), A_log->w.data(), dt_bias->w.data(), core.g.data(), N, H, dk);
     bp.fwd(x_, bl.data(), N);
-    beta_sigmoid_forward<T>(bl.data(), core.beta.data(), N * H);
+    beta_sigmoid_forward<T>(bl.data(), core.beta.data(), N * H, beta_max);
     core.forward(c);
     glo = zeros<T>(N * dk), og = zeros<T>(N * HK), yn = zeros<T>(N * HK);
     ga.fwd(x_, glo.data(), N);
@@ -308,7 +309,7 @@ struct Kda : Base<T> {
     Vec<T> dqr, dkr, dv, dg, dbeta;
     core.backward(dout.data(), dqr, dkr, dv, dg, dbeta, c);
     Vec<T> dbl = zeros<T>(N * H), df = zeros<T>(N * HK), dA = zeros<T>(H), ddt = zeros<T>(HK);
-    beta_sigmoid_backward<T>(bl.data(), dbeta.data(), dbl.data(), N * H);
+    beta_sigmoid_backward<T>(bl.data(), dbeta.data(), dbl.data(), N * H, beta_max);
     bp.bwd(x.data(), dbl.data(), dx, N, true);
     gate_softplus_backward<T>(f.data(), A_log->w.data(), dt_bias->w.data(), dg.data(), df.data(), dA.data(), ddt.data(),
                               N, H, dk);

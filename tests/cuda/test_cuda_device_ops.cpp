@@ -150,13 +150,15 @@ TEST(CudaDeviceOps, SwigluMlpMatchesCpuDevice) {
 }
 
 // Three decode steps of a Gated DeltaNet-shaped (scalar gate, grouped value heads) and a KDA-shaped
-// (per-key gate, head dim 64) layer over sequences in slots 2, 0 and 5: the conv state carries over.
+// (per-key gate, head dim 64, beta in [0, 2]) layer over sequences in slots 2, 0 and 5: the conv state
+// carries over.
 TEST(CudaDeviceOps, DeltaPrepMatchesCpuDeviceOverDecodeSteps) {
   HLA_REQUIRE_GPU();
   struct Case {
     int64_t nk, nv, dk, gate_width;
+    float beta_max;
   };
-  for (const Case c : {Case{2, 4, 128, 1}, Case{3, 3, 64, 64}}) {
+  for (const Case c : {Case{2, 4, 128, 1, 1.0f}, Case{3, 3, 64, 64, 2.0f}}) {
     const int64_t C = 2 * c.nk * c.dk + c.nv * c.dk, kw = 4, N = 3, ldx = C + 2 * c.nv + 4, G = c.nv * c.gate_width;
     std::mt19937 rng(7);
     const Tensor conv_w = vector_tensor(random_vector(C * kw, rng)), A_log = vector_tensor(random_vector(c.nv, rng));
@@ -174,7 +176,7 @@ TEST(CudaDeviceOps, DeltaPrepMatchesCpuDeviceOverDecodeSteps) {
         p.x = dev.upload_f32(xs[size_t(step)]), p.ldx = ldx, p.conv_w = w, p.C = C, p.kw = kw;
         p.conv_pool = dev.cache_pool(0, CachePart::Conv, C * (kw - 1)), p.y = dev.scratch(N * C);
         p.l2_heads = 2 * c.nk, p.head_dim = c.dk;
-        p.b = p.x + C, p.ldb = ldx, p.beta = dev.scratch(N * c.nv);
+        p.b = p.x + C, p.ldb = ldx, p.beta_max = c.beta_max, p.beta = dev.scratch(N * c.nv);
         p.a = dev.upload_f32(as[size_t(step)]), p.lda = G, p.A_log = al, p.dt_bias = dt, p.g = dev.scratch(N * G);
         p.H = c.nv, p.gate_width = c.gate_width;
         dev.delta_prep(p, b);

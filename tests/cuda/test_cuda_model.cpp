@@ -82,15 +82,27 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, CudaModel, ::testing::Values("qwen3_next", "q
 // K = V = 64 linear heads (chunk + decode kernels), head dim 64 attention (flash in bf16), windowed
 // and DSA layers, over 300 tokens (chunks of 64, an odd tail; KV rows grow past 256 while decoding). Without the DSA layer every
 // decode step after the second replays a CUDA graph.
-std::unique_ptr<Model> fast_shape_hybrid(const std::string& pattern) {
-  const nlohmann::json j = {
-      {"model_type", "hla_hybrid"}, {"vocab_size", 97},         {"hidden_size", 128},
-      {"num_hidden_layers", int64_t(pattern.size())}, {"layer_pattern", pattern}, {"intermediate_size", 160},
-      {"num_attention_heads", 4},
-      {"num_key_value_heads", 2},   {"head_dim", 64},           {"partial_rotary_factor", 0.5},
-      {"sliding_window", 40},       {"index_n_heads", 2},       {"index_head_dim", 16}, {"index_topk", 24},
-      {"linear_num_key_heads", 2},  {"linear_num_value_heads", 2}, {"linear_key_head_dim", 64},
-      {"linear_value_head_dim", 64}, {"linear_conv_kernel_dim", 4}};
+std::unique_ptr<Model> fast_shape_hybrid(const std::string& pattern, bool neg_eigval = false) {
+  const nlohmann::json j = {{"linear_allow_neg_eigval", neg_eigval},
+                            {"model_type", "hla_hybrid"},
+                            {"vocab_size", 97},
+                            {"hidden_size", 128},
+                            {"num_hidden_layers", int64_t(pattern.size())},
+                            {"layer_pattern", pattern},
+                            {"intermediate_size", 160},
+                            {"num_attention_heads", 4},
+                            {"num_key_value_heads", 2},
+                            {"head_dim", 64},
+                            {"partial_rotary_factor", 0.5},
+                            {"sliding_window", 40},
+                            {"index_n_heads", 2},
+                            {"index_head_dim", 16},
+                            {"index_topk", 24},
+                            {"linear_num_key_heads", 2},
+                            {"linear_num_value_heads", 2},
+                            {"linear_key_head_dim", 64},
+                            {"linear_value_head_dim", 64},
+                            {"linear_conv_kernel_dim", 4}};
   return Model::random(parse_model_spec(Config(j, "test-config.json")), 3, nullptr);
 }
 
@@ -109,5 +121,12 @@ TEST_P(CudaModelFastShapes, Bf16WithinTwicePlainBf16) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Hybrid, CudaModelFastShapes, ::testing::Values("KGAWS", "KGAW"));
+
+// beta in [0, 2] through the prefill prep (sigmoid scale) and the fused decode prep kernel.
+TEST(CudaModel, NegativeEigenvaluesFp32MatchesCpu) {
+  HLA_REQUIRE_GPU();
+  auto m = fast_shape_hybrid("KGA", true);
+  expect_fp32_matches_cpu(*m, 300, 7, "hybrid KGA, neg eigval");
+}
 
 }  // namespace

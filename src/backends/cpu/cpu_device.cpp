@@ -192,8 +192,8 @@ void CpuDevice::sigmoid_mul(float* o, const float* gate, int64_t ld_gate, int64_
       for (int64_t i = 0; i < dim; ++i) o[(t * heads + h) * dim + i] *= cpu::sigmoid(gate[t * ld_gate + h * ld_gate_head + i]);
 }
 
-void CpuDevice::sigmoid(const float* x, int64_t ldx, float* y, int64_t T, int64_t n) {
-  for (int64_t t = 0; t < T; ++t) beta_sigmoid_forward(x + t * ldx, y + t * n, n);
+void CpuDevice::sigmoid(const float* x, int64_t ldx, float* y, int64_t T, int64_t n, float scale) {
+  for (int64_t t = 0; t < T; ++t) beta_sigmoid_forward(x + t * ldx, y + t * n, n, scale);
 }
 
 void CpuDevice::gate_softplus(const float* a, int64_t lda, const float* A_log, const float* dt_bias, float* g,

@@ -279,9 +279,9 @@ __global__ void sigmoid_mul_kernel(float* o, const float* gate, int64_t ld_gate,
   }
 }
 
-__global__ void sigmoid_kernel(const float* x, int64_t ldx, float* y, int64_t T, int64_t n) {
+__global__ void sigmoid_kernel(const float* x, int64_t ldx, float* y, int64_t T, int64_t n, float scale) {
   pdl_begin();
-  GRID_STRIDE(i, T * n) y[i] = sigmoidf(x[(i / n) * ldx + i % n]);
+  GRID_STRIDE(i, T * n) y[i] = scale * sigmoidf(x[(i / n) * ldx + i % n]);
 }
 
 // Gate value j of a token (head j / width): −exp(A_log)·softplus(a + dt_bias), as gate_softplus_forward.
@@ -462,7 +462,7 @@ __global__ void delta_prep_decode_kernel(DeltaPrep p, const int32_t* slots, int6
     } else if ((j -= plain_tasks) < beta_tasks) {
       for (int r = 0; r < 4; ++r) {
         const int64_t h = j * 128 + lane + 32 * r;
-        if (h < p.H) p.beta[s * p.H + h] = sigmoidf(p.b[s * p.ldb + h]);
+        if (h < p.H) p.beta[s * p.H + h] = p.beta_max * sigmoidf(p.b[s * p.ldb + h]);
       }
     } else {
       j -= beta_tasks;
@@ -1337,10 +1337,10 @@ class CudaDevice : public Device {
              T, heads, dim);
     });
   }
-  void sigmoid(const float* x, int64_t ldx, float* y, int64_t T, int64_t n) override {
+  void sigmoid(const float* x, int64_t ldx, float* y, int64_t T, int64_t n, float scale) override {
     const OpScope op(*this, "sigmoid");
     if (op.skip) return;
-    launch(sigmoid_kernel, grid_for(T * n), kThreads, x, ldx, y, T, n);
+    launch(sigmoid_kernel, grid_for(T * n), kThreads, x, ldx, y, T, n, scale);
   }
   void gate_softplus(const float* a, int64_t lda, const float* A_log, const float* dt_bias, float* g, int64_t T,
                      int64_t H, int64_t width) override {
