@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <sstream>
 #include <string>
@@ -73,6 +74,33 @@ inline int run_command(const std::string& cmd, std::string* out = nullptr) {
   int rc = std::system((cmd + " >" + log + " 2>&1").c_str());
   if (out) *out = read_file(log);
   return WIFEXITED(rc) ? WEXITSTATUS(rc) : 128;
+}
+
+// A tiny hla_hybrid config over `pattern` (K kda, G gdn, L lightning, A attention, W sliding, S sparse).
+// attn_conv: the attention layers' short conv kernel (0 = plain attention).
+// neg_eigval: the delta-rule layers' beta in [0, 2].
+inline nlohmann::json tiny_hybrid_config(const std::string& pattern, bool tie = true, int64_t attn_conv = 0,
+                                         bool neg_eigval = false) {
+  return {{"linear_allow_neg_eigval", neg_eigval},
+          {"attention_conv_kernel_dim", attn_conv},
+          {"model_type", "hla_hybrid"},
+          {"vocab_size", 23},
+          {"hidden_size", 16},
+          {"num_hidden_layers", int64_t(pattern.size())},
+          {"layer_pattern", pattern},
+          {"intermediate_size", 24},
+          {"num_attention_heads", 4},
+          {"num_key_value_heads", 2},
+          {"head_dim", 6},
+          {"partial_rotary_factor", 0.67},
+          {"sliding_window", 3},
+          {"index_n_heads", 2},
+          {"index_head_dim", 4},
+          {"index_topk", 4},
+          {"linear_num_value_heads", 2},
+          {"linear_key_head_dim", 4},
+          {"linear_conv_kernel_dim", 3},
+          {"tie_word_embeddings", tie}};
 }
 
 }  // namespace hla

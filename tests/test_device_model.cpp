@@ -149,25 +149,7 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, DeviceWiring,
 
 TEST(DeviceWiring, HybridLayersEqualCpuForward) {
   for (bool neg_eigval : {false, true}) {
-    const nlohmann::json j = {{"linear_allow_neg_eigval", neg_eigval},
-                              {"model_type", "hla_hybrid"},
-                              {"vocab_size", 37},
-                              {"hidden_size", 16},
-                              {"num_hidden_layers", 5},
-                              {"layer_pattern", "KGAWS"},
-                              {"intermediate_size", 24},
-                              {"num_attention_heads", 4},
-                              {"num_key_value_heads", 2},
-                              {"head_dim", 6},
-                              {"partial_rotary_factor", 0.67},
-                              {"sliding_window", 3},
-                              {"index_n_heads", 2},
-                              {"index_head_dim", 4},
-                              {"index_topk", 4},
-                              {"linear_num_value_heads", 2},
-                              {"linear_key_head_dim", 4},
-                              {"linear_conv_kernel_dim", 3},
-                              {"attention_conv_kernel_dim", 3}};
+    const nlohmann::json j = tiny_hybrid_config("KGAWS", false, 3, neg_eigval);
     const ModelSpec s = parse_model_spec(Config(j, "test-config.json"));
     auto m = Model::random(s, 11, nullptr);
     cpu::CpuDevice dev(3);

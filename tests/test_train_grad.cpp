@@ -16,32 +16,6 @@ using namespace hla::train;
 
 namespace {
 
-// A tiny hla_hybrid config over `pattern` (K kda, G gdn, L lightning, A attention, W sliding, S sparse).
-// attn_conv: the attention layers' short conv kernel (0 = plain attention).
-// neg_eigval: the delta-rule layers' beta in [0, 2].
-nlohmann::json tiny_config(const std::string& pattern, bool tie = true, int64_t attn_conv = 0,
-                           bool neg_eigval = false) {
-  return {{"linear_allow_neg_eigval", neg_eigval},
-          {"attention_conv_kernel_dim", attn_conv},
-          {"model_type", "hla_hybrid"},
-          {"vocab_size", 23},
-          {"hidden_size", 16},
-          {"num_hidden_layers", int64_t(pattern.size())},
-          {"layer_pattern", pattern},
-          {"intermediate_size", 24},
-          {"num_attention_heads", 4},
-          {"num_key_value_heads", 2},
-          {"head_dim", 6},
-          {"partial_rotary_factor", 0.67},
-          {"sliding_window", 3},
-          {"index_n_heads", 2},
-          {"index_head_dim", 4},
-          {"index_topk", 4},
-          {"linear_num_value_heads", 2},
-          {"linear_key_head_dim", 4},
-          {"linear_conv_kernel_dim", 3},
-          {"tie_word_embeddings", tie}};
-}
 ModelSpec spec_of(const nlohmann::json& j) { return parse_model_spec(Config(j, "test-config.json")); }
 
 Batch tiny_batch(int64_t vocab, const std::vector<int64_t>& lens, uint32_t seed) {
@@ -89,7 +63,7 @@ TEST(TrainModel, LogitsMatchInferenceModel) {
   };
   for (const auto& [pattern, conv, neg_eigval] : std::vector<Case>{
            {"KGLAWS", 0, false}, {"SA", 0, false}, {"WLAG", 0, false}, {"ASWK", 3, false}, {"KG", 0, true}}) {
-    const nlohmann::json cfg = tiny_config(pattern, pattern != "SA", conv, neg_eigval);
+    const nlohmann::json cfg = tiny_hybrid_config(pattern, pattern != "SA", conv, neg_eigval);
     const ModelSpec s = spec_of(cfg);
     auto tm = make_train<float>(s, random_weights(s, 3));
     Batch b = tiny_batch(s.vocab, {11, 7}, 5);
@@ -119,7 +93,8 @@ TEST(TrainModel, LogitsMatchInferenceModel) {
 // (LogitsMatchInferenceModel then holds the inference model to the same beta).
 TEST(TrainModel, NegativeEigenvaluesChangeTheDeltaLayers) {
   for (const std::string pattern : {"K", "G"}) {
-    const ModelSpec plain = spec_of(tiny_config(pattern)), neg = spec_of(tiny_config(pattern, true, 0, true));
+    const ModelSpec plain = spec_of(tiny_hybrid_config(pattern)),
+                    neg = spec_of(tiny_hybrid_config(pattern, true, 0, true));
     EXPECT_EQ(plain.beta_max, 1.0f);
     EXPECT_EQ(neg.beta_max, 2.0f);
     const auto w = random_weights(plain, 4);
@@ -133,7 +108,7 @@ TEST(TrainModel, NegativeEigenvaluesChangeTheDeltaLayers) {
 
 // Central differences in double: for each parameter tensor, up to `per_tensor` coordinates.
 void check_gradients(const std::string& pattern, bool tie, bool dense, int64_t attn_conv = 0, bool neg_eigval = false) {
-  const ModelSpec s = spec_of(tiny_config(pattern, tie, attn_conv, neg_eigval));
+  const ModelSpec s = spec_of(tiny_hybrid_config(pattern, tie, attn_conv, neg_eigval));
   auto w = random_weights(s, 11);
   auto m = make_train<double>(s, w);
   m->set_dense_attention(dense);
@@ -193,7 +168,7 @@ TEST(TrainGrad, DeltaLayersWithNegativeEigenvalues) { check_gradients("KG", true
 // last rows, and the attention layers' conv state) gives the logits of one full forward.
 TEST(TrainModel, HybridDecodeEqualsFullForward) {
   for (int64_t conv : {0, 3}) {
-    const nlohmann::json cfg = tiny_config("KGLAWS", true, conv);
+    const nlohmann::json cfg = tiny_hybrid_config("KGLAWS", true, conv);
     const ModelSpec s = spec_of(cfg);
     const auto w = random_weights(s, 21);
     TempDir dir;
