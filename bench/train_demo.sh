@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Re-trains the shipped demo model models/brown-hybrid: a 0.86M-parameter KDA 3:1 hybrid on the
 # Brown corpus as bytes (the byte-level tokenizer.json beside it maps byte b to id b).
-# Usage: benchmarks/scripts/train_demo.sh [BUILD_DIR]
+# Usage: bench/train_demo.sh [BUILD_DIR]
 set -euo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/.."
 BUILD=${1:-build}
 scripts/get-brown.sh
 OUT=$(mktemp -d)

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs `hla lab --preset smoke` and times it (the issue's bar: < 20 minutes on a 2-core CPU).
-# Usage: benchmarks/scripts/lab_smoke.sh [BUILD_DIR] [OUT_DIR]
+# Usage: bench/lab_smoke.sh [BUILD_DIR] [OUT_DIR]
 set -euo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/.."
 BUILD=${1:-build}
 OUT=${2:-out/lab-smoke}
 start=$(date +%s)
