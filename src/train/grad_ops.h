@@ -133,44 +133,51 @@ inline void layer_norm_bwd(const T* x, const T* w, const T* dy, T* dx, T* dw, T*
 
 // Depthwise causal conv + SiLU over the packed sequences (cu [N+1]), x [T,C], w [C,Kw] (tap Kw−1 is
 // the current token), zero history at each sequence start. pre [T,C] keeps the pre-activation.
+// Both passes walk blocks of kConvBlock channels row by row, so every access is contiguous within
+// a row and a block owns its dw rows (no reduction across threads).
+constexpr int64_t kConvBlock = 64;
 template <class T>
 inline void conv_fwd(const T* x, const T* w, T* pre, T* y, const std::vector<int64_t>& cu, int64_t C, int64_t Kw) {
   const int64_t N = int64_t(cu.size()) - 1;
 #pragma omp parallel for collapse(2) if (C * cu.back() > 32768)
   for (int64_t n = 0; n < N; ++n)
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t t = cu[size_t(n)]; t < cu[size_t(n + 1)]; ++t) {
-        T acc = 0;
-        for (int64_t j = 0; j < Kw; ++j) {
-          const int64_t src = t - (Kw - 1) + j;
-          if (src >= cu[size_t(n)]) acc += w[c * Kw + j] * x[src * C + c];
+    for (int64_t c0 = 0; c0 < C; c0 += kConvBlock)
+      for (int64_t t = cu[size_t(n)]; t < cu[size_t(n + 1)]; ++t)
+        for (int64_t c = c0; c < std::min(C, c0 + kConvBlock); ++c) {
+          T acc = 0;
+          for (int64_t j = 0; j < Kw; ++j) {
+            const int64_t src = t - (Kw - 1) + j;
+            if (src >= cu[size_t(n)]) acc += w[c * Kw + j] * x[src * C + c];
+          }
+          pre[t * C + c] = acc;
+          y[t * C + c] = silu(acc);
         }
-        pre[t * C + c] = acc;
-        y[t * C + c] = silu(acc);
-      }
 }
 // dx overwritten, dw accumulated.
 template <class T>
 inline void conv_bwd(const T* x, const T* w, const T* pre, const T* dy, T* dx, T* dw, const std::vector<int64_t>& cu,
                      int64_t C, int64_t Kw) {
-  const int64_t N = int64_t(cu.size()) - 1;
-#pragma omp parallel for if (C * cu.back() > 32768)
-  for (int64_t c = 0; c < C; ++c)
+  const int64_t N = int64_t(cu.size()) - 1, rows = cu.back();
+  std::vector<T> dp(static_cast<size_t>(rows * C));  // the gradient at each pre-activation
+#pragma omp parallel for if (rows * C > 32768)
+  for (int64_t i = 0; i < rows * C; ++i) dp[size_t(i)] = dy[i] * dsilu(pre[i]);
+#pragma omp parallel for if (C * rows > 32768)
+  for (int64_t c0 = 0; c0 < C; c0 += kConvBlock)
     for (int64_t n = 0; n < N; ++n)
-      for (int64_t t = cu[size_t(n)]; t < cu[size_t(n + 1)]; ++t) {
-        // dx[t] collects the taps of the outputs t..t+Kw−1 that read it
-        T acc = 0;
-        for (int64_t j = 0; j < Kw; ++j) {
-          const int64_t dst = t + (Kw - 1) - j;
-          if (dst < cu[size_t(n + 1)]) acc += w[c * Kw + j] * dy[dst * C + c] * dsilu(pre[dst * C + c]);
+      for (int64_t t = cu[size_t(n)]; t < cu[size_t(n + 1)]; ++t)
+        for (int64_t c = c0; c < std::min(C, c0 + kConvBlock); ++c) {
+          // dx[t] collects the taps of the outputs t..t+Kw−1 that read it
+          T acc = 0;
+          for (int64_t j = 0; j < Kw; ++j) {
+            const int64_t dst = t + (Kw - 1) - j;
+            if (dst < cu[size_t(n + 1)]) acc += w[c * Kw + j] * dp[size_t(dst * C + c)];
+          }
+          dx[t * C + c] = acc;
+          for (int64_t j = 0; j < Kw; ++j) {
+            const int64_t src = t - (Kw - 1) + j;
+            if (src >= cu[size_t(n)]) dw[c * Kw + j] += dp[size_t(t * C + c)] * x[src * C + c];
+          }
         }
-        dx[t * C + c] = acc;
-        const T dp = dy[t * C + c] * dsilu(pre[t * C + c]);
-        for (int64_t j = 0; j < Kw; ++j) {
-          const int64_t src = t - (Kw - 1) + j;
-          if (src >= cu[size_t(n)]) dw[c * Kw + j] += dp * x[src * C + c];
-        }
-      }
 }
 
 // Half-split RoPE of the first `rot` dims of `heads` vectors of width hd at position pos; inverse
