@@ -192,7 +192,7 @@ void run_lab(const LabPreset& P, const std::string& out) {
   };
 
   // The models are small (BLAS calls of a few thousand flops), so one thread per run and as many
-  // runs at once as there are cores is ~2× faster than every run on all cores in turn.
+  // runs at once as there are cores beats every run on all cores in turn (1.5× on 2 cores).
   const int64_t cores = std::max<int64_t>(1, int64_t(std::thread::hardware_concurrency()));
   const int64_t workers = std::min<int64_t>(cores, int64_t(runs.size()));
   std::atomic<size_t> next{0};
