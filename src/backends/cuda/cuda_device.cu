@@ -1365,7 +1365,8 @@ class CudaDevice : public Device {
       launch(conv_kernel<V.value, W.value>, grid, kThreads, x, ldx, w, y, T, C, int(kw), span, b.d_cu, b.d_slots, N,
              conv_pool);
     };
-    check(kw <= kConvWideTaps, "cuda: short convolutions of more than 16 taps are not supported");
+    check(kw <= kConvWideTaps,
+          "cuda: short convolutions of more than " + std::to_string(kConvWideTaps) + " taps are not supported");
     with_vec_width(int(vw), [&](auto V) {
       if (kw <= kConvMaxTaps)
         run(V, std::integral_constant<int, kConvMaxTaps>{});
