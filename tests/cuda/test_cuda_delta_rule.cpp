@@ -247,60 +247,80 @@ TEST(CudaDeltaRule, ChunkMatchesOpFixtures) {
   }
 }
 
-// Decode and multi-token verify with states in a slot pool, against the recurrence run per sequence.
-// N = 160 gives 2560 (sequence, head, 16-column) items: more than the persistent grid's resident
-// blocks, so blocks stride over several items with the next one's state loaded ahead.
+// Decode and multi-token verify with states in a slot pool, against the recurrence run per sequence,
+// through both kernels (16 and 32 V columns per work item; 32 needs K ≤ 128 and V a multiple of 32).
+// N = 160 gives 1280 to 2560 (sequence, head, columns) items: more than the persistent grid's
+// resident blocks, so blocks stride over several items with the next one's state loaded ahead.
 TEST(CudaDeltaRule, DecodeFromSlotPool) {
   HLA_REQUIRE_GPU();
+  struct Shape {
+    int64_t N, K, V;
+  };
   for (DeltaGate gate : {DeltaGate::Scalar, DeltaGate::PerKey}) {
     for (int64_t tokens : {1, 3}) {
-      for (auto [N, K] : {std::pair<int64_t, int64_t>{5, 64}, {5, 128}, {160, 64}, {160, 128}}) {
-        const int64_t slots = 2 * N + 2, H = 2, HV = 4, V = 64;
-        const Problem p = make_problem(gate, H, HV, K, V, std::vector<int64_t>(N, tokens), 11 + K + tokens);
-        // Pool: sequence n lives in slot 2n+1 (with decoys in between); h0 from the problem.
-        const int64_t sz = HV * K * V;
-        std::vector<double> pool(slots * sz);
-        std::mt19937 rng(5);
-        std::normal_distribution<double> nd;
-        for (auto& x : pool) x = nd(rng);
-        for (int64_t n = 0; n < N; ++n) {
-          std::copy(p.h0.begin() + n * sz, p.h0.begin() + (n + 1) * sz, pool.begin() + (2 * n + 1) * sz);
+      for (auto [N, K, V] :
+           {Shape{5, 64, 64}, {5, 128, 64}, {160, 64, 64}, {160, 128, 64}, {5, 256, 64}, {160, 128, 48}})
+        for (int columns : {16, 32}) {
+          if (columns == 32 && (K > 128 || V % 32 != 0)) continue;
+          const int64_t slots = 2 * N + 2, H = 2, HV = 4;
+          const Problem p = make_problem(gate, H, HV, K, V, std::vector<int64_t>(N, tokens), 11 + K + tokens);
+          // Pool: sequence n lives in slot 2n+1 (with decoys in between); h0 from the problem.
+          const int64_t sz = HV * K * V;
+          std::vector<double> pool(slots * sz);
+          std::mt19937 rng(5);
+          std::normal_distribution<double> nd;
+          for (auto& x : pool) x = nd(rng);
+          for (int64_t n = 0; n < N; ++n) {
+            std::copy(p.h0.begin() + n * sz, p.h0.begin() + (n + 1) * sz, pool.begin() + (2 * n + 1) * sz);
+          }
+          const Result ref = cpu_reference(p, p.q, p.k, p.v);
+          DevBuf q(p.q, DType::F32), k(p.k, DType::F32), v(p.v, DType::F32), g(p.g, DType::F32),
+              beta(p.beta, DType::F32), pl(pool, DType::F32);
+          DevBuf o(size_t(N * tokens * HV * V), DType::F32, 0xff);
+          std::vector<int32_t> si(N), so;
+          for (int64_t n = 0; n < N; ++n) si[n] = int32_t(2 * n + 1);
+          // Multi-token steps write the state after the last token to slot 0 / 2 / 4 ... (the even
+          // slots) and earlier tokens' states to the last slot (scratch); one token writes back in place.
+          if (tokens > 1)
+            for (int64_t n = 0; n < N; ++n)
+              for (int64_t t = 0; t < tokens; ++t) so.push_back(t + 1 == tokens ? int32_t(2 * n) : int32_t(slots - 1));
+          int32_t *dsi = nullptr, *dso = nullptr;
+          cuda::check_cuda(cudaMalloc(&dsi, N * 4), "alloc");
+          cuda::check_cuda(cudaMemcpy(dsi, si.data(), N * 4, cudaMemcpyHostToDevice), "upload");
+          if (!so.empty()) {
+            cuda::check_cuda(cudaMalloc(&dso, so.size() * 4), "alloc");
+            cuda::check_cuda(cudaMemcpy(dso, so.data(), so.size() * 4, cudaMemcpyHostToDevice), "upload");
+          }
+          cuda::delta_rule_decode(p.d, DType::F32, N, tokens, q.p, k.p, v.p, g.f32(), beta.f32(), float(p.scale),
+                                  pl.f32(), dsi, dso, o.p, nullptr, 0, columns);
+          cuda::check_cuda(cudaDeviceSynchronize(), "decode");
+          const auto pool_out = pl.get();
+          std::vector<double> ht(N * sz);
+          for (int64_t n = 0; n < N; ++n) {
+            const int64_t slot = tokens > 1 ? 2 * n : 2 * n + 1;
+            std::copy(pool_out.begin() + slot * sz, pool_out.begin() + (slot + 1) * sz, ht.begin() + n * sz);
+          }
+          const double eo = rel_l2(o.get(), ref.o), eh = rel_l2(ht, ref.ht);
+          const std::string what = "N " + std::to_string(N) + " tokens " + std::to_string(tokens) + " K " +
+                                   std::to_string(K) + " V " + std::to_string(V) + " columns " +
+                                   std::to_string(columns);
+          EXPECT_LT(eo, 1e-5) << what;
+          EXPECT_LT(eh, 1e-5) << what;
+          cudaFree(dsi);
+          cudaFree(dso);
         }
-        const Result ref = cpu_reference(p, p.q, p.k, p.v);
-        DevBuf q(p.q, DType::F32), k(p.k, DType::F32), v(p.v, DType::F32), g(p.g, DType::F32),
-            beta(p.beta, DType::F32), pl(pool, DType::F32);
-        DevBuf o(size_t(N * tokens * HV * V), DType::F32, 0xff);
-        std::vector<int32_t> si(N), so;
-        for (int64_t n = 0; n < N; ++n) si[n] = int32_t(2 * n + 1);
-        // Multi-token steps write the state after the last token to slot 0 / 2 / 4 ... (the even
-        // slots) and earlier tokens' states to the last slot (scratch); one token writes back in place.
-        if (tokens > 1)
-          for (int64_t n = 0; n < N; ++n)
-            for (int64_t t = 0; t < tokens; ++t) so.push_back(t + 1 == tokens ? int32_t(2 * n) : int32_t(slots - 1));
-        int32_t *dsi = nullptr, *dso = nullptr;
-        cuda::check_cuda(cudaMalloc(&dsi, N * 4), "alloc");
-        cuda::check_cuda(cudaMemcpy(dsi, si.data(), N * 4, cudaMemcpyHostToDevice), "upload");
-        if (!so.empty()) {
-          cuda::check_cuda(cudaMalloc(&dso, so.size() * 4), "alloc");
-          cuda::check_cuda(cudaMemcpy(dso, so.data(), so.size() * 4, cudaMemcpyHostToDevice), "upload");
-        }
-        cuda::delta_rule_decode(p.d, DType::F32, N, tokens, q.p, k.p, v.p, g.f32(), beta.f32(), float(p.scale),
-                                pl.f32(), dsi, dso, o.p, nullptr);
-        cuda::check_cuda(cudaDeviceSynchronize(), "decode");
-        const auto pool_out = pl.get();
-        std::vector<double> ht(N * sz);
-        for (int64_t n = 0; n < N; ++n) {
-          const int64_t slot = tokens > 1 ? 2 * n : 2 * n + 1;
-          std::copy(pool_out.begin() + slot * sz, pool_out.begin() + (slot + 1) * sz, ht.begin() + n * sz);
-        }
-        const double eo = rel_l2(o.get(), ref.o), eh = rel_l2(ht, ref.ht);
-        EXPECT_LT(eo, 1e-5) << "N " << N << " tokens " << tokens << " K " << K;
-        EXPECT_LT(eh, 1e-5) << "N " << N << " tokens " << tokens << " K " << K;
-        cudaFree(dsi);
-        cudaFree(dso);
-      }
     }
   }
+  // A kernel the shape does not allow is refused before any launch.
+  DeltaRuleDims d;
+  d.H = d.HV = 1, d.K = 256, d.V = 64;
+  EXPECT_THROW(cuda::delta_rule_decode(d, DType::F32, 1, 1, nullptr, nullptr, nullptr, nullptr, nullptr, 1.f, nullptr,
+                                       nullptr, nullptr, nullptr, nullptr, 0, 32),
+               Error);
+  d.K = 64, d.V = 48;
+  EXPECT_THROW(cuda::delta_rule_decode(d, DType::F32, 1, 1, nullptr, nullptr, nullptr, nullptr, nullptr, 1.f, nullptr,
+                                       nullptr, nullptr, nullptr, nullptr, 0, 32),
+               Error);
 }
 
 // ---------------------------------------------------------------------------------------------

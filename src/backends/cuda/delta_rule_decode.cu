@@ -1,11 +1,15 @@
 // Recurrent decode / verify of the delta rule on CUDA, states in a slot pool.
 //
-// Work item: (sequence, value head, 16 columns of V), handled by a block of 128 threads. The item's
-// slice of the state, K x 16 fp32, stays in registers across the step's tokens: thread (row group
-// rr, column group cg) holds rows rr, rr+32, ... of columns 4cg..4cg+3 as float4, so each warp
-// reads 8 rows x 64 contiguous bytes per load. Decode is a state read + write: 2·K·V·4 bytes per
-// (sequence, head), and the two reductions over K per token (S'^T k and S^T q) go through warp
-// shuffles and one small shared-memory exchange in a fixed order (deterministic).
+// Work item: (sequence, value head, COLS = 32 or 16 columns of V), handled by a block of 128
+// threads. The item's slice of the state, K x COLS fp32, stays in registers across the step's
+// tokens: thread (row group rr, column group cg) holds rows rr, rr + RG, ... of columns
+// 4cg..4cg+3 as float4, so each warp reads whole 64- or 128-byte row pieces per load. Decode is a
+// state read + write: 2·K·V·4 bytes per (sequence, head), and the two reductions over K per token
+// (S'^T k and S^T q) go through warp shuffles and one small shared-memory exchange in a fixed order
+// (deterministic). 32 columns halve the items and so the per-item work (index arithmetic,
+// reductions, barriers) per byte; ncu at batch 256 showed the 16-column kernel issue-bound next to
+// its memory traffic (0.52 warp instructions per scheduler cycle at 3.37 TB/s), and 32 columns
+// took it from 318 to 301 µs on an H200 (GDN; KDA 329 → 301).
 // Blocks are persistent (as many as fit on the card, striding over the items) and load the next
 // item's slice while they work on the current one: with one short-lived block per item, nothing
 // was in flight during the reductions and stores, and batch 256 moved the state at ~1.9 TB/s.
@@ -20,8 +24,6 @@
 namespace hla::cuda {
 namespace {
 
-constexpr int kCols = 16;  // V columns per block
-
 struct DecodeArgs {
   const void *q, *k, *v;
   const float *g, *beta;
@@ -32,46 +34,49 @@ struct DecodeArgs {
   void* o;
   int tokens, H, HV, V, group;
   int64_t ld_qk, ld_v;  // token strides of q/k and of v
-  int items;            // sequences x value heads x V / kCols
+  int seqs;
+  int items;  // seqs x value heads x V / COLS (set at launch)
 };
 
-// Sum over the block's 32 row groups of a per-thread float4; every thread gets the total of its
-// column group. red: [4 warps][16] floats.
-__device__ __forceinline__ float4 reduce_rows(float4 x, float* red) {
+// Sum over the block's row groups of a per-thread float4 (TPR threads per row: lanes l and l ^ m
+// for m ≥ TPR hold the same columns); every thread gets the total of its column group.
+// red: [4 warps][TPR] float4.
+template <int TPR>
+__device__ __forceinline__ float4 reduce_rows(float4 x, float4* red) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
-  for (int m = 4; m < 32; m <<= 1) {
+  for (int m = TPR; m < 32; m <<= 1) {
     x.x += __shfl_xor_sync(~0u, x.x, m);
     x.y += __shfl_xor_sync(~0u, x.y, m);
     x.z += __shfl_xor_sync(~0u, x.z, m);
     x.w += __shfl_xor_sync(~0u, x.w, m);
   }
-  if (lane < 4) reinterpret_cast<float4*>(red)[warp * 4 + lane] = x;
+  if (lane < TPR) red[warp * TPR + lane] = x;
   __syncthreads();
-  const int cg = lane & 3;
-  float4 s = reinterpret_cast<const float4*>(red)[cg];
+  const int cg = lane % TPR;
+  float4 s = red[cg];
 #pragma unroll
   for (int w = 1; w < 4; ++w) {
-    const float4 t = reinterpret_cast<const float4*>(red)[w * 4 + cg];
+    const float4 t = red[w * TPR + cg];
     s.x += t.x, s.y += t.y, s.z += t.z, s.w += t.w;
   }
   return s;
 }
 
-template <class CT, bool KDA, int K>
+template <class CT, bool KDA, int K, int COLS>
 __global__ void __launch_bounds__(128) decode_kernel(DecodeArgs a) {
-  constexpr int RPT = K / 32;  // rows per thread
-  __shared__ float4 red[2][16];
+  constexpr int TPR = COLS / 4, RG = 128 / TPR, RPT = K / RG;  // threads per row, row groups, rows per thread
+  __shared__ float4 red[2][4 * TPR];
   pdl_begin();
-  const int HV = a.HV, V = a.V, nvb = V / kCols, cg = threadIdx.x & 3, rr = threadIdx.x >> 2;
+  const int HV = a.HV, V = a.V, nvb = V / COLS, cg = threadIdx.x % TPR, rr = threadIdx.x / TPR;
   const CT* q = static_cast<const CT*>(a.q);
   const CT* k = static_cast<const CT*>(a.k);
   const CT* v = static_cast<const CT*>(a.v);
   CT* o = static_cast<CT*>(a.o);
   auto slice = [&](int slot, int j) { return a.pool + (size_t(slot) * HV + j) * K * V; };
   auto slice_row = [&](int item, int p) {  // this thread's row p of the item's slice
-    const int n = item / (HV * nvb), j = item / nvb % HV, c0 = item % nvb * kCols + 4 * cg;
-    return slice(a.slot_in[n], j) + size_t(rr + 32 * p) * V + c0;
+    const int n = item / (HV * nvb), j = item / nvb % HV, c0 = item % nvb * COLS + 4 * cg;
+    return slice(a.slot_in[n], j) + size_t(rr + RG * p) * V + c0;
   };
   // The next item's slice is copied into shared memory (cp.async) while this one is processed: in
   // flight without holding registers, so as many blocks fit as without the prefetch. Each thread
@@ -88,13 +93,13 @@ __global__ void __launch_bounds__(128) decode_kernel(DecodeArgs a) {
       for (int p = 0; p < RPT; ++p) cp_async16(&next[p][threadIdx.x], slice_row(item + gridDim.x, p), true);
       cp_async_commit();
     }
-    const int n = item / (HV * nvb), j = item / nvb % HV, h = j / a.group, c0 = item % nvb * kCols + 4 * cg;
+    const int n = item / (HV * nvb), j = item / nvb % HV, h = j / a.group, c0 = item % nvb * COLS + 4 * cg;
     for (int t = 0; t < a.tokens; ++t) {
       const size_t tk = size_t(n) * a.tokens + t, th = tk * HV + j;
       float kr[RPT], qr[RPT];
 #pragma unroll
       for (int p = 0; p < RPT; ++p) {
-        const int d = rr + 32 * p;
+        const int d = rr + RG * p;
         kr[p] = to_f32(k[tk * a.ld_qk + h * K + d]);
         qr[p] = to_f32(q[tk * a.ld_qk + h * K + d]) * a.scale;
         const float dec = expf(KDA ? a.g[th * K + d] : a.g[th]);
@@ -105,7 +110,7 @@ __global__ void __launch_bounds__(128) decode_kernel(DecodeArgs a) {
       for (int p = 0; p < RPT; ++p) {
         kv.x += S[p].x * kr[p], kv.y += S[p].y * kr[p], kv.z += S[p].z * kr[p], kv.w += S[p].w * kr[p];
       }
-      kv = reduce_rows(kv, reinterpret_cast<float*>(red[0]));
+      kv = reduce_rows<TPR>(kv, red[0]);
       const float b = a.beta[th];
       const CT* vt = v + tk * a.ld_v + j * V + c0;
       const float4 u = {b * (to_f32(vt[0]) - kv.x), b * (to_f32(vt[1]) - kv.y), b * (to_f32(vt[2]) - kv.z),
@@ -116,15 +121,15 @@ __global__ void __launch_bounds__(128) decode_kernel(DecodeArgs a) {
         S[p].x += kr[p] * u.x, S[p].y += kr[p] * u.y, S[p].z += kr[p] * u.z, S[p].w += kr[p] * u.w;
         ov.x += S[p].x * qr[p], ov.y += S[p].y * qr[p], ov.z += S[p].z * qr[p], ov.w += S[p].w * qr[p];
       }
-      ov = reduce_rows(ov, reinterpret_cast<float*>(red[1]));
-      if (threadIdx.x < 4) {
+      ov = reduce_rows<TPR>(ov, red[1]);
+      if (threadIdx.x < TPR) {
         CT* ot = o + th * V + c0;
         ot[0] = from_f32<CT>(ov.x), ot[1] = from_f32<CT>(ov.y), ot[2] = from_f32<CT>(ov.z), ot[3] = from_f32<CT>(ov.w);
       }
       if (a.slot_out) {
         float* dst = slice(a.slot_out[tk], j);
 #pragma unroll
-        for (int p = 0; p < RPT; ++p) *reinterpret_cast<float4*>(dst + size_t(rr + 32 * p) * V + c0) = S[p];
+        for (int p = 0; p < RPT; ++p) *reinterpret_cast<float4*>(dst + size_t(rr + RG * p) * V + c0) = S[p];
       }
       // red[0] is rewritten next token (or item): every thread has read it before reaching red[1]'s
       // barrier.
@@ -132,7 +137,7 @@ __global__ void __launch_bounds__(128) decode_kernel(DecodeArgs a) {
     if (!a.slot_out) {
       float* dst = slice(a.slot_in[n], j);
 #pragma unroll
-      for (int p = 0; p < RPT; ++p) *reinterpret_cast<float4*>(dst + size_t(rr + 32 * p) * V + c0) = S[p];
+      for (int p = 0; p < RPT; ++p) *reinterpret_cast<float4*>(dst + size_t(rr + RG * p) * V + c0) = S[p];
     }
     if (more) {
       cp_async_wait<0>();
@@ -144,40 +149,63 @@ __global__ void __launch_bounds__(128) decode_kernel(DecodeArgs a) {
 
 // Persistent grid: as many blocks as fit on the card at once (at most one per item), counted once
 // per kernel.
+template <class CT, bool KDA, int K, int COLS>
+int resident_blocks() {
+  static const int n = blocks_on_card(reinterpret_cast<const void*>(decode_kernel<CT, KDA, K, COLS>), 128);
+  return n;
+}
+
+template <class CT, bool KDA, int K, int COLS>
+void launch_k(DecodeArgs a, cudaStream_t s) {
+  a.items = a.seqs * a.HV * (a.V / COLS);
+  launch_pdl("delta rule decode kernel", decode_kernel<CT, KDA, K, COLS>,
+             dim3(unsigned(std::min(a.items, resident_blocks<CT, KDA, K, COLS>()))), 128, 0, s, a);
+}
+
+// Automatic choice: 32 columns where V allows, the slice fits in registers (K ≤ 128) and each
+// resident block gets at least 8 items. At batch 64 and 256 (12 and 49 items per block) they were
+// 2–10% faster; in the 2B model's batch-16 step (3 items per block, each twice the work) the step
+// was 2.5% slower.
 template <class CT, bool KDA, int K>
-void launch_k(const DecodeArgs& a, cudaStream_t s) {
-  auto kernel = decode_kernel<CT, KDA, K>;
-  static const int per_card = blocks_on_card(reinterpret_cast<const void*>(kernel), 128);
-  launch_pdl("delta rule decode kernel", kernel, dim3(unsigned(std::min(a.items, per_card))), 128, 0, s, a);
+void launch_cols(const DecodeArgs& a, int columns, cudaStream_t s) {
+  if constexpr (K <= 128) {
+    const bool fits = a.V % 32 == 0;
+    if (columns == 0) columns = fits && a.seqs * a.HV * (a.V / 32) >= 8 * resident_blocks<CT, KDA, K, 32>() ? 32 : 16;
+    check(columns != 32 || fits, "delta rule decode (cuda): 32 columns per item need V a multiple of 32");
+    if (columns == 32) return launch_k<CT, KDA, K, 32>(a, s);
+  }
+  check(columns == 0 || columns == 16, "delta rule decode (cuda): columns must be 16, or 32 with K <= 128");
+  launch_k<CT, KDA, K, 16>(a, s);
 }
 
 template <class CT, bool KDA>
-void launch(const DecodeArgs& a, int K, cudaStream_t s) {
+void launch(const DecodeArgs& a, int K, int columns, cudaStream_t s) {
   switch (K) {
     case 32:
-      return launch_k<CT, KDA, 32>(a, s);
+      return launch_cols<CT, KDA, 32>(a, columns, s);
     case 64:
-      return launch_k<CT, KDA, 64>(a, s);
+      return launch_cols<CT, KDA, 64>(a, columns, s);
     case 128:
-      return launch_k<CT, KDA, 128>(a, s);
+      return launch_cols<CT, KDA, 128>(a, columns, s);
     case 256:
-      return launch_k<CT, KDA, 256>(a, s);
+      return launch_cols<CT, KDA, 256>(a, columns, s);
   }
 }
 
 template <class CT>
-void dispatch(const DecodeArgs& a, const DeltaRuleDims& d, cudaStream_t s) {
+void dispatch(const DecodeArgs& a, const DeltaRuleDims& d, int columns, cudaStream_t s) {
   if (d.gate == DeltaGate::PerKey)
-    launch<CT, true>(a, int(d.K), s);
+    launch<CT, true>(a, int(d.K), columns, s);
   else
-    launch<CT, false>(a, int(d.K), s);
+    launch<CT, false>(a, int(d.K), columns, s);
 }
 
 }  // namespace
 
 void delta_rule_decode(const DeltaRuleDims& d, DType dt, int64_t n_seqs, int64_t tokens, const void* q, const void* k,
                        const void* v, const float* g, const float* beta, float scale, float* state_pool,
-                       const int32_t* slot_in, const int32_t* slot_out, void* o, cudaStream_t stream, int64_t ld) {
+                       const int32_t* slot_in, const int32_t* slot_out, void* o, cudaStream_t stream, int64_t ld,
+                       int columns) {
   check_delta_dims(d, dt, "delta rule decode (cuda)");
   check(n_seqs > 0 && tokens > 0, "delta rule decode (cuda): need at least one sequence and one token");
   DecodeArgs a{q,
@@ -197,14 +225,15 @@ void delta_rule_decode(const DeltaRuleDims& d, DType dt, int64_t n_seqs, int64_t
                int(d.HV / d.H),
                ld > 0 ? ld : d.H * d.K,
                ld > 0 ? ld : d.HV * d.V,
-               int(n_seqs * d.HV * (d.V / kCols))};
+               int(n_seqs),
+               0};
   switch (dt) {
     case DType::F32:
-      return dispatch<float>(a, d, stream);
+      return dispatch<float>(a, d, columns, stream);
     case DType::F16:
-      return dispatch<__half>(a, d, stream);
+      return dispatch<__half>(a, d, columns, stream);
     default:
-      return dispatch<__nv_bfloat16>(a, d, stream);
+      return dispatch<__nv_bfloat16>(a, d, columns, stream);
   }
 }
 
