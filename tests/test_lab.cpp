@@ -91,6 +91,27 @@ TEST(LabData, TrainingNeverSeesATestSequence) {
   EXPECT_EQ(seen.size() + test.size(), 8u);  // every other sequence does occur
 }
 
+// Multi-hop's curriculum: with 100 training steps, hop counts 1, ≤ 2, ≤ 3, ≤ 4 over the quarters
+// (the HOP_h token, 3 + h, follows SEP); without a step count every hop count from the start.
+TEST(LabData, CurriculumUnlocksHopCountsInOrder) {
+  const auto task = make_task("multihop", "smoke");
+  ASSERT_TRUE(task->curriculum);
+  auto hops_in = [](const train::Batch& b) {
+    std::set<int64_t> hops;
+    for (size_t t = 0; t + 1 < b.ids.size(); ++t)
+      if (b.ids[t] == 1) hops.insert(b.ids[t + 1] - 3);
+    return hops;
+  };
+  const TaskData d(*task, 0, 4, 100);
+  for (auto [step, most] : std::vector<std::pair<int64_t, int64_t>>{{0, 1}, {24, 1}, {25, 2}, {60, 3}, {99, 4}}) {
+    const std::set<int64_t> hops = hops_in(d.train_batch(step, 0, 64));
+    EXPECT_EQ(*hops.begin(), 1) << "step " << step;
+    EXPECT_EQ(*hops.rbegin(), most) << "step " << step;
+  }
+  const TaskData all(*task, 0, 4);
+  EXPECT_EQ(hops_in(all.train_batch(0, 0, 64)), (std::set<int64_t>{1, 2, 3, 4}));
+}
+
 TEST(LabOptim, ScheduleAndNoDecayRule) {
   train::OptimConfig c;
   c.lr = 1.0, c.warmup = 10, c.total = 110, c.min_lr_ratio = 0.1;

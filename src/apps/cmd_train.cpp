@@ -62,7 +62,7 @@ void register_train(CLI::App& app) {
       corpus = eval::BrownCorpus::load(eval::BrownCorpus::default_dir());
     } else {
       task = eval::make_task(o->data, o->preset);
-      data = std::make_unique<eval::TaskData>(*task, o->seed, o->eval_n);
+      data = std::make_unique<eval::TaskData>(*task, o->seed, o->eval_n, o->steps);
       vocab = task->vocab;
     }
     if (!j.contains("vocab_size")) j["vocab_size"] = vocab;

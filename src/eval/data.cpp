@@ -36,7 +36,8 @@ void append(train::Batch& b, const Example& e) {
 
 }  // namespace
 
-TaskData::TaskData(const Task& task, uint64_t seed, int64_t n) : task_(task), seed_(seed) {
+TaskData::TaskData(const Task& task, uint64_t seed, int64_t n, int64_t train_steps)
+    : task_(task), seed_(seed), train_steps_(train_steps) {
   for (int64_t level : task.test_levels) {
     std::mt19937_64 rng(mix(0x7E57, uint64_t(level)));  // test sets do not depend on the run's seed
     auto& set = test_[level];
@@ -50,8 +51,13 @@ TaskData::TaskData(const Task& task, uint64_t seed, int64_t n) : task_(task), se
 train::Batch TaskData::train_batch(int64_t step, int64_t micro, int64_t seqs) const {
   std::mt19937_64 rng(mix(mix(seed_, uint64_t(step)), uint64_t(micro)));
   train::Batch b;
+  const uint64_t n = task_.train_levels.size();
+  const uint64_t unlocked =
+      task_.curriculum && train_steps_ > 0
+          ? std::min<uint64_t>(n, 1 + uint64_t(std::max<int64_t>(step, 0)) * n / uint64_t(train_steps_))
+          : n;
   for (int64_t i = 0; i < seqs; ++i) {
-    const int64_t level = task_.train_levels[rng() % task_.train_levels.size()];
+    const int64_t level = task_.train_levels[rng() % unlocked];
     Example e = task_.sample(rng, level, false);
     while (held_out_.count(hash_ids(e.ids))) e = task_.sample(rng, level, false);
     append(b, e);

@@ -13,11 +13,11 @@
 namespace hla::eval {
 
 // Per step/micro-batch training batches drawn from `task` (a level uniform from its train levels
-// per sequence) and fixed test sets per test level. Held out: a training sequence identical to a
-// test sequence is redrawn.
+// per sequence, or from those unlocked by `train_steps` for a curriculum task) and fixed test sets
+// per test level. Held out: a training sequence identical to a test sequence is redrawn.
 class TaskData {
  public:
-  TaskData(const Task& task, uint64_t seed, int64_t eval_per_level);
+  TaskData(const Task& task, uint64_t seed, int64_t eval_per_level, int64_t train_steps = 0);
   // Deterministic in (seed, step, micro): a resumed run sees the same batches.
   train::Batch train_batch(int64_t step, int64_t micro, int64_t seqs) const;
   const std::vector<Example>& test_set(int64_t level) const { return test_.at(level); }
@@ -28,6 +28,7 @@ class TaskData {
  private:
   const Task& task_;
   uint64_t seed_;
+  int64_t train_steps_;
   std::map<int64_t, std::vector<Example>> test_;
   std::unordered_set<uint64_t> held_out_;
 };

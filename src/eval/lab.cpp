@@ -144,7 +144,8 @@ void run_lab(const LabPreset& P, const std::string& out) {
     level_names[tname] = task->level_name;
     generators[tname] = task->params;
     generators[tname]["metric"] = task->exact_match ? "exact match per example" : "accuracy per labelled position";
-    for (uint64_t seed : P.seeds) data[{tname, seed}] = std::make_unique<TaskData>(*task, seed, P.eval_examples);
+    for (uint64_t seed : P.seeds)
+      data[{tname, seed}] = std::make_unique<TaskData>(*task, seed, P.eval_examples, P.steps);
   }
 
   // One training run per (task, size, layout, seed, lr), in this order.

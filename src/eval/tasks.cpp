@@ -76,9 +76,17 @@ struct MultiHop : Task {
   int64_t chains, queries, nk, nv;
   MultiHop(int64_t C, int64_t Q, int64_t nk_, int64_t nv_) : chains(C), queries(Q), nk(nk_), nv(nv_) {
     name = "multihop", level_name = "hops", train_levels = {1, 2, 3, 4}, test_levels = {1, 2, 3, 4};
+    // With all hop counts mixed from the start, the smoke models settled on eliminating answered
+    // values (attention 0.37 at every hop count) and never learned even one hop.
+    curriculum = true;
     vocab = 8 + nk + nv;  // 4..7: HOP_1..HOP_4
-    params = {{"chains", C}, {"queries", Q}, {"key_vocab", nk}, {"value_vocab", nv}, {"edge_order", "shuffled"},
-              {"hops", train_levels}};
+    params = {{"chains", C},
+              {"queries", Q},
+              {"key_vocab", nk},
+              {"value_vocab", nv},
+              {"edge_order", "shuffled"},
+              {"hops", train_levels},
+              {"curriculum", "hops 1, then 1-2, 1-3, 1-4 over quarters of the steps"}};
   }
   Example sample(std::mt19937_64& rng, int64_t h, bool) const override {
     const auto keys = distinct(rng, 8, 8 + nk, chains * h);

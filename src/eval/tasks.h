@@ -22,6 +22,9 @@ class Task {
   virtual ~Task() = default;
   std::string name, level_name;                   // "mqar", "pairs"
   std::vector<int64_t> train_levels, test_levels;  // training samples a level uniformly per sequence
+  // Curriculum: the training levels unlock in order, the first k of n during the k-th n-th of the
+  // steps (levels whose skill builds on the one before, like hops).
+  bool curriculum = false;
   int64_t vocab = 0;
   // Metric: accuracy per labelled position, or per example (all its labelled positions right —
   // for answers of several tokens, which is greedy decoding's exact match under teacher forcing).
