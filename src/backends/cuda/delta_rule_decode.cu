@@ -6,13 +6,13 @@
 // 4cg..4cg+3 as float4, so each warp reads whole 64- or 128-byte row pieces per load. Decode is a
 // state read + write: 2·K·V·4 bytes per (sequence, head), and the two reductions over K per token
 // (S'^T k and S^T q) go through warp shuffles and one small shared-memory exchange in a fixed order
-// (deterministic). 32 columns halve the items and so the per-item work (index arithmetic,
-// reductions, barriers) per byte; ncu at batch 256 showed the 16-column kernel issue-bound next to
-// its memory traffic (0.52 warp instructions per scheduler cycle at 3.37 TB/s), and 32 columns
-// took it from 318 to 301 µs on an H200 (GDN; KDA 329 → 301).
-// Blocks are persistent (as many as fit on the card, striding over the items) and load the next
-// item's slice while they work on the current one: with one short-lived block per item, nothing
-// was in flight during the reductions and stores, and batch 256 moved the state at ~1.9 TB/s.
+// (deterministic).
+// Large batches take 32 columns, one block per item, every load issued at the block's start:
+// batch 256 at H = 32, K = V = 128 in 283 µs on an H200 (GDN, 3.8 TB/s; KDA 293 µs). The 16-column
+// kernel before it spent issue slots on per-item work (ncu: 0.52 warp instructions per scheduler
+// cycle at 3.37 TB/s); 32 columns halve that per byte. Small batches (and K = 256, or V not a
+// multiple of 32) take 16 columns on a persistent grid whose blocks copy the next item's slice in
+// while they work on the current one.
 #include <algorithm>
 
 #include "backends/cuda/delta_rule_cuda.h"
@@ -63,6 +63,12 @@ __device__ __forceinline__ float4 reduce_rows(float4 x, float4* red) {
   return s;
 }
 
+// Items of 16 columns are small (8 KB of state at K = 128), so a block works through several and
+// copies the next one's slice in while it works; items of 32 columns are one per block, all loads
+// issued at the start, and the block scheduler overlaps them (FLA's layout for KDA).
+template <int COLS>
+constexpr bool kPersistent = COLS == 16;
+
 template <class CT, bool KDA, int K, int COLS>
 __global__ void __launch_bounds__(128) decode_kernel(DecodeArgs a) {
   constexpr int TPR = COLS / 4, RG = 128 / TPR, RPT = K / RG;  // threads per row, row groups, rows per thread
@@ -87,7 +93,7 @@ __global__ void __launch_bounds__(128) decode_kernel(DecodeArgs a) {
 #pragma unroll
   for (int p = 0; p < RPT; ++p) S[p] = *reinterpret_cast<const float4*>(slice_row(blockIdx.x, p));
   for (int item = blockIdx.x; item < a.items; item += gridDim.x) {
-    const bool more = item + int(gridDim.x) < a.items;
+    const bool more = kPersistent<COLS> && item + int(gridDim.x) < a.items;
     if (more) {
 #pragma unroll
       for (int p = 0; p < RPT; ++p) cp_async16(&next[p][threadIdx.x], slice_row(item + gridDim.x, p), true);
@@ -147,8 +153,8 @@ __global__ void __launch_bounds__(128) decode_kernel(DecodeArgs a) {
   }
 }
 
-// Persistent grid: as many blocks as fit on the card at once (at most one per item), counted once
-// per kernel.
+// The 16-column kernel runs a persistent grid (as many blocks as fit on the card at once, at most
+// one per item, counted once per kernel); the 32-column kernel one block per item.
 template <class CT, bool KDA, int K, int COLS>
 int resident_blocks() {
   static const int n = blocks_on_card(reinterpret_cast<const void*>(decode_kernel<CT, KDA, K, COLS>), 128);
@@ -158,14 +164,14 @@ int resident_blocks() {
 template <class CT, bool KDA, int K, int COLS>
 void launch_k(DecodeArgs a, cudaStream_t s) {
   a.items = a.seqs * a.HV * (a.V / COLS);
-  launch_pdl("delta rule decode kernel", decode_kernel<CT, KDA, K, COLS>,
-             dim3(unsigned(std::min(a.items, resident_blocks<CT, KDA, K, COLS>()))), 128, 0, s, a);
+  const int grid = kPersistent<COLS> ? std::min(a.items, resident_blocks<CT, KDA, K, COLS>()) : a.items;
+  launch_pdl("delta rule decode kernel", decode_kernel<CT, KDA, K, COLS>, dim3(unsigned(grid)), 128, 0, s, a);
 }
 
-// Automatic choice: 32 columns where V allows, the slice fits in registers (K ≤ 128) and each
-// resident block gets at least 8 items. At batch 64 and 256 (12 and 49 items per block) they were
-// 2–10% faster; in the 2B model's batch-16 step (3 items per block, each twice the work) the step
-// was 2.5% slower.
+// Automatic choice: 32 columns where V allows, the slice fits in registers (K ≤ 128) and the items
+// fill the card's resident blocks at least 8 times over: batch 64 and 256 (12 and 49 times) run
+// 5–12% faster that way, while in the 2B model's batch-16 step (3 times) a persistent 32-column
+// kernel made the step 2.5% slower.
 template <class CT, bool KDA, int K>
 void launch_cols(const DecodeArgs& a, int columns, cudaStream_t s) {
   if constexpr (K <= 128) {
