@@ -248,9 +248,10 @@ TEST(CudaDeltaRule, ChunkMatchesOpFixtures) {
 }
 
 // Decode and multi-token verify with states in a slot pool, against the recurrence run per sequence,
-// through both kernels (16 and 32 V columns per work item; 32 needs K ≤ 128 and V a multiple of 32).
-// N = 160 gives 1280 to 2560 (sequence, head, columns) items: more than the persistent grid's
-// resident blocks, so blocks stride over several items with the next one's state loaded ahead.
+// through both kernels: 16 V columns per work item on a persistent grid, and 32 columns with one
+// block per item (K ≤ 128, V a multiple of 32). N = 160 gives 1920–2560 16-column items, more than
+// the persistent grid's resident blocks, so its blocks stride over several items with the next
+// one's state loaded ahead.
 TEST(CudaDeltaRule, DecodeFromSlotPool) {
   HLA_REQUIRE_GPU();
   struct Shape {
