@@ -86,7 +86,7 @@ class Lightning : public Mixer {
     p.bind(pre + "k_proj.weight", {HK, D}, &k_);
     p.bind(pre + "v_proj.weight", {HK, D}, &v_);
     p.bind(pre + "g_proj.weight", {HK, D}, &g_);
-    p.bind(pre + "o_norm.weight", {s.lin_dk}, &o_norm_, Init::Ones);
+    p.bind(pre + "o_norm.weight", {s.lin_dk}, &o_norm_, Init::OutNorm);
     p.bind(pre + "o_proj.weight", {D, HK}, &o_);
     for (double g : lightning_log_decay(s.lin_nv)) decay_.push_back(float(std::exp(g)));
   }

@@ -84,7 +84,7 @@ class GatedDeltaNet : public Mixer {
     p.bind(pre + "conv1d.weight", {core_.conv_dim, 1, s.conv_kernel}, &conv_w_, Init::Conv);
     p.bind(pre + "A_log", {nv}, &A_log_, Init::ALog);
     p.bind(pre + "dt_bias", {nv}, &dt_bias_, Init::DtBias);
-    p.bind(pre + "norm.weight", {dv}, &norm_, Init::Ones);
+    p.bind(pre + "norm.weight", {dv}, &norm_, Init::OutNorm);
     p.bind(pre + "out_proj.weight", {D, nv * dv}, &out_proj_);
   }
 
@@ -203,7 +203,7 @@ class KimiDeltaAttention : public Mixer {
     p.bind(pre + "b_proj.weight", {H, D}, &b_);
     p.bind(pre + "g_a_proj.weight", {dk, D}, &g_a_);
     p.bind(pre + "g_b_proj.weight", {HK, dk}, &g_b_);
-    p.bind(pre + "o_norm.weight", {dk}, &o_norm_, Init::Ones);
+    p.bind(pre + "o_norm.weight", {dk}, &o_norm_, Init::OutNorm);
     p.bind(pre + "o_proj.weight", {D, HK}, &o_);
   }
 

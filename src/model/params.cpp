@@ -41,6 +41,7 @@ void Params::bind(const std::string& name, const Shape& shape, Tensor* dst, Init
     switch (init) {
       case Init::Normal: p[i] = normal(rng_); break;
       case Init::Ones: p[i] = 1.0f; break;
+      case Init::OutNorm: p[i] = 0.1f; break;
       case Init::Zeros: p[i] = 0.0f; break;
       case Init::ALog: p[i] = std::log(1.0f + 15.0f * unif(rng_)); break;  // A ~ U(1, 16), as FLA
       case Init::DtBias: {  // inverse softplus of dt ~ logU(1e-3, 1e-1)

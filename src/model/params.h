@@ -14,7 +14,13 @@
 namespace hla {
 
 // How `hla init` fills a tensor. Loading ignores it.
-enum class Init { Normal, Ones, Zeros, ALog, DtBias, Conv };
+// How a weight starts when no checkpoint supplies it (hla init, training from scratch).
+// OutNorm: the gain of a linear-attention layer's gated output norm, 0.1 rather than 1. The norm
+// emits unit-scale outputs whatever its input, so at gain 1 the linear branches swamp the token
+// embeddings (std 0.02) from the first step: in the lab's smoke models one KDA, GDN or lightning
+// layer in front of an attention layer stopped it from learning single-hop recall (0.35 against
+// 1.000 alone), and at 0.1 `KA` and `KKKA` learn it (1.000; docs/RESULTS_LAB.md).
+enum class Init { Normal, Ones, Zeros, ALog, DtBias, Conv, OutNorm };
 
 class Params {
  public:
