@@ -13,8 +13,8 @@
 
 namespace hla {
 
-// How `hla init` fills a tensor. Loading ignores it.
-// How a weight starts when no checkpoint supplies it (hla init, training from scratch).
+// How a weight starts when no checkpoint supplies it (hla init, training from scratch); loading
+// ignores it.
 // OutNorm: the gain of a linear-attention layer's gated output norm, 0.1 rather than 1. The norm
 // emits unit-scale outputs whatever its input, so at gain 1 the linear branches swamp the token
 // embeddings (std 0.02) from the first step: in the lab's smoke models one KDA, GDN or lightning

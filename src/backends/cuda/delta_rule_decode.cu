@@ -84,9 +84,9 @@ __global__ void __launch_bounds__(128) decode_kernel(DecodeArgs a) {
     const int n = item / (HV * nvb), j = item / nvb % HV, c0 = item % nvb * COLS + 4 * cg;
     return slice(a.slot_in[n], j) + size_t(rr + RG * p) * V + c0;
   };
-  // The next item's slice is copied into shared memory (cp.async) while this one is processed: in
-  // flight without holding registers, so as many blocks fit as without the prefetch. Each thread
-  // copies the float4s it reads back itself, so its own wait suffices (no barrier).
+  // 16 columns: the next item's slice is copied into shared memory (cp.async) while this one is
+  // processed, in flight without holding registers, so as many blocks fit as without the prefetch.
+  // Each thread copies the float4s it reads back itself, so its own wait suffices (no barrier).
   __shared__ float4 next[RPT][128];
 
   float4 S[RPT];
@@ -174,13 +174,17 @@ void launch_k(DecodeArgs a, cudaStream_t s) {
 // kernel made the step 2.5% slower.
 template <class CT, bool KDA, int K>
 void launch_cols(const DecodeArgs& a, int columns, cudaStream_t s) {
-  if constexpr (K <= 128) {
-    const bool fits = a.V % 32 == 0;
-    if (columns == 0) columns = fits && a.seqs * a.HV * (a.V / 32) >= 8 * resident_blocks<CT, KDA, K, 32>() ? 32 : 16;
-    check(columns != 32 || fits, "delta rule decode (cuda): 32 columns per item need V a multiple of 32");
-    if (columns == 32) return launch_k<CT, KDA, K, 32>(a, s);
+  constexpr bool kMay32 = K <= 128;  // a 32-column slice fits in registers
+  const bool can32 = kMay32 && a.V % 32 == 0;
+  if (columns == 0) {
+    columns = 16;
+    if constexpr (kMay32)
+      if (can32 && a.seqs * a.HV * (a.V / 32) >= 8 * resident_blocks<CT, KDA, K, 32>()) columns = 32;
   }
-  check(columns == 0 || columns == 16, "delta rule decode (cuda): columns must be 16, or 32 with K <= 128");
+  check(columns == 16 || (columns == 32 && can32),
+        "delta rule decode (cuda): columns must be 16, or 32 with K <= 128 and V a multiple of 32");
+  if constexpr (kMay32)
+    if (columns == 32) return launch_k<CT, KDA, K, 32>(a, s);
   launch_k<CT, KDA, K, 16>(a, s);
 }
 
