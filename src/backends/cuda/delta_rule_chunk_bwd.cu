@@ -15,8 +15,9 @@
 //                             dT = dW (K⊙e^G)^T diag(β) + dVn V^T diag(β);  dL = −T^T dT T^T (strict);
 //                             dMkk = β dL;  dMq = s dO Vn^T (causal); then the Gram matrices' terms
 //                             and dg = reverse cumsum of the per-row gate terms + the Kr terms.
-// Every matmul runs on tensor cores in 3xTF32 over fp32 shared-memory tiles (mma.cuh's float
-// path), 16x16 output tiles spread over the warps. Row reductions (dbeta, GDN's dg) go through
+// Every matmul runs on tensor cores over fp32 shared-memory tiles, in 3xTF32 (mma.cuh's float
+// path) for fp32 and fp16 inputs and in single tf32 products for bf16 ones (Mma), 16x16 output
+// tiles spread over the warps. Row reductions (dbeta, GDN's dg) go through
 // fixed shuffle trees and fixed-order sums; per-element accumulators (dq, dk and the gate terms,
 // fp32 [T,HV,K] in global memory) are read-modify-written by exactly one thread per phase. No
 // atomics: two runs are bitwise equal.
@@ -144,7 +145,7 @@ struct DStateSmem {
   static constexpr size_t kBytes = sizeof(float) * (3 * C * kLdK + C * kLdM + 2 * C * kLdB + K * kLdB + (KDA ? K : C));
 };
 
-template <bool KDA, int K, int BV>
+template <bool KDA, int K, int BV, class Mma>
 __global__ void __launch_bounds__(DStateSmem<KDA, K, BV>::kWarps * 32) dstate_kernel(BwdArgs a) {
   using L = DStateSmem<KDA, K, BV>;
   constexpr int NW = L::kWarps, MT = K / 16 / NW, VMT = 4 / NW, NTS = BV / 8, LDK = L::kLdK, LDB = L::kLdB;
@@ -212,8 +213,8 @@ __global__ void __launch_bounds__(DStateSmem<KDA, K, BV>::kWarps * 32) dstate_ke
     for (int vm = 0; vm < VMT; ++vm) {
       const int i0 = 16 * (warp * VMT + vm);
       float acc[NTS][4] = {};
-      warp_mma<float, NTS>(acc, VK{sKr + i0 * LDK, LDK}, VT{sdS, LDB}, K);
-      warp_mma<float, NTS>(acc, VT{sP + i0, kLdM}, VT{sdO, LDB}, C);
+      warp_mma<Mma, NTS>(acc, VK{sKr + i0 * LDK, LDK}, VT{sdS, LDB}, K);
+      warp_mma<Mma, NTS>(acc, VT{sP + i0, kLdM}, VT{sdO, LDB}, C);
       for_each_acc(acc, [&](int r, int col, float& x) {
         const int i = i0 + r;
         if (i < lc) a.dvn[tok(i) * V + v0 + col] = x;
@@ -226,8 +227,8 @@ __global__ void __launch_bounds__(DStateSmem<KDA, K, BV>::kWarps * 32) dstate_ke
     for (int mt = 0; mt < MT; ++mt) {
       const int d0 = 16 * (warp * MT + mt);
       for_each_acc(dS[mt], [&](int r, int, float& x) { x *= expf(KDA ? sG[d0 + r] : sG[lc - 1]); });
-      warp_mma<float, NTS>(dS[mt], VT{sQ + d0, LDK}, VT{sdO, LDB}, C);
-      warp_mma<float, NTS>(dS[mt], VT{sW + d0, LDK}, VT{sdVn, LDB}, C);
+      warp_mma<Mma, NTS>(dS[mt], VT{sQ + d0, LDK}, VT{sdO, LDB}, C);
+      warp_mma<Mma, NTS>(dS[mt], VT{sW + d0, LDK}, VT{sdVn, LDB}, C);
     }
     __syncthreads();
   }
@@ -247,7 +248,7 @@ __host__ __device__ size_t state_terms_smem(int V) {
   return sizeof(float) * (size_t(big) + 2 * C * (V + 4));
 }
 
-template <bool KDA, int K>
+template <bool KDA, int K, class Mma>
 __global__ void __launch_bounds__(kThreads) state_terms_kernel(BwdArgs a) {
   extern __shared__ __align__(16) unsigned char smem[];
   const int V = a.V, LDV = V + 4, LDS = K + 4;
@@ -264,23 +265,30 @@ __global__ void __launch_bounds__(kThreads) state_terms_kernel(BwdArgs a) {
   cp_async_wait<0>();
   __syncthreads();
   // dq = s (dO S^T) ⊙ e^G, its gate term q ⊙ dq; dW = −dVn S^T.
-  tiles_ld(C, K, nullptr, 0,
-           [&](auto& acc, int m0, int n0) { warp_mma<float, 2>(acc, VK{sA + m0 * LDV, LDV}, VT{sBig + n0, LDS}, V); },
-           [&](int i, int d) {
-             if (i >= len) return Loaded{};
-             return Loaded{{gate<KDA, K>(a, p, i, d), a.q[p.qk(a, i) * K + d]}};
-           },
-           [&](int i, int d, float x, const Loaded& l) {
-             if (i >= len) return 0.f;
-             const float y = a.scale * x * expf(l.v[0]);
-             a.dqh[p.tok(a, i) * K + d] = y;
-             a.dge[p.tok(a, i) * K + d] = l.v[1] * y;
-             return 0.f;
-           });
-  tiles(C, K, [&](auto& acc, int m0, int n0) { warp_mma<float, 2>(acc, VK{sB + m0 * LDV, LDV}, VT{sBig + n0, LDS}, V); },
-        [&](int i, int d, float x) {
-          if (i < len) a.dw[p.tok(a, i) * K + d] = -x;
-        });
+  tiles_ld(
+      C, K, nullptr, 0,
+      [&](auto& acc, int m0, int n0) {
+        warp_mma<Mma, 2>(acc, VK{sA + m0 * LDV, LDV}, VT{sBig + n0, LDS}, V);
+      },
+      [&](int i, int d) {
+        if (i >= len) return Loaded{};
+        return Loaded{{gate<KDA, K>(a, p, i, d), a.q[p.qk(a, i) * K + d]}};
+      },
+      [&](int i, int d, float x, const Loaded& l) {
+        if (i >= len) return 0.f;
+        const float y = a.scale * x * expf(l.v[0]);
+        a.dqh[p.tok(a, i) * K + d] = y;
+        a.dge[p.tok(a, i) * K + d] = l.v[1] * y;
+        return 0.f;
+      });
+  tiles(
+      C, K,
+      [&](auto& acc, int m0, int n0) {
+        warp_mma<Mma, 2>(acc, VK{sB + m0 * LDV, LDV}, VT{sBig + n0, LDS}, V);
+      },
+      [&](int i, int d, float x) {
+        if (i < len) a.dw[p.tok(a, i) * K + d] = -x;
+      });
   __syncthreads();
   const float* dsn = a.dh + (size_t(blockIdx.x) * a.HV + p.j) * K * V;
   load_rows_async(sBig, LDV, K, V, K, [&](int r) { return dsn + size_t(r) * V; });
@@ -289,19 +297,22 @@ __global__ void __launch_bounds__(kThreads) state_terms_kernel(BwdArgs a) {
   cp_async_wait<0>();
   __syncthreads();
   // dk = (Vn dS'^T) ⊙ e^{G_last−G}; pkr = k ⊙ that (Kr_i's dependence on the gates after row i).
-  tiles_ld(C, K, nullptr, 0,
-           [&](auto& acc, int m0, int n0) { warp_mma<float, 2>(acc, VK{sA + m0 * LDV, LDV}, VK{sBig + n0 * LDV, LDV}, V); },
-           [&](int i, int d) {
-             if (i >= len) return Loaded{};
-             return Loaded{{gate<KDA, K>(a, p, len - 1, d), gate<KDA, K>(a, p, i, d), a.k[p.qk(a, i) * K + d]}};
-           },
-           [&](int i, int d, float x, const Loaded& l) {
-             if (i >= len) return 0.f;
-             const float y = x * expf(l.v[0] - l.v[1]);
-             a.dkh[p.tok(a, i) * K + d] = y;
-             a.pkr[p.tok(a, i) * K + d] = l.v[2] * y;
-             return 0.f;
-           });
+  tiles_ld(
+      C, K, nullptr, 0,
+      [&](auto& acc, int m0, int n0) {
+        warp_mma<Mma, 2>(acc, VK{sA + m0 * LDV, LDV}, VK{sBig + n0 * LDV, LDV}, V);
+      },
+      [&](int i, int d) {
+        if (i >= len) return Loaded{};
+        return Loaded{{gate<KDA, K>(a, p, len - 1, d), gate<KDA, K>(a, p, i, d), a.k[p.qk(a, i) * K + d]}};
+      },
+      [&](int i, int d, float x, const Loaded& l) {
+        if (i >= len) return 0.f;
+        const float y = x * expf(l.v[0] - l.v[1]);
+        a.dkh[p.tok(a, i) * K + d] = y;
+        a.pkr[p.tok(a, i) * K + d] = l.v[2] * y;
+        return 0.f;
+      });
   __syncthreads();
   // dG_last += e^{G_last} Σ_v dS' ⊙ S, per key row (GDN sums the rows later).
   for (int d = threadIdx.x; d < K; d += blockDim.x) {
@@ -320,7 +331,7 @@ __host__ __device__ inline size_t intra_smem(int K, int V) {
   return sizeof(float) * (size_t(4) * C * intra_ld(K, V) + 2 * C * kLdM + 4 * C + C * kNP);
 }
 
-template <bool KDA, int K>
+template <bool KDA, int K, class Mma>
 __global__ void __launch_bounds__(kThreads) intra_kernel(BwdArgs a) {
   extern __shared__ __align__(16) unsigned char smem[];
   const int V = a.V, LD = intra_ld(K, V);
@@ -357,52 +368,68 @@ __global__ void __launch_bounds__(kThreads) intra_kernel(BwdArgs a) {
   __syncthreads();
 
   // dBk = T^T dW: dk += β dBk ⊙ e^G (and its gate term); dbeta += Σ dBk ⊙ K ⊙ e^G.
-  tiles_ld(C, K, sPart, 0, [&](auto& acc, int m0, int n0) { warp_mma<float, 2>(acc, VT{sT + m0, kLdM}, VT{R1 + n0, LD}, C); },
-           [&](int i, int d) {
-             if (i >= len) return Loaded{};
-             return Loaded{{G(i, d), dkh(i, d), dge(i, d)}};
-           },
-           [&](int i, int d, float x, const Loaded& l) {
-             if (i >= len) return 0.f;
-             const float e = expf(l.v[0]), kk = R3[i * LD + d], y = sBeta[i] * x * e;
-             dkh(i, d) = l.v[1] + y;
-             dge(i, d) = l.v[2] + kk * y;
-             return x * kk * e;
-           });
+  tiles_ld(
+      C, K, sPart, 0,
+      [&](auto& acc, int m0, int n0) {
+        warp_mma<Mma, 2>(acc, VT{sT + m0, kLdM}, VT{R1 + n0, LD}, C);
+      },
+      [&](int i, int d) {
+        if (i >= len) return Loaded{};
+        return Loaded{{G(i, d), dkh(i, d), dge(i, d)}};
+      },
+      [&](int i, int d, float x, const Loaded& l) {
+        if (i >= len) return 0.f;
+        const float e = expf(l.v[0]), kk = R3[i * LD + d], y = sBeta[i] * x * e;
+        dkh(i, d) = l.v[1] + y;
+        dge(i, d) = l.v[2] + kk * y;
+        return x * kk * e;
+      });
   // dBv = T^T dVn: dv = β dBv; dbeta += Σ dBv ⊙ V.
-  tiles_ld(C, V, sPart, K / 16, [&](auto& acc, int m0, int n0) { warp_mma<float, 2>(acc, VT{sT + m0, kLdM}, VT{R2 + n0, LD}, C); },
-           [&](int, int) { return Loaded{}; },
-           [&](int i, int c, float x, const Loaded&) {
-             if (i >= len) return 0.f;
-             a.dv[p.tok(a, i) * V + c] = sBeta[i] * x;
-             return x * R4[i * LD + c];
-           });
+  tiles_ld(
+      C, V, sPart, K / 16,
+      [&](auto& acc, int m0, int n0) {
+        warp_mma<Mma, 2>(acc, VT{sT + m0, kLdM}, VT{R2 + n0, LD}, C);
+      },
+      [&](int, int) { return Loaded{}; },
+      [&](int i, int c, float x, const Loaded&) {
+        if (i >= len) return 0.f;
+        a.dv[p.tok(a, i) * V + c] = sBeta[i] * x;
+        return x * R4[i * LD + c];
+      });
   __syncthreads();
   // R3 = K ⊙ e^G. dT = (dW (K⊙e^G)^T + dVn V^T) diag(β), lower part (T is lower triangular).
   for (int idx = tid; idx < len * K; idx += blockDim.x) R3[(idx / K) * LD + idx % K] *= expf(G(idx / K, idx % K));
   __syncthreads();
-  tiles(C, C,
-        [&](auto& acc, int m0, int n0) {
-          warp_mma<float, 2>(acc, VK{R1 + m0 * LD, LD}, VK{R3 + n0 * LD, LD}, K);
-          warp_mma<float, 2>(acc, VK{R2 + m0 * LD, LD}, VK{R4 + n0 * LD, LD}, V);
-        },
-        [&](int i, int jj, float x) { sM[i * kLdM + jj] = jj <= i ? sBeta[jj] * x : 0.f; });
+  tiles(
+      C, C,
+      [&](auto& acc, int m0, int n0) {
+        warp_mma<Mma, 2>(acc, VK{R1 + m0 * LD, LD}, VK{R3 + n0 * LD, LD}, K);
+        warp_mma<Mma, 2>(acc, VK{R2 + m0 * LD, LD}, VK{R4 + n0 * LD, LD}, V);
+      },
+      [&](int i, int jj, float x) { sM[i * kLdM + jj] = jj <= i ? sBeta[jj] * x : 0.f; });
   __syncthreads();
   // R1 = Y = dT T^T; then dL = −T^T Y (strictly lower): sM = dMkk = β dL, dbeta += Σ dL ⊙ Mkk.
-  tiles(C, C, [&](auto& acc, int m0, int n0) { warp_mma<float, 2>(acc, VK{sM + m0 * kLdM, kLdM}, VK{sT + n0 * kLdM, kLdM}, C); },
-        [&](int i, int jj, float x) { R1[i * LD + jj] = x; });
+  tiles(
+      C, C,
+      [&](auto& acc, int m0, int n0) {
+        warp_mma<Mma, 2>(acc, VK{sM + m0 * kLdM, kLdM}, VK{sT + n0 * kLdM, kLdM}, C);
+      },
+      [&](int i, int jj, float x) { R1[i * LD + jj] = x; });
   __syncthreads();
-  tiles_ld(C, C, sPart, K / 16 + V / 16,
-           [&](auto& acc, int m0, int n0) { warp_mma<float, 2>(acc, VT{sT + m0, kLdM}, VT{R1 + n0, LD}, C); },
-           [&](int i, int jj) { return Loaded{{jj < i && i < len ? a.Mkk[mat + i * C + jj] : 0.f}}; },
-           [&](int i, int jj, float x, const Loaded& l) {
-             if (jj >= i || i >= len) {
-               sM[i * kLdM + jj] = 0.f;
-               return 0.f;
-             }
-             sM[i * kLdM + jj] = -sBeta[i] * x;
-             return -x * l.v[0];
-           });
+  tiles_ld(
+      C, C, sPart, K / 16 + V / 16,
+      [&](auto& acc, int m0, int n0) {
+        warp_mma<Mma, 2>(acc, VT{sT + m0, kLdM}, VT{R1 + n0, LD}, C);
+      },
+      [&](int i, int jj) { return Loaded{{jj < i && i < len ? a.Mkk[mat + i * C + jj] : 0.f}}; },
+      [&](int i, int jj, float x, const Loaded& l) {
+        if (jj >= i || i >= len) {
+          sM[i * kLdM + jj] = 0.f;
+          return 0.f;
+        }
+        sM[i * kLdM + jj] = -sBeta[i] * x;
+        return -x * l.v[0];
+      });
   __syncthreads();
   // R2 = dO, R3 = Vn. R1 = dMq = s dO Vn^T strictly below the diagonal (GDN: times the decay
   // e^{G_i−G_j}, and so is dMkk), its diagonal to sDiag.
@@ -419,14 +446,18 @@ __global__ void __launch_bounds__(kThreads) intra_kernel(BwdArgs a) {
   }
   cp_async_wait<0>();
   __syncthreads();
-  tiles(C, C, [&](auto& acc, int m0, int n0) { warp_mma<float, 2>(acc, VK{R2 + m0 * LD, LD}, VK{R3 + n0 * LD, LD}, V); },
-        [&](int i, int jj, float x) {
-          const float y = a.scale * x;
-          if (jj == i) sDiag[i] = y;
-          float val = jj < i && i < len ? y : 0.f;
-          if (!KDA && jj < i && i < len) val *= expf(sRow[i] - sRow[jj]);
-          R1[i * LD + jj] = val;
-        });
+  tiles(
+      C, C,
+      [&](auto& acc, int m0, int n0) {
+        warp_mma<Mma, 2>(acc, VK{R2 + m0 * LD, LD}, VK{R3 + n0 * LD, LD}, V);
+      },
+      [&](int i, int jj, float x) {
+        const float y = a.scale * x;
+        if (jj == i) sDiag[i] = y;
+        float val = jj < i && i < len ? y : 0.f;
+        if (!KDA && jj < i && i < len) val *= expf(sRow[i] - sRow[jj]);
+        R1[i * LD + jj] = val;
+      });
   __syncthreads();
 
   // The Gram matrices: dq += dMq·K (decayed), dk += dMkk·K + dMq^T·Q + dMkk^T·K (decayed), and
@@ -441,33 +472,45 @@ __global__ void __launch_bounds__(kThreads) intra_kernel(BwdArgs a) {
     __syncthreads();
     auto pre_q = [&](int i, int d) { return i < len ? Loaded{{dqh(i, d), dge(i, d)}} : Loaded{}; };
     auto pre_k = [&](int i, int d) { return i < len ? Loaded{{dkh(i, d), dge(i, d)}} : Loaded{}; };
-    tiles_ld(C, K, nullptr, 0, [&](auto& acc, int m0, int n0) { warp_mma<float, 2>(acc, VK{R1 + m0 * LD, LD}, VT{R3 + n0, LD}, C); },
-             pre_q, [&](int i, int d, float x, const Loaded& l) {
-               if (i >= len) return 0.f;
-               dqh(i, d) = l.v[0] + x + sDiag[i] * R3[i * LD + d];
-               dge(i, d) = l.v[1] + R2[i * LD + d] * x;
-               return 0.f;
-             });
+    tiles_ld(
+        C, K, nullptr, 0,
+        [&](auto& acc, int m0, int n0) {
+          warp_mma<Mma, 2>(acc, VK{R1 + m0 * LD, LD}, VT{R3 + n0, LD}, C);
+        },
+        pre_q,
+        [&](int i, int d, float x, const Loaded& l) {
+          if (i >= len) return 0.f;
+          dqh(i, d) = l.v[0] + x + sDiag[i] * R3[i * LD + d];
+          dge(i, d) = l.v[1] + R2[i * LD + d] * x;
+          return 0.f;
+        });
     __syncthreads();
-    tiles_ld(C, K, nullptr, 0, [&](auto& acc, int m0, int n0) { warp_mma<float, 2>(acc, VK{sM + m0 * kLdM, kLdM}, VT{R3 + n0, LD}, C); },
-             pre_k, [&](int i, int d, float x, const Loaded& l) {
-               if (i >= len) return 0.f;
-               dkh(i, d) = l.v[0] + x + sDiag[i] * R2[i * LD + d];
-               dge(i, d) = l.v[1] + R3[i * LD + d] * x;
-               return 0.f;
-             });
+    tiles_ld(
+        C, K, nullptr, 0,
+        [&](auto& acc, int m0, int n0) {
+          warp_mma<Mma, 2>(acc, VK{sM + m0 * kLdM, kLdM}, VT{R3 + n0, LD}, C);
+        },
+        pre_k,
+        [&](int i, int d, float x, const Loaded& l) {
+          if (i >= len) return 0.f;
+          dkh(i, d) = l.v[0] + x + sDiag[i] * R2[i * LD + d];
+          dge(i, d) = l.v[1] + R3[i * LD + d] * x;
+          return 0.f;
+        });
     __syncthreads();
-    tiles_ld(C, K, nullptr, 0,
-             [&](auto& acc, int m0, int n0) {
-               warp_mma<float, 2>(acc, VT{R1 + m0, LD}, VT{R2 + n0, LD}, C);
-               warp_mma<float, 2>(acc, VT{sM + m0, kLdM}, VT{R3 + n0, LD}, C);
-             },
-             pre_k, [&](int i, int d, float x, const Loaded& l) {
-               if (i >= len) return 0.f;
-               dkh(i, d) = l.v[0] + x;
-               dge(i, d) = l.v[1] - R3[i * LD + d] * x;
-               return 0.f;
-             });
+    tiles_ld(
+        C, K, nullptr, 0,
+        [&](auto& acc, int m0, int n0) {
+          warp_mma<Mma, 2>(acc, VT{R1 + m0, LD}, VT{R2 + n0, LD}, C);
+          warp_mma<Mma, 2>(acc, VT{sM + m0, kLdM}, VT{R3 + n0, LD}, C);
+        },
+        pre_k,
+        [&](int i, int d, float x, const Loaded& l) {
+          if (i >= len) return 0.f;
+          dkh(i, d) = l.v[0] + x;
+          dge(i, d) = l.v[1] - R3[i * LD + d] * x;
+          return 0.f;
+        });
     __syncthreads();
   } else {
     // Per-key decay, factored per 16-row block B around its row m as in the forward's prep:
@@ -495,39 +538,51 @@ __global__ void __launch_bounds__(kThreads) intra_kernel(BwdArgs a) {
           return Loaded{{G(i, d), G(m, d), acc_base[x], a.dge[x], qv(i, d), kv(i, d)}};
         };
       };
-      tiles_ld(16, K, nullptr, 0, [&](auto& acc, int, int n0) { warp_mma<float, 2>(acc, VK{R1 + b0 * LD, LD}, VT{R2 + n0, LD}, b0 + 16); },
-               pre_row(a.dqh), [&](int r, int d, float x, const Loaded& l) {
-                 const int i = b0 + r;
-                 if (i >= len) return 0.f;
-                 const float y = x * expf(l.v[0] - l.v[1]);
-                 dqh(i, d) = l.v[2] + y + sDiag[i] * l.v[5];
-                 dge(i, d) = l.v[3] + l.v[4] * y;
-                 return 0.f;
-               });
+      tiles_ld(
+          16, K, nullptr, 0,
+          [&](auto& acc, int, int n0) {
+            warp_mma<Mma, 2>(acc, VK{R1 + b0 * LD, LD}, VT{R2 + n0, LD}, b0 + 16);
+          },
+          pre_row(a.dqh),
+          [&](int r, int d, float x, const Loaded& l) {
+            const int i = b0 + r;
+            if (i >= len) return 0.f;
+            const float y = x * expf(l.v[0] - l.v[1]);
+            dqh(i, d) = l.v[2] + y + sDiag[i] * l.v[5];
+            dge(i, d) = l.v[3] + l.v[4] * y;
+            return 0.f;
+          });
       __syncthreads();
-      tiles_ld(16, K, nullptr, 0, [&](auto& acc, int, int n0) { warp_mma<float, 2>(acc, VK{sM + b0 * kLdM, kLdM}, VT{R2 + n0, LD}, b0 + 16); },
-               pre_row(a.dkh), [&](int r, int d, float x, const Loaded& l) {
-                 const int i = b0 + r;
-                 if (i >= len) return 0.f;
-                 const float y = x * expf(l.v[0] - l.v[1]);
-                 dkh(i, d) = l.v[2] + y + sDiag[i] * l.v[4];
-                 dge(i, d) = l.v[3] + l.v[5] * y;
-                 return 0.f;
-               });
+      tiles_ld(
+          16, K, nullptr, 0,
+          [&](auto& acc, int, int n0) {
+            warp_mma<Mma, 2>(acc, VK{sM + b0 * kLdM, kLdM}, VT{R2 + n0, LD}, b0 + 16);
+          },
+          pre_row(a.dkh),
+          [&](int r, int d, float x, const Loaded& l) {
+            const int i = b0 + r;
+            if (i >= len) return 0.f;
+            const float y = x * expf(l.v[0] - l.v[1]);
+            dkh(i, d) = l.v[2] + y + sDiag[i] * l.v[4];
+            dge(i, d) = l.v[3] + l.v[5] * y;
+            return 0.f;
+          });
       __syncthreads();
-      tiles_ld(16, K, nullptr, 0,
-               [&](auto& acc, int, int n0) {
-                 warp_mma<float, 2>(acc, VT{R1 + b0 * LD + b0, LD}, VT{R3 + b0 * LD + n0, LD}, C - b0);
-                 warp_mma<float, 2>(acc, VT{sM + b0 * kLdM + b0, kLdM}, VT{R4 + b0 * LD + n0, LD}, C - b0);
-               },
-               pre_row(a.dkh), [&](int r, int d, float x, const Loaded& l) {
-                 const int jj = b0 + r;
-                 if (jj >= len) return 0.f;
-                 const float y = x * expf(l.v[1] - l.v[0]);  // e^{G_m − G_j}
-                 dkh(jj, d) = l.v[2] + y;
-                 dge(jj, d) = l.v[3] - l.v[5] * y;
-                 return 0.f;
-               });
+      tiles_ld(
+          16, K, nullptr, 0,
+          [&](auto& acc, int, int n0) {
+            warp_mma<Mma, 2>(acc, VT{R1 + b0 * LD + b0, LD}, VT{R3 + b0 * LD + n0, LD}, C - b0);
+            warp_mma<Mma, 2>(acc, VT{sM + b0 * kLdM + b0, kLdM}, VT{R4 + b0 * LD + n0, LD}, C - b0);
+          },
+          pre_row(a.dkh),
+          [&](int r, int d, float x, const Loaded& l) {
+            const int jj = b0 + r;
+            if (jj >= len) return 0.f;
+            const float y = x * expf(l.v[1] - l.v[0]);  // e^{G_m − G_j}
+            dkh(jj, d) = l.v[2] + y;
+            dge(jj, d) = l.v[3] - l.v[5] * y;
+            return 0.f;
+          });
       __syncthreads();
     }
   }
@@ -614,17 +669,17 @@ void set_smem(F* kern, size_t bytes, const char* what) {
   check_cuda(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)), what);
 }
 
-template <bool KDA, int K>
+template <bool KDA, int K, class Mma>
 void launch_bwd(const BwdArgs& a, int64_t chunks, int64_t n_seqs, int cols, cudaStream_t s) {
   if (n_seqs == 0) return;
   if (cols == 32) {
     using L = DStateSmem<KDA, K, 32>;
-    auto kern = dstate_kernel<KDA, K, 32>;
+    auto kern = dstate_kernel<KDA, K, 32, Mma>;
     set_smem(kern, L::kBytes, "dstate smem");
     kern<<<dim3(unsigned(n_seqs), unsigned(a.HV), unsigned(a.V / 32)), L::kWarps * 32, L::kBytes, s>>>(a);
   } else {
     using L = DStateSmem<KDA, K, 16>;
-    auto kern = dstate_kernel<KDA, K, 16>;
+    auto kern = dstate_kernel<KDA, K, 16, Mma>;
     set_smem(kern, L::kBytes, "dstate smem");
     kern<<<dim3(unsigned(n_seqs), unsigned(a.HV), unsigned(a.V / 16)), L::kWarps * 32, L::kBytes, s>>>(a);
   }
@@ -632,20 +687,23 @@ void launch_bwd(const BwdArgs& a, int64_t chunks, int64_t n_seqs, int cols, cuda
   if (chunks == 0) return;
   const dim3 grid(unsigned(chunks), unsigned(a.HV));
   const size_t b1 = state_terms_smem<K>(a.V), b2 = intra_smem(K, a.V);
-  set_smem(state_terms_kernel<KDA, K>, b1, "state terms smem");
-  state_terms_kernel<KDA, K><<<grid, kThreads, b1, s>>>(a);
+  set_smem(state_terms_kernel<KDA, K, Mma>, b1, "state terms smem");
+  state_terms_kernel<KDA, K, Mma><<<grid, kThreads, b1, s>>>(a);
   check_cuda(cudaGetLastError(), "delta rule backward state terms kernel");
-  set_smem(intra_kernel<KDA, K>, b2, "intra smem");
-  intra_kernel<KDA, K><<<grid, kThreads, b2, s>>>(a);
+  set_smem(intra_kernel<KDA, K, Mma>, b2, "intra smem");
+  intra_kernel<KDA, K, Mma><<<grid, kThreads, b2, s>>>(a);
   check_cuda(cudaGetLastError(), "delta rule backward intra kernel");
 }
 
-template <bool KDA>
+template <bool KDA, class Mma>
 void dispatch_bwd(const BwdArgs& a, int K, int64_t chunks, int64_t n_seqs, int cols, cudaStream_t s) {
   switch (K) {
-    case 32: return launch_bwd<KDA, 32>(a, chunks, n_seqs, cols, s);
-    case 64: return launch_bwd<KDA, 64>(a, chunks, n_seqs, cols, s);
-    default: return launch_bwd<KDA, 128>(a, chunks, n_seqs, cols, s);
+    case 32:
+      return launch_bwd<KDA, 32, Mma>(a, chunks, n_seqs, cols, s);
+    case 64:
+      return launch_bwd<KDA, 64, Mma>(a, chunks, n_seqs, cols, s);
+    default:
+      return launch_bwd<KDA, 128, Mma>(a, chunks, n_seqs, cols, s);
   }
 }
 
@@ -739,8 +797,21 @@ void DeltaChunkBackward::backward(const void* q, const void* k, const void* v, c
   a.H = int(H), a.HV = int(HV), a.V = int(V), a.group = int(HV / H);
   a.dqh = HV > H ? dqh : dq, a.dkh = HV > H ? dkh : dk;
   a.dv = dv, a.dg = dg, a.dbeta = dbeta, a.dh0 = dh0;
-  if (d_.gate == DeltaGate::PerKey) dispatch_bwd<true>(a, int(K), chunks, N, state_cols_, stream);
-  else dispatch_bwd<false>(a, int(K), chunks, N, state_cols_, stream);
+  // bf16 inputs carry 2^-9 rounding already: single tf32 products (2^-11) add little to it and
+  // cost a third of the tensor work of 3xTF32, which fp32 inputs (1e-4 of fp64) and fp16 inputs
+  // (their own rounding is tf32's) keep.
+  const bool per_key = d_.gate == DeltaGate::PerKey;
+  if (dt_ == DType::BF16) {
+    if (per_key)
+      dispatch_bwd<true, tf32>(a, int(K), chunks, N, state_cols_, stream);
+    else
+      dispatch_bwd<false, tf32>(a, int(K), chunks, N, state_cols_, stream);
+  } else {
+    if (per_key)
+      dispatch_bwd<true, float>(a, int(K), chunks, N, state_cols_, stream);
+    else
+      dispatch_bwd<false, float>(a, int(K), chunks, N, state_cols_, stream);
+  }
   if (HV > H && T > 0) {
     const size_t n = size_t(T * H * K);
     group_sum_kernel<<<unsigned(std::min<size_t>((n + 255) / 256, 4096)), 256, 0, stream>>>(dqh, dkh, dq, dk, n, int(H),

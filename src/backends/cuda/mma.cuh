@@ -7,6 +7,9 @@
 //   float       -> three tf32 mma.m16n8k8 per step (a_hi·b_hi + a_hi·b_lo + a_lo·b_hi, the
 //                  "3xTF32" split), which keeps ~fp32 accuracy: fp32 inputs must land within 1e-4
 //                  of an fp64 reference, and a single tf32 product (10-bit mantissa) would not.
+//   tf32        -> one tf32 mma.m16n8k8 per step over the same fp32 views: a third of the tensor
+//                  work and no split, with a rounding 8x finer than bf16's, for fp32 math on
+//                  operands that came from bf16 (their own rounding dominates the error).
 // Fragment layouts follow the PTX ISA ("Matrix fragments for mma.m16n8k16 / m16n8k8"): lane l owns
 // rows l/4 and l/4+8 of A and C, columns 2·(l%4)+{0,1} of C, and column l/4 of B.
 #pragma once
@@ -17,6 +20,9 @@
 #include <type_traits>
 
 namespace hla::cuda {
+
+// The marker type that picks single-tf32 products over fp32 views in warp_mma (see above).
+struct tf32 {};
 
 template <class T> __device__ __forceinline__ float to_f32(T x);
 template <> __device__ __forceinline__ float to_f32<float>(float x) { return x; }
@@ -222,7 +228,18 @@ __device__ __forceinline__ void warp_mma(float (&c)[NT][4], const VA& a, const V
         for (int e = 0; e < 4; ++e) c[t][e] += c2[t][e];
     }
     for (; k0 < kdim; k0 += 16) step(c, k0);
+  } else if constexpr (std::is_same_v<CT, tf32>) {
+    for (int k0 = 0; k0 < kdim; k0 += 8) {
+      const uint32_t af[4] = {to_tf32(a.at(r, k0 + q)), to_tf32(a.at(r + 8, k0 + q)), to_tf32(a.at(r, k0 + q + 4)),
+                              to_tf32(a.at(r + 8, k0 + q + 4))};
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+        const uint32_t bf[2] = {to_tf32(b.at(8 * t + r, k0 + q)), to_tf32(b.at(8 * t + r, k0 + q + 4))};
+        mma_tf32(c[t], af, bf);
+      }
+    }
   } else {
+    static_assert(std::is_same_v<CT, float>, "warp_mma: CT is bf16, fp16, float (3xTF32) or tf32");
     for (int k0 = 0; k0 < kdim; k0 += 8) {
       uint32_t ah[4], al[4];
       split_tf32(a.at(r, k0 + q), ah[0], al[0]);
