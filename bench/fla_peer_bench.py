@@ -3,7 +3,8 @@
 # fp32 for KDA, bf16 for GDN; beta bf16). Needs FLA_PATH = a folder holding a copy of FLA's fla/
 # package (never committed). Prints CSV rows: op,shape,dtype,us (median of triton's do_bench).
 # *_chunk_fwdbwd rows: the forward then autograd's backward with a random dout (what a training
-# step of the op costs), on the training shapes.
+# step of the op costs), on the training shapes. --only= and --shape= keep the rows whose op
+# name / shape contains the given text (FLA's autotuning makes a full run take many minutes).
 import os
 import sys
 
@@ -18,6 +19,7 @@ from fla.ops.kda import chunk_kda, fused_recurrent_kda  # noqa: E402
 dev, dt = "cuda", torch.bfloat16
 quick = "--quick" in sys.argv
 only = next((a[7:] for a in sys.argv if a.startswith("--only=")), "")  # substring of the op name
+shape_only = next((a[8:] for a in sys.argv if a.startswith("--shape=")), "")  # substring of the shape
 
 
 def inputs(T, H, D, kda, B=1):
@@ -43,6 +45,8 @@ for name, fn, kda in [("gdn", chunk_gated_delta_rule, False), ("kda", chunk_kda,
     if only not in f"{name}_chunk_fwd":
         continue
     for B, T, H in fixed:
+        if shape_only not in f"B{B} T{T} H{H} D128":
+            continue
         try:
             q, k, v, g, beta = inputs(T, H, 128, kda, B)
             with torch.inference_mode():
@@ -51,6 +55,8 @@ for name, fn, kda in [("gdn", chunk_gated_delta_rule, False), ("kda", chunk_kda,
             row(f"{name}_chunk_fwd", f"B{B} T{T} H{H} D128", ms)
         except Exception as e:  # report and go on: one failing shape must not hide the others
             print(f"# fla_{name} B{B} T{T} H{H} error {repr(e)[:200]}", flush=True)
+    if shape_only not in "varlen[1300 547 2048 963 271 3063] H64 D128":
+        continue
     try:
         q, k, v, g, beta = inputs(sum(varlen), 64, 128, kda)
         cu = torch.tensor([0] + list(torch.tensor(varlen).cumsum(0)), device=dev, dtype=torch.int32)
@@ -64,6 +70,8 @@ for name, fn, kda in [("gdn", fused_recurrent_gated_delta_rule, False), ("kda", 
     if only not in f"{name}_decode":
         continue
     for B in (1, 64, 256):
+        if shape_only not in f"B{B} H32 D128":
+            continue
         q, k, v, g, beta = inputs(1, 32, 128, kda, B)
         h0 = torch.randn(B, 32, 128, 128, device=dev, dtype=torch.float32) * 0.01
         with torch.inference_mode():
@@ -78,6 +86,8 @@ for name, fn, kda in [("gdn", chunk_gated_delta_rule, False), ("kda", chunk_kda,
     cases = [(f"B{B} T{T} H{H} D128", T, H, B, None) for B, T, H in train]
     cases.append(("varlen[1300 547 2048 963 271 3063] H64 D128", sum(varlen), 64, 1, varlen))
     for shape, T, H, B, lens in cases:
+        if shape_only not in shape:
+            continue
         try:
             q, k, v, g, beta = inputs(T, H, 128, kda, B)
             xs = [x.detach().clone().requires_grad_(True) for x in (q, k, v, g, beta)]

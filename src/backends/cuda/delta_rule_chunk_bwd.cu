@@ -80,15 +80,19 @@ struct Loaded {
 // before any of its stores — a load after a store to a possibly aliasing address would wait for
 // it, one L2 round trip per element instead of one per tile. post returns a term to sum along the
 // row: with part != nullptr each tile's 16-column partial sums (a quad's lanes combined by a fixed
-// shuffle tree) land in part[row·kNP + slot + n0/16].
-template <class Body, class Pre, class Post>
+// shuffle tree) land in part[row·kNP + slot + n0/16]. With NA > 1 accumulators per tile (products
+// that meet in one element's update), body gets acc[NA] and post the NA values x[NA].
+template <int NA = 1, class Body, class Pre, class Post>
 __device__ __forceinline__ void tiles_ld(int M, int N, float* part, int slot, Body&& body, Pre&& pre, Post&& post) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5, tn = N / 16;
   const int r = lane >> 2, q = lane & 3;  // for_each_acc's element map
   for (int t = warp; t < (M / 16) * tn; t += nw) {
     const int m0 = (t / tn) * 16, n0 = (t % tn) * 16;
-    float acc[2][4] = {};
-    body(acc, m0, n0);
+    float acc[NA][2][4] = {};
+    if constexpr (NA == 1)
+      body(acc[0], m0, n0);
+    else
+      body(acc, m0, n0);
     Loaded ld[2][4];
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt)
@@ -99,7 +103,15 @@ __device__ __forceinline__ void tiles_ld(int M, int N, float* part, int slot, Bo
     for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const float y = post(m0 + r + (e >> 1) * 8, n0 + 8 * nt + 2 * q + (e & 1), acc[nt][e], ld[nt][e]);
+        const int row = m0 + r + (e >> 1) * 8, col = n0 + 8 * nt + 2 * q + (e & 1);
+        float x[NA];
+#pragma unroll
+        for (int k = 0; k < NA; ++k) x[k] = acc[k][nt][e];
+        float y;
+        if constexpr (NA == 1)
+          y = post(row, col, x[0], ld[nt][e]);
+        else
+          y = post(row, col, x, ld[nt][e]);
         if (e < 2) s0 += y;
         else s1 += y;
       }
@@ -242,10 +254,11 @@ __global__ void __launch_bounds__(DStateSmem<KDA, K, BV>::kWarps * 32) dstate_ke
 
 // ---------------------------------------------------------------------------------------------
 // State terms: one block (8 warps) per (chunk, value head). First writer of dqh, dkh, dge, pkr, dw.
+// S and dS' are both staged (203 KB at K = V = 128), so all loads but Vn's go out at once and the
+// dG_last sum reads S from shared memory (it was a chain of V dependent global loads per key row).
 template <int K>
 __host__ __device__ size_t state_terms_smem(int V) {
-  const int big = V * (K + 4) > K * (V + 4) ? V * (K + 4) : K * (V + 4);
-  return sizeof(float) * (size_t(big) + 2 * C * (V + 4));
+  return sizeof(float) * (size_t(V) * (K + 4) + size_t(K) * (V + 4) + 2 * C * (V + 4));
 }
 
 template <bool KDA, int K, class Mma>
@@ -254,21 +267,25 @@ __global__ void __launch_bounds__(kThreads) state_terms_kernel(BwdArgs a) {
   const int V = a.V, LDV = V + 4, LDS = K + 4;
   const ChunkPos p(a, blockIdx.x, blockIdx.y);
   const int len = p.len;
-  float* sBig = reinterpret_cast<float*>(smem);  // S^T [V][K], then dS' [K][V]
-  float* sA = sBig + (V * (K + 4) > K * (V + 4) ? V * (K + 4) : K * (V + 4));  // [64][V]: dO, then Vn
-  float* sB = sA + C * LDV;                                                  // [64][V]: dVn
-  const float* hc = a.h + (size_t(blockIdx.x) * a.HV + p.j) * V * K;        // S^T
-  load_rows_async(sBig, LDS, V, K, V, [&](int r) { return hc + size_t(r) * K; });
+  float* sS = reinterpret_cast<float*>(smem);                         // S^T [V][K]
+  float* sdS = sS + V * LDS;                                          // dS' [K][V]
+  float* sA = sdS + K * LDV;                                          // [64][V]: dO, then Vn
+  float* sB = sA + C * LDV;                                           // [64][V]: dVn
+  const float* hc = a.h + (size_t(blockIdx.x) * a.HV + p.j) * V * K;  // S^T
+  const float* dsn = a.dh + (size_t(blockIdx.x) * a.HV + p.j) * K * V;
+  load_rows_async(sS, LDS, V, K, V, [&](int r) { return hc + size_t(r) * K; });
   load_rows_async(sA, LDV, C, V, len, [&](int i) { return a.dout + p.tok(a, i) * V; });
   load_rows_async(sB, LDV, C, V, len, [&](int i) { return a.dvn + p.tok(a, i) * V; });
   cp_async_commit();
-  cp_async_wait<0>();
+  load_rows_async(sdS, LDV, K, V, K, [&](int r) { return dsn + size_t(r) * V; });
+  cp_async_commit();
+  cp_async_wait<1>();
   __syncthreads();
   // dq = s (dO S^T) ⊙ e^G, its gate term q ⊙ dq; dW = −dVn S^T.
   tiles_ld(
       C, K, nullptr, 0,
       [&](auto& acc, int m0, int n0) {
-        warp_mma<Mma, 2>(acc, VK{sA + m0 * LDV, LDV}, VT{sBig + n0, LDS}, V);
+        warp_mma<Mma, 2>(acc, VK{sA + m0 * LDV, LDV}, VT{sS + n0, LDS}, V);
       },
       [&](int i, int d) {
         if (i >= len) return Loaded{};
@@ -284,14 +301,12 @@ __global__ void __launch_bounds__(kThreads) state_terms_kernel(BwdArgs a) {
   tiles(
       C, K,
       [&](auto& acc, int m0, int n0) {
-        warp_mma<Mma, 2>(acc, VK{sB + m0 * LDV, LDV}, VT{sBig + n0, LDS}, V);
+        warp_mma<Mma, 2>(acc, VK{sB + m0 * LDV, LDV}, VT{sS + n0, LDS}, V);
       },
       [&](int i, int d, float x) {
         if (i < len) a.dw[p.tok(a, i) * K + d] = -x;
       });
   __syncthreads();
-  const float* dsn = a.dh + (size_t(blockIdx.x) * a.HV + p.j) * K * V;
-  load_rows_async(sBig, LDV, K, V, K, [&](int r) { return dsn + size_t(r) * V; });
   load_rows_async(sA, LDV, C, V, len, [&](int i) { return a.vn + p.tok(a, i) * V; });
   cp_async_commit();
   cp_async_wait<0>();
@@ -300,7 +315,7 @@ __global__ void __launch_bounds__(kThreads) state_terms_kernel(BwdArgs a) {
   tiles_ld(
       C, K, nullptr, 0,
       [&](auto& acc, int m0, int n0) {
-        warp_mma<Mma, 2>(acc, VK{sA + m0 * LDV, LDV}, VK{sBig + n0 * LDV, LDV}, V);
+        warp_mma<Mma, 2>(acc, VK{sA + m0 * LDV, LDV}, VK{sdS + n0 * LDV, LDV}, V);
       },
       [&](int i, int d) {
         if (i >= len) return Loaded{};
@@ -317,7 +332,7 @@ __global__ void __launch_bounds__(kThreads) state_terms_kernel(BwdArgs a) {
   // dG_last += e^{G_last} Σ_v dS' ⊙ S, per key row (GDN sums the rows later).
   for (int d = threadIdx.x; d < K; d += blockDim.x) {
     float s = 0.f;
-    for (int v = 0; v < V; ++v) s += sBig[d * LDV + v] * hc[size_t(v) * K + d];
+    for (int v = 0; v < V; ++v) s += sdS[d * LDV + v] * sS[v * LDS + d];
     a.dge[p.tok(a, len - 1) * K + d] += s * expf(gate<KDA, K>(a, p, len - 1, d));
   }
 }
@@ -325,10 +340,11 @@ __global__ void __launch_bounds__(kThreads) state_terms_kernel(BwdArgs a) {
 // ---------------------------------------------------------------------------------------------
 // Intra-chunk terms: one block (8 warps) per (chunk, value head), after state_terms. Four fp32
 // regions R1..R4 of 64 x max(K, V, 64) and two 64x64 tiles (T; dT, then dMkk) are reused across
-// the phases (comments name what each holds).
+// the phases (comments name what each holds); KDA keeps the chunk's gate tile G [64][K] for all of
+// them (the per-element gates, read ~10 times each, were global loads).
 __host__ __device__ inline int intra_ld(int K, int V) { return (K > V ? (K > C ? K : C) : (V > C ? V : C)) + 4; }
-__host__ __device__ inline size_t intra_smem(int K, int V) {
-  return sizeof(float) * (size_t(4) * C * intra_ld(K, V) + 2 * C * kLdM + 4 * C + C * kNP);
+__host__ __device__ inline size_t intra_smem(int K, int V, bool kda) {
+  return sizeof(float) * (size_t(kda ? 5 : 4) * C * intra_ld(K, V) + 2 * C * kLdM + 4 * C + C * kNP);
 }
 
 template <bool KDA, int K, class Mma>
@@ -347,8 +363,9 @@ __global__ void __launch_bounds__(kThreads) intra_kernel(BwdArgs a) {
   float* sDiag = sBeta + C;     // [64] dMq[i][i] (no decay: straight to dq, dk)
   float* sRow = sDiag + C;      // [2][64] GDN: per-row sums of dge and pkr
   float* sPart = sRow + 2 * C;  // [64][kNP] dbeta partial sums
+  float* sG = sPart + C * kNP;  // KDA: G [64][K]
   const size_t mat = (size_t(blockIdx.x) * a.HV + p.j) * C * C;
-  auto G = [&](int i, int d) { return gate<KDA, K>(a, p, i, d); };
+  auto G = [&](int i, int d) { return KDA ? sG[i * LD + d] : gate<KDA, K>(a, p, i, d); };
   auto qv = [&](int i, int d) { return a.q[p.qk(a, i) * K + d]; };
   auto kv = [&](int i, int d) { return a.k[p.qk(a, i) * K + d]; };
   auto dqh = [&](int i, int d) -> float& { return a.dqh[p.tok(a, i) * K + d]; };
@@ -361,6 +378,7 @@ __global__ void __launch_bounds__(kThreads) intra_kernel(BwdArgs a) {
   load_rows_async(R2, LD, C, V, len, [&](int i) { return a.dvn + p.tok(a, i) * V; });
   load_rows_async(R3, LD, C, K, len, [&](int i) { return a.k + p.qk(a, i) * K; });
   load_rows_async(R4, LD, C, V, len, [&](int i) { return a.v + p.tok(a, i) * V; });
+  if constexpr (KDA) load_rows_async(sG, LD, C, K, len, [&](int i) { return a.Gc + p.tok(a, i) * K; });
   cp_async_commit();
   if (tid < C) sBeta[tid] = tid < len ? a.beta[p.tok(a, tid)] : 0.f;
   for (int e = tid; e < C * kNP; e += blockDim.x) sPart[e] = 0.f;
@@ -461,8 +479,10 @@ __global__ void __launch_bounds__(kThreads) intra_kernel(BwdArgs a) {
   __syncthreads();
 
   // The Gram matrices: dq += dMq·K (decayed), dk += dMkk·K + dMq^T·Q + dMkk^T·K (decayed), and
-  // their gate terms q⊙dQrow + k⊙dKrow − k⊙dKcol; the row passes also add the undecayed diagonal
-  // of dMq (dq += dMq_ii k_i, dk += dMq_ii q_i, no gate term).
+  // their gate terms q⊙dQrow + k⊙dKrow − k⊙dKcol; the row terms also add the undecayed diagonal of
+  // dMq (dq += dMq_ii k_i, dk += dMq_ii q_i, no gate term). One pass with three accumulators per
+  // element (x[0] = the dq row term, x[1] the dk row term, x[2] the dk column term), so dq, dk and
+  // dge are read and written once, in the order of three separate passes.
   if constexpr (!KDA) {
     // Scalar decay, already inside dMq and dMkk: plain products with R2 = Q, R3 = K.
     load_rows_async(R2, LD, C, K, len, [&](int i) { return a.q + p.qk(a, i) * K; });
@@ -470,45 +490,23 @@ __global__ void __launch_bounds__(kThreads) intra_kernel(BwdArgs a) {
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
-    auto pre_q = [&](int i, int d) { return i < len ? Loaded{{dqh(i, d), dge(i, d)}} : Loaded{}; };
-    auto pre_k = [&](int i, int d) { return i < len ? Loaded{{dkh(i, d), dge(i, d)}} : Loaded{}; };
-    tiles_ld(
+    tiles_ld<3>(
         C, K, nullptr, 0,
         [&](auto& acc, int m0, int n0) {
-          warp_mma<Mma, 2>(acc, VK{R1 + m0 * LD, LD}, VT{R3 + n0, LD}, C);
+          warp_mma<Mma, 2>(acc[0], VK{R1 + m0 * LD, LD}, VT{R3 + n0, LD}, C);
+          warp_mma<Mma, 2>(acc[1], VK{sM + m0 * kLdM, kLdM}, VT{R3 + n0, LD}, C);
+          warp_mma<Mma, 2>(acc[2], VT{R1 + m0, LD}, VT{R2 + n0, LD}, C);
+          warp_mma<Mma, 2>(acc[2], VT{sM + m0, kLdM}, VT{R3 + n0, LD}, C);
         },
-        pre_q,
-        [&](int i, int d, float x, const Loaded& l) {
-          if (i >= len) return 0.f;
-          dqh(i, d) = l.v[0] + x + sDiag[i] * R3[i * LD + d];
-          dge(i, d) = l.v[1] + R2[i * LD + d] * x;
-          return 0.f;
-        });
-    __syncthreads();
-    tiles_ld(
-        C, K, nullptr, 0,
-        [&](auto& acc, int m0, int n0) {
-          warp_mma<Mma, 2>(acc, VK{sM + m0 * kLdM, kLdM}, VT{R3 + n0, LD}, C);
+        [&](int i, int d) {
+          return i < len ? Loaded{{dqh(i, d), dkh(i, d), dge(i, d)}} : Loaded{};
         },
-        pre_k,
-        [&](int i, int d, float x, const Loaded& l) {
+        [&](int i, int d, const float(&x)[3], const Loaded& l) {
           if (i >= len) return 0.f;
-          dkh(i, d) = l.v[0] + x + sDiag[i] * R2[i * LD + d];
-          dge(i, d) = l.v[1] + R3[i * LD + d] * x;
-          return 0.f;
-        });
-    __syncthreads();
-    tiles_ld(
-        C, K, nullptr, 0,
-        [&](auto& acc, int m0, int n0) {
-          warp_mma<Mma, 2>(acc, VT{R1 + m0, LD}, VT{R2 + n0, LD}, C);
-          warp_mma<Mma, 2>(acc, VT{sM + m0, kLdM}, VT{R3 + n0, LD}, C);
-        },
-        pre_k,
-        [&](int i, int d, float x, const Loaded& l) {
-          if (i >= len) return 0.f;
-          dkh(i, d) = l.v[0] + x;
-          dge(i, d) = l.v[1] - R3[i * LD + d] * x;
+          const float qq = R2[i * LD + d], kk = R3[i * LD + d];
+          dqh(i, d) = l.v[0] + x[0] + sDiag[i] * kk;
+          dkh(i, d) = l.v[1] + x[1] + sDiag[i] * qq + x[2];
+          dge(i, d) = l.v[2] + qq * x[0] + kk * x[1] - kk * x[2];
           return 0.f;
         });
     __syncthreads();
@@ -529,58 +527,28 @@ __global__ void __launch_bounds__(kThreads) intra_kernel(BwdArgs a) {
         R4[i * LD + d] = i < len ? kv(i, d) * f : 0.f;
       }
       __syncthreads();
-      // Rows of block B: {G_i, G_m, accumulator, dge, q_i, k_i}.
-      auto pre_row = [&](float* acc_base) {
-        return [&, acc_base](int r, int d) {
-          const int i = b0 + r;
-          if (i >= len) return Loaded{};
-          const size_t x = p.tok(a, i) * K + d;
-          return Loaded{{G(i, d), G(m, d), acc_base[x], a.dge[x], qv(i, d), kv(i, d)}};
-        };
-      };
-      tiles_ld(
+      // The rows of block B: the row terms against R2 (rows < 16B+16), the column term against
+      // R3, R4 (rows ≥ 16B).
+      tiles_ld<3>(
           16, K, nullptr, 0,
           [&](auto& acc, int, int n0) {
-            warp_mma<Mma, 2>(acc, VK{R1 + b0 * LD, LD}, VT{R2 + n0, LD}, b0 + 16);
+            warp_mma<Mma, 2>(acc[0], VK{R1 + b0 * LD, LD}, VT{R2 + n0, LD}, b0 + 16);
+            warp_mma<Mma, 2>(acc[1], VK{sM + b0 * kLdM, kLdM}, VT{R2 + n0, LD}, b0 + 16);
+            warp_mma<Mma, 2>(acc[2], VT{R1 + b0 * LD + b0, LD}, VT{R3 + b0 * LD + n0, LD}, C - b0);
+            warp_mma<Mma, 2>(acc[2], VT{sM + b0 * kLdM + b0, kLdM}, VT{R4 + b0 * LD + n0, LD}, C - b0);
           },
-          pre_row(a.dqh),
-          [&](int r, int d, float x, const Loaded& l) {
+          [&](int r, int d) {
+            const int i = b0 + r;
+            return i < len ? Loaded{{dqh(i, d), dkh(i, d), dge(i, d), qv(i, d), kv(i, d)}} : Loaded{};
+          },
+          [&](int r, int d, const float(&x)[3], const Loaded& l) {
             const int i = b0 + r;
             if (i >= len) return 0.f;
-            const float y = x * expf(l.v[0] - l.v[1]);
-            dqh(i, d) = l.v[2] + y + sDiag[i] * l.v[5];
-            dge(i, d) = l.v[3] + l.v[4] * y;
-            return 0.f;
-          });
-      __syncthreads();
-      tiles_ld(
-          16, K, nullptr, 0,
-          [&](auto& acc, int, int n0) {
-            warp_mma<Mma, 2>(acc, VK{sM + b0 * kLdM, kLdM}, VT{R2 + n0, LD}, b0 + 16);
-          },
-          pre_row(a.dkh),
-          [&](int r, int d, float x, const Loaded& l) {
-            const int i = b0 + r;
-            if (i >= len) return 0.f;
-            const float y = x * expf(l.v[0] - l.v[1]);
-            dkh(i, d) = l.v[2] + y + sDiag[i] * l.v[4];
-            dge(i, d) = l.v[3] + l.v[5] * y;
-            return 0.f;
-          });
-      __syncthreads();
-      tiles_ld(
-          16, K, nullptr, 0,
-          [&](auto& acc, int, int n0) {
-            warp_mma<Mma, 2>(acc, VT{R1 + b0 * LD + b0, LD}, VT{R3 + b0 * LD + n0, LD}, C - b0);
-            warp_mma<Mma, 2>(acc, VT{sM + b0 * kLdM + b0, kLdM}, VT{R4 + b0 * LD + n0, LD}, C - b0);
-          },
-          pre_row(a.dkh),
-          [&](int r, int d, float x, const Loaded& l) {
-            const int jj = b0 + r;
-            if (jj >= len) return 0.f;
-            const float y = x * expf(l.v[1] - l.v[0]);  // e^{G_m − G_j}
-            dkh(jj, d) = l.v[2] + y;
-            dge(jj, d) = l.v[3] - l.v[5] * y;
+            const float gi = G(i, d), gm = G(m, d), up = expf(gi - gm), down = expf(gm - gi);
+            const float y0 = x[0] * up, y1 = x[1] * up, y2 = x[2] * down, qq = l.v[3], kk = l.v[4];
+            dqh(i, d) = l.v[0] + y0 + sDiag[i] * kk;
+            dkh(i, d) = l.v[1] + y1 + sDiag[i] * qq + y2;
+            dge(i, d) = l.v[2] + qq * y0 + kk * y1 - kk * y2;
             return 0.f;
           });
       __syncthreads();
@@ -686,7 +654,7 @@ void launch_bwd(const BwdArgs& a, int64_t chunks, int64_t n_seqs, int cols, cuda
   check_cuda(cudaGetLastError(), "delta rule dstate kernel");
   if (chunks == 0) return;
   const dim3 grid(unsigned(chunks), unsigned(a.HV));
-  const size_t b1 = state_terms_smem<K>(a.V), b2 = intra_smem(K, a.V);
+  const size_t b1 = state_terms_smem<K>(a.V), b2 = intra_smem(K, a.V, KDA);
   set_smem(state_terms_kernel<KDA, K, Mma>, b1, "state terms smem");
   state_terms_kernel<KDA, K, Mma><<<grid, kThreads, b1, s>>>(a);
   check_cuda(cudaGetLastError(), "delta rule backward state terms kernel");
