@@ -73,7 +73,7 @@ struct PrepSmem {
   }
 };
 
-template <class CT, bool KDA, int K>
+template <class CT, class Mma, bool KDA, int K>
 __global__ void __launch_bounds__(kPrepWarps * 32) prep_kernel(ChunkArgs a) {
   extern __shared__ __align__(16) unsigned char smem[];
   const int chunk = blockIdx.x, j = blockIdx.y, h = j / a.group, HV = a.HV, V = a.V;
@@ -174,7 +174,7 @@ __global__ void __launch_bounds__(kPrepWarps * 32) prep_kernel(ChunkArgs a) {
       const int pair = task >> 1, I = pair >= 6 ? 3 : pair >= 3 ? 2 : pair >= 1 ? 1 : 0, J = pair - I * (I + 1) / 2;
       const bool isP = task & 1;
       float acc[2][4] = {};
-      warp_mma<CT, 2>(acc, View<CT, true>{(isP ? sQ : sK) + 16 * I * LD, LD}, View<CT, true>{sK + 16 * J * LD, LD}, K);
+      warp_mma<Mma, 2>(acc, View<CT, true>{(isP ? sQ : sK) + 16 * I * LD, LD}, View<CT, true>{sK + 16 * J * LD, LD}, K);
       store_block(acc, I, J, isP, true);
     }
     __syncthreads();
@@ -218,7 +218,7 @@ __global__ void __launch_bounds__(kPrepWarps * 32) prep_kernel(ChunkArgs a) {
         const int J = task >> 1;
         const bool isP = task & 1;
         float acc[2][4] = {};
-        warp_mma<CT, 2>(acc, View<CT, true>{isP ? sLq : sLk, LD}, View<CT, true>{sR + 16 * J * LD, LD}, K);
+        warp_mma<Mma, 2>(acc, View<CT, true>{isP ? sLq : sLk, LD}, View<CT, true>{sR + 16 * J * LD, LD}, K);
         store_block(acc, I, J, isP, false);
       }
       __syncthreads();
@@ -300,9 +300,9 @@ __global__ void __launch_bounds__(kPrepWarps * 32) prep_kernel(ChunkArgs a) {
       };
       auto product = [&](auto& acc) {
         constexpr int NT = sizeof(acc) / sizeof(acc[0]);
-        warp_mma<CT, NT>(acc, F32View<CT>{A + trow * kLdF, kLdF}, View<CT, false>{B + c0, LD}, C);
+        warp_mma<Mma, NT>(acc, F32View<CT>{A + trow * kLdF, kLdF}, View<CT, false>{B + c0, LD}, C);
         if constexpr (kResidual)
-          warp_mma<CT, NT>(acc, F32LowView<CT>{A + trow * kLdF, kLdF}, View<CT, false>{B + c0, LD}, C);
+          warp_mma<Mma, NT>(acc, F32LowView<CT>{A + trow * kLdF, kLdF}, View<CT, false>{B + c0, LD}, C);
         emit(acc);
       };
       if (cols - c0 >= 32) {
@@ -408,7 +408,7 @@ struct StateSmem {
   static constexpr size_t kBytes = kStages * kStage + kFixed;
 };
 
-template <class CT, bool KDA, int K, int BV>
+template <class CT, class Mma, bool KDA, int K, int BV>
 __global__ void __launch_bounds__(StateSmem<CT, KDA, K, BV>::kWarps * 32) state_kernel(ChunkArgs a) {
   using L = StateSmem<CT, KDA, K, BV>;
   // Each warp updates MT row tiles of S (all BV columns) and computes v_new for VMT row tiles of the
@@ -486,7 +486,7 @@ __global__ void __launch_bounds__(StateSmem<CT, KDA, K, BV>::kWarps * 32) state_
     for (int vm = 0; vm < VMT; ++vm) {
       const int i0 = 16 * (NW > 4 ? warp & 3 : warp * VMT + vm);
       float acc[NTW][4] = {};
-      warp_mma<CT, NTW>(acc, View<CT, true>{sW(s) + i0 * LDK, LDK}, View<CT, true>{sS + n0 * LDK, LDK}, K);
+      warp_mma<Mma, NTW>(acc, View<CT, true>{sW(s) + i0 * LDK, LDK}, View<CT, true>{sS + n0 * LDK, LDK}, K);
       const CT* u = sU(s) + n0;
       finish_v_new<CT, KDA>(
           acc, i0, lc, Gs, [&](int i, int col) { return u[i * LDU + col]; }, sVn + n0 * LDVN, LDVN);
@@ -500,7 +500,7 @@ __global__ void __launch_bounds__(StateSmem<CT, KDA, K, BV>::kWarps * 32) state_
     for (int mt = 0; mt < MT; ++mt) {
       const int d0 = 16 * (warp * MT + mt);
       for_each_acc(S[mt], [&](int r, int, float& x) { x *= fast_exp<CT>(KDA ? Gs[d0 + r] : Gl); });
-      warp_mma<CT, NTS>(S[mt], View<CT, false>{sKg(s) + d0, LDK}, View<CT, true>{sVn, LDVN}, C);
+      warp_mma<Mma, NTS>(S[mt], View<CT, false>{sKg(s) + d0, LDK}, View<CT, true>{sVn, LDVN}, C);
     }
     __syncthreads();
   }
@@ -533,7 +533,7 @@ struct WideSmem {
   __host__ __device__ static size_t bytes(int V) { return stages(V) * stage(V) + kFixed; }
 };
 
-template <class CT, bool KDA, int K, int NW, bool LOCAL>
+template <class CT, class Mma, bool KDA, int K, int NW, bool LOCAL>
 __global__ void __launch_bounds__(NW * 32) state_wide_kernel(ChunkArgs a, int segmented) {
   using L = WideSmem<CT, KDA, K, NW>;
   constexpr int MT = K / 16, LDK = L::kLdK, LDVN = L::kLdVn;
@@ -618,7 +618,7 @@ __global__ void __launch_bounds__(NW * 32) state_wide_kernel(ChunkArgs a, int se
 #pragma unroll
       for (int vm = 0; vm < 4; ++vm) {
         float acc[2][4] = {};
-        warp_mma<CT, 2>(acc, View<CT, true>{sW(s) + 16 * vm * LDK, LDK}, View<CT, true>{sS, LDK}, K);
+        warp_mma<Mma, 2>(acc, View<CT, true>{sW(s) + 16 * vm * LDK, LDK}, View<CT, true>{sS, LDK}, K);
         // Columns past V (the identity columns of a LOCAL run) see U = 0.
         finish_v_new<CT, KDA>(
             acc, 16 * vm, lc, Gs,
@@ -634,7 +634,7 @@ __global__ void __launch_bounds__(NW * 32) state_wide_kernel(ChunkArgs a, int se
       for (int mt = 0; mt < MT; ++mt) {
         const int d0 = 16 * mt;
         for_each_acc(S[mt], [&](int r, int, float& x) { x *= fast_exp<CT>(KDA ? Gs[d0 + r] : Gl); });
-        warp_mma<CT, 2>(S[mt], View<CT, false>{sKg(s) + d0, LDK}, View<CT, true>{sVn, LDVN}, C);
+        warp_mma<Mma, 2>(S[mt], View<CT, false>{sKg(s) + d0, LDK}, View<CT, true>{sVn, LDVN}, C);
       }
     }
     __syncthreads();
@@ -756,19 +756,19 @@ __global__ void __launch_bounds__(OutSmem<CT, K, BV>::kWarps * 32) output_kernel
 }
 
 // ---------------------------------------------------------------------------------------------
-template <class CT, bool KDA, int K>
+template <class CT, class Mma, bool KDA, int K>
 void launch_prep(const ChunkArgs& a, int64_t chunks, cudaStream_t stream) {
   const size_t bytes = PrepSmem<CT, KDA, K>(a.V).bytes();
-  auto kern = prep_kernel<CT, KDA, K>;
+  auto kern = prep_kernel<CT, Mma, KDA, K>;
   check_cuda(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)), "prep smem");
   kern<<<dim3(unsigned(chunks), unsigned(a.HV)), kPrepWarps * 32, bytes, stream>>>(a);
   check_cuda(cudaGetLastError(), "delta rule prep kernel");
 }
 
-template <class CT, bool KDA, int K, int BV>
+template <class CT, class Mma, bool KDA, int K, int BV>
 void launch_state(const ChunkArgs& a, int64_t n_seqs, cudaStream_t stream) {
   using SL = StateSmem<CT, KDA, K, BV>;
-  auto kern = state_kernel<CT, KDA, K, BV>;
+  auto kern = state_kernel<CT, Mma, KDA, K, BV>;
   check_cuda(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(SL::kBytes)), "state smem");
   kern<<<dim3(unsigned(n_seqs), unsigned(a.HV), unsigned(a.V / BV)), SL::kWarps * 32, SL::kBytes, stream>>>(a);
   check_cuda(cudaGetLastError(), "delta rule state kernel");
@@ -787,13 +787,13 @@ void launch_output(const ChunkArgs& a, int64_t chunks, cudaStream_t stream) {
 // three launches: the segments' [E | M] from [0 | I] (V + K columns), the combine along each
 // sequence, then the segments again from their entering states, recording h and v_new.
 constexpr int kWideWarps = 8;
-template <class CT, bool KDA, int K>
+template <class CT, class Mma, bool KDA, int K>
 void launch_wide(const ChunkArgs& a, const StateCfg& st, int64_t n_seqs, cudaStream_t s) {
   using WL = WideSmem<CT, KDA, K, kWideWarps>;
   const size_t bytes = WL::bytes(a.V);
   const unsigned cols = WL::kCols;
   if (st.segmented) {
-    auto k1 = state_wide_kernel<CT, KDA, K, kWideWarps, true>;
+    auto k1 = state_wide_kernel<CT, Mma, KDA, K, kWideWarps, true>;
     check_cuda(cudaFuncSetAttribute(k1, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)), "state smem");
     k1<<<dim3(unsigned(st.nseg), unsigned(a.HV), (unsigned(a.V + K) + cols - 1) / cols), cols * 2, bytes, s>>>(a, 1);
     check_cuda(cudaGetLastError(), "delta rule segment state kernel");
@@ -803,7 +803,7 @@ void launch_wide(const ChunkArgs& a, const StateCfg& st, int64_t n_seqs, cudaStr
     kc<<<dim3(unsigned(n_seqs), unsigned(a.HV), unsigned(a.V / 16)), 128, cb, s>>>(a);
     check_cuda(cudaGetLastError(), "delta rule state combine kernel");
   }
-  auto k3 = state_wide_kernel<CT, KDA, K, kWideWarps, false>;
+  auto k3 = state_wide_kernel<CT, Mma, KDA, K, kWideWarps, false>;
   check_cuda(cudaFuncSetAttribute(k3, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)), "state smem");
   k3<<<dim3(unsigned(st.nseg), unsigned(a.HV), (unsigned(a.V) + cols - 1) / cols), cols * 2, bytes, s>>>(
       a, st.segmented ? 1 : 0);
@@ -814,15 +814,17 @@ void launch_wide(const ChunkArgs& a, const StateCfg& st, int64_t n_seqs, cudaStr
 // The output pass takes as many V columns per block as fit (all of V up to 128 for 16-bit
 // inputs), so Q and P are read once per chunk rather than once per column tile: it is the
 // memory-bound pass.
-template <class CT, bool KDA, int K>
+template <class CT, class Mma, bool KDA, int K>
 void launch(const ChunkArgs& a, int64_t chunks, int64_t n_seqs, const StateCfg& st, cudaStream_t s) {
-  launch_prep<CT, KDA, K>(a, chunks, s);
+  launch_prep<CT, Mma, KDA, K>(a, chunks, s);
   if constexpr (K <= 128) {
-    if (st.wide) launch_wide<CT, KDA, K>(a, st, n_seqs, s);
+    if (st.wide) launch_wide<CT, Mma, KDA, K>(a, st, n_seqs, s);
   }
   if (!st.wide) {
-    if (st.cols == 32) launch_state<CT, KDA, K, 32>(a, n_seqs, s);
-    else launch_state<CT, KDA, K, 16>(a, n_seqs, s);
+    if (st.cols == 32)
+      launch_state<CT, Mma, KDA, K, 32>(a, n_seqs, s);
+    else
+      launch_state<CT, Mma, KDA, K, 16>(a, n_seqs, s);
   }
   if (!a.o) return;  // recording for the backward: no output pass
   if (a.V % 128 == 0 && sizeof(CT) == 2) launch_output<CT, KDA, K, 128>(a, chunks, s);
@@ -830,20 +832,28 @@ void launch(const ChunkArgs& a, int64_t chunks, int64_t n_seqs, const StateCfg& 
   else launch_output<CT, KDA, K, 16>(a, chunks, s);
 }
 
-template <class CT, bool KDA>
+template <class CT, class Mma, bool KDA>
 void dispatch_k(const ChunkArgs& a, int K, int64_t chunks, int64_t n_seqs, const StateCfg& st, cudaStream_t s) {
   switch (K) {
-    case 32: return launch<CT, KDA, 32>(a, chunks, n_seqs, st, s);
-    case 64: return launch<CT, KDA, 64>(a, chunks, n_seqs, st, s);
-    case 128: return launch<CT, KDA, 128>(a, chunks, n_seqs, st, s);
-    case 256: return launch<CT, KDA, 256>(a, chunks, n_seqs, st, s);
+    case 32:
+      return launch<CT, Mma, KDA, 32>(a, chunks, n_seqs, st, s);
+    case 64:
+      return launch<CT, Mma, KDA, 64>(a, chunks, n_seqs, st, s);
+    case 128:
+      return launch<CT, Mma, KDA, 128>(a, chunks, n_seqs, st, s);
+    case 256:
+      return launch<CT, Mma, KDA, 256>(a, chunks, n_seqs, st, s);
   }
 }
 
-template <class CT>
+// Mma: the products' type (mma.cuh's warp_mma), CT itself but for the backward's recompute of
+// bf16 inputs, which runs the fp32 kernels with single tf32 products.
+template <class CT, class Mma = CT>
 void dispatch(const ChunkArgs& a, const DeltaRuleDims& d, int64_t chunks, const StateCfg& st, cudaStream_t s) {
-  if (d.gate == DeltaGate::PerKey) dispatch_k<CT, true>(a, int(d.K), chunks, d.num_seqs(), st, s);
-  else dispatch_k<CT, false>(a, int(d.K), chunks, d.num_seqs(), st, s);
+  if (d.gate == DeltaGate::PerKey)
+    dispatch_k<CT, Mma, true>(a, int(d.K), chunks, d.num_seqs(), st, s);
+  else
+    dispatch_k<CT, Mma, false>(a, int(d.K), chunks, d.num_seqs(), st, s);
 }
 
 template <class CT>
@@ -964,19 +974,21 @@ DeltaChunkPlan::~DeltaChunkPlan() { cudaFree(ws_); }
 
 void DeltaChunkPlan::forward(const void* q, const void* k, const void* v, const float* g, const float* beta,
                              float scale, float* state, void* o, cudaStream_t stream) const {
-  run(q, k, v, g, beta, scale, state, o, nullptr, nullptr, nullptr, stream);
+  run(q, k, v, g, beta, scale, state, o, nullptr, nullptr, nullptr, false, stream);
 }
 
 DeltaChunkPlan::Saved DeltaChunkPlan::record(const void* q, const void* k, const void* v, const float* g,
                                              const float* beta, float scale, float* state, float* Tm, float* Mkk,
-                                             cudaStream_t stream) const {
+                                             bool single_tf32, cudaStream_t stream) const {
+  check(!single_tf32 || dt_ == DType::F32, "delta rule chunk (cuda): single tf32 products need an F32 plan");
   Saved s{};
-  run(q, k, v, g, beta, scale, state, nullptr, Tm, Mkk, &s, stream);
+  run(q, k, v, g, beta, scale, state, nullptr, Tm, Mkk, &s, single_tf32, stream);
   return s;
 }
 
 void DeltaChunkPlan::run(const void* q, const void* k, const void* v, const float* g, const float* beta, float scale,
-                         float* state, void* o, float* Tm, float* Mkk, Saved* saved, cudaStream_t stream) const {
+                         float* state, void* o, float* Tm, float* Mkk, Saved* saved, bool single_tf32,
+                         cudaStream_t stream) const {
   const size_t es = dtype_size(dt_), kda = d_.gate == DeltaGate::PerKey;
   const int64_t T = d_.tokens(), HV = d_.HV, K = d_.K, V = d_.V;
   char* p = static_cast<char*>(ws_);
@@ -1012,7 +1024,9 @@ void DeltaChunkPlan::run(const void* q, const void* k, const void* v, const floa
   StateCfg st;
   st.wide = wide_, st.segmented = segmented_, st.cols = state_cols_, st.nseg = nseg_;
   switch (dt_) {
-    case DType::F32: return dispatch<float>(a, d_, chunks_, st, stream);
+    case DType::F32:
+      return single_tf32 ? dispatch<float, tf32>(a, d_, chunks_, st, stream)
+                         : dispatch<float>(a, d_, chunks_, st, stream);
     case DType::F16: return dispatch<__half>(a, d_, chunks_, st, stream);
     default: return dispatch<__nv_bfloat16>(a, d_, chunks_, st, stream);
   }

@@ -150,11 +150,14 @@ __device__ __forceinline__ float gate(const BwdArgs& a, const ChunkPos& p, int i
 // dstate: one block per (sequence, value head, BV columns of V), walking the chunks last to first
 // with dS [K x BV] in fp32 mma accumulators (warp w: rows 16·(w·MT + mt)). Per chunk it records dS
 // (the gradient of the state leaving the chunk) and dVn, then steps dS back across the chunk.
+// GDN's decays are per row, so they scale dO's rows and the rows of K dS' (64 x BV values a step)
+// instead of Q's and K's rows (2 x 64 x K).
 template <bool KDA, int K, int BV>
 struct DStateSmem {
   static constexpr int kWarps = K >= 64 ? 4 : 2;
   static constexpr int kLdK = K + 4, kLdB = BV + 4;
-  static constexpr size_t kBytes = sizeof(float) * (3 * C * kLdK + C * kLdM + 2 * C * kLdB + K * kLdB + (KDA ? K : C));
+  static constexpr size_t kBytes =
+      sizeof(float) * (3 * C * kLdK + C * kLdM + 2 * C * kLdB + K * kLdB + (KDA ? K : 2 * C + C * kLdB));
 };
 
 template <bool KDA, int K, int BV, class Mma>
@@ -162,14 +165,16 @@ __global__ void __launch_bounds__(DStateSmem<KDA, K, BV>::kWarps * 32) dstate_ke
   using L = DStateSmem<KDA, K, BV>;
   constexpr int NW = L::kWarps, MT = K / 16 / NW, VMT = 4 / NW, NTS = BV / 8, LDK = L::kLdK, LDB = L::kLdB;
   extern __shared__ __align__(16) unsigned char smem[];
-  float* sQ = reinterpret_cast<float*>(smem);  // [64][K] Qd = s Q ⊙ e^G
-  float* sKr = sQ + C * LDK;                   // [64][K] Kr = K ⊙ e^{G_last−G}
+  float* sQ = reinterpret_cast<float*>(smem);  // [64][K] KDA: Qd = s Q ⊙ e^G; GDN: Q
+  float* sKr = sQ + C * LDK;                   // [64][K] KDA: Kr = K ⊙ e^{G_last−G}; GDN: K
   float* sW = sKr + C * LDK;                   // [64][K]
   float* sP = sW + C * LDK;                    // [64][64] P, causal
   float* sdO = sP + C * kLdM;                  // [64][BV]
   float* sdVn = sdO + C * LDB;                 // [64][BV] −dVn
   float* sdS = sdVn + C * LDB;                 // [K][BV] dS'
   float* sG = sdS + K * LDB;                   // GDN: G rows [64]; KDA: G_last [K]
+  float* sKf = sG + C;                         // GDN: [64] e^{G_last−G_i}, Kr's row factors
+  float* sdOq = KDA ? sdO : sKf + C;           // the B operand of Qd^T dO (GDN: [64][BV] s e^{G_i} dO)
   const int n = blockIdx.x, j = blockIdx.y, v0 = blockIdx.z * BV, h = j / a.group, HV = a.HV, V = a.V;
   const int bos = a.cu[n], eos = a.cu[n + 1], nchunks = (eos - bos + C - 1) / C, coff = a.chunk_off[n];
   const int warp = threadIdx.x >> 5;
@@ -207,25 +212,26 @@ __global__ void __launch_bounds__(DStateSmem<KDA, K, BV>::kWarps * 32) dstate_ke
       });
     cp_async_wait<0>();
     __syncthreads();
-    // P holds its causal part only (j ≤ i); GDN's Q and K rows get their decays here (KDA's qg, kg
-    // come decayed from the forward).
+    // P holds its causal part only (j ≤ i); GDN's row decays go into sdOq and sKf here (KDA's qg,
+    // kg come decayed from the forward).
     for (int idx = threadIdx.x; idx < C * C; idx += blockDim.x)
       if (idx % C > idx / C) sP[(idx / C) * kLdM + idx % C] = 0.f;
     if constexpr (!KDA) {
       const float Gl = sG[lc - 1];
-      for (int idx = threadIdx.x; idx < lc * K; idx += blockDim.x) {
-        const int i = idx / K, d = idx % K;
-        sQ[i * LDK + d] *= a.scale * expf(sG[i]);
-        sKr[i * LDK + d] *= expf(Gl - sG[i]);
+      for (int idx = threadIdx.x; idx < C * BV; idx += blockDim.x) {
+        const int i = idx / BV, col = idx % BV;
+        sdOq[i * LDB + col] = i < lc ? a.scale * expf(sG[i]) * sdO[i * LDB + col] : 0.f;
       }
+      for (int i = threadIdx.x; i < C; i += blockDim.x) sKf[i] = i < lc ? expf(Gl - sG[i]) : 0.f;
     }
     __syncthreads();
-    // dVn = P^T dO + Kr dS' (16-row tiles of this warp).
+    // dVn = Kr dS' + P^T dO (16-row tiles of this warp).
 #pragma unroll
     for (int vm = 0; vm < VMT; ++vm) {
       const int i0 = 16 * (warp * VMT + vm);
       float acc[NTS][4] = {};
       warp_mma<Mma, NTS>(acc, VK{sKr + i0 * LDK, LDK}, VT{sdS, LDB}, K);
+      if constexpr (!KDA) for_each_acc(acc, [&](int r, int, float& x) { x *= sKf[i0 + r]; });
       warp_mma<Mma, NTS>(acc, VT{sP + i0, kLdM}, VT{sdO, LDB}, C);
       for_each_acc(acc, [&](int r, int col, float& x) {
         const int i = i0 + r;
@@ -239,7 +245,7 @@ __global__ void __launch_bounds__(DStateSmem<KDA, K, BV>::kWarps * 32) dstate_ke
     for (int mt = 0; mt < MT; ++mt) {
       const int d0 = 16 * (warp * MT + mt);
       for_each_acc(dS[mt], [&](int r, int, float& x) { x *= expf(KDA ? sG[d0 + r] : sG[lc - 1]); });
-      warp_mma<Mma, NTS>(dS[mt], VT{sQ + d0, LDK}, VT{sdO, LDB}, C);
+      warp_mma<Mma, NTS>(dS[mt], VT{sQ + d0, LDK}, VT{sdOq, LDB}, C);
       warp_mma<Mma, NTS>(dS[mt], VT{sW + d0, LDK}, VT{sdVn, LDB}, C);
     }
     __syncthreads();
@@ -755,7 +761,11 @@ void DeltaChunkBackward::backward(const void* q, const void* k, const void* v, c
   const size_t state_bytes = size_t(N * HV * K * V) * 4;
   if (h0) check_cuda(cudaMemcpyAsync(state, h0, state_bytes, cudaMemcpyDeviceToDevice, stream), "backward h0 copy");
   else check_cuda(cudaMemsetAsync(state, 0, state_bytes, stream), "backward h0 zero");
-  const DeltaChunkPlan::Saved sv = fwd_.record(qf, kf, vf, g, beta, scale, state, Tm, Mkk, stream);
+  // bf16 inputs carry 2^-9 rounding already: single tf32 products (2^-11) add little to it and
+  // cost a third of the tensor work of 3xTF32, which fp32 inputs (1e-4 of fp64) and fp16 inputs
+  // (their own rounding is tf32's) keep. The same in the recompute and in the backward's kernels.
+  const bool single_tf32 = dt_ == DType::BF16;
+  const DeltaChunkPlan::Saved sv = fwd_.record(qf, kf, vf, g, beta, scale, state, Tm, Mkk, single_tf32, stream);
   a.chunk_tab = sv.chunk_tab, a.cu = sv.cu, a.chunk_off = sv.chunk_off, a.Gc = sv.Gc;
   a.W = static_cast<const float*>(sv.W), a.P = static_cast<const float*>(sv.P);
   a.kg = static_cast<const float*>(sv.kg), a.qg = static_cast<const float*>(sv.qg);
@@ -765,11 +775,8 @@ void DeltaChunkBackward::backward(const void* q, const void* k, const void* v, c
   a.H = int(H), a.HV = int(HV), a.V = int(V), a.group = int(HV / H);
   a.dqh = HV > H ? dqh : dq, a.dkh = HV > H ? dkh : dk;
   a.dv = dv, a.dg = dg, a.dbeta = dbeta, a.dh0 = dh0;
-  // bf16 inputs carry 2^-9 rounding already: single tf32 products (2^-11) add little to it and
-  // cost a third of the tensor work of 3xTF32, which fp32 inputs (1e-4 of fp64) and fp16 inputs
-  // (their own rounding is tf32's) keep.
   const bool per_key = d_.gate == DeltaGate::PerKey;
-  if (dt_ == DType::BF16) {
+  if (single_tf32) {
     if (per_key)
       dispatch_bwd<true, tf32>(a, int(K), chunks, N, state_cols_, stream);
     else

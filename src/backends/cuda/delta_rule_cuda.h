@@ -60,7 +60,8 @@ class DeltaChunkPlan {
   // (valid until the next call on this plan). Gc is fp32 [T,HV(,K)]; W [T,HV,K], P [T,HV,64]
   // (s·Mqk⊙decay, causal part only: entries above the diagonal are unspecified), kg, qg [T,HV,K]
   // (KDA only), h [chunks,HV,V,K] (state entering each chunk, transposed), vn [T,HV,V], all in the
-  // plan's element type.
+  // plan's element type. single_tf32 (F32 plans only): single tf32 products instead of 3xTF32, for
+  // a recompute from bf16 inputs (see DeltaChunkBackward).
   struct Saved {
     const int2* chunk_tab;  // per chunk: {first token, sequence}
     const int* cu;          // [N+1] token offsets
@@ -69,7 +70,7 @@ class DeltaChunkPlan {
     const void *W, *P, *kg, *qg, *h, *vn;
   };
   Saved record(const void* q, const void* k, const void* v, const float* g, const float* beta, float scale,
-               float* state, float* Tm, float* Mkk, cudaStream_t stream) const;
+               float* state, float* Tm, float* Mkk, bool single_tf32, cudaStream_t stream) const;
 
   int64_t chunks() const { return chunks_; }
   bool wide() const { return wide_; }
@@ -87,7 +88,7 @@ class DeltaChunkPlan {
   void* ws_ = nullptr;  // one allocation: chunk table, cu_seqlens, chunk offsets, intermediates
 
   void run(const void* q, const void* k, const void* v, const float* g, const float* beta, float scale, float* state,
-           void* o, float* Tm, float* Mkk, Saved* saved, cudaStream_t stream) const;
+           void* o, float* Tm, float* Mkk, Saved* saved, bool single_tf32, cudaStream_t stream) const;
 };
 
 // Chunked backward (chunk 64) for one fixed set of sequence lengths: given dout [T,HV,V] (element
@@ -96,8 +97,11 @@ class DeltaChunkPlan {
 // [N,HV,K,V]. Every gradient is fp32, whatever `dt`: they feed fp32 optimizer state, and a 16-bit
 // dq/dk/dv would add a rounding the CPU backward does not have.
 // Numerics: 16-bit inputs are widened to fp32 once, and the whole backward — the forward recompute
-// included (an fp32 DeltaChunkPlan) — runs in fp32 with 3xTF32 tensor-core products, so its error
-// is that of the input rounding alone (about a plain fp32 recurrence on the rounded inputs).
+// included (an fp32 DeltaChunkPlan) — runs on fp32 tiles. Its tensor-core products are 3xTF32 for
+// fp32 and fp16 inputs, so the error is that of the input rounding alone (about a plain fp32
+// recurrence on the rounded inputs); for bf16 inputs they are single tf32 products (2^-11
+// rounding against bf16's 2^-9: 1.00-1.08x the plain recurrence's error in the tests, a third of
+// the tensor work).
 // Launches: convert (16-bit only); record (prep + state pass of the fp32 forward, keeping T and
 // Mkk); dstate (sequence x value head x V-tile, reverse over chunks: dS and dv_new); state terms
 // and intra-chunk (chunk x value head: dq, dk, dv, dbeta, dg); a group sum of dq, dk when HV > H.
