@@ -128,6 +128,23 @@ __device__ __forceinline__ void tiles_ld(int M, int N, float* part, int slot, Bo
   }
 }
 
+// for (idx in [0, n) over the block's threads) use(idx, load(idx)), with kBatch of a thread's
+// loads issued before any use: the element loops that read global rows (q, k and the gradient
+// accumulators, mostly L2 hits) were one load latency per element (ncu: 38% of the intra kernel's
+// stalls waited on L1TEX).
+template <int kBatch, class Load, class Use>
+__device__ __forceinline__ void batched_for(int n, Load&& load, Use&& use) {
+  for (int base = threadIdx.x; base < n; base += kBatch * blockDim.x) {
+    decltype(load(0)) x[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u)
+      if (base + u * int(blockDim.x) < n) x[u] = load(base + u * int(blockDim.x));
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u)
+      if (base + u * int(blockDim.x) < n) use(base + u * int(blockDim.x), x[u]);
+  }
+}
+
 // Where a chunk is: its first token, length, and the (token, value head) row index.
 struct ChunkPos {
   int t0, len, j, h;
@@ -154,7 +171,7 @@ __device__ __forceinline__ float gate(const BwdArgs& a, const ChunkPos& p, int i
 // instead of Q's and K's rows (2 x 64 x K).
 template <bool KDA, int K, int BV>
 struct DStateSmem {
-  static constexpr int kWarps = K >= 64 ? 4 : 2;
+  static constexpr int kWarps = K / 16;  // one per 16 rows of dS: the chain of a step split K/16 ways
   static constexpr int kLdK = K + 4, kLdB = BV + 4;
   static constexpr size_t kBytes =
       sizeof(float) * (3 * C * kLdK + C * kLdM + 2 * C * kLdB + K * kLdB + (KDA ? K : 2 * C + C * kLdB));
@@ -163,7 +180,10 @@ struct DStateSmem {
 template <bool KDA, int K, int BV, class Mma>
 __global__ void __launch_bounds__(DStateSmem<KDA, K, BV>::kWarps * 32) dstate_kernel(BwdArgs a) {
   using L = DStateSmem<KDA, K, BV>;
-  constexpr int NW = L::kWarps, MT = K / 16 / NW, VMT = 4 / NW, NTS = BV / 8, LDK = L::kLdK, LDB = L::kLdB;
+  // dVn's 4 x NTS tiles: RT warps across its row tiles (VMT each), CG groups of NTV column tiles.
+  constexpr int NW = L::kWarps, MT = K / 16 / NW, NTS = BV / 8, LDK = L::kLdK, LDB = L::kLdB;
+  constexpr int RT = NW < 4 ? NW : 4, VMT = 4 / RT, CG = NW / RT, NTV = NTS / CG;
+  static_assert(NTS % CG == 0, "dstate: dVn's column tiles must split evenly over the warps");
   extern __shared__ __align__(16) unsigned char smem[];
   float* sQ = reinterpret_cast<float*>(smem);  // [64][K] KDA: Qd = s Q ⊙ e^G; GDN: Q
   float* sKr = sQ + C * LDK;                   // [64][K] KDA: Kr = K ⊙ e^{G_last−G}; GDN: K
@@ -225,18 +245,18 @@ __global__ void __launch_bounds__(DStateSmem<KDA, K, BV>::kWarps * 32) dstate_ke
       for (int i = threadIdx.x; i < C; i += blockDim.x) sKf[i] = i < lc ? expf(Gl - sG[i]) : 0.f;
     }
     __syncthreads();
-    // dVn = Kr dS' + P^T dO (16-row tiles of this warp).
+    // dVn = Kr dS' + P^T dO (this warp's tiles of 16 rows and 8·NTV columns).
 #pragma unroll
     for (int vm = 0; vm < VMT; ++vm) {
-      const int i0 = 16 * (warp * VMT + vm);
-      float acc[NTS][4] = {};
-      warp_mma<Mma, NTS>(acc, VK{sKr + i0 * LDK, LDK}, VT{sdS, LDB}, K);
+      const int i0 = 16 * ((warp % RT) * VMT + vm), c0 = 8 * NTV * (warp / RT);
+      float acc[NTV][4] = {};
+      warp_mma<Mma, NTV>(acc, VK{sKr + i0 * LDK, LDK}, VT{sdS + c0, LDB}, K);
       if constexpr (!KDA) for_each_acc(acc, [&](int r, int, float& x) { x *= sKf[i0 + r]; });
-      warp_mma<Mma, NTS>(acc, VT{sP + i0, kLdM}, VT{sdO, LDB}, C);
+      warp_mma<Mma, NTV>(acc, VT{sP + i0, kLdM}, VT{sdO + c0, LDB}, C);
       for_each_acc(acc, [&](int r, int col, float& x) {
         const int i = i0 + r;
-        if (i < lc) a.dvn[tok(i) * V + v0 + col] = x;
-        sdVn[i * LDB + col] = i < lc ? -x : 0.f;
+        if (i < lc) a.dvn[tok(i) * V + v0 + c0 + col] = x;
+        sdVn[i * LDB + c0 + col] = i < lc ? -x : 0.f;
       });
     }
     __syncthreads();
@@ -522,16 +542,22 @@ __global__ void __launch_bounds__(kThreads) intra_kernel(BwdArgs a) {
     // R2 = K ⊙ e^{G_m−G} (rows < 16B+16), R3 = Q ⊙ e^{G−G_m}, R4 = K ⊙ e^{G−G_m} (rows ≥ 16B).
     for (int B = 0; B < 4 && 16 * B < len; ++B) {
       const int b0 = 16 * B, m = min(b0 + 8, len - 1);
-      for (int idx = tid; idx < (b0 + 16) * K; idx += blockDim.x) {
-        const int i = idx / K, d = idx % K;
-        R2[i * LD + d] = i < len ? kv(i, d) * expf(G(m, d) - G(i, d)) : 0.f;
-      }
-      for (int idx = tid; idx < (C - b0) * K; idx += blockDim.x) {
-        const int i = b0 + idx / K, d = idx % K;
-        const float f = i < len ? expf(G(i, d) - G(m, d)) : 0.f;
-        R3[i * LD + d] = i < len ? qv(i, d) * f : 0.f;
-        R4[i * LD + d] = i < len ? kv(i, d) * f : 0.f;
-      }
+      batched_for<8>((b0 + 16) * K, [&](int idx) { return idx / K < len ? kv(idx / K, idx % K) : 0.f; },
+                     [&](int idx, float k) {
+                       const int i = idx / K, d = idx % K;
+                       R2[i * LD + d] = i < len ? k * expf(G(m, d) - G(i, d)) : 0.f;
+                     });
+      batched_for<4>((C - b0) * K,
+                     [&](int idx) {
+                       const int i = b0 + idx / K, d = idx % K;
+                       return i < len ? float2{qv(i, d), kv(i, d)} : float2{0.f, 0.f};
+                     },
+                     [&](int idx, float2 qk) {
+                       const int i = b0 + idx / K, d = idx % K;
+                       const float f = i < len ? expf(G(i, d) - G(m, d)) : 0.f;
+                       R3[i * LD + d] = qk.x * f;
+                       R4[i * LD + d] = qk.y * f;
+                     });
       __syncthreads();
       // The rows of block B: the row terms against R2 (rows < 16B+16), the column term against
       // R3, R4 (rows ≥ 16B).
@@ -568,11 +594,15 @@ __global__ void __launch_bounds__(kThreads) intra_kernel(BwdArgs a) {
     for (int e = 0; e < kNP; ++e) s += sPart[tid * kNP + e];
     a.dbeta[p.tok(a, tid)] = s;
   }
-  for (int idx = tid; idx < len * K; idx += blockDim.x) {
-    const int i = idx / K, d = idx % K;
-    R2[i * LD + d] = dge(i, d);
-    R3[i * LD + d] = a.pkr[p.tok(a, i) * K + d];
-  }
+  batched_for<4>(
+      len * K,
+      [&](int idx) {
+        return float2{dge(idx / K, idx % K), a.pkr[p.tok(a, idx / K) * K + idx % K]};
+      },
+      [&](int idx, float2 x) {
+        R2[(idx / K) * LD + idx % K] = x.x;
+        R3[(idx / K) * LD + idx % K] = x.y;
+      });
   __syncthreads();
   if constexpr (KDA) {
     for (int d = tid; d < K; d += blockDim.x) {
