@@ -479,9 +479,7 @@ __global__ void __launch_bounds__(WgAttn<DQ, DV>::threads, 1)
         else
           wgmma_m64n64k16_bf16(reinterpret_cast<float(&)[BN / 2]>(sc), da, db);
       }
-      wgmma_commit();
-      wgmma_wait<0>();
-      wgmma_hold(reinterpret_cast<float(&)[BN / 2]>(sc));
+      wgmma_complete(reinterpret_cast<float(&)[BN / 2]>(sc));
       uint32_t pa[BN / 8][2];
       softmax_tile<BN, DV>(sc, pa, acc, m, l, pos, ks, ke, ks + BN > min(ke, wg_minpos + 1), p.scale_log2, qq);
       wgmma_fence();
@@ -494,9 +492,7 @@ __global__ void __launch_bounds__(WgAttn<DQ, DV>::threads, 1)
         else
           wgmma_m64n128k16_bf16_rs(reinterpret_cast<float(&)[DV / 2]>(acc), a, db);
       }
-      wgmma_commit();
-      wgmma_wait<0>();
-      wgmma_hold(reinterpret_cast<float(&)[DV / 2]>(acc));
+      wgmma_complete(reinterpret_cast<float(&)[DV / 2]>(acc));
     }
     if ((threadIdx.x & 127) == 0) mbarrier_arrive(&empty[s]);  // this warpgroup is done with stage s
   }

@@ -61,6 +61,13 @@ __device__ __forceinline__ void wgmma_hold(float (&d)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
+// Commits the products issued since the last commit and waits for all of them: d is ready to use.
+template <int N>
+__device__ __forceinline__ void wgmma_complete(float (&d)[N]) {
+  wgmma_commit();
+  wgmma_wait<0>();
+  wgmma_hold(d);
+}
 
 // d[64 x 128] += A · B^T for bf16 A [64 x 16] and B [128 x 16] (both K-major, descriptors above).
 // Thread t of the warpgroup holds rows 16·(t/32) + (t%32)/4 (+8) and columns 8j + 2·(t%4) + {0,1}:
