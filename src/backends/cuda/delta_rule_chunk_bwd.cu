@@ -791,9 +791,8 @@ void DeltaChunkBackward::backward(const void* q, const void* k, const void* v, c
   const size_t state_bytes = size_t(N * HV * K * V) * 4;
   if (h0) check_cuda(cudaMemcpyAsync(state, h0, state_bytes, cudaMemcpyDeviceToDevice, stream), "backward h0 copy");
   else check_cuda(cudaMemsetAsync(state, 0, state_bytes, stream), "backward h0 zero");
-  // bf16 inputs carry 2^-9 rounding already: single tf32 products (2^-11) add little to it and
-  // cost a third of the tensor work of 3xTF32, which fp32 inputs (1e-4 of fp64) and fp16 inputs
-  // (their own rounding is tf32's) keep. The same in the recompute and in the backward's kernels.
+  // Single tf32 products for bf16 inputs, in the recompute and in the kernels below (numerics:
+  // delta_rule_cuda.h).
   const bool single_tf32 = dt_ == DType::BF16;
   const DeltaChunkPlan::Saved sv = fwd_.record(qf, kf, vf, g, beta, scale, state, Tm, Mkk, single_tf32, stream);
   a.chunk_tab = sv.chunk_tab, a.cu = sv.cu, a.chunk_off = sv.chunk_off, a.Gc = sv.Gc;

@@ -98,10 +98,10 @@ class DeltaChunkPlan {
 // dq/dk/dv would add a rounding the CPU backward does not have.
 // Numerics: 16-bit inputs are widened to fp32 once, and the whole backward — the forward recompute
 // included (an fp32 DeltaChunkPlan) — runs on fp32 tiles. Its tensor-core products are 3xTF32 for
-// fp32 and fp16 inputs, so the error is that of the input rounding alone (about a plain fp32
-// recurrence on the rounded inputs); for bf16 inputs they are single tf32 products (2^-11
-// rounding against bf16's 2^-9: 1.00-1.08x the plain recurrence's error in the tests, a third of
-// the tensor work).
+// fp32 and fp16 inputs (fp16's own rounding is tf32's), so the error is that of the input rounding
+// alone (about a plain fp32 recurrence on the rounded inputs); for bf16 inputs they are single
+// tf32 products (2^-11 rounding against bf16's 2^-9: 1.00-1.09x the plain recurrence's error in
+// the tests, a third of the tensor work).
 // Launches: convert (16-bit only); record (prep + state pass of the fp32 forward, keeping T and
 // Mkk); dstate (sequence x value head x V-tile, reverse over chunks: dS and dv_new); state terms
 // and intra-chunk (chunk x value head: dq, dk, dv, dbeta, dg); a group sum of dq, dk when HV > H.
