@@ -1,6 +1,7 @@
 // The CUDA device's own operations against CpuDevice (the oracle's functions) where the model tests
-// would hide a shape: the decode GEMVs (one row: fp32 activations; 2–8 rows on the tensor cores:
-// bf16 operands; K split across warps), alone and with their SwiGLU epilogue, and the cuBLASLt GEMM
+// would hide a shape: the decode GEMVs (one row: fp32 activations, K split across warps; 2–8 rows
+// on the tensor cores: bf16 operands, K sliced across a cluster's blocks), alone and with their
+// SwiGLU epilogue, and the cuBLASLt GEMM
 // past them (bf16 operands); the
 // fused delta-rule decode prep (conv state over several steps, grouped heads, per-key gates), the
 // prefill short conv, and
@@ -77,12 +78,14 @@ TEST(CudaDeviceOps, LinearMatchesCpuDeviceInBf16) {
     int64_t M, N, K, ldx;
   };
   // M = 1: the scalar GEMV with K splits 1, 2 and 4, short rows (lanes without columns); M = 2..8:
-  // the tensor-core GEMV with K splits 1 to 8, row counts off the 16-row tiles, padded x rows; K
-  // off its 32-column steps and M > 8: cuBLASLt.
+  // the tensor-core GEMV with 1, 4 and 8 slices of K (a cluster's partials), row counts off the
+  // 128-row groups, padded x rows, slices of several staged x tiles and a short last one, batches
+  // of loads past a slice's end; K off the 32-column steps and M > 8: cuBLASLt.
   const Shape shapes[] = {{1, 37, 32, 32},       {1, 2048, 4096, 4096},  {3, 2053, 2048, 2056},  {8, 12352, 2048, 2048},
                           {2, 100, 96, 100},     {8, 2048, 6144, 6144},  {1, 300, 16384, 16384}, {5, 70000, 64, 64},
                           {9, 100, 96, 100},     {16, 2048, 6144, 6144}, {40, 64, 64, 64},       {4, 50, 40, 40},
-                          {1, 2048, 6144, 6144}, {13, 333, 4096, 4096}};
+                          {1, 2048, 6144, 6144}, {13, 333, 4096, 4096},  {6, 34000, 1056, 1060}, {64, 300, 8192, 8192},
+                          {7, 300, 8192, 8192},  {27, 2049, 2048, 2048}};
   std::mt19937 rng(11);
   std::uniform_real_distribution<float> u(-1.0f, 1.0f);
   for (const Shape& s : shapes) {
@@ -99,12 +102,19 @@ TEST(CudaDeviceOps, LinearMatchesCpuDeviceInBf16) {
 }
 
 // W's rows are (gate, up) pairs; M ≤ 8 runs a GEMV with the SwiGLU epilogue (one row: K splits 1
-// and 2; 2–8 rows: tensor cores), M > 8 cuBLASLt and the swiglu kernel.
+// and 2; 2–8 rows: tensor cores, unsliced and with a cluster's partials), M > 8 cuBLASLt and the
+// swiglu kernel.
 TEST(CudaDeviceOps, LinearSwigluMatchesCpuDevice) {
   HLA_REQUIRE_GPU();
   std::mt19937 rng(3);
-  for (auto [M, N, K] :
-       {std::tuple{1, 200, 96}, {1, 2048, 6144}, {5, 2048, 6144}, {8, 300, 2048}, {12, 200, 96}, {20, 200, 96}}) {
+  for (auto [M, N, K] : {std::tuple{1, 200, 96},
+                         {1, 2048, 6144},
+                         {5, 2048, 6144},
+                         {8, 300, 2048},
+                         {12, 200, 96},
+                         {20, 200, 96},
+                         {8, 40000, 512},
+                         {64, 12288, 2048}}) {
     const Tensor W = random_bf16_tensor(N, K, rng);
     const std::vector<float> x = random_vector(M * K, rng);
     auto run = [&](Device& dev) {

@@ -2,6 +2,7 @@
 // and decode kernels (delta_rule_cuda.h) where their shapes fit, else an fp32 recurrence kernel;
 // attention through attention_flash in bf16 mode, else the fp32 reference kernel; everything else
 // is a small kernel per operation below. One stream; the host only waits in to_host().
+#include <cooperative_groups.h>
 #include <cublasLt.h>
 #include <cuda_bf16.h>
 
@@ -790,78 +791,148 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
   }
 }
 
-// y [M, N] = x [M, K] · W^T for 2 to 8 rows of x on the tensor cores: a scalar GEMV's M dot
-// products per weight make it compute-bound past one row (8 rows: 0.75 TB/s on an H200), and
-// cuBLASLt needs x packed to bf16 first, one more kernel per projection (decode at batch 4 on the
-// 2B model: 1184 → 1662 tokens/s; at 9–16 rows this kernel lost to cuBLASLt, 4885 → 4270 at batch
-// 16). A warp owns 16 rows of W and K/S columns (the S splits of a tile sit in one block of 8
-// warps); W is the mma's A operand, x^T its B, rounded to bf16 as the GEMM path rounds it. Inside each
-// 32-column step the reduction index is permuted so that a lane loads 16 contiguous bytes of one W
-// row: lane (g, t) holds columns 8t..8t+7 of rows g and g+8; values 0–3 feed the first mma of the
-// step, 4–7 the second, and the lane takes the same columns of row g of x. kGemvMmaUnroll steps of
-// loads are in flight per warp, the first ones issued before pdl_begin(). kSwiglu as gemv_kernel:
-// rows 2i, 2i+1 are a gate/up pair (neighbouring g: one xor-4 shuffle). K a multiple of 32·S,
-// x rows 16-byte aligned.
-constexpr int kGemvMmaUnroll = 4, kGemvMmaWarps = 8;
+// y [M, N] = x [M, K] · W^T for 2 to 8 rows of x (decode batches) on the tensor cores. It is bound
+// by W's bytes and by each warp's chain of dependent instructions, so:
+// - A block of 8 warps owns 128 rows of W (16 per warp, the mma's A operand) and one of S slices
+//   of K. It stages its slice of x in shared memory as bf16 (the GEMM path's rounding), kCols
+//   columns at a time, 8 rows (zeros past M); every warp reads its B operands (x^T) from there.
+// - Inside each 32-column step the reduction index is permuted so that a lane loads 16
+//   contiguous bytes of one W row: lane (g, t) holds columns 8t..8t+7 of rows g and g+8 (values
+//   0–3 feed the first mma of the step, 4–7 the second) and reads the same columns of x row g
+//   from shared memory in one 16-byte load (row pitch ≡ 64 mod 128 bytes: conflict-free).
+// - W loads run one batch of kGemvTcUnroll steps ahead of the products (two register sets), the
+//   first batch issued before pdl_begin() (W is constant). Steps past the slice's end load zero
+//   weights, so a batch has no branch and its shared loads go out together (a `break` there kept
+//   ncu's top stall on them: 1.5 → 1.8 TB/s at 16 rows).
+// - S > 1 (too few row groups to fill the card): the S blocks of a row group form a thread-block
+//   cluster; each parks its partial sums in shared memory and sums a 1/S share of the group's rows
+//   over the S blocks' partials through distributed shared memory, in slice order
+//   (deterministic). Summing through global memory in the last block to finish was a serial tail.
+// Against the former kernel (each warp loading its fp32 x rows itself, S splits inside a block):
+// decode on the 2B model at batch 4 1,656 → 1,735 tokens/s, batch 8 2,848 → 3,009 (H200). With
+// 2–8 n-tiles (9–64 rows) this layout stayed below cuBLASLt with its bf16 pack (batch 16:
+// 4,957 → 4,717; batch 64 10,148 → 7,131; ncu: 10 cycles per issued instruction at 4 warps per
+// scheduler, 128 registers), so those sizes keep the GEMM path (docs/RESULTS_MODEL_GPU.md,
+// session 12).
+// kSwiglu: rows 2i, 2i+1 are a gate/up pair (neighbouring g) and y [M, N/2] gets SiLU(gate)·up.
+// K/S a multiple of 32, S ≤ 8 (a portable cluster), x rows 16-byte aligned with ldx % 4 == 0.
+constexpr int kGemvTcWarps = 8, kGemvTcRows = 16 * kGemvTcWarps, kGemvTcUnroll = 4, kGemvTcMaxSlices = 8;
 template <bool kSwiglu>
-__global__ void __launch_bounds__(kGemvMmaWarps * 32)
-    gemv_mma_kernel(const __nv_bfloat16* W, const float* x, int64_t ldx, float* y, int64_t N, int64_t K, int S, int M) {
-  __shared__ float part[kGemvMmaWarps][32][4];
+__global__ void __launch_bounds__(kGemvTcWarps * 32, 2)
+    gemv_tc_kernel(const __nv_bfloat16* W, const float* x, int64_t ldx, float* y, int64_t N, int64_t K, int S, int M) {
+  constexpr int kCols = 512, kPitch = kCols + 32, U = kGemvTcUnroll, kThreads = kGemvTcWarps * 32;
+  // The partials [8][128] reuse the staging buffer.
+  constexpr int kStageBytes = 8 * kPitch * 2, kPartBytes = 8 * kGemvTcRows * 4;
+  __shared__ __align__(16) unsigned char smem[kStageBytes > kPartBytes ? kStageBytes : kPartBytes];
+  auto xs = reinterpret_cast<__nv_bfloat16(*)[kPitch]>(smem);
+  auto red = reinterpret_cast<float(*)[kGemvTcRows]>(smem);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  const int64_t row0 = (blockIdx.x * int64_t(kGemvMmaWarps) + warp) / S * 16, seg = K / S;
-  const int64_t kb = (warp % S) * seg + 8 * t;  // this lane's first column
-  const __nv_bfloat16* wa = W + min(row0 + g, N - 1) * K + kb;
-  const __nv_bfloat16* wb = W + min(row0 + g + 8, N - 1) * K + kb;
-  uint4 la[kGemvMmaUnroll], lb[kGemvMmaUnroll];
-  auto load = [&](int64_t k) {
+  const int64_t group = blockIdx.x / S, kb = K / S, k0 = (blockIdx.x % S) * kb;
+  const int64_t row0 = group * kGemvTcRows + warp * 16;
+  const __nv_bfloat16* wa = W + min(row0 + g, N - 1) * K + k0 + 8 * t;
+  const __nv_bfloat16* wb = W + min(row0 + g + 8, N - 1) * K + k0 + 8 * t;
+  const int64_t batches = (kb + 32 * U - 1) / (32 * U);
+  auto load = [&](int64_t b, uint4(&la)[U], uint4(&lb)[U]) {
 #pragma unroll
-    for (int i = 0; i < kGemvMmaUnroll; ++i)
-      if (k + i * 32 < seg) {
-        la[i] = __ldg(reinterpret_cast<const uint4*>(wa + k + i * 32));
-        lb[i] = __ldg(reinterpret_cast<const uint4*>(wb + k + i * 32));
+    for (int i = 0; i < U; ++i) {
+      const int64_t k = (b * U + i) * 32;
+      la[i] = lb[i] = make_uint4(0, 0, 0, 0);
+      if (k < kb) {
+        la[i] = __ldg(reinterpret_cast<const uint4*>(wa + k));
+        lb[i] = __ldg(reinterpret_cast<const uint4*>(wb + k));
       }
-  };
-  load(0);
-  pdl_begin();
-  float acc[4] = {};
-  auto step = [&](const uint4& A, const uint4& B, int64_t k) {
-    const uint32_t* a = reinterpret_cast<const uint32_t*>(&A);
-    const uint32_t* b = reinterpret_cast<const uint32_t*>(&B);
-    const uint32_t f1[4] = {a[0], b[0], a[1], b[1]}, f2[4] = {a[2], b[2], a[3], b[3]};
-    float v[8] = {};
-    if (g < M) load_v(x + g * ldx + kb + k, v);
-    auto bf = [&](int i) { return pack_pair(from_f32<__nv_bfloat16>(v[i]), from_f32<__nv_bfloat16>(v[i + 1])); };
-    const uint32_t b1[2] = {bf(0), bf(2)}, b2[2] = {bf(4), bf(6)};
-    mma_bf16(acc, f1, b1);
-    mma_bf16(acc, f2, b2);
-  };
-  for (int64_t k = 0; k < seg; k += kGemvMmaUnroll * 32) {
-    if (k > 0) load(k);
-#pragma unroll
-    for (int i = 0; i < kGemvMmaUnroll; ++i)
-      if (k + i * 32 < seg) step(la[i], lb[i], k + i * 32);
-  }
-  if (S > 1) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) part[warp][lane][e] = acc[e];
-    __syncthreads();
-    if (warp % S != 0) return;
-    for (int s = 1; s < S; ++s)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[e] += part[warp + s][lane][e];
-  }
-  // acc[e]: row row0 + g (+8 for e ≥ 2) of W, row 2t + (e & 1) of x.
-#pragma unroll
-  for (int e = 0; e < 4; ++e) {
-    const int64_t n = row0 + g + (e >= 2 ? 8 : 0);
-    const int m = 2 * t + (e & 1);
-    if constexpr (kSwiglu) {
-      const float up = __shfl_xor_sync(0xffffffffu, acc[e], 4);  // row n + 1 sits at g + 1
-      if (g % 2 == 0 && n < N && m < M) y[m * (N / 2) + n / 2] = acc[e] * sigmoidf(acc[e]) * up;
-    } else if (n < N && m < M) {
-      y[m * N + n] = acc[e];
     }
+  };
+  // x[:, k0 + c0 .. + kCols) → xs in bf16 (rows past M and columns past the slice zero, so that a
+  // zero-weight step multiplies finite values). All of a thread's float4 loads go out before any
+  // store: a loop of dependent load-convert-store steps was a chain of L2 round trips per tile.
+  constexpr int kQuads = 8 * (kCols / 4) / kThreads;
+  auto stage = [&](int64_t c0) {
+    float4 v[kQuads];
+#pragma unroll
+    for (int u = 0; u < kQuads; ++u) {
+      const int i = threadIdx.x + u * kThreads, m = i / (kCols / 4), c = (i % (kCols / 4)) * 4;
+      v[u] =
+          m < M && c0 + c < kb ? *reinterpret_cast<const float4*>(x + m * ldx + k0 + c0 + c) : make_float4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < kQuads; ++u) {
+      const int i = threadIdx.x + u * kThreads, m = i / (kCols / 4), c = (i % (kCols / 4)) * 4;
+      *reinterpret_cast<uint2*>(&xs[m][c]) = {pack_pair(__float2bfloat16_rn(v[u].x), __float2bfloat16_rn(v[u].y)),
+                                              pack_pair(__float2bfloat16_rn(v[u].z), __float2bfloat16_rn(v[u].w))};
+    }
+  };
+  float acc[4] = {};
+  auto compute = [&](int64_t b, const uint4(&la)[U], const uint4(&lb)[U]) {
+#pragma unroll
+    for (int i = 0; i < U; ++i) {
+      const uint32_t* a = reinterpret_cast<const uint32_t*>(&la[i]);
+      const uint32_t* c = reinterpret_cast<const uint32_t*>(&lb[i]);
+      const uint32_t f1[4] = {a[0], c[0], a[1], c[1]}, f2[4] = {a[2], c[2], a[3], c[3]};
+      const uint4 xb = *reinterpret_cast<const uint4*>(&xs[g][int((b * U + i) * 32 % kCols) + 8 * t]);
+      const uint32_t b1[2] = {xb.x, xb.y}, b2[2] = {xb.z, xb.w};
+      mma_bf16(acc, f1, b1);
+      mma_bf16(acc, f2, b2);
+    }
+  };
+  uint4 la0[U], lb0[U], la1[U], lb1[U];
+  load(0, la0, lb0);
+  pdl_begin();
+  // One batch: the x tile it starts (if any), the next batch's loads, then its products.
+  auto batch = [&](int64_t b, const uint4(&la)[U], const uint4(&lb)[U], uint4(&na)[U], uint4(&nb)[U]) {
+    if (b * 32 * U % kCols == 0) {
+      __syncthreads();  // the last tile's reads are done
+      stage(b * 32 * U);
+      __syncthreads();
+    }
+    if (b + 1 < batches) load(b + 1, na, nb);
+    compute(b, la, lb);
+  };
+  for (int64_t b = 0; b < batches; b += 2) {
+    batch(b, la0, lb0, la1, lb1);
+    if (b + 1 < batches) batch(b + 1, la1, lb1, la0, lb0);
   }
+  auto put = [&](int64_t n, int m, float v, float up) {  // up: row n + 1's value (kSwiglu)
+    if constexpr (kSwiglu) {
+      if (n % 2 == 0) y[m * (N / 2) + n / 2] = v * sigmoidf(v) * up;
+    } else {
+      y[m * N + n] = v;
+    }
+  };
+  // acc[e]: row row0 + g (+8 for e ≥ 2) of W, row 2t + (e & 1) of x.
+  if (S == 1) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t n = row0 + g + (e >= 2 ? 8 : 0);
+      const int m = 2 * t + (e & 1);
+      const float up = kSwiglu ? __shfl_xor_sync(0xffffffffu, acc[e], 4) : 0.0f;  // row n + 1 sits at g + 1
+      if (n < N && m < M) put(n, m, acc[e], up);
+    }
+    return;
+  }
+  __syncthreads();  // the products' reads of xs are done: red reuses it
+#pragma unroll
+  for (int e = 0; e < 4; ++e) red[2 * t + (e & 1)][warp * 16 + g + (e >= 2 ? 8 : 0)] = acc[e];
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  cluster.sync();  // every slice's partials are parked
+  // This block's share: rows [r·128/S, (r+1)·128/S) of the group (pairs stay together: 128/S is even).
+  const int share = kGemvTcRows / S, r0 = int(cluster.block_rank()) * share;
+  constexpr int kPer = kSwiglu ? 2 : 1;
+  for (int i = threadIdx.x; i < M * share / kPer; i += blockDim.x) {
+    const int m = i / (share / kPer), rr = r0 + (i % (share / kPer)) * kPer;
+    const int64_t n = group * kGemvTcRows + rr;
+    float v = 0, up = 0;
+#pragma unroll
+    for (int s = 0; s < kGemvTcMaxSlices; ++s)
+      if (s < S) {
+        const float* peer = cluster.map_shared_rank(&red[m][rr], s);
+        v += peer[0];
+        if (kSwiglu) up += peer[1];
+      }
+    if (n < N) put(n, m, v, up);
+  }
+  cluster.sync();  // the peers' partials stay in place until every block has read them
 }
 
 // out[r] = the index of the largest of x[r, :n], the lowest one among ties (as the host's greedy
@@ -980,6 +1051,9 @@ class CudaDevice : public Device {
     check_cuda(cudaMallocHost(&staging_, kStaging), "pinned staging");
     check_lt(cublasLtCreate(&lt_), "create");
     check_cuda(cudaMalloc(&lt_ws_, kLtWorkspace), "cublasLt workspace");
+    int dev = 0;
+    check_cuda(cudaGetDevice(&dev), "current device");
+    sms_ = sm_count(dev);
   }
   ~CudaDevice() override {
     if (mode_ == Mode::Capture) {
@@ -1634,9 +1708,12 @@ class CudaDevice : public Device {
   }
 
   // Decode-sized products skip cuBLASLt: one row of x through gemv_kernel, 2 to 8 through
-  // gemv_mma_kernel. S, the splits of K per row (at most a block's warps), grows while the card
-  // would hold fewer than ~4096 warps (~2048 16-row tiles) and each split keeps ≥ 1024 (256) columns:
-  // 2048 rows of K = 4096 unsplit leave half the SMs' load slots empty.
+  // gemv_tc_kernel. gemv_kernel's S, the splits of K per row (at most a block's warps), grows while
+  // the card would hold fewer than ~4096 warps and each split keeps ≥ 1024 columns: 2048 rows of
+  // K = 4096 unsplit leave half the SMs' load slots empty. gemv_tc_kernel's S, the slices of K (a
+  // cluster's blocks), doubles up to 8 while its blocks (128 rows x one slice) stay under two per
+  // multiprocessor and a slice keeps ≥ 256 columns (the 2B model's 2048-row projections: 8
+  // slices, 128 blocks).
   static constexpr int64_t kGemvMaxRows = 8;
   static int gemv_splits(const DevMatrix& W, int max_splits) {
     const int64_t K = W.cols;
@@ -1644,14 +1721,15 @@ class CudaDevice : public Device {
     while (S < max_splits && K % (16 * S) == 0 && W.rows * S < 4096 && K / S >= 2048) S *= 2;
     return K % (8 * S) == 0 ? S : 0;
   }
-  static int gemv_mma_splits(const DevMatrix& W) {
-    const int64_t K = W.cols, tiles = (W.rows + 15) / 16;
+  int gemv_tc_splits(const DevMatrix& W) const {
+    const int64_t K = W.cols, groups = (W.rows + kGemvTcRows - 1) / kGemvTcRows;
+    if (K % 32 != 0) return 0;
     int S = 1;
-    while (S < kGemvMmaWarps && K % (64 * S) == 0 && tiles * S < 2048 && K / S >= 512) S *= 2;
-    return K % (32 * S) == 0 ? S : 0;
+    while (S < kGemvTcMaxSlices && groups * S < 2 * sms_ && K % (64 * S) == 0 && K / (2 * S) >= 256) S *= 2;
+    return S;
   }
-  static bool gemv_fits(const DevMatrix& W, const float* x, int64_t ldx, int64_t M) {
-    const int S = M == 1 ? gemv_splits(W, kGemvWarps) : gemv_mma_splits(W);
+  bool gemv_fits(const DevMatrix& W, const float* x, int64_t ldx, int64_t M) const {
+    const int S = M == 1 ? gemv_splits(W, kGemvWarps) : gemv_tc_splits(W);
     return M <= kGemvMaxRows && S > 0 && ldx % 4 == 0 && ptr_alignment(x) >= 16;
   }
   template <bool kSwiglu>
@@ -1662,9 +1740,10 @@ class CudaDevice : public Device {
       const unsigned grid = unsigned((W.rows * S + kGemvWarps - 1) / kGemvWarps);
       return launch(gemv_kernel<kSwiglu>, grid, kGemvWarps * 32, w, x, y, W.rows, W.cols, S);
     }
-    const int S = gemv_mma_splits(W);
-    const unsigned grid = unsigned(((W.rows + 15) / 16 * S + kGemvMmaWarps - 1) / kGemvMmaWarps);
-    launch(gemv_mma_kernel<kSwiglu>, grid, kGemvMmaWarps * 32, w, x, ldx, y, W.rows, W.cols, S, int(M));
+    const int S = gemv_tc_splits(W);
+    const unsigned grid = unsigned((W.rows + kGemvTcRows - 1) / kGemvTcRows * S);
+    launch_pdl_cluster("gemv", gemv_tc_kernel<kSwiglu>, grid, kGemvTcWarps * 32, 0, unsigned(S), stream_, w, x, ldx, y,
+                       W.rows, W.cols, S, int(M));
   }
 
   // y [M, N] = x [M, K] · W^T: in cuBLASLt's column-major terms D [N, M] = W^T(stored [K, N]) · x (stored [K, M], ld ldb).
@@ -1730,6 +1809,7 @@ class CudaDevice : public Device {
   std::map<std::string, std::pair<int64_t, double>> profile_ms_;
   cublasLtHandle_t lt_ = nullptr;
   void* lt_ws_ = nullptr;
+  int sms_ = 0;
   std::vector<void*> owned_;                   // weights
   std::vector<std::pair<void*, size_t>> chunks_;  // scratch arena
   size_t used_ = 0;

@@ -28,16 +28,30 @@ __device__ __forceinline__ void pdl_begin() {
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
 }
 
+// `cluster` > 1: thread-block clusters of that many consecutive blocks along x (grid.x a multiple).
+template <class... Params, class... Args>
+void launch_pdl_cluster(const char* what, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                        unsigned cluster, cudaStream_t stream, Args... args) {
+  cudaLaunchAttribute attr[2]{};
+  unsigned n = 0;
+  if (pdl_enabled()) {
+    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[n++].val.programmaticStreamSerializationAllowed = 1;
+  }
+  if (cluster > 1) {
+    attr[n].id = cudaLaunchAttributeClusterDimension;
+    attr[n++].val.clusterDim = {cluster, 1, 1};
+  }
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid, cfg.blockDim = block, cfg.dynamicSmemBytes = smem, cfg.stream = stream;
+  cfg.attrs = attr, cfg.numAttrs = n;
+  check_cuda(cudaLaunchKernelEx(&cfg, kernel, Params(args)...), what);
+}
+
 template <class... Params, class... Args>
 void launch_pdl(const char* what, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
                 Args... args) {
-  cudaLaunchAttribute attr{};
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr.val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = grid, cfg.blockDim = block, cfg.dynamicSmemBytes = smem, cfg.stream = stream;
-  cfg.attrs = &attr, cfg.numAttrs = pdl_enabled() ? 1 : 0;
-  check_cuda(cudaLaunchKernelEx(&cfg, kernel, Params(args)...), what);
+  launch_pdl_cluster(what, kernel, grid, block, smem, 1, stream, args...);
 }
 
 }  // namespace hla::cuda
