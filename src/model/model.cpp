@@ -13,7 +13,7 @@ Model::Model(ModelSpec spec, Params& p) : spec_(std::move(spec)) {
   const ModelSpec& s = spec_;
   const std::string pre = s.weight_prefix;
   const Init norm_init = s.zero_centered_norm ? Init::Zeros : Init::Ones;
-  p.bind(pre + "embed_tokens.weight", {s.vocab, s.hidden}, &embed_);
+  p.bind(pre + "embed_tokens.weight", {s.vocab, s.hidden}, &embed_, Init::Embed);
   norm_in_.resize(size_t(s.n_layers));
   norm_post_.resize(size_t(s.n_layers));
   for (int64_t l = 0; l < s.n_layers; ++l) {

@@ -36,12 +36,16 @@ void Params::bind(const std::string& name, const Shape& shape, Tensor* dst, Init
   float* p = t.f32();
   const int64_t n = t.numel();
   std::normal_distribution<float> normal(0.0f, 0.02f);
+  std::normal_distribution<float> embed(0.0f, 2.4f / std::sqrt(float(shape.back())));  // Init::Embed: [vocab, hidden]
   std::uniform_real_distribution<float> unif(0.0f, 1.0f);
   for (int64_t i = 0; i < n; ++i) {
     switch (init) {
       case Init::Normal: p[i] = normal(rng_); break;
       case Init::Ones: p[i] = 1.0f; break;
       case Init::OutNorm: p[i] = 0.1f; break;
+      case Init::Embed:
+        p[i] = embed(rng_);
+        break;
       case Init::Zeros: p[i] = 0.0f; break;
       case Init::ALog: p[i] = std::log(1.0f + 15.0f * unif(rng_)); break;  // A ~ U(1, 16), as FLA
       case Init::DtBias: {  // inverse softplus of dt ~ logU(1e-3, 1e-1)

@@ -20,7 +20,15 @@ namespace hla {
 // embeddings (std 0.02) from the first step: in the lab's smoke models one KDA, GDN or lightning
 // layer in front of an attention layer stopped it from learning single-hop recall (0.35 against
 // 1.000 alone), and at 0.1 `KA` and `KKKA` learn it (1.000; docs/RESULTS_LAB.md).
-enum class Init { Normal, Ones, Zeros, ALog, DtBias, Conv, OutNorm };
+// Embed: the token embeddings, std 2.4/sqrt(hidden) (0.3 at the lab's hidden 64) rather than 0.02, so
+// that the (tied) initial logits have std about 2.4 whatever the width. At 0.02 the embeddings are
+// so small that within the first few hundred steps the pre-attention blocks' outputs (mostly the
+// MLPs) bury the token identity in the residual stream: in `KKKKKKKA` the input of the attention
+// layer lost all correlation with the token embedding by step 200 and the model never formed the
+// recall circuit (MQAR 0.36–0.42 over seeds), while the same layers with the attention first or
+// fourth (`AKKKKKKK`, `KKKAKKKK`) learned it (1.000). Embedding std 0.1 gave 0.71, 0.3 gave 1.000
+// (docs/RESULTS_LAB.md).
+enum class Init { Normal, Ones, Zeros, ALog, DtBias, Conv, OutNorm, Embed };
 
 class Params {
  public:
