@@ -5,7 +5,8 @@
 // Inputs are drawn on the device (q,v normal; k L2-normalised; g = log-sigmoid clamped at −5;
 // beta in (0,1)), bf16 like the FLA side of anchors/anchor_bench.py. Times are medians over
 // repeated launches after a warm-up, measured with CUDA events.
-// Forward+backward rows (*_chunk_bwd, *_chunk_fwdbwd) time DeltaChunkBackward after the forward.
+// Forward+backward rows (*_chunk_bwd, *_chunk_fwdbwd) time DeltaChunkBackward after the forward;
+// *_chunk_fwd_layer / *_chunk_bwd_layer rows the op with the layer transforms inside (DeltaInputForm).
 //   bench_delta_rule [--quick] [--only=SUBSTRING of "op,shape"]
 #include <cuda_bf16.h>
 
@@ -151,6 +152,42 @@ void bench_chunk(bool kda, int64_t H, int64_t K, std::vector<int64_t> lens, cons
   }
 }
 
+// The layer transforms inside the op as a model's layer uses them (DeltaInputForm: q/k L2 norm,
+// beta sigmoid, GDN's softplus gate or KDA's lower-bound gate; A_log and dt_bias zero), reading the
+// benchmark's inputs as the raw projections.
+struct LayerForm {
+  float* params = nullptr;  // A_log [H], dt_bias [H·width]
+  cuda::DeltaInputForm form;
+  explicit LayerForm(const DeltaRuleDims& d) {
+    const size_t n = size_t(d.HV * (1 + d.g_width()));
+    ck(cudaMalloc(&params, n * 4), "alloc gate parameters");
+    ck(cudaMemset(params, 0, n * 4), "zero gate parameters");
+    form.qk_l2norm = true, form.beta_max = 1, form.A_log = params, form.dt_bias = params + d.HV;
+    form.gate = d.gate == DeltaGate::PerKey ? cuda::DeltaGateForm::LowerBound : cuda::DeltaGateForm::Softplus;
+  }
+  ~LayerForm() { cudaFree(params); }
+};
+
+// The plan's own pick with the layer form: *_chunk_fwd_layer rows, to set against the plain rows.
+void bench_chunk_layer(bool kda, int64_t H, int64_t K, std::vector<int64_t> lens, const std::string& shape, int reps) {
+  const char* op = kda ? "kda_chunk_fwd_layer" : "gdn_chunk_fwd_layer";
+  if (!selected(op, shape)) return;
+  DeltaRuleDims d;
+  d.H = H, d.HV = H, d.K = K, d.V = K, d.gate = kda ? DeltaGate::PerKey : DeltaGate::Scalar;
+  d.cu_seqlens = {0};
+  for (int64_t l : lens) d.cu_seqlens.push_back(d.cu_seqlens.back() + l);
+  const int64_t T = d.tokens(), N = d.num_seqs(), V = K;
+  Inputs in(T, H, H, K, V, kda, N);
+  const LayerForm layer(d);
+  const float scale = 1.f / std::sqrt(float(K));
+  cuda::DeltaChunkPlan plan(d, DType::BF16);
+  const double us = median_us(
+      [&] { plan.forward(in.q, in.k, in.v, in.g, in.beta, scale, in.state, in.o, nullptr, layer.form); }, 3, reps);
+  ck(cudaGetLastError(), "chunk forward with the layer form");
+  const double bytes = 2.0 * (2 * T * H * K + 2 * T * H * V) + 4.0 * T * H * (kda ? K + 1 : 2) + 8.0 * N * H * K * V;
+  row(op, shape + " [auto]", us, 4.0 * T * H * K * V, bytes);
+}
+
 // Training step of the op: the forward (bf16, the plan's own state-pass pick) then the backward
 // (DeltaChunkBackward: fp32 recompute and fp32 gradients). Rows: *_chunk_bwd (backward alone) and
 // *_chunk_fwdbwd (both). TFLOP/s counts 3x the forward's useful FLOPs (the backward does about
@@ -163,7 +200,9 @@ void bench_chunk_bwd(bool kda, int64_t H, int64_t K, std::vector<int64_t> lens, 
   for (int64_t l : lens) d.cu_seqlens.push_back(d.cu_seqlens.back() + l);
   const char* op_b = kda ? "kda_chunk_bwd" : "gdn_chunk_bwd";
   const char* op_fb = kda ? "kda_chunk_fwdbwd" : "gdn_chunk_fwdbwd";
-  if (!selected(op_b, shape) && !selected(op_fb, shape)) return;
+  if (!selected(op_b, shape) && !selected(op_fb, shape) &&
+      !selected(kda ? "kda_chunk_bwd_layer" : "gdn_chunk_bwd_layer", shape))
+    return;
   const int64_t T = d.tokens(), N = d.num_seqs(), V = K;
   Inputs in(T, H, H, K, V, kda, N);
   Inputs grads_in(T, H, H, K, V, kda, 0);  // its v is the bf16 dout
@@ -189,6 +228,21 @@ void bench_chunk_bwd(bool kda, int64_t H, int64_t K, std::vector<int64_t> lens, 
     const double us = median_us(backward, 2, reps);
     ck(cudaGetLastError(), "chunk backward");
     row(op_b, shape, us, 2 * 4.0 * T * H * K * V, bwd_bytes);
+  }
+  const char* op_bl = kda ? "kda_chunk_bwd_layer" : "gdn_chunk_bwd_layer";
+  if (selected(op_bl, shape)) {  // the backward with the layer form (raw-input gradients, dA_log, ddt_bias)
+    const LayerForm layer(d);
+    float* dparams = nullptr;
+    ck(cudaMalloc(&dparams, size_t(H * (1 + d.g_width())) * 4), "alloc gate parameter gradients");
+    const double us = median_us(
+        [&] {
+          bwd.backward(in.q, in.k, in.v, in.g, in.beta, scale, nullptr, grads_in.v, nullptr, dq, dk, dv, dg, db,
+                       nullptr, nullptr, layer.form, dparams, dparams + H);
+        },
+        2, reps);
+    ck(cudaGetLastError(), "chunk backward with the layer form");
+    cudaFree(dparams);
+    row(op_bl, shape, us, 2 * 4.0 * T * H * K * V, bwd_bytes);
   }
   if (selected(op_fb, shape)) {
     const double us = median_us(
@@ -255,6 +309,10 @@ int main(int argc, char** argv) {
       bench_chunk(kda, s.H, 128, std::vector<int64_t>(s.B, s.T), "B" + std::to_string(s.B) + " T" + std::to_string(s.T) +
                   " H" + std::to_string(s.H) + " D128", reps);
     bench_chunk(kda, 64, 128, varlen, "varlen[1300 547 2048 963 271 3063] H64 D128", reps);
+    for (const S& s : fixed)
+      bench_chunk_layer(kda, s.H, 128, std::vector<int64_t>(s.B, s.T),
+                        "B" + std::to_string(s.B) + " T" + std::to_string(s.T) + " H" + std::to_string(s.H) + " D128",
+                        reps);
   }
   // Forward + backward on the issue's training shapes.
   const std::vector<S> train = {{1, 16384, 32}, {4, 4096, 32}, {1, 65536, 16}, {8, 2048, 64}};

@@ -387,6 +387,16 @@ TEST(DeltaRuleLayer, FiniteDifferences) {
       EXPECT_LT(fd_error(a, da, f), 1e-7) << what << " da";
       EXPECT_LT(fd_error(A_log, dA, f), 1e-7) << what << " dA_log";
       EXPECT_LT(fd_error(dtb, ddt, f), 1e-7) << what << " ddt_bias";
+      auto in_place = w, dA2 = zeros(2), ddt2 = zeros(2 * width);  // da may alias dg
+      if (lower)
+        gate_lowerbound_backward(a.data(), A_log.data(), dtb.data(), -5.0, in_place.data(), in_place.data(), dA2.data(),
+                                 ddt2.data(), 3, 2, width);
+      else
+        gate_softplus_backward(a.data(), A_log.data(), dtb.data(), in_place.data(), in_place.data(), dA2.data(),
+                               ddt2.data(), 3, 2, width);
+      EXPECT_EQ(in_place, da) << what;
+      EXPECT_EQ(dA2, dA) << what;
+      EXPECT_EQ(ddt2, ddt) << what;
     }
 }
 

@@ -292,9 +292,9 @@ void gate_softplus_backward(const T* a, const T* A_log, const T* dt_bias, const 
       const T A = std::exp(A_log[h]);
       for (int64_t c = 0; c < width; ++c) {
         const int64_t i = (t * HV + h) * width + c;
-        const T x = a[i] + (dt_bias ? dt_bias[h * width + c] : T(0));
-        da[i] = -dg[i] * A * (x > T(20) ? T(1) : sigmoid(x));
-        dA_log[h] += -dg[i] * A * softplus(x);
+        const T x = a[i] + (dt_bias ? dt_bias[h * width + c] : T(0)), d = dg[i];
+        da[i] = -d * A * (x > T(20) ? T(1) : sigmoid(x));
+        dA_log[h] += -d * A * softplus(x);
         if (dt_bias) ddt_bias[h * width + c] += da[i];
       }
     }

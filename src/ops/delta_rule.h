@@ -89,8 +89,8 @@ void beta_sigmoid_backward(const T* b, const T* dbeta, T* db, int64_t n, T beta_
 // per-key gate), A_log [HV], dt_bias [HV·width] (nullptr = none):
 //   softplus form:    g = −exp(A_log[h]) · softplus(a + dt_bias)    (softplus linear above 20, as torch)
 //   lower-bound form: g = lb · sigmoid(exp(A_log[h]) · (a + dt_bias)), lb ∈ [−5, 0)  (KDA)
-// Backward gives da (like a), dA_log [HV] and ddt_bias [HV·width] (summed over tokens; skipped
-// when dt_bias is nullptr).
+// Backward gives da (like a; it may alias dg), dA_log [HV] and ddt_bias [HV·width] (summed over
+// tokens; skipped when dt_bias is nullptr).
 template <class T>
 void gate_softplus_forward(const T* a, const T* A_log, const T* dt_bias, T* g, int64_t tokens, int64_t HV,
                            int64_t width);

@@ -7,6 +7,7 @@
 #include <cstring>
 #include <filesystem>
 #include <map>
+#include <memory>
 #include <random>
 #include <utility>
 #include <vector>
@@ -578,6 +579,240 @@ TEST(CudaDeltaRule, OpCommandOnCuda) {
         }
       }
     }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Layer transforms inside the op (cuda::DeltaInputForm): raw q, k, beta logits and gate
+// pre-activations against the CPU layer functions of ops/delta_rule.h composed with the fp64
+// recurrence (forward) and the recurrent backward followed by the layer functions' backwards.
+struct FormCase {
+  const char* label;
+  Case s;
+  bool l2norm;
+  double beta_max;
+  cuda::DeltaGateForm gate;
+  bool dt_bias;
+};
+const FormCase kFormCases[] = {
+    {"qwen3-next", {DeltaGate::Scalar, 2, 4, 64, 64, {130, 1, 64, 77}}, true, 1, cuda::DeltaGateForm::Softplus, true},
+    {"kimi-linear", {DeltaGate::PerKey, 1, 2, 128, 128, {200, 65}}, true, 1, cuda::DeltaGateForm::LowerBound, true},
+    {"kda softplus", {DeltaGate::PerKey, 2, 2, 32, 48, {77, 77}}, true, 1, cuda::DeltaGateForm::Softplus, false},
+    {"beta 2 only", {DeltaGate::Scalar, 1, 2, 128, 64, {129}}, false, 2, cuda::DeltaGateForm::LogDecay, false},
+    {"l2norm only", {DeltaGate::PerKey, 2, 6, 128, 96, {63, 191, 5}}, true, 0, cuda::DeltaGateForm::LogDecay, false},
+    {"T=1", {DeltaGate::PerKey, 1, 1, 64, 32, {1}}, true, 1, cuda::DeltaGateForm::LowerBound, true},
+    {"K=256", {DeltaGate::Scalar, 1, 1, 256, 256, {100}}, true, 1, cuda::DeltaGateForm::Softplus, true},  // forward
+                                                                                                          // only
+};
+
+// p: the transformed inputs the op computes with; the raw ones beside it.
+struct FormProblem {
+  Problem p;
+  std::vector<double> q, k, b, a, A_log, dt_bias;
+};
+
+template <class T, class U>
+std::vector<T> as(const std::vector<U>& x) {
+  return std::vector<T>(x.begin(), x.end());
+}
+
+// The form's transforms on the CPU in T: raw → (q, k, beta, g).
+template <class T>
+void apply_form(const FormCase& c, const FormProblem& f, const std::vector<double>& q_raw,
+                const std::vector<double>& k_raw, std::vector<T>& q, std::vector<T>& k, std::vector<T>& beta,
+                std::vector<T>& g) {
+  const DeltaRuleDims& d = f.p.d;
+  const int64_t T_ = d.tokens();
+  q = as<T>(q_raw), k = as<T>(k_raw), beta = as<T>(f.b), g = as<T>(f.a);
+  if (c.l2norm) {
+    l2norm_forward<T>(q.data(), q.data(), T_ * d.H, d.K);
+    l2norm_forward<T>(k.data(), k.data(), T_ * d.H, d.K);
+  }
+  if (c.beta_max > 0) beta_sigmoid_forward<T>(beta.data(), beta.data(), T_ * d.HV, T(c.beta_max));
+  const auto A = as<T>(f.A_log), dtb = as<T>(f.dt_bias);
+  const T* bias = c.dt_bias ? dtb.data() : nullptr;
+  if (c.gate == cuda::DeltaGateForm::Softplus)
+    gate_softplus_forward<T>(g.data(), A.data(), bias, g.data(), T_, d.HV, d.g_width());
+  else if (c.gate == cuda::DeltaGateForm::LowerBound)
+    gate_lowerbound_forward<T>(g.data(), A.data(), bias, T(-5), g.data(), T_, d.HV, d.g_width());
+}
+
+FormProblem make_form_problem(const FormCase& c, uint32_t seed) {
+  FormProblem f;
+  f.p = make_problem(c.s.gate, c.s.H, c.s.HV, c.s.K, c.s.V, c.s.lens, seed);
+  Problem& p = f.p;
+  std::mt19937 rng(seed + 7919);
+  std::normal_distribution<double> nd;
+  std::uniform_real_distribution<double> ud(-1.5, 0.3);
+  f.q = p.q, f.k = p.k, f.b = p.beta, f.a = p.g;
+  if (c.l2norm)  // rows of norm ~2√K: the normalisation is not a no-op
+    for (auto* x : {&f.q, &f.k})
+      for (auto& e : *x) e = 2 * nd(rng);
+  if (c.beta_max > 0)
+    for (auto& e : f.b) e = nd(rng);
+  if (c.gate != cuda::DeltaGateForm::LogDecay) {
+    f.A_log.resize(size_t(p.d.HV));
+    for (auto& e : f.A_log) e = ud(rng);
+    if (c.dt_bias) {
+      f.dt_bias.resize(size_t(p.d.g_stride()));
+      for (auto& e : f.dt_bias) e = 0.5 * nd(rng);
+    }
+    for (auto& e : f.a) e = nd(rng);
+  }
+  apply_form<double>(c, f, f.q, f.k, p.q, p.k, p.beta, p.g);
+  return f;
+}
+
+// Device copies of A_log and dt_bias, and the form naming them.
+struct DevForm {
+  std::unique_ptr<DevBuf> A_log, dt_bias;
+  cuda::DeltaInputForm form;
+  DevForm(const FormCase& c, const FormProblem& f) {
+    form.qk_l2norm = c.l2norm, form.beta_max = float(c.beta_max), form.gate = c.gate, form.lower_bound = -5;
+    if (!f.A_log.empty()) A_log = std::make_unique<DevBuf>(f.A_log, DType::F32), form.A_log = A_log->f32();
+    if (!f.dt_bias.empty()) dt_bias = std::make_unique<DevBuf>(f.dt_bias, DType::F32), form.dt_bias = dt_bias->f32();
+  }
+};
+
+Result gpu_form_forward(const FormCase& c, const FormProblem& f, DType dt) {
+  const Problem& p = f.p;
+  DevBuf q(f.q, dt), k(f.k, dt), v(p.v, dt), a(f.a, DType::F32), b(f.b, DType::F32), st(p.h0, DType::F32);
+  DevBuf o(size_t(p.d.tokens() * p.d.HV * p.d.V), dt, 0xff);
+  const DevForm form(c, f);
+  cuda::DeltaChunkPlan plan(p.d, dt);
+  plan.forward(q.p, k.p, v.p, a.f32(), b.f32(), float(p.scale), st.f32(), o.p, nullptr, form.form);
+  cuda::check_cuda(cudaDeviceSynchronize(), "chunk forward with an input form");
+  return {o.get(), st.get()};
+}
+
+TEST(CudaDeltaRule, InputFormForwardMatchesCpuLayerFunctions) {
+  HLA_REQUIRE_GPU();
+  uint32_t seed = 700;
+  for (const FormCase& c : kFormCases) {
+    const FormProblem f = make_form_problem(c, seed++);
+    const Result ref = cpu_reference(f.p, f.p.q, f.p.k, f.p.v);
+    const Result got = gpu_form_forward(c, f, DType::F32);
+    const double eo = rel_l2(got.o, ref.o), eh = rel_l2(got.ht, ref.ht);
+    std::printf("[ form fp32 ] %-13s %-40s o %.2e  ht %.2e\n", c.label, name(c.s).c_str(), eo, eh);
+    EXPECT_LT(eo, 1e-4) << c.label;
+    EXPECT_LT(eh, 1e-4) << c.label;
+    // bf16: against a plain fp32 layer + recurrence on the same rounded raw q, k, v.
+    const DType dt = DType::BF16;
+    std::vector<float> q, k, beta, g;
+    apply_form<float>(c, f, round_to(f.q, dt), round_to(f.k, dt), q, k, beta, g);
+    std::vector<float> v = as<float>(round_to(f.p.v, dt)), st = as<float>(f.p.h0), o(ref.o.size());
+    delta_rule_recurrent<float>(f.p.d, q.data(), k.data(), v.data(), g.data(), beta.data(), float(f.p.scale), st.data(),
+                                o.data());
+    const double po = rel_l2(round_to(as<double>(o), dt), ref.o), ph = rel_l2(as<double>(st), ref.ht);
+    const Result g16 = gpu_form_forward(c, f, dt);
+    const double bo = rel_l2(g16.o, ref.o), bh = rel_l2(g16.ht, ref.ht);
+    std::printf("[ form bf16 ] %-13s o %.2e (plain %.2e, ratio %.2f)  ht %.2e (plain %.2e, ratio %.2f)\n", c.label, bo,
+                po, bo / po, bh, ph, bh / ph);
+    EXPECT_LE(bo, 2 * po) << c.label;
+    EXPECT_LE(bh, 2 * ph) << c.label;
+  }
+}
+
+// Gradients of the raw inputs plus dA_log and ddt_bias.
+struct FormGrads {
+  Grads g;
+  std::vector<double> dA_log, ddt_bias;
+};
+const char* kFormGradNames[] = {"dq", "dk", "dv", "da", "db", "dh0", "dA_log", "ddt_bias"};
+std::vector<double>* form_grad(FormGrads& g, int i) { return i < 6 ? grad(g.g, i) : i == 6 ? &g.dA_log : &g.ddt_bias; }
+
+// The CPU chain in T on raw q, k, v, dout (double: the oracle; float on rounded inputs: the plain
+// 16-bit reference).
+template <class T>
+FormGrads cpu_form_backward(const FormCase& c, const FormProblem& f, const std::vector<double>& q_raw,
+                            const std::vector<double>& k_raw, const std::vector<double>& v,
+                            const std::vector<double>& dout, const std::vector<double>& dht) {
+  const Problem& p = f.p;
+  const int64_t N = p.d.tokens(), W = p.d.g_width();
+  std::vector<T> q, k, beta, g;
+  apply_form<T>(c, f, q_raw, k_raw, q, k, beta, g);
+  FormGrads r;
+  r.g = cpu_backward<T>(p, as<double>(q), as<double>(k), v, dout, dht, true);
+  auto chain = [](std::vector<double>& x, auto&& f) {  // f(in T, out T) in place on x
+    std::vector<T> t = as<T>(x);
+    f(t.data());
+    x = as<double>(t);
+  };
+  const std::vector<T> qr = as<T>(q_raw), kr = as<T>(k_raw), b = as<T>(f.b), a = as<T>(f.a), A = as<T>(f.A_log),
+                       dtb = as<T>(f.dt_bias);
+  Grads& gr = r.g;
+  if (c.l2norm) {
+    chain(gr.dq, [&](T* d) { l2norm_backward<T>(qr.data(), d, d, N * p.d.H, p.d.K); });
+    chain(gr.dk, [&](T* d) { l2norm_backward<T>(kr.data(), d, d, N * p.d.H, p.d.K); });
+  }
+  if (c.beta_max > 0)
+    chain(gr.dbeta, [&](T* d) { beta_sigmoid_backward<T>(b.data(), d, d, N * p.d.HV, T(c.beta_max)); });
+  if (c.gate != cuda::DeltaGateForm::LogDecay) {
+    std::vector<T> dA(A.size()), ddt(dtb.size());
+    const T* bias = c.dt_bias ? dtb.data() : nullptr;
+    chain(gr.dg, [&](T* d) {
+      if (c.gate == cuda::DeltaGateForm::Softplus)
+        gate_softplus_backward<T>(a.data(), A.data(), bias, d, d, dA.data(), ddt.data(), N, p.d.HV, W);
+      else
+        gate_lowerbound_backward<T>(a.data(), A.data(), bias, T(-5), d, d, dA.data(), ddt.data(), N, p.d.HV, W);
+    });
+    r.dA_log = as<double>(dA), r.ddt_bias = as<double>(ddt);
+  }
+  return r;
+}
+
+FormGrads gpu_form_backward(const FormCase& c, const FormProblem& f, const Cotangents& ct, DType dt) {
+  const Problem& p = f.p;
+  const int64_t T = p.d.tokens();
+  DevBuf q(f.q, dt), k(f.k, dt), v(p.v, dt), a(f.a, DType::F32), b(f.b, DType::F32), h0(p.h0, DType::F32),
+      dout(ct.dout, dt), dht(ct.dht, DType::F32);
+  DevBuf dq(size_t(T * p.d.H * p.d.K), DType::F32, 0xff), dk(size_t(T * p.d.H * p.d.K), DType::F32, 0xff),
+      dv(size_t(T * p.d.HV * p.d.V), DType::F32, 0xff), dg(f.a.size(), DType::F32, 0xff),
+      db(f.b.size(), DType::F32, 0xff), dh0(p.h0.size(), DType::F32, 0xff), dA(f.A_log.size(), DType::F32, 0xff),
+      ddt(f.dt_bias.size(), DType::F32, 0xff);
+  const DevForm form(c, f);
+  cuda::DeltaChunkBackward bwd(p.d, dt);
+  bwd.backward(q.p, k.p, v.p, a.f32(), b.f32(), float(p.scale), h0.f32(), dout.p, dht.f32(), dq.f32(), dk.f32(),
+               dv.f32(), dg.f32(), db.f32(), dh0.f32(), nullptr, form.form, dA.f32(), ddt.f32());
+  cuda::check_cuda(cudaDeviceSynchronize(), "chunk backward with an input form");
+  FormGrads r;
+  r.g = {dq.get(), dk.get(), dv.get(), dg.get(), db.get(), dh0.get()};
+  if (c.gate != cuda::DeltaGateForm::LogDecay) r.dA_log = dA.get(), r.ddt_bias = ddt.get();
+  return r;
+}
+
+TEST(CudaDeltaRule, InputFormBackwardMatchesCpuLayerFunctions) {
+  HLA_REQUIRE_GPU();
+  uint32_t seed = 800;
+  for (const FormCase& c : kFormCases) {
+    if (c.s.K > 128 || c.s.V > 128) continue;  // the backward's limits
+    const FormProblem f = make_form_problem(c, seed++);
+    const Cotangents ct = make_cotangents(f.p, true, seed++);
+    FormGrads ref = cpu_form_backward<double>(c, f, f.q, f.k, f.p.v, ct.dout, ct.dht);
+    FormGrads got = gpu_form_backward(c, f, ct, DType::F32);
+    std::printf("[ form bwd fp32 ] %-13s", c.label);
+    for (int i = 0; i < 8; ++i) {
+      if (form_grad(ref, i)->empty()) continue;
+      const double e = rel_l2(*form_grad(got, i), *form_grad(ref, i));
+      std::printf(" %s %.1e", kFormGradNames[i], e);
+      EXPECT_LT(e, 1e-4) << c.label << " " << kFormGradNames[i];
+    }
+    std::printf("\n");
+    // bf16: no worse than 2x the plain fp32 chain on the same rounded q, k, v, dout; bitwise repeatable.
+    const DType dt = DType::BF16;
+    FormGrads plain = cpu_form_backward<float>(c, f, round_to(f.q, dt), round_to(f.k, dt), round_to(f.p.v, dt),
+                                               round_to(ct.dout, dt), ct.dht);
+    FormGrads b1 = gpu_form_backward(c, f, ct, dt), b2 = gpu_form_backward(c, f, ct, dt);
+    std::printf("[ form bwd bf16 ] %-13s", c.label);
+    for (int i = 0; i < 8; ++i) {
+      const auto& want = *form_grad(ref, i);
+      EXPECT_TRUE(*form_grad(b1, i) == *form_grad(b2, i)) << c.label << " " << kFormGradNames[i];
+      if (want.empty()) continue;
+      const double e = rel_l2(*form_grad(b1, i), want), pe = rel_l2(*form_grad(plain, i), want);
+      std::printf(" %s %.1e (x%.2f)", kFormGradNames[i], e, e / pe);
+      EXPECT_LE(e, 2 * pe) << c.label << " " << kFormGradNames[i];
+    }
+    std::printf("\n");
   }
 }
 

@@ -114,13 +114,21 @@ TEST_P(CudaModelFastShapes, Fp32MatchesCpu) {
   expect_fp32_matches_cpu(*m, 300, 7, "hybrid " + GetParam());
 }
 
-TEST_P(CudaModelFastShapes, Bf16WithinTwicePlainBf16) {
+INSTANTIATE_TEST_SUITE_P(Hybrid, CudaModelFastShapes, ::testing::Values("KGAWS", "KGAW"));
+
+// bf16 without the DSA layer: its top-k pick is discrete, and the bf16 rounding of the indexer's
+// projections flips near-tied picks, a jump no bound on rounding error covers (H200, session 13:
+// with session 12's larger embeddings one flip in each path put the GPU's decode at 0.156 and the
+// plain bf16 prefill at 0.156, against 0.043 unflipped). The fp32 test above covers the selection.
+class CudaModelFastShapesBf16 : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(CudaModelFastShapesBf16, WithinTwicePlainBf16) {
   HLA_REQUIRE_GPU();
   auto m = fast_shape_hybrid(GetParam());
   expect_bf16_within_plain(*m, 300, 7);
 }
 
-INSTANTIATE_TEST_SUITE_P(Hybrid, CudaModelFastShapes, ::testing::Values("KGAWS", "KGAW"));
+INSTANTIATE_TEST_SUITE_P(Hybrid, CudaModelFastShapesBf16, ::testing::Values("KGAW"));
 
 // beta in [0, 2] through the prefill prep (sigmoid scale) and the fused decode prep kernel.
 TEST(CudaModel, NegativeEigenvaluesFp32MatchesCpu) {

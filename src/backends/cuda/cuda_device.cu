@@ -289,7 +289,7 @@ __global__ void sigmoid_kernel(const float* x, int64_t ldx, float* y, int64_t T,
 __device__ __forceinline__ float softplus_gate(float a, const float* A_log, const float* dt_bias, int64_t j,
                                                int64_t width) {
   const float x = a + (dt_bias ? dt_bias[j] : 0.0f);
-  return -expf(A_log[j / width]) * (x > 20.0f ? x : log1pf(expf(x)));
+  return -expf(A_log[j / width]) * softplusf(x);
 }
 
 __global__ void gate_softplus_kernel(const float* a, int64_t lda, const float* A_log, const float* dt_bias, float* g,

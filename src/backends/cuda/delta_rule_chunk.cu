@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "backends/cuda/delta_rule_cuda.h"
+#include "backends/cuda/delta_rule_inputs.h"
 #include "backends/cuda/kernel_util.cuh"
 #include "backends/cuda/mma.cuh"
 #include "core/error.h"
@@ -970,10 +971,24 @@ DeltaChunkPlan::DeltaChunkPlan(const DeltaRuleDims& d, DType dt, int state_cols,
              "segment offsets upload");
 }
 
-DeltaChunkPlan::~DeltaChunkPlan() { cudaFree(ws_); }
+DeltaChunkPlan::~DeltaChunkPlan() {
+  cudaFree(ws_);
+  cudaFree(in_ws_);
+}
 
 void DeltaChunkPlan::forward(const void* q, const void* k, const void* v, const float* g, const float* beta,
-                             float scale, float* state, void* o, cudaStream_t stream) const {
+                             float scale, float* state, void* o, cudaStream_t stream,
+                             const DeltaInputForm& form) const {
+  if (!form.plain()) {
+    const size_t es = dtype_size(dt_);
+    if (!in_ws_)
+      check_cuda(cudaMalloc(&in_ws_, std::max<size_t>(delta_inputs_bytes(d_, es), 256)), "delta rule input workspace");
+    const DeltaInputs in = delta_inputs_at(in_ws_, d_, es);
+    delta_inputs_forward(d_, form, dt_, dt_, q, k, beta, g, in, stream);
+    if (form.qk_l2norm) q = in.q, k = in.k;
+    if (form.beta_max > 0) beta = in.beta;
+    if (form.gate != DeltaGateForm::LogDecay) g = in.g;
+  }
   run(q, k, v, g, beta, scale, state, o, nullptr, nullptr, nullptr, false, stream);
 }
 

@@ -25,6 +25,7 @@
 #include <string>
 
 #include "backends/cuda/delta_rule_cuda.h"
+#include "backends/cuda/delta_rule_inputs.h"
 #include "backends/cuda/kernel_util.cuh"
 #include "backends/cuda/mma.cuh"
 #include "core/error.h"
@@ -748,12 +749,15 @@ DeltaChunkBackward::DeltaChunkBackward(const DeltaRuleDims& d, DType dt, int sta
   check_cuda(cudaMalloc(&ws_, std::max<size_t>(ws_bytes_, 256)), "delta rule backward workspace");
 }
 
-DeltaChunkBackward::~DeltaChunkBackward() { cudaFree(ws_); }
+DeltaChunkBackward::~DeltaChunkBackward() {
+  cudaFree(ws_);
+  cudaFree(in_ws_);
+}
 
 void DeltaChunkBackward::backward(const void* q, const void* k, const void* v, const float* g, const float* beta,
                                   float scale, const float* h0, const void* dout, const float* dht, float* dq,
-                                  float* dk, float* dv, float* dg, float* dbeta, float* dh0,
-                                  cudaStream_t stream) const {
+                                  float* dk, float* dv, float* dg, float* dbeta, float* dh0, cudaStream_t stream,
+                                  const DeltaInputForm& form, float* dA_log, float* ddt_bias) const {
   const int64_t N = d_.num_seqs(), T = d_.tokens(), H = d_.H, HV = d_.HV, K = d_.K, V = d_.V, chunks = fwd_.chunks();
   const bool wide = dt_ != DType::F32;
   char* p = static_cast<char*>(ws_);
@@ -777,14 +781,32 @@ void DeltaChunkBackward::backward(const void* q, const void* k, const void* v, c
   a.pkr = take(size_t(T * HV * K) * 4);
   float* dqh = take(HV > H ? size_t(T * HV * K) * 4 : 0);
   float* dkh = take(HV > H ? size_t(T * HV * K) * 4 : 0);
-  if (wide) {
+  // A form's transformed inputs (fp32 q, k) and the scratch of its gate-parameter sums.
+  DeltaInputs in;
+  float* gate_scratch = nullptr;
+  if (!form.plain()) {
+    const size_t bytes = delta_inputs_bytes(d_, 4), scratch = delta_inputs_grad_scratch(d_) * 4;
+    if (!in_ws_) check_cuda(cudaMalloc(&in_ws_, bytes + scratch + 256), "delta rule backward input workspace");
+    in = delta_inputs_at(in_ws_, d_, 4);
+    gate_scratch = reinterpret_cast<float*>(static_cast<char*>(in_ws_) + align_up(bytes));
+    delta_inputs_forward(d_, form, dt_, DType::F32, q, k, beta, g, in, stream);
+  }
+  const float* gx = form.gate != DeltaGateForm::LogDecay ? in.g : g;  // what the kernels read
+  const float* bx = form.beta_max > 0 ? in.beta : beta;
+  if (form.qk_l2norm) {
+    qf = static_cast<float*>(in.q);
+    kf = static_cast<float*>(in.k);
+  } else if (wide) {
     widen(dt_, q, qf, size_t(T * H * K), stream);
     widen(dt_, k, kf, size_t(T * H * K), stream);
-    widen(dt_, v, vf, size_t(T * HV * V), stream);
-    widen(dt_, dout, dof, size_t(T * HV * V), stream);
   } else {
     qf = static_cast<float*>(const_cast<void*>(q));
     kf = static_cast<float*>(const_cast<void*>(k));
+  }
+  if (wide) {
+    widen(dt_, v, vf, size_t(T * HV * V), stream);
+    widen(dt_, dout, dof, size_t(T * HV * V), stream);
+  } else {
     vf = static_cast<float*>(const_cast<void*>(v));
     dof = static_cast<float*>(const_cast<void*>(dout));
   }
@@ -792,19 +814,23 @@ void DeltaChunkBackward::backward(const void* q, const void* k, const void* v, c
   if (h0) check_cuda(cudaMemcpyAsync(state, h0, state_bytes, cudaMemcpyDeviceToDevice, stream), "backward h0 copy");
   else check_cuda(cudaMemsetAsync(state, 0, state_bytes, stream), "backward h0 zero");
   // Single tf32 products for bf16 inputs, in the recompute and in the kernels below (numerics:
-  // delta_rule_cuda.h).
-  const bool single_tf32 = dt_ == DType::BF16;
-  const DeltaChunkPlan::Saved sv = fwd_.record(qf, kf, vf, g, beta, scale, state, Tm, Mkk, single_tf32, stream);
+  // delta_rule_cuda.h), except for KDA with a gate form: every per-token gradient stays within
+  // 1.1x the plain recurrence's error with them, but KDA's dg is a reverse cumsum over the chunk of
+  // per-token terms, so their rounding errors are shared along a chunk and add up in the token sums
+  // dA_log and ddt_bias (3.3x the plain error on the kimi-linear test shape, 1.0x with 3xTF32;
+  // GDN's 1.2x: H200, session 13).
+  const bool per_key = d_.gate == DeltaGate::PerKey;
+  const bool single_tf32 = dt_ == DType::BF16 && !(per_key && form.gate != DeltaGateForm::LogDecay);
+  const DeltaChunkPlan::Saved sv = fwd_.record(qf, kf, vf, gx, bx, scale, state, Tm, Mkk, single_tf32, stream);
   a.chunk_tab = sv.chunk_tab, a.cu = sv.cu, a.chunk_off = sv.chunk_off, a.Gc = sv.Gc;
   a.W = static_cast<const float*>(sv.W), a.P = static_cast<const float*>(sv.P);
   a.kg = static_cast<const float*>(sv.kg), a.qg = static_cast<const float*>(sv.qg);
   a.h = static_cast<const float*>(sv.h), a.vn = static_cast<const float*>(sv.vn);
   a.Tm = Tm, a.Mkk = Mkk;
-  a.q = qf, a.k = kf, a.v = vf, a.dout = dof, a.beta = beta, a.dht = dht, a.scale = scale;
+  a.q = qf, a.k = kf, a.v = vf, a.dout = dof, a.beta = bx, a.dht = dht, a.scale = scale;
   a.H = int(H), a.HV = int(HV), a.V = int(V), a.group = int(HV / H);
   a.dqh = HV > H ? dqh : dq, a.dkh = HV > H ? dkh : dk;
   a.dv = dv, a.dg = dg, a.dbeta = dbeta, a.dh0 = dh0;
-  const bool per_key = d_.gate == DeltaGate::PerKey;
   if (single_tf32) {
     if (per_key)
       dispatch_bwd<true, tf32>(a, int(K), chunks, N, state_cols_, stream);
@@ -822,6 +848,8 @@ void DeltaChunkBackward::backward(const void* q, const void* k, const void* v, c
                                                                                             int(K), int(HV / H));
     check_cuda(cudaGetLastError(), "delta rule backward group sum kernel");
   }
+  if (!form.plain())
+    delta_inputs_backward(d_, form, dt_, q, k, beta, g, dq, dk, dbeta, dg, dA_log, ddt_bias, gate_scratch, stream);
 }
 
 }  // namespace hla::cuda

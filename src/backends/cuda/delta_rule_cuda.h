@@ -23,6 +23,27 @@ void check_cuda(cudaError_t e, const char* what);
 // The multiprocessors of device dev (asked once per device).
 int sm_count(int dev);
 
+// The layer transforms a caller may leave to the op (flash-linear-attention's
+// use_qk_l2norm_in_kernel, use_gate_in_kernel and beta sigmoid): with them the op's q, k, beta and
+// g arguments are the raw projections, and one input pass (delta_rule_inputs.cu) computes what the
+// chunk kernels read, exactly as the CPU layer functions of ops/delta_rule.h do:
+//   qk_l2norm:  q, k rows per head ← l2norm_forward (eps 1e-6), in the input's element type;
+//   beta_max:   > 0: beta ← beta_max·sigmoid(b) (beta_sigmoid_forward); 0: beta is used as given;
+//   gate:       Softplus: g ← −exp(A_log)·softplus(a + dt_bias); LowerBound (KDA):
+//               g ← lower_bound·sigmoid(exp(A_log)·(a + dt_bias)); LogDecay: g is used as given.
+// A_log [HV] and dt_bias [HV·g_width] (nullptr = none) are fp32 device pointers. The backward then
+// returns the gradients of the raw inputs, plus dA_log and ddt_bias.
+enum class DeltaGateForm { LogDecay, Softplus, LowerBound };
+struct DeltaInputForm {
+  bool qk_l2norm = false;
+  float beta_max = 0;
+  DeltaGateForm gate = DeltaGateForm::LogDecay;
+  float lower_bound = -5;
+  const float* A_log = nullptr;
+  const float* dt_bias = nullptr;
+  bool plain() const { return !qk_l2norm && beta_max == 0 && gate == DeltaGateForm::LogDecay; }
+};
+
 // Chunked forward (chunk 64, WY/UT form) for one fixed set of sequence lengths. Three launches
 // (five with a segmented state pass):
 //   prep   (chunk x value head, token-parallel): gate cumsum, L = strict-tril(beta K K^T ⊙ decay),
@@ -50,9 +71,11 @@ class DeltaChunkPlan {
   DeltaChunkPlan(const DeltaChunkPlan&) = delete;
   DeltaChunkPlan& operator=(const DeltaChunkPlan&) = delete;
 
-  // `state` [N,HV,K,V] holds h0 on entry and the final state on return.
+  // `state` [N,HV,K,V] holds h0 on entry and the final state on return. With a non-plain `form`
+  // q, k, beta and g are the raw inputs it names (the transformed ones go to a workspace the plan
+  // allocates on the first such call).
   void forward(const void* q, const void* k, const void* v, const float* g, const float* beta, float scale,
-               float* state, void* o, cudaStream_t stream) const;
+               float* state, void* o, cudaStream_t stream, const DeltaInputForm& form = {}) const;
 
   // For the backward (DeltaChunkBackward): runs prep and the state pass only (no output), also
   // writing T = (I+L)^{-1} and the decayed key Gram matrix Mkk (without beta), both fp32
@@ -86,6 +109,7 @@ class DeltaChunkPlan {
   int64_t nseg_ = 0;
   size_t ws_bytes_ = 0;
   void* ws_ = nullptr;  // one allocation: chunk table, cu_seqlens, chunk offsets, intermediates
+  mutable void* in_ws_ = nullptr;  // q, k, beta, g after a DeltaInputForm (allocated on first use)
 
   void run(const void* q, const void* k, const void* v, const float* g, const float* beta, float scale, float* state,
            void* o, float* Tm, float* Mkk, Saved* saved, bool single_tf32, cudaStream_t stream) const;
@@ -101,7 +125,8 @@ class DeltaChunkPlan {
 // fp32 and fp16 inputs (fp16's own rounding is tf32's), so the error is that of the input rounding
 // alone (about a plain fp32 recurrence on the rounded inputs); for bf16 inputs they are single
 // tf32 products (2^-11 rounding against bf16's 2^-9: 1.00-1.09x the plain recurrence's error in
-// the tests, a third of the tensor work).
+// the tests, a third of the tensor work), except KDA with a gate form (3xTF32: the token sums
+// dA_log, ddt_bias need it, see backward()).
 // Launches: convert (16-bit only); record (prep + state pass of the fp32 forward, keeping T and
 // Mkk); dstate (sequence x value head x V-tile, reverse over chunks: dS and dv_new); state terms
 // and intra-chunk (chunk x value head: dq, dk, dv, dbeta, dg); a group sum of dq, dk when HV > H.
@@ -115,10 +140,14 @@ class DeltaChunkBackward {
   DeltaChunkBackward(const DeltaChunkBackward&) = delete;
   DeltaChunkBackward& operator=(const DeltaChunkBackward&) = delete;
 
-  // h0, dht and dh0 may be nullptr (zeros / not wanted). Outputs are overwritten.
+  // h0, dht and dh0 may be nullptr (zeros / not wanted). Outputs are overwritten. With a
+  // non-plain `form`, q, k, beta and g are the raw inputs it names and dq, dk, dbeta, dg their
+  // gradients; a gate form also writes dA_log [HV] and, with form.dt_bias, ddt_bias [HV·g_width]
+  // (sums over tokens in a fixed order).
   void backward(const void* q, const void* k, const void* v, const float* g, const float* beta, float scale,
                 const float* h0, const void* dout, const float* dht, float* dq, float* dk, float* dv, float* dg,
-                float* dbeta, float* dh0, cudaStream_t stream) const;
+                float* dbeta, float* dh0, cudaStream_t stream, const DeltaInputForm& form = {}, float* dA_log = nullptr,
+                float* ddt_bias = nullptr) const;
 
   size_t workspace_bytes() const { return ws_bytes_; }
   int state_cols() const { return state_cols_; }
@@ -130,6 +159,7 @@ class DeltaChunkBackward {
   int state_cols_ = 16;
   size_t ws_bytes_ = 0;
   void* ws_ = nullptr;
+  mutable void* in_ws_ = nullptr;  // transformed inputs and gate-gradient partials (first form call)
 };
 
 // Recurrent decode / verify for a batch of N sequences with `tokens` new tokens each (1 for decode,

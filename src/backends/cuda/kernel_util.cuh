@@ -77,6 +77,8 @@ __device__ __forceinline__ float warp_max(float v) {
 }
 
 __device__ __forceinline__ float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
+// softplus as torch computes it: linear above 20.
+__device__ __forceinline__ float softplusf(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
 
 // acc + the dot product of 8 bf16 weights (one 16-byte load) with a[0..7], pair by pair (the
 // decode GEMVs' inner step).
