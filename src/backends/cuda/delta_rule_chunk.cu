@@ -45,6 +45,9 @@ struct ChunkArgs {
   // Recorded for the backward only (nullptr in a plain forward): T = (I+L)^{-1} and the decayed key
   // Gram matrix Mkk[i][j] = Σ_d k_i k_j e^{G_i−G_j} (j < i, without beta), fp32 [chunks,HV,64,64].
   float *Tm, *Mkk;
+  // beta and g as raw inputs of this form's beta sigmoid and gate (prep is their only reader; its
+  // q/k L2 norm runs before, in delta_inputs_forward).
+  DeltaInputForm form;
 };
 
 struct StateCfg {
@@ -111,10 +114,11 @@ __global__ void __launch_bounds__(kPrepWarps * 32) prep_kernel(ChunkArgs a) {
   // it is read.
   for (int e = tid; e < C * C; e += blockDim.x)
     if ((e % C) >> 4 > (e / C) >> 4) sT[(e / C) * kLdF + e % C] = 0.f;
-  if (tid < C) sBeta[tid] = tid < len ? a.beta[tok(tid)] : 0.f;
+  if (tid < C) sBeta[tid] = tid < len ? form_beta(a.form, a.beta[tok(tid)]) : 0.f;
   if constexpr (!KDA) {
     if (warp == 0) {
-      float x0 = lane < len ? a.g[tok(lane)] : 0.f, x1 = lane + 32 < len ? a.g[tok(lane + 32)] : 0.f;
+      auto gate = [&](int i) { return i < len ? form_gate(a.form, a.g[tok(i)], j, 1) : 0.f; };
+      float x0 = gate(lane), x1 = gate(lane + 32);
       for (int o = 1; o < 32; o <<= 1) {
         const float y0 = __shfl_up_sync(~0u, x0, o), y1 = __shfl_up_sync(~0u, x1, o);
         if (lane >= o) x0 += y0, x1 += y1;
@@ -136,7 +140,7 @@ __global__ void __launch_bounds__(kPrepWarps * 32) prep_kernel(ChunkArgs a) {
     for (int d = tid; d < K; d += blockDim.x) {
       float acc = 0.f;
       for (int i = 0; i < C; ++i) {
-        acc += sG[i * K + d];
+        acc += i < len ? form_gate(a.form, sG[i * K + d], j * K + d, K) : 0.f;
         sG[i * K + d] = acc;
         if (i < len) a.Gc[tok(i) * K + d] = acc;
       }
@@ -979,17 +983,19 @@ DeltaChunkPlan::~DeltaChunkPlan() {
 void DeltaChunkPlan::forward(const void* q, const void* k, const void* v, const float* g, const float* beta,
                              float scale, float* state, void* o, cudaStream_t stream,
                              const DeltaInputForm& form) const {
-  if (!form.plain()) {
+  check_delta_input_form(form, "delta rule chunk (cuda)");
+  if (form.qk_l2norm) {  // beta and the gate are applied in prep, where they are read
     const size_t es = dtype_size(dt_);
     if (!in_ws_)
-      check_cuda(cudaMalloc(&in_ws_, std::max<size_t>(delta_inputs_bytes(d_, es), 256)), "delta rule input workspace");
+      check_cuda(cudaMalloc(&in_ws_, std::max<size_t>(delta_inputs_bytes(d_, es, false), 256)),
+                 "delta rule input workspace");
     const DeltaInputs in = delta_inputs_at(in_ws_, d_, es);
-    delta_inputs_forward(d_, form, dt_, dt_, q, k, beta, g, in, stream);
-    if (form.qk_l2norm) q = in.q, k = in.k;
-    if (form.beta_max > 0) beta = in.beta;
-    if (form.gate != DeltaGateForm::LogDecay) g = in.g;
+    DeltaInputForm rows;
+    rows.qk_l2norm = true;
+    delta_inputs_forward(d_, rows, dt_, dt_, q, k, nullptr, nullptr, in, stream);
+    q = in.q, k = in.k;
   }
-  run(q, k, v, g, beta, scale, state, o, nullptr, nullptr, nullptr, false, stream);
+  run(q, k, v, g, beta, scale, state, o, nullptr, nullptr, nullptr, false, stream, form);
 }
 
 DeltaChunkPlan::Saved DeltaChunkPlan::record(const void* q, const void* k, const void* v, const float* g,
@@ -997,13 +1003,13 @@ DeltaChunkPlan::Saved DeltaChunkPlan::record(const void* q, const void* k, const
                                              bool single_tf32, cudaStream_t stream) const {
   check(!single_tf32 || dt_ == DType::F32, "delta rule chunk (cuda): single tf32 products need an F32 plan");
   Saved s{};
-  run(q, k, v, g, beta, scale, state, nullptr, Tm, Mkk, &s, single_tf32, stream);
+  run(q, k, v, g, beta, scale, state, nullptr, Tm, Mkk, &s, single_tf32, stream, {});
   return s;
 }
 
 void DeltaChunkPlan::run(const void* q, const void* k, const void* v, const float* g, const float* beta, float scale,
                          float* state, void* o, float* Tm, float* Mkk, Saved* saved, bool single_tf32,
-                         cudaStream_t stream) const {
+                         cudaStream_t stream, const DeltaInputForm& form) const {
   const size_t es = dtype_size(dt_), kda = d_.gate == DeltaGate::PerKey;
   const int64_t T = d_.tokens(), HV = d_.HV, K = d_.K, V = d_.V;
   char* p = static_cast<char*>(ws_);
@@ -1031,6 +1037,8 @@ void DeltaChunkPlan::run(const void* q, const void* k, const void* v, const floa
   a.segbuf = reinterpret_cast<float*>(take(segmented_ ? size_t(nseg_ * HV * K * (K + V)) * 4 : 0));
   a.segstart = reinterpret_cast<float*>(take(segmented_ ? size_t(nseg_ * HV * K * V) * 4 : 0));
   a.Tm = Tm, a.Mkk = Mkk;
+  a.form = form;
+  a.form.qk_l2norm = false;
   if (saved)
     *saved = Saved{a.chunk_tab, a.cu, a.chunk_off, a.Gc, a.W, a.P, a.kg, a.qg, a.h, a.vn};
   if (chunks_ == 0) return;

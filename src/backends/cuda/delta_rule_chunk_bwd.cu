@@ -674,7 +674,9 @@ void set_smem(F* kern, size_t bytes, const char* what) {
   check_cuda(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)), what);
 }
 
-template <bool KDA, int K, class Mma>
+// Mma: the products' type in the reverse state pass and the state terms; IntraMma in the
+// intra-chunk kernel (see DeltaChunkBackward::backward for when they differ).
+template <bool KDA, int K, class Mma, class IntraMma>
 void launch_bwd(const BwdArgs& a, int64_t chunks, int64_t n_seqs, int cols, cudaStream_t s) {
   if (n_seqs == 0) return;
   if (cols == 32) {
@@ -695,20 +697,20 @@ void launch_bwd(const BwdArgs& a, int64_t chunks, int64_t n_seqs, int cols, cuda
   set_smem(state_terms_kernel<KDA, K, Mma>, b1, "state terms smem");
   state_terms_kernel<KDA, K, Mma><<<grid, kThreads, b1, s>>>(a);
   check_cuda(cudaGetLastError(), "delta rule backward state terms kernel");
-  set_smem(intra_kernel<KDA, K, Mma>, b2, "intra smem");
-  intra_kernel<KDA, K, Mma><<<grid, kThreads, b2, s>>>(a);
+  set_smem(intra_kernel<KDA, K, IntraMma>, b2, "intra smem");
+  intra_kernel<KDA, K, IntraMma><<<grid, kThreads, b2, s>>>(a);
   check_cuda(cudaGetLastError(), "delta rule backward intra kernel");
 }
 
-template <bool KDA, class Mma>
+template <bool KDA, class Mma, class IntraMma = Mma>
 void dispatch_bwd(const BwdArgs& a, int K, int64_t chunks, int64_t n_seqs, int cols, cudaStream_t s) {
   switch (K) {
     case 32:
-      return launch_bwd<KDA, 32, Mma>(a, chunks, n_seqs, cols, s);
+      return launch_bwd<KDA, 32, Mma, IntraMma>(a, chunks, n_seqs, cols, s);
     case 64:
-      return launch_bwd<KDA, 64, Mma>(a, chunks, n_seqs, cols, s);
+      return launch_bwd<KDA, 64, Mma, IntraMma>(a, chunks, n_seqs, cols, s);
     default:
-      return launch_bwd<KDA, 128, Mma>(a, chunks, n_seqs, cols, s);
+      return launch_bwd<KDA, 128, Mma, IntraMma>(a, chunks, n_seqs, cols, s);
   }
 }
 
@@ -785,7 +787,7 @@ void DeltaChunkBackward::backward(const void* q, const void* k, const void* v, c
   DeltaInputs in;
   float* gate_scratch = nullptr;
   if (!form.plain()) {
-    const size_t bytes = delta_inputs_bytes(d_, 4), scratch = delta_inputs_grad_scratch(d_) * 4;
+    const size_t bytes = delta_inputs_bytes(d_, 4, true), scratch = delta_inputs_grad_scratch(d_) * 4;
     if (!in_ws_) check_cuda(cudaMalloc(&in_ws_, bytes + scratch + 256), "delta rule backward input workspace");
     in = delta_inputs_at(in_ws_, d_, 4);
     gate_scratch = reinterpret_cast<float*>(static_cast<char*>(in_ws_) + align_up(bytes));
@@ -814,13 +816,14 @@ void DeltaChunkBackward::backward(const void* q, const void* k, const void* v, c
   if (h0) check_cuda(cudaMemcpyAsync(state, h0, state_bytes, cudaMemcpyDeviceToDevice, stream), "backward h0 copy");
   else check_cuda(cudaMemsetAsync(state, 0, state_bytes, stream), "backward h0 zero");
   // Single tf32 products for bf16 inputs, in the recompute and in the kernels below (numerics:
-  // delta_rule_cuda.h), except for KDA with a gate form: every per-token gradient stays within
-  // 1.1x the plain recurrence's error with them, but KDA's dg is a reverse cumsum over the chunk of
-  // per-token terms, so their rounding errors are shared along a chunk and add up in the token sums
-  // dA_log and ddt_bias (3.3x the plain error on the kimi-linear test shape, 1.0x with 3xTF32;
-  // GDN's 1.2x: H200, session 13).
+  // delta_rule_cuda.h), except in the intra-chunk kernel for KDA with a gate form: every per-token
+  // gradient stays within 1.1x the plain recurrence's error with them, but KDA's dg is a reverse
+  // cumsum over the chunk of per-token terms from that kernel, so their rounding errors are shared
+  // along a chunk and add up in the token sums dA_log and ddt_bias (3.3x the plain error on the
+  // kimi-linear test shape; 1.0x with that kernel in 3xTF32, which costs 11% of the KDA backward;
+  // with all kernels in 3xTF32, 37%: H200, session 13).
   const bool per_key = d_.gate == DeltaGate::PerKey;
-  const bool single_tf32 = dt_ == DType::BF16 && !(per_key && form.gate != DeltaGateForm::LogDecay);
+  const bool single_tf32 = dt_ == DType::BF16, exact_intra = per_key && form.gate != DeltaGateForm::LogDecay;
   const DeltaChunkPlan::Saved sv = fwd_.record(qf, kf, vf, gx, bx, scale, state, Tm, Mkk, single_tf32, stream);
   a.chunk_tab = sv.chunk_tab, a.cu = sv.cu, a.chunk_off = sv.chunk_off, a.Gc = sv.Gc;
   a.W = static_cast<const float*>(sv.W), a.P = static_cast<const float*>(sv.P);
@@ -832,7 +835,9 @@ void DeltaChunkBackward::backward(const void* q, const void* k, const void* v, c
   a.dqh = HV > H ? dqh : dq, a.dkh = HV > H ? dkh : dk;
   a.dv = dv, a.dg = dg, a.dbeta = dbeta, a.dh0 = dh0;
   if (single_tf32) {
-    if (per_key)
+    if (exact_intra)
+      dispatch_bwd<true, tf32, float>(a, int(K), chunks, N, state_cols_, stream);
+    else if (per_key)
       dispatch_bwd<true, tf32>(a, int(K), chunks, N, state_cols_, stream);
     else
       dispatch_bwd<false, tf32>(a, int(K), chunks, N, state_cols_, stream);

@@ -72,8 +72,9 @@ class DeltaChunkPlan {
   DeltaChunkPlan& operator=(const DeltaChunkPlan&) = delete;
 
   // `state` [N,HV,K,V] holds h0 on entry and the final state on return. With a non-plain `form`
-  // q, k, beta and g are the raw inputs it names (the transformed ones go to a workspace the plan
-  // allocates on the first such call).
+  // q, k, beta and g are the raw inputs it names: the prep kernel applies beta's sigmoid and the
+  // gate as it reads them; the L2-normalised q, k go to a workspace the plan allocates on the first
+  // such call.
   void forward(const void* q, const void* k, const void* v, const float* g, const float* beta, float scale,
                float* state, void* o, cudaStream_t stream, const DeltaInputForm& form = {}) const;
 
@@ -109,10 +110,11 @@ class DeltaChunkPlan {
   int64_t nseg_ = 0;
   size_t ws_bytes_ = 0;
   void* ws_ = nullptr;  // one allocation: chunk table, cu_seqlens, chunk offsets, intermediates
-  mutable void* in_ws_ = nullptr;  // q, k, beta, g after a DeltaInputForm (allocated on first use)
+  mutable void* in_ws_ = nullptr;  // q, k after a DeltaInputForm's L2 norm (allocated on first use)
 
   void run(const void* q, const void* k, const void* v, const float* g, const float* beta, float scale, float* state,
-           void* o, float* Tm, float* Mkk, Saved* saved, bool single_tf32, cudaStream_t stream) const;
+           void* o, float* Tm, float* Mkk, Saved* saved, bool single_tf32, cudaStream_t stream,
+           const DeltaInputForm& form) const;
 };
 
 // Chunked backward (chunk 64) for one fixed set of sequence lengths: given dout [T,HV,V] (element
@@ -125,8 +127,8 @@ class DeltaChunkPlan {
 // fp32 and fp16 inputs (fp16's own rounding is tf32's), so the error is that of the input rounding
 // alone (about a plain fp32 recurrence on the rounded inputs); for bf16 inputs they are single
 // tf32 products (2^-11 rounding against bf16's 2^-9: 1.00-1.09x the plain recurrence's error in
-// the tests, a third of the tensor work), except KDA with a gate form (3xTF32: the token sums
-// dA_log, ddt_bias need it, see backward()).
+// the tests, a third of the tensor work), except in KDA's intra-chunk kernel under a gate form
+// (3xTF32 there: the token sums dA_log, ddt_bias need it, see backward()).
 // Launches: convert (16-bit only); record (prep + state pass of the fp32 forward, keeping T and
 // Mkk); dstate (sequence x value head x V-tile, reverse over chunks: dS and dv_new); state terms
 // and intra-chunk (chunk x value head: dq, dk, dv, dbeta, dg); a group sum of dq, dk when HV > H.

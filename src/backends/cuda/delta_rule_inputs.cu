@@ -29,21 +29,6 @@ struct InputArgs {
   float *dq, *dk, *dbeta, *dg;
 };
 
-// g and its derivatives for pre-activation value a of gate column c (head c / width):
-// dgdx = ∂g/∂a (= ∂g/∂dt_bias), dgdA = ∂g/∂A_log (as gate_softplus_backward / gate_lowerbound_backward).
-struct GateValue {
-  float g, dgdx, dgdA;
-};
-__device__ __forceinline__ GateValue gate_value(const DeltaInputForm& f, float a, int64_t c, int64_t width) {
-  const float A = expf(f.A_log[c / width]), x = a + (f.dt_bias ? f.dt_bias[c] : 0.0f);
-  if (f.gate == DeltaGateForm::Softplus) {
-    const float g = -A * softplusf(x);
-    return {g, -A * (x > 20.0f ? 1.0f : sigmoidf(x)), g};
-  }
-  const float z = A * x, s = sigmoidf(z), ds = f.lower_bound * s * (1.0f - s);
-  return {f.lower_bound * s, ds * A, ds * z};
-}
-
 // E contiguous elements of a row (E·sizeof(T) bytes, aligned to that size) in one or two vector
 // accesses: lane l of a K-wide row owns columns [E·l, E·l + E), E = K/32.
 template <class T, int E>
@@ -206,14 +191,6 @@ unsigned grid_for(const InputArgs& p) {
   return unsigned(std::clamp<int64_t>((Tasks(p).total() * 32 + kThreads - 1) / kThreads, 1, 8 * 1024));
 }
 
-void check_form(const DeltaRuleDims& d, const DeltaInputForm& form, const char* what) {
-  check(form.gate == DeltaGateForm::LogDecay || form.A_log,
-        std::string(what) + ": a gate form needs A_log (and optionally dt_bias)");
-  check(form.gate != DeltaGateForm::LowerBound || form.lower_bound < 0,
-        std::string(what) + ": the lower-bound gate needs lower_bound < 0");
-  check(form.beta_max >= 0, std::string(what) + ": beta_max must be 0 (beta given) or positive");
-}
-
 template <class F>
 void by_type(DType t, F&& f) {
   if (t == DType::F32) f(float{});
@@ -235,9 +212,17 @@ int64_t gate_splits(const DeltaRuleDims& d) { return std::clamp<int64_t>((d.toke
 
 }  // namespace
 
-size_t delta_inputs_bytes(const DeltaRuleDims& d, size_t es) {
+void check_delta_input_form(const DeltaInputForm& form, const char* what) {
+  check(form.gate == DeltaGateForm::LogDecay || form.A_log,
+        std::string(what) + ": a gate form needs A_log (and optionally dt_bias)");
+  check(form.gate != DeltaGateForm::LowerBound || form.lower_bound < 0,
+        std::string(what) + ": the lower-bound gate needs lower_bound < 0");
+  check(form.beta_max >= 0, std::string(what) + ": beta_max must be 0 (beta given) or positive");
+}
+
+size_t delta_inputs_bytes(const DeltaRuleDims& d, size_t es, bool gates) {
   const size_t T = size_t(d.tokens());
-  return 2 * align_up(T * d.H * d.K * es) + align_up(T * d.HV * 4) + align_up(T * d.g_stride() * 4);
+  return 2 * align_up(T * d.H * d.K * es) + (gates ? align_up(T * d.HV * 4) + align_up(T * d.g_stride() * 4) : 0);
 }
 
 DeltaInputs delta_inputs_at(void* block, const DeltaRuleDims& d, size_t es) {
@@ -253,7 +238,7 @@ DeltaInputs delta_inputs_at(void* block, const DeltaRuleDims& d, size_t es) {
 
 void delta_inputs_forward(const DeltaRuleDims& d, const DeltaInputForm& form, DType in, DType out_dt, const void* q,
                           const void* k, const float* b, const float* a, const DeltaInputs& out, cudaStream_t s) {
-  check_form(d, form, "delta rule input pass (cuda)");
+  check_delta_input_form(form, "delta rule input pass (cuda)");
   InputArgs p = make_args(d, form, q, k, b, a);
   p.out = out;
   if (Tasks(p).total() == 0) return;
@@ -272,7 +257,7 @@ size_t delta_inputs_grad_scratch(const DeltaRuleDims& d) { return size_t(2 * gat
 void delta_inputs_backward(const DeltaRuleDims& d, const DeltaInputForm& form, DType in, const void* q, const void* k,
                            const float* b, const float* a, float* dq, float* dk, float* dbeta, float* dg,
                            float* dA_log, float* ddt_bias, float* scratch, cudaStream_t s) {
-  check_form(d, form, "delta rule input backward (cuda)");
+  check_delta_input_form(form, "delta rule input backward (cuda)");
   InputArgs p = make_args(d, form, q, k, b, a);
   p.dq = dq, p.dk = dk, p.dbeta = dbeta, p.dg = dg;
   if (form.gate != DeltaGateForm::LogDecay) {

@@ -17,9 +17,13 @@ struct DeltaInputs {
   float *beta = nullptr, *g = nullptr;
 };
 
-// Bytes of one block holding every transformed input for dims d (q, k of element size `es`), and
-// that block carved into a DeltaInputs (256-byte aligned pieces).
-size_t delta_inputs_bytes(const DeltaRuleDims& d, size_t es);
+// Throws hla::Error naming `what` where the form is incomplete (a gate without A_log, ...).
+void check_delta_input_form(const DeltaInputForm& form, const char* what);
+
+// Bytes of one block holding the transformed q, k for dims d (element size `es`) and, with
+// `gates`, beta and g; and that block carved into a DeltaInputs (256-byte aligned pieces; beta and
+// g point past q, k, inside the block only when it was sized with `gates`).
+size_t delta_inputs_bytes(const DeltaRuleDims& d, size_t es, bool gates);
 DeltaInputs delta_inputs_at(void* block, const DeltaRuleDims& d, size_t es);
 
 // One launch: q, k (element type `in`) → out.q, out.k (element type `out_dt`), b → out.beta,

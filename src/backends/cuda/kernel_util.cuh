@@ -4,6 +4,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include "backends/cuda/delta_rule_cuda.h"
 #include "core/dtype.h"
 #include "ops/delta_rule.h"
 
@@ -79,6 +80,31 @@ __device__ __forceinline__ float warp_max(float v) {
 __device__ __forceinline__ float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
 // softplus as torch computes it: linear above 20.
 __device__ __forceinline__ float softplusf(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
+
+// The transforms of a DeltaInputForm (delta_rule_cuda.h) on one value.
+// g and its derivatives for pre-activation value a of gate column c (head c / width):
+// dgdx = ∂g/∂a (= ∂g/∂dt_bias), dgdA = ∂g/∂A_log (as gate_softplus_backward / gate_lowerbound_backward).
+struct GateValue {
+  float g, dgdx, dgdA;
+};
+__device__ __forceinline__ GateValue gate_value(const DeltaInputForm& f, float a, int64_t c, int64_t width) {
+  const float A = expf(f.A_log[c / width]), x = a + (f.dt_bias ? f.dt_bias[c] : 0.0f);
+  if (f.gate == DeltaGateForm::Softplus) {
+    const float g = -A * softplusf(x);
+    return {g, -A * (x > 20.0f ? 1.0f : sigmoidf(x)), g};
+  }
+  const float z = A * x, s = sigmoidf(z), ds = f.lower_bound * s * (1.0f - s);
+  return {f.lower_bound * s, ds * A, ds * z};
+}
+
+// The op's beta and gate value from a raw input, as the form says (the raw value itself when the
+// form leaves it as given).
+__device__ __forceinline__ float form_beta(const DeltaInputForm& f, float b) {
+  return f.beta_max > 0 ? f.beta_max * sigmoidf(b) : b;
+}
+__device__ __forceinline__ float form_gate(const DeltaInputForm& f, float a, int64_t c, int64_t width) {
+  return f.gate == DeltaGateForm::LogDecay ? a : gate_value(f, a, c, width).g;
+}
 
 // acc + the dot product of 8 bf16 weights (one 16-byte load) with a[0..7], pair by pair (the
 // decode GEMVs' inner step).
