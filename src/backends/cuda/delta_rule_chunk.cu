@@ -137,10 +137,14 @@ __global__ void __launch_bounds__(kPrepWarps * 32) prep_kernel(ChunkArgs a) {
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
+    if (a.form.gate != DeltaGateForm::LogDecay) {  // raw pre-activations: the gate, by all threads
+      for (int e = tid; e < len * K; e += blockDim.x) sG[e] = form_gate(a.form, sG[e], j * K + e % K, K);
+      __syncthreads();
+    }
     for (int d = tid; d < K; d += blockDim.x) {
       float acc = 0.f;
       for (int i = 0; i < C; ++i) {
-        acc += i < len ? form_gate(a.form, sG[i * K + d], j * K + d, K) : 0.f;
+        acc += sG[i * K + d];
         sG[i * K + d] = acc;
         if (i < len) a.Gc[tok(i) * K + d] = acc;
       }
