@@ -4,7 +4,7 @@
 # package (never committed). Prints CSV rows: op,shape,dtype,us (median of triton's do_bench).
 # *_chunk_fwdbwd rows: the forward then autograd's backward with a random dout (what a training
 # step of the op costs), on the issue's training shapes; *_chunk_fwd_layer rows the forward with the
-# layer transforms inside (see below). --only= and --shape= keep the rows whose op
+# layer transforms inside (layer_kwargs). --only= and --shape= keep the rows whose op
 # name / shape contains the given text (FLA's autotuning makes a full run take many minutes).
 import os
 import sys
@@ -42,21 +42,37 @@ print("op,shape,dtype,us", flush=True)
 fixed = [(1, 4096, 32), (1, 16384, 32), (4, 4096, 32), (1, 65536, 16), (8, 2048, 64), (1, 8192, 96)]
 varlen = [1300, 547, 2048, 963, 271, 3063]
 rep = 30 if quick else 100
+
+
+def layer_kwargs(H, kda):
+    """*_chunk_fwd_layer rows: the layer transforms inside the op, as bench_delta_rule's rows of that
+    name (q/k L2 norm, beta sigmoid, the gate from its raw input with A_log and dt_bias zero: GDN's
+    softplus form, KDA's lower-bound form with safe_gate, FLA's faster path for that gate)."""
+    kw = dict(use_qk_l2norm_in_kernel=True, use_beta_sigmoid_in_kernel=True, use_gate_in_kernel=True,
+              A_log=torch.zeros(H, device=dev, dtype=torch.float32),
+              dt_bias=torch.zeros(H * (128 if kda else 1), device=dev, dtype=torch.float32))
+    if kda:
+        kw.update(lower_bound=-5.0, safe_gate=True)
+    return kw
+
+
 for name, fn, kda in [("gdn", chunk_gated_delta_rule, False), ("kda", chunk_kda, True)]:
-    if only not in f"{name}_chunk_fwd":
-        continue
-    for B, T, H in fixed:
-        if shape_only not in f"B{B} T{T} H{H} D128":
+    for op in (f"{name}_chunk_fwd", f"{name}_chunk_fwd_layer"):
+        if only not in op:
             continue
-        try:
-            q, k, v, g, beta = inputs(T, H, 128, kda, B)
-            with torch.inference_mode():
-                ms = do_bench(lambda: fn(q, k, v, g, beta, output_final_state=True), warmup=25, rep=rep,
-                              return_mode="median")
-            row(f"{name}_chunk_fwd", f"B{B} T{T} H{H} D128", ms)
-        except Exception as e:  # report and go on: one failing shape must not hide the others
-            print(f"# fla_{name} B{B} T{T} H{H} error {repr(e)[:200]}", flush=True)
-    if shape_only not in "varlen[1300 547 2048 963 271 3063] H64 D128":
+        for B, T, H in fixed:
+            if shape_only not in f"B{B} T{T} H{H} D128":
+                continue
+            try:
+                q, k, v, g, beta = inputs(T, H, 128, kda, B)
+                kw = layer_kwargs(H, kda) if op.endswith("_layer") else {}
+                with torch.inference_mode():
+                    ms = do_bench(lambda: fn(q, k, v, g, beta, output_final_state=True, **kw), warmup=25, rep=rep,
+                                  return_mode="median")
+                row(op, f"B{B} T{T} H{H} D128", ms)
+            except Exception as e:  # report and go on: one failing shape must not hide the others
+                print(f"# fla_{op} B{B} T{T} H{H} error {repr(e)[:200]}", flush=True)
+    if only not in f"{name}_chunk_fwd" or shape_only not in "varlen[1300 547 2048 963 271 3063] H64 D128":
         continue
     try:
         q, k, v, g, beta = inputs(sum(varlen), 64, 128, kda)
@@ -67,28 +83,6 @@ for name, fn, kda in [("gdn", chunk_gated_delta_rule, False), ("kda", chunk_kda,
         row(f"{name}_chunk_fwd", "varlen[1300 547 2048 963 271 3063] H64 D128", ms)
     except Exception as e:
         print(f"# fla_{name} varlen error {repr(e)[:200]}", flush=True)
-# *_chunk_fwd_layer rows: the layer transforms inside the op, as bench_delta_rule's rows of that name
-# (q/k L2 norm, beta sigmoid, the gate from its raw input with A_log and dt_bias zero: GDN's softplus
-# form, KDA's lower-bound form with safe_gate, FLA's faster path for that gate).
-for name, fn, kda in [("gdn", chunk_gated_delta_rule, False), ("kda", chunk_kda, True)]:
-    if only not in f"{name}_chunk_fwd_layer":
-        continue
-    for B, T, H in fixed:
-        if shape_only not in f"B{B} T{T} H{H} D128":
-            continue
-        try:
-            q, k, v, g, beta = inputs(T, H, 128, kda, B)
-            kw = dict(use_qk_l2norm_in_kernel=True, use_beta_sigmoid_in_kernel=True, use_gate_in_kernel=True,
-                      A_log=torch.zeros(H, device=dev, dtype=torch.float32),
-                      dt_bias=torch.zeros(H * (128 if kda else 1), device=dev, dtype=torch.float32))
-            if kda:
-                kw.update(lower_bound=-5.0, safe_gate=True)
-            with torch.inference_mode():
-                ms = do_bench(lambda: fn(q, k, v, g, beta, output_final_state=True, **kw), warmup=25, rep=rep,
-                              return_mode="median")
-            row(f"{name}_chunk_fwd_layer", f"B{B} T{T} H{H} D128", ms)
-        except Exception as e:
-            print(f"# fla_{name}_layer B{B} T{T} H{H} error {repr(e)[:200]}", flush=True)
 for name, fn, kda in [("gdn", fused_recurrent_gated_delta_rule, False), ("kda", fused_recurrent_kda, True)]:
     if only not in f"{name}_decode":
         continue

@@ -71,65 +71,67 @@ struct Tasks {
   __host__ __device__ int64_t total() const { return rows + beta + gate; }
 };
 
-template <class In, class Out, int E>
-__global__ void __launch_bounds__(kThreads) inputs_kernel(InputArgs p) {
+// Runs this warp's tasks: row(is_k, r) for row r of q or k; beta(i) and gate(i, column) for the
+// lane's value i of beta or g.
+template <class Row, class Beta, class Gate>
+__device__ __forceinline__ void for_each_task(const InputArgs& p, Row&& row, Beta&& beta, Gate&& gate) {
   const int lane = threadIdx.x & 31;
   const Tasks tasks(p);
-  const int64_t warps = int64_t(gridDim.x) * kThreads / 32;
+  const int64_t warps = int64_t(gridDim.x) * kThreads / 32, qk_rows = p.T * p.H, cols = p.HV * p.width;
   for (int64_t w = (blockIdx.x * int64_t(kThreads) + threadIdx.x) / 32; w < tasks.total(); w += warps) {
     if (w < tasks.rows) {
-      const bool is_k = w >= p.T * p.H;
-      const int64_t row = is_k ? w - p.T * p.H : w;
-      float v[E];
-      const float inv = load_row<In, E>(static_cast<const In*>(is_k ? p.k : p.q) + row * p.K, v);
-      RowPart<Out, E> y;
-#pragma unroll
-      for (int e = 0; e < E; ++e) y.v[e] = from_f32<Out>(v[e] * inv);
-      y.store(static_cast<Out*>(is_k ? p.out.k : p.out.q) + row * p.K + E * lane);
+      row(w >= qk_rows, w >= qk_rows ? w - qk_rows : w);
     } else if (w < tasks.rows + tasks.beta) {
       const int64_t i = (w - tasks.rows) * 32 + lane;
-      if (i < p.T * p.HV) p.out.beta[i] = p.form.beta_max * sigmoidf(p.b[i]);
+      if (i < p.T * p.HV) beta(i);
     } else {
-      const int64_t i = (w - tasks.rows - tasks.beta) * 32 + lane, cols = p.HV * p.width;
-      if (i < p.T * cols) p.out.g[i] = gate_value(p.form, p.a[i], i % cols, p.width).g;
+      const int64_t i = (w - tasks.rows - tasks.beta) * 32 + lane;
+      if (i < p.T * cols) gate(i, i % cols);
     }
   }
+}
+
+template <class In, class Out, int E>
+__global__ void __launch_bounds__(kThreads) inputs_kernel(InputArgs p) {
+  for_each_task(
+      p,
+      [&](bool is_k, int64_t row) {
+        float v[E];
+        const float inv = load_row<In, E>(static_cast<const In*>(is_k ? p.k : p.q) + row * p.K, v);
+        RowPart<Out, E> y;
+#pragma unroll
+        for (int e = 0; e < E; ++e) y.v[e] = from_f32<Out>(v[e] * inv);
+        y.store(static_cast<Out*>(is_k ? p.out.k : p.out.q) + row * p.K + E * (threadIdx.x & 31));
+      },
+      [&](int64_t i) { p.out.beta[i] = p.form.beta_max * sigmoidf(p.b[i]); },
+      [&](int64_t i, int64_t c) { p.out.g[i] = gate_value(p.form, p.a[i], c, p.width).g; });
 }
 
 // Backward, in place: dx = ρ (dy − ρ² x (x·dy)) for the rows, db = dbeta·beta_max·σ(b)(1 − σ(b)),
 // da = dg·∂g/∂a. Runs after gate_sums_kernel, which reads dg before it is overwritten.
 template <class In, int E>
 __global__ void __launch_bounds__(kThreads) inputs_grad_kernel(InputArgs p) {
-  const int lane = threadIdx.x & 31;
-  const Tasks tasks(p);
-  const int64_t warps = int64_t(gridDim.x) * kThreads / 32;
-  for (int64_t w = (blockIdx.x * int64_t(kThreads) + threadIdx.x) / 32; w < tasks.total(); w += warps) {
-    if (w < tasks.rows) {
-      const bool is_k = w >= p.T * p.H;
-      const int64_t row = is_k ? w - p.T * p.H : w;
-      float v[E];
-      const float inv = load_row<In, E>(static_cast<const In*>(is_k ? p.k : p.q) + row * p.K, v);
-      RowPart<float, E> dy;
-      float* at = (is_k ? p.dk : p.dq) + row * p.K + E * lane;
-      dy.load(at);
-      float xdy = 0;
+  for_each_task(
+      p,
+      [&](bool is_k, int64_t row) {
+        float v[E];
+        const float inv = load_row<In, E>(static_cast<const In*>(is_k ? p.k : p.q) + row * p.K, v);
+        RowPart<float, E> dy;
+        float* at = (is_k ? p.dk : p.dq) + row * p.K + E * (threadIdx.x & 31);
+        dy.load(at);
+        float xdy = 0;
 #pragma unroll
-      for (int e = 0; e < E; ++e) xdy += v[e] * dy.v[e];
-      xdy = warp_sum(xdy);
+        for (int e = 0; e < E; ++e) xdy += v[e] * dy.v[e];
+        xdy = warp_sum(xdy);
 #pragma unroll
-      for (int e = 0; e < E; ++e) dy.v[e] = inv * (dy.v[e] - inv * inv * v[e] * xdy);
-      dy.store(at);
-    } else if (w < tasks.rows + tasks.beta) {
-      const int64_t i = (w - tasks.rows) * 32 + lane;
-      if (i < p.T * p.HV) {
+        for (int e = 0; e < E; ++e) dy.v[e] = inv * (dy.v[e] - inv * inv * v[e] * xdy);
+        dy.store(at);
+      },
+      [&](int64_t i) {
         const float s = sigmoidf(p.b[i]);
         p.dbeta[i] *= p.form.beta_max * s * (1.0f - s);
-      }
-    } else {
-      const int64_t i = (w - tasks.rows - tasks.beta) * 32 + lane, cols = p.HV * p.width;
-      if (i < p.T * cols) p.dg[i] *= gate_value(p.form, p.a[i], i % cols, p.width).dgdx;
-    }
-  }
+      },
+      [&](int64_t i, int64_t c) { p.dg[i] *= gate_value(p.form, p.a[i], c, p.width).dgdx; });
 }
 
 // dA_log and ddt_bias are sums over all tokens. Stage 1: block (32 gate columns, token split s)
