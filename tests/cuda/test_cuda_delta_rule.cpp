@@ -601,8 +601,8 @@ const FormCase kFormCases[] = {
     {"beta 2 only", {DeltaGate::Scalar, 1, 2, 128, 64, {129}}, false, 2, cuda::DeltaGateForm::LogDecay, false},
     {"l2norm only", {DeltaGate::PerKey, 2, 6, 128, 96, {63, 191, 5}}, true, 0, cuda::DeltaGateForm::LogDecay, false},
     {"T=1", {DeltaGate::PerKey, 1, 1, 64, 32, {1}}, true, 1, cuda::DeltaGateForm::LowerBound, true},
-    {"K=256", {DeltaGate::Scalar, 1, 1, 256, 256, {100}}, true, 1, cuda::DeltaGateForm::Softplus, true},  // forward
-                                                                                                          // only
+    // forward only (the backward takes K ≤ 128)
+    {"K=256", {DeltaGate::Scalar, 1, 1, 256, 256, {100}}, true, 1, cuda::DeltaGateForm::Softplus, true},
 };
 
 // p: the transformed inputs the op computes with; the raw ones beside it.
@@ -831,6 +831,14 @@ TEST(CudaDeltaRule, RejectsUnsupportedShapes) {
   EXPECT_THROW(cuda::DeltaChunkPlan(d, DType::BF16), Error);
   d.V = 64, d.gate = DeltaGate::PerKey;
   EXPECT_THROW(cuda::DeltaChunkPlan(d, DType::F16), Error);
+  // Incomplete input forms: a gate without A_log, a lower bound that is not negative.
+  cuda::DeltaChunkPlan plan(d, DType::BF16);
+  cuda::DeltaInputForm form;
+  form.gate = cuda::DeltaGateForm::Softplus;
+  EXPECT_THROW(plan.forward(nullptr, nullptr, nullptr, nullptr, nullptr, 1, nullptr, nullptr, nullptr, form), Error);
+  const float A_log = 0;
+  form.gate = cuda::DeltaGateForm::LowerBound, form.A_log = &A_log, form.lower_bound = 0;
+  EXPECT_THROW(plan.forward(nullptr, nullptr, nullptr, nullptr, nullptr, 1, nullptr, nullptr, nullptr, form), Error);
 }
 
 }  // namespace
