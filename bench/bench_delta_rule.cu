@@ -120,38 +120,6 @@ void row(const char* op, const std::string& shape, double us, double flops, doub
   std::fflush(stdout);
 }
 
-void bench_chunk(bool kda, int64_t H, int64_t K, std::vector<int64_t> lens, const std::string& shape, int reps) {
-  DeltaRuleDims d;
-  d.H = H, d.HV = H, d.K = K, d.V = K, d.gate = kda ? DeltaGate::PerKey : DeltaGate::Scalar;
-  d.cu_seqlens = {0};
-  for (int64_t l : lens) d.cu_seqlens.push_back(d.cu_seqlens.back() + l);
-  if (!selected(kda ? "kda_chunk_fwd" : "gdn_chunk_fwd", shape)) return;
-  const int64_t T = d.tokens(), N = d.num_seqs(), V = K;
-  Inputs in(T, H, H, K, V, kda, N);
-  const float scale = 1.f / std::sqrt(float(K));
-  const double flops = 4.0 * T * H * K * V;
-  const double bytes = 2.0 * (2 * T * H * K + 2 * T * H * V) + 4.0 * T * H * (kda ? K + 1 : 2) + 8.0 * N * H * K * V;
-  // State-pass variants, each a row: the column-tiled pass at 16 and 32 columns per block, the wide
-  // pass unsegmented, and the wide pass with the plan's segments (when it picks any).
-  struct Var {
-    const char* label;
-    int cols, seg;
-  };
-  for (const Var& var : {Var{"tile16", 16, 0}, Var{"tile32", 32, 0}, Var{"wide", -1, -1}, Var{"wide+seg", -1, 0}}) {
-    cuda::DeltaChunkPlan plan(d, DType::BF16, var.cols, var.seg);
-    if (var.seg == 0 && var.cols < 0 && plan.segments() == 0) continue;  // the plan picked no segments
-    const double us = median_us(
-        [&] {
-          plan.forward(in.q, in.k, in.v, in.g, in.beta, scale, in.state, in.o, nullptr);
-        },
-        3, reps);
-    ck(cudaGetLastError(), "chunk forward");
-    std::string label = shape + " [" + var.label;
-    if (plan.segments()) label += " " + std::to_string(plan.segments()) + " segs";
-    row(kda ? "kda_chunk_fwd" : "gdn_chunk_fwd", label + "]", us, flops, bytes);
-  }
-}
-
 // The layer transforms inside the op as a model's layer uses them (DeltaInputForm: q/k L2 norm,
 // beta sigmoid, GDN's softplus gate or KDA's lower-bound gate; A_log and dt_bias zero), reading the
 // benchmark's inputs as the raw projections.
@@ -168,24 +136,47 @@ struct LayerForm {
   ~LayerForm() { cudaFree(params); }
 };
 
-// The plan's own pick with the layer form: *_chunk_fwd_layer rows, to set against the plain rows.
-void bench_chunk_layer(bool kda, int64_t H, int64_t K, std::vector<int64_t> lens, const std::string& shape, int reps) {
-  const char* op = kda ? "kda_chunk_fwd_layer" : "gdn_chunk_fwd_layer";
-  if (!selected(op, shape)) return;
+void bench_chunk(bool kda, int64_t H, int64_t K, std::vector<int64_t> lens, const std::string& shape, int reps) {
   DeltaRuleDims d;
   d.H = H, d.HV = H, d.K = K, d.V = K, d.gate = kda ? DeltaGate::PerKey : DeltaGate::Scalar;
   d.cu_seqlens = {0};
   for (int64_t l : lens) d.cu_seqlens.push_back(d.cu_seqlens.back() + l);
+  const char *op = kda ? "kda_chunk_fwd" : "gdn_chunk_fwd",
+             *op_layer = kda ? "kda_chunk_fwd_layer" : "gdn_chunk_fwd_layer";
+  if (!selected(op, shape) && !selected(op_layer, shape)) return;
   const int64_t T = d.tokens(), N = d.num_seqs(), V = K;
   Inputs in(T, H, H, K, V, kda, N);
-  const LayerForm layer(d);
   const float scale = 1.f / std::sqrt(float(K));
+  const double flops = 4.0 * T * H * K * V;
+  const double bytes = 2.0 * (2 * T * H * K + 2 * T * H * V) + 4.0 * T * H * (kda ? K + 1 : 2) + 8.0 * N * H * K * V;
+  // State-pass variants, each a row: the column-tiled pass at 16 and 32 columns per block, the wide
+  // pass unsegmented, and the wide pass with the plan's segments (when it picks any).
+  struct Var {
+    const char* label;
+    int cols, seg;
+  };
+  for (const Var& var : {Var{"tile16", 16, 0}, Var{"tile32", 32, 0}, Var{"wide", -1, -1}, Var{"wide+seg", -1, 0}}) {
+    if (!selected(op, shape)) break;
+    cuda::DeltaChunkPlan plan(d, DType::BF16, var.cols, var.seg);
+    if (var.seg == 0 && var.cols < 0 && plan.segments() == 0) continue;  // the plan picked no segments
+    const double us = median_us(
+        [&] {
+          plan.forward(in.q, in.k, in.v, in.g, in.beta, scale, in.state, in.o, nullptr);
+        },
+        3, reps);
+    ck(cudaGetLastError(), "chunk forward");
+    std::string label = shape + " [" + var.label;
+    if (plan.segments()) label += " " + std::to_string(plan.segments()) + " segs";
+    row(op, label + "]", us, flops, bytes);
+  }
+  if (!selected(op_layer, shape)) return;
+  // The plan's own pick with the layer form, to set against the rows above.
+  const LayerForm layer(d);
   cuda::DeltaChunkPlan plan(d, DType::BF16);
   const double us = median_us(
       [&] { plan.forward(in.q, in.k, in.v, in.g, in.beta, scale, in.state, in.o, nullptr, layer.form); }, 3, reps);
   ck(cudaGetLastError(), "chunk forward with the layer form");
-  const double bytes = 2.0 * (2 * T * H * K + 2 * T * H * V) + 4.0 * T * H * (kda ? K + 1 : 2) + 8.0 * N * H * K * V;
-  row(op, shape + " [auto]", us, 4.0 * T * H * K * V, bytes);
+  row(op_layer, shape + " [auto]", us, flops, bytes);
 }
 
 // Training step of the op: the forward (bf16, the plan's own state-pass pick) then the backward
@@ -309,10 +300,6 @@ int main(int argc, char** argv) {
       bench_chunk(kda, s.H, 128, std::vector<int64_t>(s.B, s.T), "B" + std::to_string(s.B) + " T" + std::to_string(s.T) +
                   " H" + std::to_string(s.H) + " D128", reps);
     bench_chunk(kda, 64, 128, varlen, "varlen[1300 547 2048 963 271 3063] H64 D128", reps);
-    for (const S& s : fixed)
-      bench_chunk_layer(kda, s.H, 128, std::vector<int64_t>(s.B, s.T),
-                        "B" + std::to_string(s.B) + " T" + std::to_string(s.T) + " H" + std::to_string(s.H) + " D128",
-                        reps);
   }
   // Forward + backward on the issue's training shapes.
   const std::vector<S> train = {{1, 16384, 32}, {4, 4096, 32}, {1, 65536, 16}, {8, 2048, 64}};

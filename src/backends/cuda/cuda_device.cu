@@ -1039,8 +1039,6 @@ __global__ void scatter_add_rows_kernel(float* dst, const int32_t* idx, const fl
 
 // ---- the device ---------------------------------------------------------------------------------
 
-size_t align_up(size_t n) { return (n + 255) & ~size_t(255); }
-
 class CudaDevice : public Device {
  public:
   CudaDevice(int64_t slots, DType weights) : slots_(slots), wt_(weights) {

@@ -879,8 +879,6 @@ size_t wide_smem(const DeltaRuleDims& d) {
   return d.gate == DeltaGate::PerKey ? b(std::true_type{}) : b(std::false_type{});
 }
 
-size_t align_up(size_t x) { return (x + 255) & ~size_t(255); }
-
 }  // namespace
 
 void check_delta_dims(const DeltaRuleDims& d, DType dt, const char* what) {

@@ -714,8 +714,6 @@ void dispatch_bwd(const BwdArgs& a, int K, int64_t chunks, int64_t n_seqs, int c
   }
 }
 
-size_t align_up(size_t x) { return (x + 255) & ~size_t(255); }
-
 }  // namespace
 
 DeltaChunkBackward::DeltaChunkBackward(const DeltaRuleDims& d, DType dt, int state_cols)

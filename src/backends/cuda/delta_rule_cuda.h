@@ -25,8 +25,9 @@ int sm_count(int dev);
 
 // The layer transforms a caller may leave to the op (flash-linear-attention's
 // use_qk_l2norm_in_kernel, use_gate_in_kernel and beta sigmoid): with them the op's q, k, beta and
-// g arguments are the raw projections, and one input pass (delta_rule_inputs.cu) computes what the
-// chunk kernels read, exactly as the CPU layer functions of ops/delta_rule.h do:
+// g arguments are the raw projections, and the op computes what the chunk kernels read (an input
+// pass in delta_rule_inputs.cu, the forward's beta and gate in its prep kernel) exactly as the CPU
+// layer functions of ops/delta_rule.h do:
 //   qk_l2norm:  q, k rows per head ← l2norm_forward (eps 1e-6), in the input's element type;
 //   beta_max:   > 0: beta ← beta_max·sigmoid(b) (beta_sigmoid_forward); 0: beta is used as given;
 //   gate:       Softplus: g ← −exp(A_log)·softplus(a + dt_bias); LowerBound (KDA):

@@ -179,8 +179,6 @@ __global__ void __launch_bounds__(kThreads) gate_params_kernel(InputArgs p, int6
   dA_log[h] = total;
 }
 
-size_t align_up(size_t x) { return (x + 255) & ~size_t(255); }
-
 InputArgs make_args(const DeltaRuleDims& d, const DeltaInputForm& form, const void* q, const void* k, const float* b,
                     const float* a) {
   InputArgs p{};

@@ -10,6 +10,9 @@
 
 namespace hla::cuda {
 
+// Workspace pieces start on 256-byte boundaries (every vector access and cp.async stays aligned).
+inline size_t align_up(size_t n) { return (n + 255) & ~size_t(255); }
+
 // Validates what every delta-rule kernel supports (element type, K, V); throws hla::Error.
 void check_delta_dims(const DeltaRuleDims& d, DType dt, const char* what);
 
