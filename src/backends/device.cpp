@@ -27,6 +27,17 @@ void Device::delta_prep(const DeltaPrep& p, const DevBatch& b) {
   gate_softplus(p.a, p.lda, p.A_log, p.dt_bias, p.g, T, p.H, p.gate_width);
 }
 
+void Device::delta_mixer(const DeltaMixer& m, const DevBatch& b, float* out) {
+  const int64_t T = b.tokens(), HK = m.dims.H * m.dims.K, HVV = m.dims.HV * m.dims.V;
+  DeltaPrep p = m.prep;
+  p.y = scratch(T * p.C);
+  delta_prep(p, b);
+  float* o = scratch(T * HVV);
+  delta_rule(m.dims, p.y, p.y + HK, p.y + 2 * HK, p.C, p.g, p.beta, m.scale, b, m.state_pool, o);
+  gated_rms_norm(o, m.gate, m.ld_gate, m.norm, T, m.dims.HV, m.dims.V, m.eps, m.act);
+  linear(o, HVV, m.out_proj, out, T);
+}
+
 void Device::attention_prep(const AttentionPrep& p, const DevBatch& b) {
   const int64_t T = b.tokens(), Q = p.nh * p.hd, KV = p.nkv * p.hd;
   copy(p.q, {Q, p.hd, 1}, p.q_in, {p.ld_q, p.q_head, 1}, T, p.nh, p.hd);

@@ -67,6 +67,24 @@ struct DeltaPrep {
   int64_t H, gate_width;
 };
 
+// A delta-rule layer between its input projections and its output, for Device::delta_mixer: prep's
+// steps (prep.y is the device's own: it need not be set), the delta rule (dims, scale) over q, k, v
+// = the conv rows [q (H·K) | k (H·K) | v (HV·V)] from each sequence's slot in state_pool, then o
+// [T, HV, V] = gated RMSNorm(o)·norm·act(gate) per value head (token t's gate rows at gate +
+// t·ld_gate, as gated_rms_norm), then out [T, out_proj.rows] = o · out_proj^T.
+struct DeltaMixer {
+  DeltaPrep prep;
+  DeltaRuleDims dims;
+  float scale;
+  float* state_pool;
+  const float* gate;
+  int64_t ld_gate;
+  const float* norm;
+  float eps;
+  cpu::GateAct act;
+  DevMatrix out_proj;
+};
+
 // An attention layer's q, k and v from its projection rows, for Device::attention_prep: q [T, nh,
 // hd] = RoPE(RMSNorm(q rows)·q_norm), q head h of token t read at q_in + t·ld_q + h·q_head; k [T,
 // nkv, hd] likewise from k_in with k_norm; v [T, nkv·hd] = the v_in rows (k_in, v_in row stride
@@ -197,6 +215,10 @@ class Device {
   // DeltaPrep's steps for every sequence of b; the default runs causal_conv_silu, l2norm, sigmoid
   // and gate_softplus one after another, a device may fuse them (the CUDA decode step does).
   virtual void delta_prep(const DeltaPrep& p, const DevBatch& b);
+  // DeltaMixer's steps for every sequence of b; the default runs delta_prep, delta_rule,
+  // gated_rms_norm and linear one after another. The CUDA device's bf16 prefill passes q, k, v and
+  // o between them as the 16-bit operands of the op and the GEMM, with no fp32 rows in between.
+  virtual void delta_mixer(const DeltaMixer& m, const DevBatch& b, float* out);
   // AttentionPrep's steps for the tokens of b; the default copies, normalises and rotates with
   // the ops above, a device may fuse them (the CUDA device does).
   virtual void attention_prep(const AttentionPrep& p, const DevBatch& b);

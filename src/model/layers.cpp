@@ -51,17 +51,18 @@ struct DeltaCore {
     c.conv.assign(size_t(conv_dim * (kw - 1)), 0.0f);
     c.state.assign(size_t(nv * dk * dv), 0.0f);
   }
-  // The same on a device, over every sequence of b at once: p names the conv input (rows of stride
-  // p.ldx), the conv taps and the gates' inputs and outputs; the rest is this core's.
-  void run_device(Device& dev, DeltaPrep p, float* o, const DevBatch& b, int64_t layer) const {
-    p.C = conv_dim, p.kw = kw, p.y = dev.scratch(b.tokens() * conv_dim);
+  // The same on a device, over every sequence of b at once, into out: m.prep names the conv input
+  // (rows of stride ldx), the conv taps and the gates' inputs and outputs, m the output's gated norm
+  // and projection; the rest is this core's.
+  void run_device(Device& dev, DeltaMixer m, const DevBatch& b, int64_t layer, float* out) const {
+    DeltaPrep& p = m.prep;
+    p.C = conv_dim, p.kw = kw;
     p.conv_pool = dev.cache_pool(layer, CachePart::Conv, conv_dim * (kw - 1));
     p.l2_heads = 2 * nk, p.head_dim = dk, p.H = nv;  // q and k heads, adjacent
-    dev.delta_prep(p, b);
-    DeltaRuleDims d;
-    d.H = nk, d.HV = nv, d.K = dk, d.V = dv, d.gate = gate;
-    dev.delta_rule(d, p.y, p.y + nk * dk, p.y + 2 * nk * dk, conv_dim, p.g, p.beta, 1.0f / std::sqrt(float(dk)), b,
-                   dev.cache_pool(layer, CachePart::State, nv * dk * dv), o);
+    m.dims.H = nk, m.dims.HV = nv, m.dims.K = dk, m.dims.V = dv, m.dims.gate = gate;
+    m.scale = 1.0f / std::sqrt(float(dk));
+    m.state_pool = dev.cache_pool(layer, CachePart::State, nv * dk * dv);
+    dev.delta_mixer(m, b, out);
   }
 };
 
@@ -156,15 +157,15 @@ class GatedDeltaNet : public Mixer {
     float* qkvz = dev.scratch(T * W);
     const float* ba = qkvz + C + nv * dv;
     dev.linear(x, D, dev_.in, qkvz, T);
-    DeltaPrep p{};
+    DeltaMixer m{};
+    DeltaPrep& p = m.prep;
     p.x = qkvz, p.ldx = W, p.conv_w = dev_.conv;
     p.b = ba, p.ldb = W, p.beta_max = s_.beta_max, p.beta = dev.scratch(T * nv);
     p.a = ba + nv, p.lda = W, p.A_log = dev_.A_log, p.dt_bias = dev_.dt_bias, p.g = dev.scratch(T * nv);
     p.gate_width = 1;
-    float* o = dev.scratch(T * nv * dv);
-    core_.run_device(dev, p, o, b, layer);
-    dev.gated_rms_norm(o, qkvz + C, W, dev_.norm, T, nv, dv, s_.norm_eps, GateAct::SiLU);
-    dev.linear(o, nv * dv, dev_.out, out, T);
+    m.gate = qkvz + C, m.ld_gate = W, m.norm = dev_.norm, m.eps = s_.norm_eps, m.act = GateAct::SiLU;
+    m.out_proj = dev_.out;
+    core_.run_device(dev, m, b, layer, out);
   }
   bool replayable_decode() const override { return true; }
 
@@ -260,17 +261,17 @@ class KimiDeltaAttention : public Mixer {
     float* graw = dev.scratch(T * HK);
     dev.linear(x, D, dev_.in, in, T);
     dev.linear(lo, W, dev_.f_b, graw, T);
-    DeltaPrep p{};
+    float* og = dev.scratch(T * HK);
+    dev.linear(lo + dk, W, dev_.g_b, og, T);
+    DeltaMixer m{};
+    DeltaPrep& p = m.prep;
     p.x = in, p.ldx = W, p.conv_w = dev_.conv;
     p.b = lo + 2 * dk, p.ldb = W, p.beta_max = s_.beta_max, p.beta = dev.scratch(T * H);
     p.a = graw, p.lda = HK, p.A_log = dev_.A_log, p.dt_bias = dev_.dt_bias, p.g = dev.scratch(T * HK);
     p.gate_width = dk;
-    float* o = dev.scratch(T * HK);
-    core_.run_device(dev, p, o, b, layer);
-    float* og = dev.scratch(T * HK);
-    dev.linear(lo + dk, W, dev_.g_b, og, T);
-    dev.gated_rms_norm(o, og, HK, dev_.o_norm, T, H, dk, s_.norm_eps, GateAct::Sigmoid);
-    dev.linear(o, HK, dev_.o, out, T);
+    m.gate = og, m.ld_gate = HK, m.norm = dev_.o_norm, m.eps = s_.norm_eps, m.act = GateAct::Sigmoid;
+    m.out_proj = dev_.o;
+    core_.run_device(dev, m, b, layer, out);
   }
   bool replayable_decode() const override { return true; }
 

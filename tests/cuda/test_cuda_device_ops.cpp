@@ -4,7 +4,7 @@
 // SwiGLU epilogue, and the cuBLASLt GEMM
 // past them (bf16 operands); the
 // fused delta-rule decode prep (conv state over several steps, grouped heads, per-key gates), the
-// prefill short conv, and
+// fused bf16 prefill mixer (conv → op → gated norm → GEMM), the prefill short conv, and
 // attention prep (gated q rows, partial RoPE); the greedy pick (argmax, lowest index on
 // ties); the MoE block's routed experts; a cache slot's prefix snapshot.
 #include <gtest/gtest.h>
@@ -206,6 +206,82 @@ TEST(CudaDeviceOps, DeltaPrepMatchesCpuDeviceOverDecodeSteps) {
     const std::vector<float> got = run(*gpu), want = run(cpu);
     ASSERT_EQ(got.size(), want.size());
     EXPECT_LT(max_rel_diff(got, want), 1e-5) << "dk " << c.dk << " gate width " << c.gate_width;
+  }
+}
+
+// A delta-rule layer's mixer (Device::delta_mixer) over two packed forwards, the second continuing
+// the slots' conv and recurrent states: the CUDA device's fused bf16 prefill (bf16 q, k, v from the
+// conv, bf16 o into the gated norm, which writes the output GEMM's operand) against the same
+// device's unfused steps (Device::delta_mixer: fp32 rows, packs between them). Gated DeltaNet-shaped
+// (scalar gate, 2 key / 4 value heads of 128, SiLU gate) and KDA-shaped (per-key gate, 4 heads of
+// 64, beta in [0, 2], sigmoid gate; 16-lane L2 norms). Both round the same values to bf16 at the
+// same places; only the L2 norm sums its squares in another order, which can move a q or k value
+// across a bf16 rounding boundary, hence a bound of a few bf16 ulps (2^-8 relative each) rather
+// than bitwise. Both are also held to the fp32 CpuDevice: the fused path may not be less accurate.
+TEST(CudaDeviceOps, DeltaMixerMatchesUnfusedSteps) {
+  HLA_REQUIRE_GPU();
+  struct Case {
+    int64_t nk, nv, dk, gate_width;
+    float beta_max;
+    cpu::GateAct act;
+  };
+  for (const Case c : {Case{2, 4, 128, 1, 1.0f, cpu::GateAct::SiLU}, Case{4, 4, 64, 64, 2.0f, cpu::GateAct::Sigmoid}}) {
+    const int64_t HK = c.nk * c.dk, HVV = c.nv * c.dk, C = 2 * HK + HVV, kw = 4, G = c.nv * c.gate_width, D = 96;
+    const int64_t ldx = C + c.nv + G + HVV + 4;  // [conv input | b | a | gate | pad]
+    std::mt19937 rng(17);
+    const Tensor conv_w = vector_tensor(random_vector(C * kw, rng)), A_log = vector_tensor(random_vector(c.nv, rng));
+    const Tensor dt_bias = vector_tensor(random_vector(G, rng)),
+                 norm = vector_tensor(random_vector(c.dk, rng, 0.5f, 1.5f));
+    const Tensor out_proj = random_bf16_tensor(D, HVV, rng, 0.1f);
+    const std::vector<std::vector<int64_t>> lens{{37, 5, 64}, {3, 70, 2}}, past{{0, 0, 0}, {37, 5, 64}};
+    std::vector<std::vector<float>> xs;
+    for (const auto& l : lens) xs.push_back(random_vector((l[0] + l[1] + l[2]) * ldx, rng, -2, 2));
+    auto run = [&](Device& dev, bool fused) {
+      const float *w = dev.upload_vector(conv_w), *al = dev.upload_vector(A_log), *dt = dev.upload_vector(dt_bias);
+      const float* nw = dev.upload_vector(norm);
+      const DevMatrix op = dev.upload_matrix(out_proj);
+      std::vector<float> got;
+      for (size_t f = 0; f < 2; ++f) {
+        dev.begin_forward();
+        const DevBatch b = make_batch(dev, lens[f], {2, 0, 5}, past[f]);
+        const int64_t T = b.tokens();
+        DeltaMixer m{};
+        DeltaPrep& p = m.prep;
+        p.x = dev.upload_f32(xs[f]), p.ldx = ldx, p.conv_w = w, p.C = C, p.kw = kw;
+        p.conv_pool = dev.cache_pool(0, CachePart::Conv, C * (kw - 1));
+        p.l2_heads = 2 * c.nk, p.head_dim = c.dk;
+        p.b = p.x + C, p.ldb = ldx, p.beta_max = c.beta_max, p.beta = dev.scratch(T * c.nv);
+        p.a = p.x + C + c.nv, p.lda = ldx, p.A_log = al, p.dt_bias = dt, p.g = dev.scratch(T * G);
+        p.H = c.nv, p.gate_width = c.gate_width;
+        m.dims.H = c.nk, m.dims.HV = c.nv, m.dims.K = c.dk, m.dims.V = c.dk;
+        m.dims.gate = c.gate_width == 1 ? DeltaGate::Scalar : DeltaGate::PerKey;
+        m.scale = 1.0f / std::sqrt(float(c.dk));
+        m.state_pool = dev.cache_pool(0, CachePart::State, c.nv * c.dk * c.dk);
+        m.gate = p.x + C + c.nv + G, m.ld_gate = ldx, m.norm = nw, m.eps = 1e-6f, m.act = c.act, m.out_proj = op;
+        float* out = dev.scratch(T * D);
+        if (fused)
+          dev.delta_mixer(m, b, out);
+        else
+          dev.Device::delta_mixer(m, b, out);
+        std::vector<float> h(size_t(T * D));
+        dev.to_host(out, h.data(), T * D);
+        got.insert(got.end(), h.begin(), h.end());
+      }
+      for (auto [part, width] : {std::pair{CachePart::Conv, C * (kw - 1)}, {CachePart::State, c.nv * c.dk * c.dk}}) {
+        std::vector<float> h(size_t(6 * width));
+        dev.to_host(dev.cache_pool(0, part, width), h.data(), 6 * width);
+        got.insert(got.end(), h.begin(), h.end());
+      }
+      return got;
+    };
+    auto fused_dev = cuda::make_cuda_device(6, DType::BF16), steps_dev = cuda::make_cuda_device(6, DType::BF16);
+    cpu::CpuDevice cpu(6);
+    const std::vector<float> fused = run(*fused_dev, true), steps = run(*steps_dev, false), exact = run(cpu, false);
+    ASSERT_EQ(fused.size(), exact.size());
+    const float e_fused = max_rel_diff(fused, exact), e_steps = max_rel_diff(steps, exact);
+    EXPECT_LT(max_rel_diff(fused, steps), 4e-3) << "dk " << c.dk;
+    EXPECT_LE(e_fused, 1.1f * e_steps + 1e-6f) << "dk " << c.dk << ": fused " << e_fused << ", steps " << e_steps;
+    EXPECT_LT(e_fused, 3e-2) << "dk " << c.dk;
   }
 }
 

@@ -203,8 +203,11 @@ __global__ void layer_norm_kernel(const float* x, const float* w, const float* b
 
 // One warp per (token, head) row of o (rows of 128: 262K rows at 8K tokens × 32 heads). A lane keeps
 // up to 8 of the row's values (dims ≤ 256) in registers: o, gate and weight are loaded together.
-__global__ void gated_rms_norm_kernel(float* o, const float* gate, int64_t ld_gate, const float* w, int64_t rows,
-                                      int64_t heads, int64_t dim, float eps, bool silu_gate) {
+// y = the normalised rows: o itself (fp32, in place), or the output projection's bf16 operand read
+// from the delta-rule op's bf16 output (the same roundings as unpacking o and packing y).
+template <class In, class Out>
+__global__ void gated_rms_norm_kernel(const In* o, Out* y, const float* gate, int64_t ld_gate, const float* w,
+                                      int64_t rows, int64_t heads, int64_t dim, float eps, bool silu_gate) {
   constexpr int kRegs = 8;
   const int lane = threadIdx.x & 31;
   float wr[kRegs], v[kRegs], a[kRegs];
@@ -213,23 +216,24 @@ __global__ void gated_rms_norm_kernel(float* o, const float* gate, int64_t ld_ga
   pdl_begin();
   const int64_t row = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / 32;
   if (row >= rows) return;
-  float* orow = o + row * dim;
+  const In* orow = o + row * dim;
+  Out* yrow = y + row * dim;
   const float* g = gate + (row / heads) * ld_gate + (row % heads) * dim;
   auto act = [&](float x) { return silu_gate ? x * sigmoidf(x) : sigmoidf(x); };
   float ss = 0;
 #pragma unroll
   for (int j = 0; j < kRegs; ++j) {
     const int64_t i = lane + 32 * j;
-    v[j] = i < dim ? orow[i] : 0.0f;
+    v[j] = i < dim ? float(orow[i]) : 0.0f;
     a[j] = i < dim ? g[i] : 0.0f;
     ss += v[j] * v[j];
   }
-  for (int64_t i = lane + 32 * kRegs; i < dim; i += 32) ss += orow[i] * orow[i];
+  for (int64_t i = lane + 32 * kRegs; i < dim; i += 32) ss += float(orow[i]) * float(orow[i]);
   const float s = rms_inverse(warp_sum(ss), dim, eps);
 #pragma unroll
   for (int j = 0; j < kRegs; ++j)
-    if (lane + 32 * j < dim) orow[lane + 32 * j] = v[j] * s * wr[j] * act(a[j]);
-  for (int64_t i = lane + 32 * kRegs; i < dim; i += 32) orow[i] = orow[i] * s * w[i] * act(g[i]);
+    if (lane + 32 * j < dim) yrow[lane + 32 * j] = Out(v[j] * s * wr[j] * act(a[j]));
+  for (int64_t i = lane + 32 * kRegs; i < dim; i += 32) yrow[i] = Out(float(orow[i]) * s * w[i] * act(g[i]));
 }
 
 // The fused prep kernels keep one head's values in registers: head dims up to 32 × 8.
@@ -319,8 +323,42 @@ __device__ __forceinline__ int seq_of(const int32_t* cu, int N, int64_t t) {
 // before it weigh 0; each sum adds the taps in the order cpu::causal_conv1d_silu does). Windows
 // of 4 (the models' taps) or kConvWideTaps.
 constexpr int kConvWideTaps = 16;
-template <int V, int W>
-__global__ void conv_kernel(const float* x, int64_t ldx, const float* w, float* y, int64_t T, int64_t C, int kw,
+
+// Where conv_kernel's outputs go: fp32 rows y [T, C] ...
+struct ConvRows {
+  float* y;
+  int64_t C;
+  template <int V>
+  __device__ void operator()(int64_t t, int64_t c, float (&acc)[V]) const {
+    store_v(y + t * C + c, acc);
+  }
+};
+// ... or the bf16 operands of the delta-rule op: channels [q (HK) | k (HK) | v] of token t into q, k
+// [T, HK] and v [T, C − 2HK], the q and k heads L2-normalised first (as l2norm). The caller makes a
+// warp's 32 lanes hold 32·V consecutive channels of one token, starting at a multiple of 32·V, and
+// head_lanes = head_dim / V a power of two ≤ 32: a head is then the V channels of each of
+// head_lanes consecutive lanes, and every lane takes part in the shuffles.
+struct DeltaOperands {
+  __nv_bfloat16 *q, *k, *v;
+  int64_t HK, HVV;
+  int head_lanes;
+  template <int V>
+  __device__ void operator()(int64_t t, int64_t c, float (&acc)[V]) const {
+    float ss = 0;
+#pragma unroll
+    for (int i = 0; i < V; ++i) ss += acc[i] * acc[i];
+    for (int o = head_lanes / 2; o > 0; o /= 2) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    if (c < 2 * HK) {
+      const float inv = l2_inverse(ss);
+#pragma unroll
+      for (int i = 0; i < V; ++i) acc[i] *= inv;
+    }
+    store_v(c < HK ? q + t * HK + c : c < 2 * HK ? k + t * HK + (c - HK) : v + t * HVV + (c - 2 * HK), acc);
+  }
+};
+
+template <int V, int W, class Sink>
+__global__ void conv_kernel(const float* x, int64_t ldx, const float* w, Sink sink, int64_t T, int64_t C, int kw,
                             int span, const int32_t* cu, const int32_t* slots, int N, const float* pool) {
   const int P = kw - 1, skip = W - kw;
   const int64_t CV = C / V, i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
@@ -361,7 +399,7 @@ __global__ void conv_kernel(const float* x, int64_t ldx, const float* w, float* 
       for (int v = 0; v < V; ++v) acc[v] += wr[j][v] * win[j][v];
 #pragma unroll
     for (int v = 0; v < V; ++v) acc[v] *= sigmoidf(acc[v]);
-    store_v(y + t * C + c, acc);
+    sink(t, c, acc);
 #pragma unroll
     for (int j = 0; j + 1 < W; ++j)
 #pragma unroll
@@ -1039,6 +1077,11 @@ __global__ void scatter_add_rows_kernel(float* dst, const int32_t* idx, const fl
 
 // ---- the device ---------------------------------------------------------------------------------
 
+// The chunk and decode kernels' head sizes.
+bool fast_delta_shape(const DeltaRuleDims& d) {
+  return (d.K == 32 || d.K == 64 || d.K == 128 || d.K == 256) && d.V % 16 == 0 && d.V >= 16 && d.V <= 256;
+}
+
 class CudaDevice : public Device {
  public:
   CudaDevice(int64_t slots, DType weights) : slots_(slots), wt_(weights) {
@@ -1367,8 +1410,8 @@ class CudaDevice : public Device {
     const OpScope op(*this, "gated_rms_norm");
     if (op.skip) return;
     if (T == 0) return;
-    launch(gated_rms_norm_kernel, grid_for(T * heads * 32), kThreads, o, gate, ld_gate, w, T * heads, heads, dim, eps,
-           act == cpu::GateAct::SiLU);
+    launch(gated_rms_norm_kernel<float, float>, grid_for(T * heads * 32), kThreads, o, o, gate, ld_gate, w, T * heads,
+           heads, dim, eps, act == cpu::GateAct::SiLU);
   }
   void l2norm(float* x, int64_t ld, int64_t T, int64_t heads, int64_t dim) override {
     const OpScope op(*this, "l2norm");
@@ -1434,22 +1477,28 @@ class CudaDevice : public Device {
       launch(conv_decode_kernel, grid_for(N * C), kThreads, x, ldx, w, y, C, int(kw), b.d_slots, N, conv_pool);
       return;
     }
-    // Spans of up to 32 tokens while the grid keeps ≥ 256K threads (8192 channels x 8K tokens: 512K).
-    const int64_t T = b.tokens(), vw = vec_width(x, C, ldx);
-    const int span = int(std::clamp<int64_t>(T * (C / vw) / (int64_t(1) << 18), 1, 32));
-    const unsigned grid = unsigned(((T + span - 1) / span * (C / vw) + kThreads - 1) / kThreads);
-    auto run = [&](auto V, auto W) {
-      launch(conv_kernel<V.value, W.value>, grid, kThreads, x, ldx, w, y, T, C, int(kw), span, b.d_cu, b.d_slots, N,
-             conv_pool);
-    };
     check(kw <= kConvWideTaps,
           "cuda: short convolutions of more than " + std::to_string(kConvWideTaps) + " taps are not supported");
-    with_vec_width(int(vw), [&](auto V) {
-      if (kw <= kConvMaxTaps)
-        run(V, std::integral_constant<int, kConvMaxTaps>{});
-      else
-        run(V, std::integral_constant<int, kConvWideTaps>{});
+    with_vec_width(vec_width(x, C, ldx), [&](auto V) {
+      conv_prefill<V.value>(x, ldx, w, ConvRows{y, C}, C, kw, b, conv_pool);
     });
+  }
+  // conv_kernel over every sequence of b into `sink` (V channels per thread), then each slot's conv
+  // state advanced. Spans of up to 32 tokens while the grid keeps ≥ 256K threads (8192 channels x
+  // 8K tokens: 512K).
+  template <int V, class Sink>
+  void conv_prefill(const float* x, int64_t ldx, const float* w, Sink sink, int64_t C, int64_t kw, const DevBatch& b,
+                    float* conv_pool) {
+    const int64_t T = b.tokens();
+    const int N = int(b.num_seqs());
+    const int span = int(std::clamp<int64_t>(T * (C / V) / (int64_t(1) << 18), 1, 32));
+    const unsigned grid = unsigned(((T + span - 1) / span * (C / V) + kThreads - 1) / kThreads);
+    if (kw <= kConvMaxTaps)
+      launch(conv_kernel<V, kConvMaxTaps, Sink>, grid, kThreads, x, ldx, w, sink, T, C, int(kw), span, b.d_cu,
+             b.d_slots, N, conv_pool);
+    else
+      launch(conv_kernel<V, kConvWideTaps, Sink>, grid, kThreads, x, ldx, w, sink, T, C, int(kw), span, b.d_cu,
+             b.d_slots, N, conv_pool);
     launch(conv_state_kernel, grid_for(N * C), kThreads, x, ldx, C, int(kw), b.d_cu, b.d_slots, N, conv_pool);
   }
   void delta_prep(const DeltaPrep& p, const DevBatch& b) override {
@@ -1458,6 +1507,38 @@ class CudaDevice : public Device {
     if (op.skip) return;
     const int64_t N = b.num_seqs();
     launch(delta_prep_decode_kernel, grid_for(N * DeltaPrepTasks(p).per_seq() * 32), kThreads, p, b.d_slots, N);
+  }
+  // bf16 prefill: the conv writes the op's bf16 q, k (L2-normalised) and v, the op writes bf16 o, the
+  // gated norm reads it and writes the output projection's bf16 operand. At 8K tokens on the 2.0B
+  // model that drops per GDN layer an L2-norm pass, four fp32 → bf16 packs and one unpack (~0.4 ms).
+  void delta_mixer(const DeltaMixer& m, const DevBatch& b, float* out) override {
+    if (!fused_mixer_fits(m, b)) return Device::delta_mixer(m, b, out);
+    const OpScope op(*this, "delta_mixer");
+    const DeltaPrep& p = m.prep;
+    const DeltaRuleDims& d = m.dims;
+    const int64_t T = b.tokens(), HK = d.H * d.K, HVV = d.HV * d.V;
+    auto bf16_rows = [&](int64_t width) { return reinterpret_cast<__nv_bfloat16*>(scratch((T * width + 1) / 2)); };
+    __nv_bfloat16 *q = bf16_rows(HK), *k = bf16_rows(HK), *v = bf16_rows(HVV), *o = bf16_rows(HVV);
+    if (op.skip) return;
+    conv_prefill<4>(p.x, p.ldx, p.conv_w, DeltaOperands{q, k, v, HK, HVV, int(d.K / 4)}, p.C, p.kw, b, p.conv_pool);
+    launch(sigmoid_kernel, grid_for(T * p.H), kThreads, p.b, p.ldb, p.beta, T, p.H, p.beta_max);
+    launch(gate_softplus_kernel, grid_for(T * p.H * p.gate_width), kThreads, p.a, p.lda, p.A_log, p.dt_bias, p.g, T,
+           p.H, p.gate_width);
+    chunk_forward(d, DType::BF16, q, k, v, p.g, p.beta, m.scale, b, m.state_pool, o);
+    launch(gated_rms_norm_kernel<__nv_bfloat16, __nv_bfloat16>, grid_for(T * d.HV * 32), kThreads, o, o, m.gate,
+           m.ld_gate, m.norm, T * d.HV, d.HV, d.V, m.eps, m.act == cpu::GateAct::SiLU);
+    gemm(m.out_proj, o, HVV, out, T);
+  }
+  // The fused mixer's shapes: bf16 weights, more than one token per sequence (decode keeps its own
+  // fused prep), the chunk kernels' head sizes, and conv rows a warp can normalise: 16-byte
+  // aligned, C a multiple of 128 channels (4 per lane), q/k heads of 4·(a power of two ≤ 32).
+  bool fused_mixer_fits(const DeltaMixer& m, const DevBatch& b) const {
+    const DeltaPrep& p = m.prep;
+    const int64_t K = m.dims.K, lanes = K / 4;
+    return wt_ == DType::BF16 && !b.one_token_each() && fast_delta_shape(m.dims) && p.kw <= kConvWideTaps &&
+           p.l2_heads == 2 * m.dims.H && p.head_dim == K && p.H == m.dims.HV &&
+           p.C == 2 * m.dims.H * K + m.dims.HV * m.dims.V && p.C % 128 == 0 && vec_width(p.x, p.C, p.ldx) == 4 &&
+           K % 4 == 0 && lanes <= 32 && (lanes & (lanes - 1)) == 0 && m.out_proj.cols == m.dims.HV * m.dims.V;
   }
   void attention_prep(const AttentionPrep& p, const DevBatch& b) override {
     if (p.hd > 32 * kPrepHeadRegs) return Device::attention_prep(p, b);
@@ -1485,6 +1566,10 @@ class CudaDevice : public Device {
   }
   void delta_rule(const DeltaRuleDims& d, const float* q, const float* k, const float* v, int64_t ld, const float* g,
                   const float* beta, float scale, const DevBatch& b, float* state_pool, float* o) override;
+  // The chunk forward over every sequence of b on contiguous q, k [T, H, K], v, o [T, HV, V] in dt,
+  // from and back to the sequences' slots in state_pool.
+  void chunk_forward(const DeltaRuleDims& dims, DType dt, const void* q, const void* k, const void* v, const float* g,
+                     const float* beta, float scale, const DevBatch& b, float* state_pool, void* o);
   void attention(const float* q, const float* k, const float* v, float* o, int64_t n, int64_t S, int64_t nh,
                  int64_t nkv, int64_t dq, int64_t dv, float scale, int64_t window, const int32_t* selected,
                  int64_t topk) override {
@@ -1819,10 +1904,6 @@ class CudaDevice : public Device {
       plans_;
 };
 
-bool fast_delta_shape(const DeltaRuleDims& d) {
-  return (d.K == 32 || d.K == 64 || d.K == 128 || d.K == 256) && d.V % 16 == 0 && d.V >= 16 && d.V <= 256;
-}
-
 void CudaDevice::delta_rule(const DeltaRuleDims& dims, const float* q, const float* k, const float* v, int64_t ld,
                             const float* g, const float* beta, float scale, const DevBatch& b, float* state_pool,
                             float* o) {
@@ -1857,6 +1938,15 @@ void CudaDevice::delta_rule(const DeltaRuleDims& dims, const float* q, const flo
   void* kc = pack(k, H * K);
   void* vc = pack(v, HV * V);
   void* oc = bf16 ? static_cast<void*>(scratch((T * HV * V + 1) / 2)) : o;
+  chunk_forward(dims, dt, qc, kc, vc, g, beta, scale, b, state_pool, oc);
+  if (bf16)
+    launch(unpack_bf16, grid_for((T * HV * V + 7) / 8), kThreads, static_cast<const __nv_bfloat16*>(oc), o, T * HV * V);
+}
+
+void CudaDevice::chunk_forward(const DeltaRuleDims& dims, DType dt, const void* q, const void* k, const void* v,
+                               const float* g, const float* beta, float scale, const DevBatch& b, float* state_pool,
+                               void* o) {
+  const int64_t N = b.num_seqs(), HV = dims.HV, K = dims.K, V = dims.V;
   // The states of the batch's slots gathered into [N, HV, K, V] and back.
   DeltaRuleDims d = dims;
   d.cu_seqlens = b.cu_seqlens;
@@ -1866,13 +1956,11 @@ void CudaDevice::delta_rule(const DeltaRuleDims& dims, const float* q, const flo
     check_cuda(cudaMemcpyAsync(states + i * HV * K * V, state_pool + b.slots[size_t(i)] * HV * K * V, state_bytes,
                                cudaMemcpyDeviceToDevice, stream_),
                "delta rule: gather states");
-  chunk_plan(d, dt).forward(qc, kc, vc, g, beta, scale, states, oc, stream_);
+  chunk_plan(d, dt).forward(q, k, v, g, beta, scale, states, o, stream_);
   for (int64_t i = 0; i < N; ++i)
     check_cuda(cudaMemcpyAsync(state_pool + b.slots[size_t(i)] * HV * K * V, states + i * HV * K * V, state_bytes,
                                cudaMemcpyDeviceToDevice, stream_),
                "delta rule: scatter states");
-  if (bf16)
-    launch(unpack_bf16, grid_for((T * HV * V + 7) / 8), kThreads, static_cast<const __nv_bfloat16*>(oc), o, T * HV * V);
 }
 
 }  // namespace
