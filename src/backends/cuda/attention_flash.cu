@@ -147,14 +147,16 @@ __device__ __forceinline__ float exp2_ftz(float x) {
 }
 
 // The online-softmax step of one BN-key tile for a thread's two rows h = 0, 1 (rows rq and
-// rq + 8 of its warp's 16; pos[h] their positions, -1 past the tile's rows): raw scores s (the
-// mma C layout: s[t][e] is key ks + 8t + 2·qq + (e & 1) of row e >> 1) become the bf16 weights
-// pa (the A fragments of P·V), the running max m and sum l move on, and acc is rescaled.
-// `masked`: some key of the tile may lie past a row's position or the key range end ke.
-template <int BN, int DV>
-__device__ __forceinline__ void softmax_tile(float (&s)[BN / 8][4], uint32_t (&pa)[BN / 8][2], float (&acc)[DV / 8][4],
-                                             float (&m)[2], float (&l)[2], const int (&pos)[2], int ks, int ke,
-                                             bool masked, float scale_log2, int qq) {
+// rq + 8 of its warp's 16; pos[h] their positions, -1 past the tile's rows), in two halves so that
+// a caller can run the first while the tensor cores still read pa and write acc (flash_attn_wgmma).
+// softmax_scores: raw scores s (the mma C layout: s[t][e] is key ks + 8t + 2·qq + (e & 1) of row
+// e >> 1) become 2^(s·scale_log2 − new max) in place; the running max m moves on and alpha[h] is
+// the factor for what was accumulated before. `masked`: some key of the tile may lie past a row's
+// position or the key range end ke.
+template <int BN>
+__device__ __forceinline__ void softmax_scores(float (&s)[BN / 8][4], float (&m)[2], float (&alpha)[2],
+                                               const int (&pos)[2], int ks, int ke, bool masked, float scale_log2,
+                                               int qq) {
   float tmax[2] = {-INFINITY, -INFINITY};
 #pragma unroll
   for (int t = 0; t < BN / 8; ++t)
@@ -165,7 +167,7 @@ __device__ __forceinline__ void softmax_tile(float (&s)[BN / 8][4], uint32_t (&p
       s[t][e] = x;
       tmax[h] = fmaxf(tmax[h], x);
     }
-  float mu[2], alpha[2];
+  float mu[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     tmax[h] = fmaxf(tmax[h], __shfl_xor_sync(0xffffffffu, tmax[h], 1));
@@ -175,21 +177,43 @@ __device__ __forceinline__ void softmax_tile(float (&s)[BN / 8][4], uint32_t (&p
     alpha[h] = exp2_ftz(m[h] - mu[h]);
     m[h] = mn;
   }
+#pragma unroll
+  for (int t = 0; t < BN / 8; ++t)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[t][e] = exp2_ftz(s[t][e] - mu[e >> 1]);
+}
+// softmax_weights: the weights rounded to bf16 into pa (the A fragments of P·V), the running sum l
+// moved on by their rounded values (so the normalisation matches the weights applied), and acc
+// rescaled by alpha. Once a row's max has settled, alpha is exactly 1 and the 4·DV/8 products are
+// skipped (multiplying by 1 changes nothing).
+template <int BN, int DV>
+__device__ __forceinline__ void softmax_weights(const float (&s)[BN / 8][4], uint32_t (&pa)[BN / 8][2],
+                                                float (&acc)[DV / 8][4], float (&l)[2], const float (&alpha)[2]) {
   float rs[2] = {0.f, 0.f};
 #pragma unroll
   for (int t = 0; t < BN / 8; ++t)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      __nv_bfloat162 pv = __floats2bfloat162_rn(exp2_ftz(s[t][2 * h] - mu[h]), exp2_ftz(s[t][2 * h + 1] - mu[h]));
+      __nv_bfloat162 pv = __floats2bfloat162_rn(s[t][2 * h], s[t][2 * h + 1]);
       pa[t][h] = reinterpret_cast<uint32_t&>(pv);
       rs[h] += __low2float(pv) + __high2float(pv);
     }
 #pragma unroll
   for (int h = 0; h < 2; ++h) l[h] = l[h] * alpha[h] + rs[h];
+  if (alpha[0] != 1.f || alpha[1] != 1.f)
 #pragma unroll
-  for (int t = 0; t < DV / 8; ++t)
+    for (int t = 0; t < DV / 8; ++t)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) acc[t][e] *= alpha[e >> 1];
+      for (int e = 0; e < 4; ++e) acc[t][e] *= alpha[e >> 1];
+}
+// Both halves in one step.
+template <int BN, int DV>
+__device__ __forceinline__ void softmax_tile(float (&s)[BN / 8][4], uint32_t (&pa)[BN / 8][2], float (&acc)[DV / 8][4],
+                                             float (&m)[2], float (&l)[2], const int (&pos)[2], int ks, int ke,
+                                             bool masked, float scale_log2, int qq) {
+  float alpha[2];
+  softmax_scores<BN>(s, m, alpha, pos, ks, ke, masked, scale_log2, qq);
+  softmax_weights<BN, DV>(s, pa, acc, l, alpha);
 }
 
 // Block (x, kv head y, key split z) of the row-tile grid, bm rows a tile: tile rows [r0, r0 + rows)
@@ -391,7 +415,12 @@ __global__ void __launch_bounds__(Cfg<kPrefill>::threads, kPrefill && DV <= 128 
 // v_transpose_bf16: K as [nkv][S][DQ] and V transposed, [nkv][DV][Sp] (Sp = S rounded up to 8,
 // zeros past S), so both products read K-major tiles. Keys past S of one head read the next
 // head's (masked, finite). Consumers in lockstep measured faster than ping-pong ones (named
-// barriers taking turns at S = Q·Kᵀ: d = 256 at 8K 442 → 381 TFLOP/s).
+// barriers taking turns at S = Q·Kᵀ: d = 256 at 8K 442 → 381 TFLOP/s). Within a warpgroup the
+// products overlap the softmax (FlashAttention-3's intra-warpgroup pipelining): tile t's S = Q·Kᵀ
+// and tile t−1's O += P·V are issued together, the softmax of tile t runs while P·V still does,
+// and acc is rescaled only after it completes. K and Vᵀ therefore have rings of their own (a
+// tile's K is released after its S, its Vᵀ one tile later, after its P·V), so each copy still
+// has a tile's time in flight with two stages.
 template <int DQ, int DV>
 struct WgAttn {
   // Keys per tile: 128 where the ring fits (dq ≤ 192), so each tile's fixed costs (barrier waits,
@@ -410,11 +439,11 @@ __global__ void __launch_bounds__(WgAttn<DQ, DV>::threads, 1)
                      FlashParams p) {
   using C = WgAttn<DQ, DV>;
   constexpr int BN = C::BN;
-  __shared__ uint64_t full[C::stages], empty[C::stages];
+  __shared__ uint64_t k_full[C::stages], k_empty[C::stages], v_full[C::stages], v_empty[C::stages];
   extern __shared__ unsigned char smem_raw[];
   unsigned char* qs_p = swizzle_aligned(smem_raw);  // Q, then the K/V ring
   const uint32_t qs = smem_addr(qs_p), ring = qs + C::kQBytes;
-  if (threadIdx.x == 0) ring_barriers_init(full, empty, 2);
+  if (threadIdx.x == 0) ring_barriers_init(k_full, k_empty, 2), ring_barriers_init(v_full, v_empty, 2);
   __syncthreads();
 
   const RowBlock blk(p, C::BM);
@@ -425,15 +454,17 @@ __global__ void __launch_bounds__(WgAttn<DQ, DV>::threads, 1)
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
     if (threadIdx.x != 0) return;
     for (int t = 0; t < ntiles; ++t) {
-      const int s = t % C::stages, ks = ks0 + t * BN;
-      if (t >= C::stages) mbarrier_wait(&empty[s], (t / C::stages - 1) & 1);
+      const int s = t % C::stages, ks = ks0 + t * BN, phase = (t / C::stages - 1) & 1;
       unsigned char* k = qs_p + C::kQBytes + s * C::kStageBytes;
-      mbarrier_expect(&full[s], C::kStageBytes);
+      if (t >= C::stages) mbarrier_wait(&k_empty[s], phase);
+      mbarrier_expect(&k_full[s], C::kKBytes);
 #pragma unroll
-      for (int j = 0; j < DQ / 64; ++j) tma_load_2d(k + j * C::kKBox, k_map, 64 * j, kvh * p.S + ks, &full[s]);
+      for (int j = 0; j < DQ / 64; ++j) tma_load_2d(k + j * C::kKBox, k_map, 64 * j, kvh * p.S + ks, &k_full[s]);
+      if (t >= C::stages) mbarrier_wait(&v_empty[s], phase);
+      mbarrier_expect(&v_full[s], C::kStageBytes - C::kKBytes);
 #pragma unroll
       for (int j = 0; j < BN / 64; ++j)
-        tma_load_2d(k + C::kKBytes + j * C::kVBox, v_map, ks + 64 * j, kvh * DV, &full[s]);
+        tma_load_2d(k + C::kKBytes + j * C::kVBox, v_map, ks + 64 * j, kvh * DV, &v_full[s]);
     }
     return;
   }
@@ -459,42 +490,91 @@ __global__ void __launch_bounds__(WgAttn<DQ, DV>::threads, 1)
   int pos[2];
   blk.thread_pos(wr0 + rq, pos);
   const int wg_minpos = blk.pos(c * 64), wg_maxpos = blk.last_pos(c * 64, 64);
+  // Tiles from `active` on lie wholly in this warpgroup's future: only released.
+  const int active = ks0 <= wg_maxpos ? min(ntiles, (wg_maxpos - ks0) / BN + 1) : 0;
+  auto release = [&](uint64_t* bar) {
+    if ((threadIdx.x & 127) == 0) mbarrier_arrive(bar);
+  };
 
   float acc[DV / 8][4] = {};
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-  for (int t = 0; t < ntiles; ++t) {
-    const int s = t % C::stages, ks = ks0 + t * BN;
-    const uint32_t k = ring + s * C::kStageBytes, vt = k + C::kKBytes;
-    mbarrier_wait(&full[s], (t / C::stages) & 1);
-    if (ks <= wg_maxpos) {  // otherwise every key of the tile is in this warpgroup's future
-      float sc[BN / 8][4] = {};
-      wgmma_fence();
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}, alpha[2];
+  uint32_t pa[BN / 8][2];
+  // O += P·V of tile t (its Vᵀ stage has arrived): P straight from registers as the A operand.
+  auto issue_pv = [&](int t) {
+    const uint32_t vt = ring + (t % C::stages) * C::kStageBytes + C::kKBytes;
 #pragma unroll
-      for (int kk = 0; kk < DQ / 16; ++kk) {
-        const uint32_t col = (kk % 4) * 32;  // 16 columns = 32 bytes into a swizzled row
-        const uint64_t da = wgmma_desc(qs + (kk / 4) * C::kQBox + c * 64 * kSwizzleRowBytes + col);
-        const uint64_t db = wgmma_desc(k + (kk / 4) * C::kKBox + col);
-        if constexpr (BN == 128)
-          wgmma_m64n128k16_bf16(reinterpret_cast<float(&)[BN / 2]>(sc), da, db);
-        else
-          wgmma_m64n64k16_bf16(reinterpret_cast<float(&)[BN / 2]>(sc), da, db);
-      }
-      wgmma_complete(reinterpret_cast<float(&)[BN / 2]>(sc));
-      uint32_t pa[BN / 8][2];
-      softmax_tile<BN, DV>(sc, pa, acc, m, l, pos, ks, ke, ks + BN > min(ke, wg_minpos + 1), p.scale_log2, qq);
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < BN / 16; ++kk) {  // 16 keys: box kk / 4, 32 bytes in per step
-        const uint32_t a[4] = {pa[2 * kk][0], pa[2 * kk][1], pa[2 * kk + 1][0], pa[2 * kk + 1][1]};
-        const uint64_t db = wgmma_desc(vt + (kk / 4) * C::kVBox + (kk % 4) * 32);
-        if constexpr (DV == 256)
-          wgmma_m64n256k16_bf16_rs(reinterpret_cast<float(&)[DV / 2]>(acc), a, db);
-        else
-          wgmma_m64n128k16_bf16_rs(reinterpret_cast<float(&)[DV / 2]>(acc), a, db);
-      }
-      wgmma_complete(reinterpret_cast<float(&)[DV / 2]>(acc));
+    for (int kk = 0; kk < BN / 16; ++kk) {  // 16 keys: box kk / 4, 32 bytes in per step
+      const uint32_t a[4] = {pa[2 * kk][0], pa[2 * kk][1], pa[2 * kk + 1][0], pa[2 * kk + 1][1]};
+      const uint64_t db = wgmma_desc(vt + (kk / 4) * C::kVBox + (kk % 4) * 32);
+      if constexpr (DV == 256)
+        wgmma_m64n256k16_bf16_rs(reinterpret_cast<float(&)[DV / 2]>(acc), a, db);
+      else
+        wgmma_m64n128k16_bf16_rs(reinterpret_cast<float(&)[DV / 2]>(acc), a, db);
     }
-    if ((threadIdx.x & 127) == 0) mbarrier_arrive(&empty[s]);  // this warpgroup is done with stage s
+    wgmma_commit();
+  };
+  // S = Q·Kᵀ of tile t into sc, issued and committed.
+  auto issue_s = [&](float(&sc)[BN / 8][4], int t) {
+    const uint32_t k = ring + (t % C::stages) * C::kStageBytes;
+#pragma unroll
+    for (int kk = 0; kk < DQ / 16; ++kk) {
+      const uint32_t col = (kk % 4) * 32;  // 16 columns = 32 bytes into a swizzled row
+      const uint64_t da = wgmma_desc(qs + (kk / 4) * C::kQBox + c * 64 * kSwizzleRowBytes + col);
+      const uint64_t db = wgmma_desc(k + (kk / 4) * C::kKBox + col);
+      if constexpr (BN == 128)
+        wgmma_m64n128k16_bf16(reinterpret_cast<float(&)[BN / 2]>(sc), da, db);
+      else
+        wgmma_m64n64k16_bf16(reinterpret_cast<float(&)[BN / 2]>(sc), da, db);
+    }
+    wgmma_commit();
+  };
+  auto wait_k = [&](int t) { mbarrier_wait(&k_full[t % C::stages], (t / C::stages) & 1); };
+  auto wait_v = [&](int t) { mbarrier_wait(&v_full[t % C::stages], (t / C::stages) & 1); };
+  auto masked = [&](int ks) { return ks + BN > min(ke, wg_minpos + 1); };
+  if (active > 0) {
+    wait_k(0);
+    float sc[BN / 8][4] = {};
+    wgmma_fence();
+    issue_s(sc, 0);
+    wgmma_wait<0>();
+    wgmma_hold(reinterpret_cast<float(&)[BN / 2]>(sc));
+    release(&k_empty[0]);
+    softmax_scores<BN>(sc, m, alpha, pos, ks0, ke, masked(ks0), p.scale_log2, qq);
+    softmax_weights<BN, DV>(sc, pa, acc, l, alpha);
+  }
+  // Waits, copy releases and divergent code stay outside the spans where products are in flight
+  // (ptxas would serialise the products otherwise).
+  for (int t = 1; t < active; ++t) {
+    const int ks = ks0 + t * BN;
+    wait_k(t);
+    wait_v(t - 1);
+    float sc[BN / 8][4] = {};
+    wgmma_fence();  // acc was rescaled and pa rewritten by the previous step
+    issue_s(sc, t);
+    issue_pv(t - 1);
+    wgmma_wait<1>();  // S of tile t is in; P·V of tile t − 1 may still run
+    wgmma_hold(reinterpret_cast<float(&)[BN / 2]>(sc));
+    softmax_scores<BN>(sc, m, alpha, pos, ks, ke, masked(ks), p.scale_log2, qq);
+    wgmma_wait<0>();
+    wgmma_hold(reinterpret_cast<float(&)[DV / 2]>(acc));
+    release(&k_empty[t % C::stages]);
+    release(&v_empty[(t - 1) % C::stages]);
+    softmax_weights<BN, DV>(sc, pa, acc, l, alpha);
+  }
+  if (active > 0) {
+    wait_v(active - 1);
+    wgmma_fence();
+    issue_pv(active - 1);
+    wgmma_wait<0>();
+    wgmma_hold(reinterpret_cast<float(&)[DV / 2]>(acc));
+    release(&v_empty[(active - 1) % C::stages]);
+  }
+  for (int t = active; t < ntiles; ++t) {  // keep the rings' phases: wait for each copy, then release it
+    const int s = t % C::stages;
+    mbarrier_wait(&k_full[s], (t / C::stages) & 1);
+    release(&k_empty[s]);
+    mbarrier_wait(&v_full[s], (t / C::stages) & 1);
+    release(&v_empty[s]);
   }
   store_rows<DV>(p, blk, acc, m, l, wr0 + rq, qq);
 }
