@@ -209,6 +209,35 @@ TEST(CudaDeviceOps, DeltaPrepMatchesCpuDeviceOverDecodeSteps) {
   }
 }
 
+// The gated RMS norm of the delta-rule layers' output (in place, fp32): rows of 128 and 256 (the
+// vector kernel, gate rows strided inside wider projection rows) and of 64 and 100 (the scalar one),
+// SiLU and sigmoid gates.
+TEST(CudaDeviceOps, GatedRmsNormMatchesCpuDevice) {
+  HLA_REQUIRE_GPU();
+  for (auto [dim, heads, act] : {std::tuple{128, 4, cpu::GateAct::SiLU},
+                                 {256, 2, cpu::GateAct::Sigmoid},
+                                 {64, 3, cpu::GateAct::SiLU},
+                                 {100, 2, cpu::GateAct::Sigmoid}}) {
+    const int64_t T = 37, ld_gate = heads * dim + 12;
+    std::mt19937 rng(31);
+    const std::vector<float> o = random_vector(T * heads * dim, rng, -2, 2),
+                             gate = random_vector(T * ld_gate, rng, -3, 3);
+    const Tensor w = vector_tensor(random_vector(dim, rng, 0.5f, 1.5f));
+    auto run = [&](Device& dev) {
+      const float* wd = dev.upload_vector(w);
+      dev.begin_forward();
+      float* od = const_cast<float*>(dev.upload_f32(o));
+      dev.gated_rms_norm(od, dev.upload_f32(gate) + 4, ld_gate, wd, T, heads, dim, 1e-6f, act);
+      std::vector<float> h(o.size());
+      dev.to_host(od, h.data(), int64_t(h.size()));
+      return h;
+    };
+    auto gpu = cuda::make_cuda_device(1, DType::F32);
+    cpu::CpuDevice cpu(1);
+    EXPECT_LT(max_rel_diff(run(*gpu), run(cpu)), 1e-5) << "dim " << dim;
+  }
+}
+
 // A delta-rule layer's mixer (Device::delta_mixer) over two packed forwards, the second continuing
 // the slots' conv and recurrent states: the CUDA device's fused bf16 prefill (bf16 q, k, v from the
 // conv, bf16 o into the gated norm, which writes the output GEMM's operand) against the same
