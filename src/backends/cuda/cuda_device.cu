@@ -280,9 +280,6 @@ __global__ void gated_rms_norm_vec_kernel(const In* o, Out* y, const float* gate
 // The fused prep kernels keep one head's values in registers: head dims up to 32 × 8.
 constexpr int kPrepHeadRegs = 8;
 
-// 1 / ||x|| from the sum of squares, as cpu l2norm_forward.
-__device__ __forceinline__ float l2_inverse(float sum_sq) { return 1.0f / sqrtf(sum_sq + 1e-6f); }
-
 // One warp per (token, head) row.
 __global__ void l2norm_kernel(float* x, int64_t ld, int64_t T, int64_t heads, int64_t dim) {
   pdl_begin();
@@ -333,8 +330,9 @@ __global__ void sigmoid_kernel(const float* x, int64_t ldx, float* y, int64_t T,
 // Gate value j of a token (head j / width): −exp(A_log)·softplus(a + dt_bias), as gate_softplus_forward.
 __device__ __forceinline__ float softplus_gate(float a, const float* A_log, const float* dt_bias, int64_t j,
                                                int64_t width) {
-  const float x = a + (dt_bias ? dt_bias[j] : 0.0f);
-  return -expf(A_log[j / width]) * softplusf(x);
+  DeltaInputForm f;  // the delta-rule op's own formula (its softplus gate form)
+  f.gate = DeltaGateForm::Softplus, f.A_log = A_log, f.dt_bias = dt_bias;
+  return gate_value(f, a, j, width).g;
 }
 
 __global__ void gate_softplus_kernel(const float* a, int64_t lda, const float* A_log, const float* dt_bias, float* g,

@@ -57,7 +57,7 @@ __device__ __forceinline__ float load_row(const In* x, float (&v)[E]) {
   float ss = 0;
 #pragma unroll
   for (int e = 0; e < E; ++e) ss += (v[e] = to_f32(r.v[e])) * v[e];
-  return 1.0f / sqrtf(warp_sum(ss) + 1e-6f);
+  return l2_inverse(warp_sum(ss));
 }
 
 // The warp tasks of both passes: 2·T·H rows of q and k (L2 norm), then runs of 32 values of beta,

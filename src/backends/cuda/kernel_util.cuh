@@ -81,6 +81,8 @@ __device__ __forceinline__ float warp_max(float v) {
 }
 
 __device__ __forceinline__ float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
+// 1 / ||x|| from its sum of squares, as the CPU's l2norm_forward (eps 1e-6 inside the root).
+__device__ __forceinline__ float l2_inverse(float sum_sq) { return 1.0f / sqrtf(sum_sq + 1e-6f); }
 // softplus as torch computes it: linear above 20.
 __device__ __forceinline__ float softplusf(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
 
