@@ -6,7 +6,8 @@
 // beta in (0,1)), bf16 like the FLA side of anchors/anchor_bench.py. Times are medians over
 // repeated launches after a warm-up, measured with CUDA events.
 // Forward+backward rows (*_chunk_bwd, *_chunk_fwdbwd) time DeltaChunkBackward after the forward;
-// *_chunk_fwd_layer / *_chunk_bwd_layer rows the op with the layer transforms inside (DeltaInputForm).
+// *_chunk_fwd_layer / *_chunk_bwd_layer / *_decode_layer rows the op with the layer transforms inside
+// (DeltaInputForm).
 //   bench_delta_rule [--quick] [--only=SUBSTRING of "op,shape"]
 #include <cuda_bf16.h>
 
@@ -253,7 +254,8 @@ void bench_decode(bool kda, int64_t B, int64_t H, int64_t K, int reps) {
   DeltaRuleDims d;
   d.H = H, d.HV = H, d.K = K, d.V = K, d.gate = kda ? DeltaGate::PerKey : DeltaGate::Scalar;
   const std::string shape = "B" + std::to_string(B) + " H" + std::to_string(H) + " D" + std::to_string(K);
-  if (!selected(kda ? "kda_decode" : "gdn_decode", shape)) return;
+  const char *op = kda ? "kda_decode" : "gdn_decode", *op_layer = kda ? "kda_decode_layer" : "gdn_decode_layer";
+  if (!selected(op, shape) && !selected(op_layer, shape)) return;
   Inputs in(B, H, H, K, K, kda, B);
   std::vector<int32_t> slots(B);
   for (int64_t i = 0; i < B; ++i) slots[i] = int32_t(i);
@@ -262,15 +264,20 @@ void bench_decode(bool kda, int64_t B, int64_t H, int64_t K, int reps) {
   ck(cudaMemcpy(ds, slots.data(), B * 4, cudaMemcpyHostToDevice), "slots");
   ck(cudaMemset(in.state, 0, size_t(B) * H * K * K * 4), "state");
   const float scale = 1.f / std::sqrt(float(K));
-  const double us = median_us(
-      [&] {
-        cuda::delta_rule_decode(d, DType::BF16, B, 1, in.q, in.k, in.v, in.g, in.beta, scale, in.state, ds, nullptr,
-                                in.o, nullptr);
-      },
-      10, reps);
-  cudaFree(ds);
   const double state_bytes = 8.0 * B * H * K * K;
-  row(kda ? "kda_decode" : "gdn_decode", shape, us, 4.0 * B * H * K * K, state_bytes);
+  auto run = [&](const char* name, const cuda::DeltaInputForm& form) {
+    const double us = median_us(
+        [&] {
+          cuda::delta_rule_decode(d, DType::BF16, B, 1, in.q, in.k, in.v, in.g, in.beta, scale, in.state, ds, nullptr,
+                                  in.o, nullptr, 0, 0, form);
+        },
+        10, reps);
+    ck(cudaGetLastError(), name);
+    row(name, shape, us, 4.0 * B * H * K * K, state_bytes);
+  };
+  if (selected(op, shape)) run(op, {});
+  if (selected(op_layer, shape)) run(op_layer, LayerForm(d).form);
+  cudaFree(ds);
 }
 
 }  // namespace

@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <map>
 #include <memory>
+#include <numeric>
 #include <random>
 #include <utility>
 #include <vector>
@@ -711,6 +712,68 @@ TEST(CudaDeltaRule, InputFormForwardMatchesCpuLayerFunctions) {
     EXPECT_LE(bo, 2 * po) << c.label;
     EXPECT_LE(bh, 2 * ph) << c.label;
   }
+}
+
+// The same forms in the recurrent decode / verify kernel (delta_rule_decode): 4 sequences of 1 or 3
+// tokens each from their slots, both column widths where the shape allows them; fp32 against the
+// layer functions + fp64 recurrence, bf16 against the plain fp32 layer + recurrence on the same
+// rounded raw inputs (bar 2x).
+Result gpu_form_decode(const FormCase& c, const FormProblem& f, DType dt, int64_t tokens, int columns) {
+  const Problem& p = f.p;
+  const int64_t N = int64_t(p.d.cu_seqlens.size()) - 1;
+  DevBuf q(f.q, dt), k(f.k, dt), v(p.v, dt), a(f.a, DType::F32), b(f.b, DType::F32), pool(p.h0, DType::F32);
+  DevBuf o(size_t(p.d.tokens() * p.d.HV * p.d.V), dt, 0xff);
+  std::vector<int32_t> sv(static_cast<size_t>(N));  // slot n holds sequence n
+  std::iota(sv.begin(), sv.end(), 0);
+  int32_t* si = nullptr;
+  cuda::check_cuda(cudaMalloc(&si, size_t(N) * 4), "alloc");
+  cuda::check_cuda(cudaMemcpy(si, sv.data(), size_t(N) * 4, cudaMemcpyHostToDevice), "upload");
+  const DevForm form(c, f);
+  cuda::delta_rule_decode(p.d, dt, N, tokens, q.p, k.p, v.p, a.f32(), b.f32(), float(p.scale), pool.f32(), si, nullptr,
+                          o.p, nullptr, 0, columns, form.form);
+  cuda::check_cuda(cudaDeviceSynchronize(), "decode with an input form");
+  cudaFree(si);
+  return {o.get(), pool.get()};
+}
+
+TEST(CudaDeltaRule, DecodeInputFormMatchesCpuLayerFunctions) {
+  HLA_REQUIRE_GPU();
+  uint32_t seed = 900;
+  for (FormCase c : kFormCases)
+    for (int64_t tokens : {1, 3})
+      for (int columns : {16, 32}) {
+        if (columns == 32 && (c.s.K > 128 || c.s.V % 32 != 0)) continue;
+        c.s.lens.assign(4, tokens);
+        const FormProblem f = make_form_problem(c, seed++);
+        const Result ref = cpu_reference(f.p, f.p.q, f.p.k, f.p.v);
+        const Result got = gpu_form_decode(c, f, DType::F32, tokens, columns);
+        const double eo = rel_l2(got.o, ref.o), eh = rel_l2(got.ht, ref.ht);
+        const std::string what =
+            std::string(c.label) + " tokens " + std::to_string(tokens) + " columns " + std::to_string(columns);
+        EXPECT_LT(eo, 1e-4) << what;
+        EXPECT_LT(eh, 1e-4) << what;
+        const DType dt = DType::BF16;
+        std::vector<float> q, k, beta, g;
+        apply_form<float>(c, f, round_to(f.q, dt), round_to(f.k, dt), q, k, beta, g);
+        std::vector<float> v = as<float>(round_to(f.p.v, dt)), st = as<float>(f.p.h0), o(ref.o.size());
+        delta_rule_recurrent<float>(f.p.d, q.data(), k.data(), v.data(), g.data(), beta.data(), float(f.p.scale),
+                                    st.data(), o.data());
+        const double po = rel_l2(round_to(as<double>(o), dt), ref.o), ph = rel_l2(as<double>(st), ref.ht);
+        const Result g16 = gpu_form_decode(c, f, dt, tokens, columns);
+        const double bo = rel_l2(g16.o, ref.o), bh = rel_l2(g16.ht, ref.ht);
+        std::printf("[ decode form ] %-28s fp32 o %.2e ht %.2e | bf16 o ratio %.2f ht ratio %.2f\n", what.c_str(), eo,
+                    eh, bo / po, bh / ph);
+        EXPECT_LE(bo, 2 * po) << what;
+        EXPECT_LE(bh, 2 * ph) << what;
+      }
+  // An incomplete form (a gate without A_log) is refused before any launch.
+  cuda::DeltaInputForm bad;
+  bad.gate = cuda::DeltaGateForm::Softplus;
+  DeltaRuleDims d;
+  d.H = d.HV = 1, d.K = d.V = 64;
+  EXPECT_THROW(cuda::delta_rule_decode(d, DType::F32, 1, 1, nullptr, nullptr, nullptr, nullptr, nullptr, 1.f, nullptr,
+                                       nullptr, nullptr, nullptr, nullptr, 0, 0, bad),
+               Error);
 }
 
 // Gradients of the raw inputs plus dA_log and ddt_bias.

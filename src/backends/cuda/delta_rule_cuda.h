@@ -174,11 +174,12 @@ class DeltaChunkBackward {
 // the rows of q, k and v are ld elements apart (a model's fused projection rows) instead of packed.
 // Launched with PDL (launch.cuh): it may start while the kernel before it in the stream finishes.
 // `columns` picks the kernel's V columns per work item, 16 or 32 (32 needs K ≤ 128 and V a multiple
-// of 32); 0 chooses by the batch's size (tests force each).
+// of 32); 0 chooses by the batch's size (tests force each). With a non-plain `form`, q, k, beta and g
+// are the raw inputs it names, transformed in the kernel as the chunked forward does.
 void delta_rule_decode(const DeltaRuleDims& d, DType dt, int64_t n_seqs, int64_t tokens, const void* q, const void* k,
                        const void* v, const float* g, const float* beta, float scale, float* state_pool,
                        const int32_t* slot_in, const int32_t* slot_out, void* o, cudaStream_t stream, int64_t ld = 0,
-                       int columns = 0);
+                       int columns = 0, const DeltaInputForm& form = {});
 
 // Forward on host tensors (any float dtype; q, k, v run in `dt` = F32, F16 or BF16, g, beta and
 // the state in F32), laid out as the CPU op takes them: q,k [T,H,K], v [T,HV,V], g [T,HV(,K)],

@@ -16,6 +16,7 @@
 #include <algorithm>
 
 #include "backends/cuda/delta_rule_cuda.h"
+#include "backends/cuda/delta_rule_inputs.h"
 #include "backends/cuda/kernel_util.cuh"
 #include "backends/cuda/launch.cuh"
 #include "backends/cuda/mma.cuh"
@@ -36,6 +37,7 @@ struct DecodeArgs {
   int64_t ld_qk, ld_v;  // token strides of q/k and of v
   int seqs;
   int items;  // seqs x value heads x V / COLS (set at launch)
+  DeltaInputForm form;
 };
 
 // Sum over the block's row groups of a per-thread float4 (TPR threads per row: lanes l and l ^ m
@@ -69,10 +71,12 @@ __device__ __forceinline__ float4 reduce_rows(float4 x, float4* red) {
 template <int COLS>
 constexpr bool kPersistent = COLS == 16;
 
-template <class CT, bool KDA, int K, int COLS>
+// kForm: a.form is not plain (its transforms run per token: the q/k norms through one more block
+// reduction, beta and the gate on the raw values each thread reads).
+template <class CT, bool KDA, int K, int COLS, bool kForm>
 __global__ void __launch_bounds__(128) decode_kernel(DecodeArgs a) {
   constexpr int TPR = COLS / 4, RG = 128 / TPR, RPT = K / RG;  // threads per row, row groups, rows per thread
-  __shared__ float4 red[2][4 * TPR];
+  __shared__ float4 red[kForm ? 3 : 2][4 * TPR];
   pdl_begin();
   const int HV = a.HV, V = a.V, nvb = V / COLS, cg = threadIdx.x % TPR, rr = threadIdx.x / TPR;
   const CT* q = static_cast<const CT*>(a.q);
@@ -107,8 +111,28 @@ __global__ void __launch_bounds__(128) decode_kernel(DecodeArgs a) {
       for (int p = 0; p < RPT; ++p) {
         const int d = rr + RG * p;
         kr[p] = to_f32(k[tk * a.ld_qk + h * K + d]);
-        qr[p] = to_f32(q[tk * a.ld_qk + h * K + d]) * a.scale;
-        const float dec = expf(KDA ? a.g[th * K + d] : a.g[th]);
+        qr[p] = to_f32(q[tk * a.ld_qk + h * K + d]);
+      }
+      float q_scale = a.scale;
+      if constexpr (kForm) {
+        if (a.form.qk_l2norm) {  // the threads of a column group hold all K rows between them
+          float4 sq = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+          for (int p = 0; p < RPT; ++p) sq.x += kr[p] * kr[p], sq.y += qr[p] * qr[p];
+          sq = reduce_rows<TPR>(sq, red[2]);
+          const float ik = l2_inverse(sq.x);
+#pragma unroll
+          for (int p = 0; p < RPT; ++p) kr[p] *= ik;
+          q_scale *= l2_inverse(sq.y);
+        }
+      }
+#pragma unroll
+      for (int p = 0; p < RPT; ++p) {
+        const int d = rr + RG * p;
+        qr[p] *= q_scale;
+        float g = KDA ? a.g[th * K + d] : a.g[th];
+        if constexpr (kForm) g = KDA ? form_gate(a.form, g, int64_t(j) * K + d, K) : form_gate(a.form, g, j, 1);
+        const float dec = expf(g);
         S[p].x *= dec, S[p].y *= dec, S[p].z *= dec, S[p].w *= dec;
       }
       float4 kv = {0.f, 0.f, 0.f, 0.f};
@@ -117,7 +141,7 @@ __global__ void __launch_bounds__(128) decode_kernel(DecodeArgs a) {
         kv.x += S[p].x * kr[p], kv.y += S[p].y * kr[p], kv.z += S[p].z * kr[p], kv.w += S[p].w * kr[p];
       }
       kv = reduce_rows<TPR>(kv, red[0]);
-      const float b = a.beta[th];
+      const float b = kForm ? form_beta(a.form, a.beta[th]) : a.beta[th];
       const CT* vt = v + tk * a.ld_v + j * V + c0;
       const float4 u = {b * (to_f32(vt[0]) - kv.x), b * (to_f32(vt[1]) - kv.y), b * (to_f32(vt[2]) - kv.z),
                         b * (to_f32(vt[3]) - kv.w)};
@@ -155,17 +179,24 @@ __global__ void __launch_bounds__(128) decode_kernel(DecodeArgs a) {
 
 // The 16-column kernel runs a persistent grid (as many blocks as fit on the card at once, at most
 // one per item, counted once per kernel); the 32-column kernel one block per item.
-template <class CT, bool KDA, int K, int COLS>
+template <class CT, bool KDA, int K, int COLS, bool kForm = false>
 int resident_blocks() {
-  static const int n = blocks_on_card(reinterpret_cast<const void*>(decode_kernel<CT, KDA, K, COLS>), 128);
+  static const int n = blocks_on_card(reinterpret_cast<const void*>(decode_kernel<CT, KDA, K, COLS, kForm>), 128);
   return n;
 }
 
 template <class CT, bool KDA, int K, int COLS>
 void launch_k(DecodeArgs a, cudaStream_t s) {
   a.items = a.seqs * a.HV * (a.V / COLS);
-  const int grid = kPersistent<COLS> ? std::min(a.items, resident_blocks<CT, KDA, K, COLS>()) : a.items;
-  launch_pdl("delta rule decode kernel", decode_kernel<CT, KDA, K, COLS>, dim3(unsigned(grid)), 128, 0, s, a);
+  auto run = [&](auto form) {
+    constexpr bool kForm = decltype(form)::value;
+    const int grid = kPersistent<COLS> ? std::min(a.items, resident_blocks<CT, KDA, K, COLS, kForm>()) : a.items;
+    launch_pdl("delta rule decode kernel", decode_kernel<CT, KDA, K, COLS, kForm>, dim3(unsigned(grid)), 128, 0, s, a);
+  };
+  if (a.form.plain())
+    run(std::false_type{});
+  else
+    run(std::true_type{});
 }
 
 // Automatic choice: 32 columns where V allows, the slice fits in registers (K ≤ 128) and the items
@@ -215,8 +246,9 @@ void dispatch(const DecodeArgs& a, const DeltaRuleDims& d, int columns, cudaStre
 void delta_rule_decode(const DeltaRuleDims& d, DType dt, int64_t n_seqs, int64_t tokens, const void* q, const void* k,
                        const void* v, const float* g, const float* beta, float scale, float* state_pool,
                        const int32_t* slot_in, const int32_t* slot_out, void* o, cudaStream_t stream, int64_t ld,
-                       int columns) {
+                       int columns, const DeltaInputForm& form) {
   check_delta_dims(d, dt, "delta rule decode (cuda)");
+  check_delta_input_form(form, "delta rule decode (cuda)");
   check(n_seqs > 0 && tokens > 0, "delta rule decode (cuda): need at least one sequence and one token");
   DecodeArgs a{q,
                k,
@@ -236,7 +268,8 @@ void delta_rule_decode(const DeltaRuleDims& d, DType dt, int64_t n_seqs, int64_t
                ld > 0 ? ld : d.H * d.K,
                ld > 0 ? ld : d.HV * d.V,
                int(n_seqs),
-               0};
+               0,
+               form};
   switch (dt) {
     case DType::F32:
       return dispatch<float>(a, d, columns, stream);
