@@ -1575,8 +1575,9 @@ class CudaDevice : public Device {
     launch(delta_prep_decode_kernel, grid_for(N * DeltaPrepTasks(p).per_seq() * 32), kThreads, p, b.d_slots, N);
   }
   // bf16 prefill: the conv writes the op's bf16 q, k (L2-normalised) and v, the op writes bf16 o, the
-  // gated norm reads it and writes the output projection's bf16 operand. At 8K tokens on the 2.0B
-  // model that drops per GDN layer an L2-norm pass, four fp32 → bf16 packs and one unpack (~0.4 ms).
+  // gated norm reads it and writes the output projection's bf16 operand. That drops per GDN layer
+  // an L2-norm pass, four fp32 → bf16 packs and one unpack: the 2.0B model's 8K-token prefill took
+  // 0.27 ms less per layer (H200).
   void delta_mixer(const DeltaMixer& m, const DevBatch& b, float* out) override {
     if (!fused_mixer_fits(m, b)) return Device::delta_mixer(m, b, out);
     const OpScope op(*this, "delta_mixer");
