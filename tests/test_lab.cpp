@@ -276,7 +276,7 @@ TEST(LabCli, LabWritesReportResultsAndPlots) {
   std::string out;
   ASSERT_EQ(run_command(cli_path() +
                             " lab --preset smoke --layouts attention,gdn --steps 3 --lrs 0.002 "
-                            "--neg-eigval --out " +
+                            "--neg-eigval --lin-dim 8 --out " +
                             (d / "lab"),
                         &out),
             0)
@@ -299,12 +299,15 @@ TEST(LabCli, LabWritesReportResultsAndPlots) {
   EXPECT_NE(report.find("Pure linear layouts fall behind full attention"), std::string::npos);
   EXPECT_NE(report.find("learning rates {0.002}"), std::string::npos) << report;
   EXPECT_NE(report.find("β ∈ [0, 2], negative eigenvalues"), std::string::npos) << report;
+  EXPECT_NE(report.find("linear 2 heads × 8 (state 128 floats per layer"), std::string::npos) << report;
   for (const char* png : {"plots/mqar_s_accuracy.png", "plots/mqar_s_training.png"})
     EXPECT_EQ(read_file(d / (std::string("lab/") + png)).substr(1, 3), "PNG") << png;
   EXPECT_NE(run_command(cli_path() + " lab --layouts nosuch --out " + (d / "x"), &out), 0);
   EXPECT_NE(out.find("unknown layout 'nosuch'"), std::string::npos) << out;
   EXPECT_NE(run_command(cli_path() + " lab --lrs 0.001,-1 --out " + (d / "x"), &out), 0);
   EXPECT_NE(out.find("learning rate -1"), std::string::npos) << out;
+  EXPECT_NE(run_command(cli_path() + " lab --lin-dim -4 --out " + (d / "x"), &out), 0);
+  EXPECT_NE(out.find("--lin-dim must be positive (got -4)"), std::string::npos) << out;
   EXPECT_FALSE(std::filesystem::exists(d / "x/results.json"));
   // the lab's configs carry the flag to every delta-rule layer
   const eval::LabSize size = eval::lab_preset("smoke").sizes[0];

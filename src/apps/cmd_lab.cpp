@@ -25,7 +25,7 @@ void register_lab(CLI::App& app) {
   auto* cmd = app.add_subcommand("lab", "Train a ladder of hybrid layouts on synthetic tasks and write a report");
   struct Options {
     std::string preset = "smoke", out, tasks, layouts;
-    int64_t steps = 0, seeds = 0;
+    int64_t steps = 0, seeds = 0, lin_dim = 0;
     std::vector<double> lrs;
     bool neg_eigval = false;
   };
@@ -38,6 +38,9 @@ void register_lab(CLI::App& app) {
   cmd->add_option("--steps", o->steps, "training steps per run instead of the preset's");
   cmd->add_option("--seeds", o->seeds, "number of seeds instead of the preset's");
   cmd->add_option("--lrs", o->lrs, "comma-separated learning rates to sweep instead of the preset's")->delimiter(',');
+  cmd->add_option("--lin-dim", o->lin_dim,
+                  "head size of the linear layers instead of the preset's (a head's state is lin-dim^2 floats: "
+                  "the recall claims hinge on it)");
   cmd->add_flag("--neg-eigval", o->neg_eigval,
                 "GDN/KDA layers with beta in [0, 2] (negative eigenvalues, which parity needs; Grazzi et al.)");
   cmd->callback([o] {
@@ -45,6 +48,10 @@ void register_lab(CLI::App& app) {
     if (!o->tasks.empty()) p.tasks = split(o->tasks);
     if (!o->layouts.empty()) p.layouts = split(o->layouts);
     if (o->steps > 0) p.steps = o->steps;
+    if (o->lin_dim != 0) {
+      check(o->lin_dim > 0, "--lin-dim must be positive (got " + std::to_string(o->lin_dim) + ")");
+      for (auto& size : p.sizes) size.lin_dim = o->lin_dim;
+    }
     if (!o->lrs.empty()) p.lrs = o->lrs;
     for (double lr : p.lrs) train::validate(train::OptimConfig{lr});  // before any training
     p.neg_eigval = o->neg_eigval;
