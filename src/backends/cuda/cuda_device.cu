@@ -68,6 +68,14 @@ __device__ __forceinline__ void load_v(const float* p, float (&v)[V]) {
     for (int i = 0; i < V; ++i) v[i] = p[i];
   }
 }
+// 4 consecutive bf16 values (one 8-byte load) as floats.
+__device__ __forceinline__ void load_v(const __nv_bfloat16* p, float (&v)[4]) {
+  const uint2 u = *reinterpret_cast<const uint2*>(p);
+  const float2 lo = __bfloat1622float2(reinterpret_cast<const __nv_bfloat162&>(u.x));
+  const float2 hi = __bfloat1622float2(reinterpret_cast<const __nv_bfloat162&>(u.y));
+  v[0] = lo.x, v[1] = lo.y, v[2] = hi.x, v[3] = hi.y;
+}
+
 template <int V>
 __device__ __forceinline__ void store_v(float* p, const float (&v)[V]) {
   if constexpr (V == 4)
@@ -205,6 +213,9 @@ __global__ void layer_norm_kernel(const float* x, const float* w, const float* b
 // up to 8 of the row's values (dims ≤ 256) in registers: o, gate and weight are loaded together.
 // y = the normalised rows: o itself (fp32, in place), or the output projection's bf16 operand read
 // from the delta-rule op's bf16 output (the same roundings as unpacking o and packing y).
+// The output gate of the gated RMS norm: SiLU (Gated DeltaNet) or sigmoid (KDA).
+__device__ __forceinline__ float norm_gate(float x, bool silu) { return silu ? x * sigmoidf(x) : sigmoidf(x); }
+
 template <class In, class Out>
 __global__ void gated_rms_norm_kernel(const In* o, Out* y, const float* gate, int64_t ld_gate, const float* w,
                                       int64_t rows, int64_t heads, int64_t dim, float eps, bool silu_gate) {
@@ -219,7 +230,6 @@ __global__ void gated_rms_norm_kernel(const In* o, Out* y, const float* gate, in
   const In* orow = o + row * dim;
   Out* yrow = y + row * dim;
   const float* g = gate + (row / heads) * ld_gate + (row % heads) * dim;
-  auto act = [&](float x) { return silu_gate ? x * sigmoidf(x) : sigmoidf(x); };
   float ss = 0;
 #pragma unroll
   for (int j = 0; j < kRegs; ++j) {
@@ -232,16 +242,9 @@ __global__ void gated_rms_norm_kernel(const In* o, Out* y, const float* gate, in
   const float s = rms_inverse(warp_sum(ss), dim, eps);
 #pragma unroll
   for (int j = 0; j < kRegs; ++j)
-    if (lane + 32 * j < dim) yrow[lane + 32 * j] = Out(v[j] * s * wr[j] * act(a[j]));
-  for (int64_t i = lane + 32 * kRegs; i < dim; i += 32) yrow[i] = Out(float(orow[i]) * s * w[i] * act(g[i]));
-}
-
-// 4 consecutive bf16 values (one 8-byte load) as floats.
-__device__ __forceinline__ void load_v(const __nv_bfloat16* p, float (&v)[4]) {
-  const uint2 u = *reinterpret_cast<const uint2*>(p);
-  const float2 lo = __bfloat1622float2(reinterpret_cast<const __nv_bfloat162&>(u.x));
-  const float2 hi = __bfloat1622float2(reinterpret_cast<const __nv_bfloat162&>(u.y));
-  v[0] = lo.x, v[1] = lo.y, v[2] = hi.x, v[3] = hi.y;
+    if (lane + 32 * j < dim) yrow[lane + 32 * j] = Out(v[j] * s * wr[j] * norm_gate(a[j], silu_gate));
+  for (int64_t i = lane + 32 * kRegs; i < dim; i += 32)
+    yrow[i] = Out(float(orow[i]) * s * w[i] * norm_gate(g[i], silu_gate));
 }
 
 // gated_rms_norm_kernel for rows of 128 or 256 (R = dim / 128) with 16-byte-aligned gate rows: lane
@@ -271,8 +274,7 @@ __global__ void gated_rms_norm_vec_kernel(const In* o, Out* y, const float* gate
 #pragma unroll
   for (int r = 0; r < R; ++r) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e)
-      v[r][e] = v[r][e] * s * wr[r][e] * (silu_gate ? a[r][e] * sigmoidf(a[r][e]) : sigmoidf(a[r][e]));
+    for (int e = 0; e < 4; ++e) v[r][e] = v[r][e] * s * wr[r][e] * norm_gate(a[r][e], silu_gate);
     store_v(y + row * dim + 128 * r + 4 * lane, v[r]);
   }
 }

@@ -103,7 +103,7 @@ __global__ void __launch_bounds__(kThreads) inputs_kernel(InputArgs p) {
         for (int e = 0; e < E; ++e) y.v[e] = from_f32<Out>(v[e] * inv);
         y.store(static_cast<Out*>(is_k ? p.out.k : p.out.q) + row * p.K + E * (threadIdx.x & 31));
       },
-      [&](int64_t i) { p.out.beta[i] = p.form.beta_max * sigmoidf(p.b[i]); },
+      [&](int64_t i) { p.out.beta[i] = form_beta(p.form, p.b[i]); },
       [&](int64_t i, int64_t c) { p.out.g[i] = gate_value(p.form, p.a[i], c, p.width).g; });
 }
 
