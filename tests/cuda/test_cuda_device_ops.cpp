@@ -9,6 +9,7 @@
 // ties); the MoE block's routed experts; a cache slot's prefix snapshot.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <random>
 
 #include "backends/cpu/cpu_device.h"
@@ -510,6 +511,41 @@ TEST(CudaDeviceOps, SlotSnapshotRoundTrip) {
   cpu::CpuDevice cpu(3);
   run(*gpu);
   run(cpu);
+}
+
+// Device::copy: dense blocks (a plain copy on the GPU, K/V rows into the cache), a gather of
+// strided heads (q without its gate), a broadcast (stride 0) and a transpose, as on the CPU device.
+TEST(CudaDeviceOps, CopyMatchesCpuDevice) {
+  HLA_REQUIRE_GPU();
+  struct Case {
+    Device::Strides d, s;
+    int64_t n0, n1, n2, src_size, dst_size;
+  };
+  const Case cases[] = {
+      {{96, 1, 0}, {96, 1, 0}, 37, 96, 1, 37 * 96, 40 * 96},      // dense rows, at an offset below
+      {{1, 0, 0}, {1, 0, 0}, 5000, 1, 1, 5000, 5000},             // one dense run
+      {{48, 16, 1}, {80, 32, 1}, 9, 3, 16, 9 * 80, 9 * 48},       // heads without their gates
+      {{12, 1, 0}, {0, 1, 0}, 7, 12, 1, 12, 7 * 12},              // one row to every token (broadcast)
+      {{1, 20, 0}, {30, 1, 0}, 20, 30, 1, 20 * 30, 30 * 20},      // a transpose
+  };
+  std::mt19937 rng(41);
+  for (const Case& c : cases) {
+    const std::vector<float> src = random_vector(c.src_size, rng);
+    auto run = [&](Device& dev) {
+      dev.begin_forward();
+      float* dst = dev.scratch(c.dst_size + 96);
+      dev.zero(dst, c.dst_size + 96);
+      dev.copy(dst + 96, c.d, dev.upload_f32(src), c.s, c.n0, c.n1, c.n2);
+      std::vector<float> out(size_t(c.dst_size + 96));
+      dev.to_host(dst, out.data(), c.dst_size + 96);
+      return out;
+    };
+    auto gpu = cuda::make_cuda_device(1, DType::F32);
+    cpu::CpuDevice cpu(1);
+    const std::vector<float> got = run(*gpu), want = run(cpu);
+    EXPECT_EQ(got, want) << c.n0 << " x " << c.n1 << " x " << c.n2;
+    EXPECT_NE(std::count(want.begin(), want.end(), 0.0f), int64_t(want.size()));  // something was copied
+  }
 }
 
 TEST(CudaDeviceOps, ArgmaxPicksTheLowestIndexAmongTies) {

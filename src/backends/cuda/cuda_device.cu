@@ -129,9 +129,13 @@ __global__ void copy3_kernel(float* dst, Strides d, const float* src, Strides s,
 // up to 4 × 1024 with row_threads: no second read); the norm weights are read before pdl_begin()
 // (constant), so that load overlaps the kernel before.
 constexpr int kRowRegs = 4;
-// RMSNorm's weight of channel i, as cpu::rms_norm (Qwen3-Next/3.5 store w − 1).
+// RMSNorm's pieces, as cpu::rms_norm: the weight of channel i (Qwen3-Next/3.5 store w − 1) and
+// 1 / rms from a row's sum of squares.
 __device__ __forceinline__ float norm_weight(const float* w, int64_t i, bool zero_centered) {
   return zero_centered ? 1.0f + w[i] : w[i];
+}
+__device__ __forceinline__ float rms_inverse(float sum_sq, int64_t dim, float eps) {
+  return 1.0f / sqrtf(sum_sq / float(dim) + eps);
 }
 __device__ __forceinline__ void load_norm_weights(const float* w, int64_t dim, bool zero_centered,
                                                   float (&wr)[kRowRegs]) {
@@ -176,7 +180,7 @@ __global__ void rms_norm_kernel(const float* x, int64_t ldx, const float* w, flo
 
 // h += y, then x = RMSNorm of the updated row (one block per row). All of a thread's loads come
 // before its first store: a store between them (h might alias y) kept one pair in flight at a time
-// (the 2.0B model's 32K-token rows moved at 3.0 TB/s).
+// (the 2.0B model's 32K-token rows moved at 3.0 TB/s, now 4.0; H200 ncu).
 __global__ void add_rms_norm_kernel(float* h, const float* y, const float* w, float* x, int64_t dim, float eps,
                                     bool zero_centered) {
   float wr[kRowRegs], v[kRowRegs], d[kRowRegs];
@@ -217,6 +221,8 @@ __global__ void layer_norm_kernel(const float* x, const float* w, const float* b
 // up to 8 of the row's values (dims ≤ 256) in registers: o, gate and weight are loaded together.
 // y = the normalised rows: o itself (fp32, in place), or the output projection's bf16 operand read
 // from the delta-rule op's bf16 output (the same roundings as unpacking o and packing y).
+// The output gate of the gated RMS norm: SiLU (Gated DeltaNet) or sigmoid (KDA).
+__device__ __forceinline__ float norm_gate(float x, bool silu) { return silu ? x * sigmoidf(x) : sigmoidf(x); }
 
 template <class In, class Out>
 __global__ void gated_rms_norm_kernel(const In* o, Out* y, const float* gate, int64_t ld_gate, const float* w,
@@ -400,12 +406,9 @@ struct DeltaOperands {
   }
 };
 
-// Three blocks per SM where the taps' registers allow (kw ≤ 4: ≤ 85 registers, 768 threads with
-// 4 loads in flight each).
 template <int V, int W, class Sink>
-__global__ void __launch_bounds__(kThreads, W <= 4 ? 3 : 1)
-    conv_kernel(const float* x, int64_t ldx, const float* w, Sink sink, int64_t T, int64_t C, int kw, int span,
-                const int32_t* cu, const int32_t* slots, int N, const float* pool) {
+__global__ void conv_kernel(const float* x, int64_t ldx, const float* w, Sink sink, int64_t T, int64_t C, int kw,
+                            int span, const int32_t* cu, const int32_t* slots, int N, const float* pool) {
   const int P = kw - 1, skip = W - kw;
   const int64_t CV = C / V, i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   const int64_t c = i % CV * V, t0 = i / CV * span;
@@ -432,39 +435,30 @@ __global__ void __launch_bounds__(kThreads, W <= 4 ? 3 : 1)
     }
   };
   start(t0);
-  // Each thread keeps the inputs of its next kAhead tokens in flight: token t + kAhead's is
-  // requested as token t's is taken (with one load in flight, the 2.0B model's 32K-token conv ran
-  // at 2.2 TB/s).
-  constexpr int kAhead = 4;
-  float next[kAhead][V];
-#pragma unroll
-  for (int g = 0; g < kAhead; ++g)
-    if (t0 + g < t1) load_v(x + (t0 + g) * ldx + c, next[g]);
-  for (int64_t tg = t0; tg < t1; tg += kAhead) {
-#pragma unroll
-    for (int g = 0; g < kAhead; ++g) {
-      const int64_t t = tg + g;
-      if (t >= t1) break;
-      if (t >= cu[s + 1]) {
-        while (t >= cu[s + 1]) ++s;
-        start(t);
-      }
-#pragma unroll
-      for (int v = 0; v < V; ++v) win[W - 1][v] = next[g][v];
-      if (t + kAhead < t1) load_v(x + (t + kAhead) * ldx + c, next[g]);
-      float acc[V] = {};
-#pragma unroll
-      for (int j = 0; j < W; ++j)
-#pragma unroll
-        for (int v = 0; v < V; ++v) acc[v] += wr[j][v] * win[j][v];
-#pragma unroll
-      for (int v = 0; v < V; ++v) acc[v] *= sigmoidf(acc[v]);
-      sink(t, c, acc);
-#pragma unroll
-      for (int j = 0; j + 1 < W; ++j)
-#pragma unroll
-        for (int v = 0; v < V; ++v) win[j][v] = win[j + 1][v];
+  // Token t+1's input is requested before token t is computed and stored, so each thread has a
+  // load in flight while it works (one at a time, the 2.0B model's 32K-token conv ran at 2.2 TB/s).
+  float next[V];
+  load_v(x + t0 * ldx + c, next);
+  for (int64_t t = t0; t < t1; ++t) {
+    if (t >= cu[s + 1]) {
+      while (t >= cu[s + 1]) ++s;
+      start(t);
     }
+#pragma unroll
+    for (int v = 0; v < V; ++v) win[W - 1][v] = next[v];
+    if (t + 1 < t1) load_v(x + (t + 1) * ldx + c, next);
+    float acc[V] = {};
+#pragma unroll
+    for (int j = 0; j < W; ++j)
+#pragma unroll
+      for (int v = 0; v < V; ++v) acc[v] += wr[j][v] * win[j][v];
+#pragma unroll
+    for (int v = 0; v < V; ++v) acc[v] *= sigmoidf(acc[v]);
+    sink(t, c, acc);
+#pragma unroll
+    for (int j = 0; j + 1 < W; ++j)
+#pragma unroll
+      for (int v = 0; v < V; ++v) win[j][v] = win[j + 1][v];
   }
 }
 
@@ -1450,6 +1444,15 @@ class CudaDevice : public Device {
     const OpScope op(*this, "copy");
     if (op.skip) return;
     if (n0 * n1 * n2 == 0) return;
+    // Both sides one dense row-major block (a prefill's K/V rows into the cache): a plain copy,
+    // where copy3_kernel's one value a thread moved the 32K-token rows at 0.9 TB/s.
+    auto dense = [&](Strides st) {
+      return (n2 == 1 || st.s2 == 1) && (n1 == 1 || st.s1 == n2) && (n0 == 1 || st.s0 == n1 * n2);
+    };
+    if (dense(d) && dense(s)) {
+      check_cuda(cudaMemcpyAsync(dst, src, size_t(n0 * n1 * n2) * 4, cudaMemcpyDeviceToDevice, stream_), "copy");
+      return;
+    }
     launch(copy3_kernel, grid_for(n0 * n1 * n2), kThreads, dst, d, src, s, n0, n1, n2);
   }
   void rms_norm(const float* x, int64_t ldx, const float* w, float* y, int64_t ldy, int64_t rows, int64_t dim,
@@ -1590,11 +1593,10 @@ class CudaDevice : public Device {
     const int64_t N = b.num_seqs();
     launch(delta_prep_decode_kernel, grid_for(N * DeltaPrepTasks(p).per_seq() * 32), kThreads, p, b.d_slots, N);
   }
-  // bf16 prefill: the conv writes the op's bf16 q, k (L2-normalised) and v, and the op's output
-  // pass applies the gated norm and writes the output projection's bf16 operand (where its blocks
-  // hold all of V; else the op writes bf16 o and the norm kernel reads it). That drops per GDN
-  // layer an L2-norm pass, four fp32 → bf16 packs and one unpack: the 2.0B model's 8K-token
-  // prefill took 0.27 ms less per layer (H200).
+  // bf16 prefill: the conv writes the op's bf16 q, k (L2-normalised) and v, the op writes bf16 o, the
+  // gated norm reads it and writes the output projection's bf16 operand. That drops per GDN layer
+  // an L2-norm pass, four fp32 → bf16 packs and one unpack: the 2.0B model's 8K-token prefill took
+  // 0.27 ms less per layer (H200).
   void delta_mixer(const DeltaMixer& m, const DevBatch& b, float* out) override {
     if (!fused_mixer_fits(m, b)) return Device::delta_mixer(m, b, out);
     const OpScope op(*this, "delta_mixer");
@@ -1608,14 +1610,8 @@ class CudaDevice : public Device {
     launch(sigmoid_kernel, grid_for(T * p.H), kThreads, p.b, p.ldb, p.beta, T, p.H, p.beta_max);
     launch(gate_softplus_kernel, grid_for(T * p.H * p.gate_width), kThreads, p.a, p.lda, p.A_log, p.dt_bias, p.g, T,
            p.H, p.gate_width);
-    const bool silu = m.act == cpu::GateAct::SiLU;
-    if (output_norm_fits(d, DType::BF16) && m.ld_gate % 2 == 0 && ptr_alignment(m.gate) >= 8) {
-      chunk_forward(d, DType::BF16, q, k, v, p.g, p.beta, m.scale, b, m.state_pool, o,
-                    DeltaOutputNorm{m.gate, m.ld_gate, m.norm, m.eps, silu});
-    } else {
-      chunk_forward(d, DType::BF16, q, k, v, p.g, p.beta, m.scale, b, m.state_pool, o);
-      gated_norm(o, o, m.gate, m.ld_gate, m.norm, T, d.HV, d.V, m.eps, m.act);
-    }
+    chunk_forward(d, DType::BF16, q, k, v, p.g, p.beta, m.scale, b, m.state_pool, o);
+    gated_norm(o, o, m.gate, m.ld_gate, m.norm, T, d.HV, d.V, m.eps, m.act);
     gemm(m.out_proj, o, HVV, out, T);
   }
   // The fused mixer's shapes: bf16 weights, more than one token per sequence (decode keeps its own
@@ -1658,8 +1654,7 @@ class CudaDevice : public Device {
   // The chunk forward over every sequence of b on contiguous q, k [T, H, K], v, o [T, HV, V] in dt,
   // from and back to the sequences' slots in state_pool.
   void chunk_forward(const DeltaRuleDims& dims, DType dt, const void* q, const void* k, const void* v, const float* g,
-                     const float* beta, float scale, const DevBatch& b, float* state_pool, void* o,
-                     const DeltaOutputNorm& norm = {});
+                     const float* beta, float scale, const DevBatch& b, float* state_pool, void* o);
   void attention(const float* q, const float* k, const float* v, float* o, int64_t n, int64_t S, int64_t nh,
                  int64_t nkv, int64_t dq, int64_t dv, float scale, int64_t window, const int32_t* selected,
                  int64_t topk) override {
@@ -2035,7 +2030,7 @@ void CudaDevice::delta_rule(const DeltaRuleDims& dims, const float* q, const flo
 
 void CudaDevice::chunk_forward(const DeltaRuleDims& dims, DType dt, const void* q, const void* k, const void* v,
                                const float* g, const float* beta, float scale, const DevBatch& b, float* state_pool,
-                               void* o, const DeltaOutputNorm& norm) {
+                               void* o) {
   const int64_t N = b.num_seqs(), HV = dims.HV, K = dims.K, V = dims.V;
   // The states of the batch's slots gathered into [N, HV, K, V] and back.
   DeltaRuleDims d = dims;
@@ -2046,7 +2041,7 @@ void CudaDevice::chunk_forward(const DeltaRuleDims& dims, DType dt, const void* 
     check_cuda(cudaMemcpyAsync(states + i * HV * K * V, state_pool + b.slots[size_t(i)] * HV * K * V, state_bytes,
                                cudaMemcpyDeviceToDevice, stream_),
                "delta rule: gather states");
-  chunk_plan(d, dt).forward(q, k, v, g, beta, scale, states, o, stream_, {}, norm);
+  chunk_plan(d, dt).forward(q, k, v, g, beta, scale, states, o, stream_);
   for (int64_t i = 0; i < N; ++i)
     check_cuda(cudaMemcpyAsync(state_pool + b.slots[size_t(i)] * HV * K * V, states + i * HV * K * V, state_bytes,
                                cudaMemcpyDeviceToDevice, stream_),

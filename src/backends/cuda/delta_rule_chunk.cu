@@ -48,7 +48,6 @@ struct ChunkArgs {
   // beta and g as raw inputs of this form's beta sigmoid and gate (prep is their only reader; its
   // q/k L2 norm runs before, in delta_inputs_forward).
   DeltaInputForm form;
-  DeltaOutputNorm norm;  // applied by the output pass (gate nullptr: none)
 };
 
 struct StateCfg {
@@ -711,18 +710,12 @@ __global__ void __launch_bounds__(128) state_combine_kernel(ChunkArgs a) {
 // output: one block per (chunk, value head, BV columns of V); warp w computes rows 16·(w%4) and,
 // with 8 warps (BV ≥ 64: 2 -> 4 blocks' worth of warps per SM at 80 KB of shared memory), half
 // the columns.
-// With a DeltaOutputNorm the block holds all of V, and the warps of a row range (kWarps / 4 of
-// them, side by side along V) add their rows' sums of squares through shared memory.
 template <class CT, int K, int BV>
 struct OutSmem {
   static constexpr int kWarps = BV >= 64 ? 8 : 4;
   static constexpr int kLdK = pitch<CT>(K), kLdP = pitch<CT>(C), kLdV = pitch<CT>(BV);
-  static constexpr size_t kBytes =
-      sizeof(CT) * (C * kLdK + BV * kLdK + C * kLdP + C * kLdV) + sizeof(float) * C * (1 + kWarps / 4);
+  static constexpr size_t kBytes = sizeof(CT) * (C * kLdK + BV * kLdK + C * kLdP + C * kLdV) + sizeof(float) * C;
 };
-// V columns per output block: as many as fit (all of V up to 128 for 16-bit inputs), so Q and P
-// are read once per chunk rather than once per column tile: it is the memory-bound pass.
-int output_cols(int64_t V, size_t es) { return V % 128 == 0 && es == 2 ? 128 : V % 64 == 0 ? 64 : 16; }
 
 template <class CT, bool KDA, int K, int BV>
 __global__ void __launch_bounds__(OutSmem<CT, K, BV>::kWarps * 32) output_kernel(ChunkArgs a) {
@@ -738,23 +731,7 @@ __global__ void __launch_bounds__(OutSmem<CT, K, BV>::kWarps * 32) output_kernel
   CT* sP = sH + BV * LDK;
   CT* sVn = sP + C * LDP;
   float* sG = reinterpret_cast<float*>(sVn + C * LDV);
-  float* sSS = sG + C;  // [kWarps / 4][C]: partial sums of squares of the norm's rows
   auto tok = [&](int i) { return size_t(t0 + i) * HV + j; };
-  const int lane = threadIdx.x & 31, i0 = 16 * (warp & 3), n0 = 8 * NTS * (warp >> 2);  // this warp's rows, columns
-  const DeltaOutputNorm& nm = a.norm;
-  // The norm's gate values for this lane's accumulators (rows i0 + lane/4 (+8), columns n0 + 8t +
-  // 2·(lane%4) (+1)), requested before the products, which hide their latency.
-  float2 gate[NTS][2];
-  if (nm.gate)
-#pragma unroll
-    for (int t = 0; t < NTS; ++t)
-#pragma unroll
-      for (int hh = 0; hh < 2; ++hh) {
-        const int i = i0 + (lane >> 2) + 8 * hh;
-        gate[t][hh] = i < len ? *reinterpret_cast<const float2*>(nm.gate + size_t(t0 + i) * nm.ld_gate + size_t(j) * V +
-                                                                 v0 + n0 + 8 * t + 2 * (lane & 3))
-                              : make_float2(0.f, 0.f);
-      }
 
   const CT* Qsrc = static_cast<const CT*>(KDA ? a.qg : a.q);
   load_rows_async(sQ, LDK, C, K, len, [&](int i) {
@@ -775,36 +752,11 @@ __global__ void __launch_bounds__(OutSmem<CT, K, BV>::kWarps * 32) output_kernel
     if (jj > i) sP[i * LDP + jj] = from_f32<CT>(0.f);
   }
   __syncthreads();
+  const int i0 = 16 * (warp & 3), n0 = 8 * NTS * (warp >> 2);  // this warp's rows and columns
   float acc[NTS][4] = {};
   warp_mma<CT, NTS>(acc, View<CT, true>{sQ + i0 * LDK, LDK}, View<CT, true>{sH + n0 * LDK, LDK}, K);
   if constexpr (!KDA) for_each_acc(acc, [&](int r, int, float& x) { x *= a.scale * fast_exp<CT>(sG[i0 + r]); });
   warp_mma<CT, NTS>(acc, View<CT, true>{sP + i0 * LDP, LDP}, View<CT, false>{sVn + n0, LDV}, C);
-  if (nm.gate) {  // o ← RMSNorm(o)·w·act(gate) over each row's V columns
-    float ss[2] = {};
-    for_each_acc(acc, [&](int r, int, float& x) { ss[r >> 3] += x * x; });
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      ss[hh] += __shfl_xor_sync(0xffffffffu, ss[hh], 1);
-      ss[hh] += __shfl_xor_sync(0xffffffffu, ss[hh], 2);
-      if ((lane & 3) == 0) sSS[(warp >> 2) * C + i0 + (lane >> 2) + 8 * hh] = ss[hh];
-    }
-    __syncthreads();
-    float inv[2];
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      float sum = 0;
-#pragma unroll
-      for (int p = 0; p < L::kWarps / 4; ++p) sum += sSS[p * C + i0 + (lane >> 2) + 8 * hh];
-      inv[hh] = rms_inverse(sum, V, nm.eps);
-    }
-#pragma unroll
-    for (int t = 0; t < NTS; ++t)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float gv = e & 1 ? gate[t][e >> 1].y : gate[t][e >> 1].x;
-        acc[t][e] *= inv[e >> 1] * nm.w[v0 + n0 + 8 * t + 2 * (lane & 3) + (e & 1)] * norm_gate(gv, nm.silu);
-      }
-  }
   CT* o = static_cast<CT*>(a.o);
   store_acc_rows<CT>(acc, AsIs{}, [&](int r, int c) {
     const int i = i0 + r;
@@ -868,6 +820,9 @@ void launch_wide(const ChunkArgs& a, const StateCfg& st, int64_t n_seqs, cudaStr
 }
 
 // state_cols: V columns per state block (16 or 32) of the column-tiled pass, or the wide pass.
+// The output pass takes as many V columns per block as fit (all of V up to 128 for 16-bit
+// inputs), so Q and P are read once per chunk rather than once per column tile: it is the
+// memory-bound pass.
 template <class CT, class Mma, bool KDA, int K>
 void launch(const ChunkArgs& a, int64_t chunks, int64_t n_seqs, const StateCfg& st, cudaStream_t s) {
   launch_prep<CT, Mma, KDA, K>(a, chunks, s);
@@ -881,14 +836,9 @@ void launch(const ChunkArgs& a, int64_t chunks, int64_t n_seqs, const StateCfg& 
       launch_state<CT, Mma, KDA, K, 16>(a, n_seqs, s);
   }
   if (!a.o) return;  // recording for the backward: no output pass
-  switch (output_cols(a.V, sizeof(CT))) {
-    case 128:
-      return launch_output<CT, KDA, K, 128>(a, chunks, s);
-    case 64:
-      return launch_output<CT, KDA, K, 64>(a, chunks, s);
-    default:
-      return launch_output<CT, KDA, K, 16>(a, chunks, s);
-  }
+  if (a.V % 128 == 0 && sizeof(CT) == 2) launch_output<CT, KDA, K, 128>(a, chunks, s);
+  else if (a.V % 64 == 0) launch_output<CT, KDA, K, 64>(a, chunks, s);
+  else launch_output<CT, KDA, K, 16>(a, chunks, s);
 }
 
 template <class CT, class Mma, bool KDA>
@@ -930,8 +880,6 @@ size_t wide_smem(const DeltaRuleDims& d) {
 }
 
 }  // namespace
-
-bool output_norm_fits(const DeltaRuleDims& d, DType dt) { return output_cols(d.V, dtype_size(dt)) == d.V; }
 
 void check_delta_dims(const DeltaRuleDims& d, DType dt, const char* what) {
   check(d.H > 0 && d.HV > 0 && d.HV % d.H == 0, std::string(what) + ": HV must be a positive multiple of H");
@@ -1035,12 +983,9 @@ DeltaChunkPlan::~DeltaChunkPlan() {
 }
 
 void DeltaChunkPlan::forward(const void* q, const void* k, const void* v, const float* g, const float* beta,
-                             float scale, float* state, void* o, cudaStream_t stream, const DeltaInputForm& form,
-                             const DeltaOutputNorm& norm) const {
+                             float scale, float* state, void* o, cudaStream_t stream,
+                             const DeltaInputForm& form) const {
   check_delta_input_form(form, "delta rule chunk (cuda)");
-  check(!norm.gate || (output_norm_fits(d_, dt_) && norm.w && norm.ld_gate % 2 == 0 &&
-                       reinterpret_cast<uintptr_t>(norm.gate) % 8 == 0),
-        "delta rule chunk (cuda): an output norm needs all of V in one output block and 8-byte aligned gate rows");
   if (form.qk_l2norm) {  // beta and the gate are applied in prep, where they are read
     const size_t es = dtype_size(dt_);
     if (!in_ws_)
@@ -1052,7 +997,7 @@ void DeltaChunkPlan::forward(const void* q, const void* k, const void* v, const 
     delta_inputs_forward(d_, rows, dt_, dt_, q, k, nullptr, nullptr, in, stream);
     q = in.q, k = in.k;
   }
-  run(q, k, v, g, beta, scale, state, o, nullptr, nullptr, nullptr, false, stream, form, norm);
+  run(q, k, v, g, beta, scale, state, o, nullptr, nullptr, nullptr, false, stream, form);
 }
 
 DeltaChunkPlan::Saved DeltaChunkPlan::record(const void* q, const void* k, const void* v, const float* g,
@@ -1060,13 +1005,13 @@ DeltaChunkPlan::Saved DeltaChunkPlan::record(const void* q, const void* k, const
                                              bool single_tf32, cudaStream_t stream) const {
   check(!single_tf32 || dt_ == DType::F32, "delta rule chunk (cuda): single tf32 products need an F32 plan");
   Saved s{};
-  run(q, k, v, g, beta, scale, state, nullptr, Tm, Mkk, &s, single_tf32, stream, {}, {});
+  run(q, k, v, g, beta, scale, state, nullptr, Tm, Mkk, &s, single_tf32, stream, {});
   return s;
 }
 
 void DeltaChunkPlan::run(const void* q, const void* k, const void* v, const float* g, const float* beta, float scale,
                          float* state, void* o, float* Tm, float* Mkk, Saved* saved, bool single_tf32,
-                         cudaStream_t stream, const DeltaInputForm& form, const DeltaOutputNorm& norm) const {
+                         cudaStream_t stream, const DeltaInputForm& form) const {
   const size_t es = dtype_size(dt_), kda = d_.gate == DeltaGate::PerKey;
   const int64_t T = d_.tokens(), HV = d_.HV, K = d_.K, V = d_.V;
   char* p = static_cast<char*>(ws_);
@@ -1096,7 +1041,6 @@ void DeltaChunkPlan::run(const void* q, const void* k, const void* v, const floa
   a.Tm = Tm, a.Mkk = Mkk;
   a.form = form;
   a.form.qk_l2norm = false;
-  a.norm = norm;
   if (saved)
     *saved = Saved{a.chunk_tab, a.cu, a.chunk_off, a.Gc, a.W, a.P, a.kg, a.qg, a.h, a.vn};
   if (chunks_ == 0) return;

@@ -45,20 +45,6 @@ struct DeltaInputForm {
   bool plain() const { return !qk_l2norm && beta_max == 0 && gate == DeltaGateForm::LogDecay; }
 };
 
-// A gated RMS norm the output pass applies to each token's head row of o before storing it, as
-// Device::gated_rms_norm (o ← RMSNorm(o)·w·act(gate), SiLU or sigmoid gate): the layer's norm
-// without o's round trip through memory, on the fp32 products rather than the stored element
-// type. Token t, value head j reads gate + t·ld_gate + j·V. Needs all of V in one output block:
-// V ≤ 128 in 16 bits, V ≤ 64 in fp32 (output_norm_fits).
-struct DeltaOutputNorm {
-  const float* gate = nullptr;  // nullptr: no norm
-  int64_t ld_gate = 0;
-  const float* w = nullptr;  // [V]
-  float eps = 1e-6f;
-  bool silu = true;
-};
-bool output_norm_fits(const DeltaRuleDims& d, DType dt);
-
 // Chunked forward (chunk 64, WY/UT form) for one fixed set of sequence lengths. Three launches
 // (five with a segmented state pass):
 //   prep   (chunk x value head, token-parallel): gate cumsum, L = strict-tril(beta K K^T ⊙ decay),
@@ -90,10 +76,8 @@ class DeltaChunkPlan {
   // q, k, beta and g are the raw inputs it names: the prep kernel applies beta's sigmoid and the
   // gate as it reads them; the L2-normalised q, k go to a workspace the plan allocates on the first
   // such call.
-  // With `norm`, o holds the normalised rows (output_norm_fits must hold).
   void forward(const void* q, const void* k, const void* v, const float* g, const float* beta, float scale,
-               float* state, void* o, cudaStream_t stream, const DeltaInputForm& form = {},
-               const DeltaOutputNorm& norm = {}) const;
+               float* state, void* o, cudaStream_t stream, const DeltaInputForm& form = {}) const;
 
   // For the backward (DeltaChunkBackward): runs prep and the state pass only (no output), also
   // writing T = (I+L)^{-1} and the decayed key Gram matrix Mkk (without beta), both fp32
@@ -131,7 +115,7 @@ class DeltaChunkPlan {
 
   void run(const void* q, const void* k, const void* v, const float* g, const float* beta, float scale, float* state,
            void* o, float* Tm, float* Mkk, Saved* saved, bool single_tf32, cudaStream_t stream,
-           const DeltaInputForm& form, const DeltaOutputNorm& norm) const;
+           const DeltaInputForm& form) const;
 };
 
 // Chunked backward (chunk 64) for one fixed set of sequence lengths: given dout [T,HV,V] (element

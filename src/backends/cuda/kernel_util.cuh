@@ -83,12 +83,6 @@ __device__ __forceinline__ float warp_max(float v) {
 __device__ __forceinline__ float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
 // 1 / ||x|| from its sum of squares, as the CPU's l2norm_forward (eps 1e-6 inside the root).
 __device__ __forceinline__ float l2_inverse(float sum_sq) { return 1.0f / sqrtf(sum_sq + 1e-6f); }
-// 1 / rms from a row's sum of squares, as cpu::rms_norm.
-__device__ __forceinline__ float rms_inverse(float sum_sq, int64_t dim, float eps) {
-  return 1.0f / sqrtf(sum_sq / float(dim) + eps);
-}
-// The output gate of the gated RMS norm: SiLU (Gated DeltaNet) or sigmoid (KDA).
-__device__ __forceinline__ float norm_gate(float x, bool silu) { return silu ? x * sigmoidf(x) : sigmoidf(x); }
 // softplus as torch computes it: linear above 20.
 __device__ __forceinline__ float softplusf(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
 
