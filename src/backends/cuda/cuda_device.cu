@@ -373,36 +373,59 @@ __device__ __forceinline__ int seq_of(const int32_t* cu, int N, int64_t t) {
 // of 4 (the models' taps) or kConvWideTaps.
 constexpr int kConvWideTaps = 16;
 
-// Where conv_kernel's outputs go: fp32 rows y [T, C] ...
+// Where conv_kernel's outputs go. A sink's at(c) is the writer of a thread's channels c.. for
+// every token (where they go is fixed per thread: the conv is issue-bound, 74% of the SM's issue
+// rate at the 2.0B model's 32K tokens, so nothing per token that need not be): fp32 rows y [T, C] ...
 struct ConvRows {
   float* y;
   int64_t C;
-  template <int V>
-  __device__ void operator()(int64_t t, int64_t c, float (&acc)[V]) const {
-    store_v(y + t * C + c, acc);
-  }
+  struct Writer {
+    float* p;
+    int64_t ld;
+    template <int V>
+    __device__ void operator()(int64_t t, float (&acc)[V]) const {
+      store_v(p + t * ld, acc);
+    }
+  };
+  __device__ Writer at(int64_t c) const { return {y + c, C}; }
 };
 // ... or the bf16 operands of the delta-rule op: channels [q (HK) | k (HK) | v] of token t into q, k
 // [T, HK] and v [T, C − 2HK], the q and k heads L2-normalised first (as l2norm). The caller makes a
 // warp's 32 lanes hold 32·V consecutive channels of one token, starting at a multiple of 32·V, and
 // head_lanes = head_dim / V a power of two ≤ 32: a head is then the V channels of each of
-// head_lanes consecutive lanes, and every lane takes part in the shuffles.
+// head_lanes consecutive lanes. A warp with any q or k channel runs the shuffles on every lane;
+// one of v channels only skips them. at() is called by whole warps.
 struct DeltaOperands {
   __nv_bfloat16 *q, *k, *v;
   int64_t HK, HVV;
   int head_lanes;
-  template <int V>
-  __device__ void operator()(int64_t t, int64_t c, float (&acc)[V]) const {
-    float ss = 0;
+  struct Writer {
+    __nv_bfloat16* p;
+    int64_t ld;
+    bool normalise, warp_normalises;
+    int head_lanes;
+    template <int V>
+    __device__ void operator()(int64_t t, float (&acc)[V]) const {
+      if (warp_normalises) {
+        float ss = 0;
 #pragma unroll
-    for (int i = 0; i < V; ++i) ss += acc[i] * acc[i];
-    for (int o = head_lanes / 2; o > 0; o /= 2) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-    if (c < 2 * HK) {
-      const float inv = l2_inverse(ss);
+        for (int i = 0; i < V; ++i) ss += acc[i] * acc[i];
+        for (int o = head_lanes / 2; o > 0; o /= 2) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+        if (normalise) {
+          const float inv = l2_inverse(ss);
 #pragma unroll
-      for (int i = 0; i < V; ++i) acc[i] *= inv;
+          for (int i = 0; i < V; ++i) acc[i] *= inv;
+        }
+      }
+      store_v(p + t * ld, acc);
     }
-    store_v(c < HK ? q + t * HK + c : c < 2 * HK ? k + t * HK + (c - HK) : v + t * HVV + (c - 2 * HK), acc);
+  };
+  __device__ Writer at(int64_t c) const {
+    const bool qk = c < 2 * HK;
+    return {c < HK ? q + c
+            : qk   ? k + (c - HK)
+                   : v + (c - 2 * HK),
+            qk ? HK : HVV, qk, __any_sync(0xffffffffu, qk) != 0, head_lanes};
   }
 };
 
@@ -418,9 +441,11 @@ __global__ void conv_kernel(const float* x, int64_t ldx, const float* w, Sink si
 #pragma unroll
     for (int v = 0; v < V; ++v) wr[j][v] = j >= skip && t0 < T ? w[(c + v) * kw + j - skip] : 0.0f;
   pdl_begin();
-  if (t0 >= T) return;
+  if (t0 >= T) return;  // whole warps: a warp's channels are of one token span
   const int64_t t1 = min(T, t0 + span);
+  const auto out = sink.at(c);
   int s = seq_of(cu, N, t0);
+  int64_t seq_end = cu[s + 1];
   float win[W][V];               // win[W−1]: the current input; win[j]: the one W−1−j tokens before it
   auto start = [&](int64_t t) {  // the W−1 inputs before token t of sequence s
     const float* st = pool + (int64_t(slots[s]) * C + c) * P;
@@ -440,8 +465,9 @@ __global__ void conv_kernel(const float* x, int64_t ldx, const float* w, Sink si
   float next[V];
   load_v(x + t0 * ldx + c, next);
   for (int64_t t = t0; t < t1; ++t) {
-    if (t >= cu[s + 1]) {
+    if (t >= seq_end) {
       while (t >= cu[s + 1]) ++s;
+      seq_end = cu[s + 1];
       start(t);
     }
 #pragma unroll
@@ -454,7 +480,7 @@ __global__ void conv_kernel(const float* x, int64_t ldx, const float* w, Sink si
       for (int v = 0; v < V; ++v) acc[v] += wr[j][v] * win[j][v];
 #pragma unroll
     for (int v = 0; v < V; ++v) acc[v] *= sigmoidf(acc[v]);
-    sink(t, c, acc);
+    out(t, acc);
 #pragma unroll
     for (int j = 0; j + 1 < W; ++j)
 #pragma unroll
@@ -1545,12 +1571,19 @@ class CudaDevice : public Device {
   void sigmoid(const float* x, int64_t ldx, float* y, int64_t T, int64_t n, float scale) override {
     const OpScope op(*this, "sigmoid");
     if (op.skip) return;
+    sigmoid_rows(x, ldx, y, T, n, scale);
+  }
+  void sigmoid_rows(const float* x, int64_t ldx, float* y, int64_t T, int64_t n, float scale) {
     launch(sigmoid_kernel, grid_for(T * n), kThreads, x, ldx, y, T, n, scale);
   }
   void gate_softplus(const float* a, int64_t lda, const float* A_log, const float* dt_bias, float* g, int64_t T,
                      int64_t H, int64_t width) override {
     const OpScope op(*this, "gate_softplus");
     if (op.skip) return;
+    softplus_gates(a, lda, A_log, dt_bias, g, T, H, width);
+  }
+  void softplus_gates(const float* a, int64_t lda, const float* A_log, const float* dt_bias, float* g, int64_t T,
+                      int64_t H, int64_t width) {
     launch(gate_softplus_kernel, grid_for(T * H * width), kThreads, a, lda, A_log, dt_bias, g, T, H, width);
   }
   void causal_conv_silu(const float* x, int64_t ldx, const float* w, float* y, int64_t C, int64_t kw,
@@ -1607,9 +1640,8 @@ class CudaDevice : public Device {
     __nv_bfloat16 *q = bf16_rows(HK), *k = bf16_rows(HK), *v = bf16_rows(HVV), *o = bf16_rows(HVV);
     if (op.skip) return;
     conv_prefill<4>(p.x, p.ldx, p.conv_w, DeltaOperands{q, k, v, HK, HVV, int(d.K / 4)}, p.C, p.kw, b, p.conv_pool);
-    launch(sigmoid_kernel, grid_for(T * p.H), kThreads, p.b, p.ldb, p.beta, T, p.H, p.beta_max);
-    launch(gate_softplus_kernel, grid_for(T * p.H * p.gate_width), kThreads, p.a, p.lda, p.A_log, p.dt_bias, p.g, T,
-           p.H, p.gate_width);
+    sigmoid_rows(p.b, p.ldb, p.beta, T, p.H, p.beta_max);
+    softplus_gates(p.a, p.lda, p.A_log, p.dt_bias, p.g, T, p.H, p.gate_width);
     chunk_forward(d, DType::BF16, q, k, v, p.g, p.beta, m.scale, b, m.state_pool, o);
     gated_norm(o, o, m.gate, m.ld_gate, m.norm, T, d.HV, d.V, m.eps, m.act);
     gemm(m.out_proj, o, HVV, out, T);
