@@ -308,6 +308,8 @@ TEST(LabCli, LabWritesReportResultsAndPlots) {
   EXPECT_NE(out.find("learning rate -1"), std::string::npos) << out;
   EXPECT_NE(run_command(cli_path() + " lab --lin-dim -4 --out " + (d / "x"), &out), 0);
   EXPECT_NE(out.find("--lin-dim must be positive (got -4)"), std::string::npos) << out;
+  EXPECT_NE(run_command(cli_path() + " lab --dsa-topk 0 --out " + (d / "x"), &out), 0);
+  EXPECT_NE(out.find("--dsa-topk must be positive (got 0)"), std::string::npos) << out;
   EXPECT_FALSE(std::filesystem::exists(d / "x/results.json"));
   // the lab's configs carry the flag to every delta-rule layer
   const eval::LabSize size = eval::lab_preset("smoke").sizes[0];

@@ -25,7 +25,7 @@ void register_lab(CLI::App& app) {
   auto* cmd = app.add_subcommand("lab", "Train a ladder of hybrid layouts on synthetic tasks and write a report");
   struct Options {
     std::string preset = "smoke", out, tasks, layouts;
-    int64_t steps = 0, seeds = 0, lin_dim = 0;
+    int64_t steps = 0, seeds = 0, lin_dim = 0, dsa_topk = 0;
     std::vector<double> lrs;
     bool neg_eigval = false;
   };
@@ -41,9 +41,12 @@ void register_lab(CLI::App& app) {
   cmd->add_option("--lin-dim", o->lin_dim,
                   "head size of the linear layers instead of the preset's (a head's state is lin-dim^2 floats: "
                   "the recall claims hinge on it)");
+  auto* dsa_topk =
+      cmd->add_option("--dsa-topk", o->dsa_topk,
+                      "keys each query of a DeepSeek-sparse layer attends to, instead of the preset's (sparse-3:1)");
   cmd->add_flag("--neg-eigval", o->neg_eigval,
                 "GDN/KDA layers with beta in [0, 2] (negative eigenvalues, which parity needs; Grazzi et al.)");
-  cmd->callback([o] {
+  cmd->callback([o, dsa_topk] {
     eval::LabPreset p = eval::lab_preset(o->preset);
     if (!o->tasks.empty()) p.tasks = split(o->tasks);
     if (!o->layouts.empty()) p.layouts = split(o->layouts);
@@ -51,6 +54,10 @@ void register_lab(CLI::App& app) {
     if (o->lin_dim != 0) {
       check(o->lin_dim > 0, "--lin-dim must be positive (got " + std::to_string(o->lin_dim) + ")");
       for (auto& size : p.sizes) size.lin_dim = o->lin_dim;
+    }
+    if (dsa_topk->count() > 0) {
+      check(o->dsa_topk > 0, "--dsa-topk must be positive (got " + std::to_string(o->dsa_topk) + ")");
+      for (auto& size : p.sizes) size.index_topk = o->dsa_topk;
     }
     if (!o->lrs.empty()) p.lrs = o->lrs;
     for (double lr : p.lrs) train::validate(train::OptimConfig{lr});  // before any training
