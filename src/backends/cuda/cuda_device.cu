@@ -217,13 +217,13 @@ __global__ void layer_norm_kernel(const float* x, const float* w, const float* b
   for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) yr[i] = (xr[i] - mean) * s * w[i] + b[i];
 }
 
+// The output gate of the gated RMS norm: SiLU (Gated DeltaNet) or sigmoid (KDA).
+__device__ __forceinline__ float norm_gate(float x, bool silu) { return silu ? x * sigmoidf(x) : sigmoidf(x); }
+
 // One warp per (token, head) row of o (rows of 128: 262K rows at 8K tokens × 32 heads). A lane keeps
 // up to 8 of the row's values (dims ≤ 256) in registers: o, gate and weight are loaded together.
 // y = the normalised rows: o itself (fp32, in place), or the output projection's bf16 operand read
 // from the delta-rule op's bf16 output (the same roundings as unpacking o and packing y).
-// The output gate of the gated RMS norm: SiLU (Gated DeltaNet) or sigmoid (KDA).
-__device__ __forceinline__ float norm_gate(float x, bool silu) { return silu ? x * sigmoidf(x) : sigmoidf(x); }
-
 template <class In, class Out>
 __global__ void gated_rms_norm_kernel(const In* o, Out* y, const float* gate, int64_t ld_gate, const float* w,
                                       int64_t rows, int64_t heads, int64_t dim, float eps, bool silu_gate) {
