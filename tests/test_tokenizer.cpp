@@ -319,6 +319,13 @@ TEST(ChatTemplate, Subset) {
   EXPECT_EQ(render("{% set ns = namespace(a=1) %}{% set ns.self = ns %}{% set ns.all = [ns, {'n': ns}] %}"
                    "{{ ns.self.a }}{{ ns.all[1].n.a }}"),
             "11");
+  try {  // printing it is JavaScript's error, not a stack overflow
+    render("{% set ns = namespace(a=1) %}{% set ns.all = [ns] %}{{ ns }}");
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_STREQ(e.what(), "t: Converting circular structure to JSON");
+  }
+  EXPECT_EQ(render("{% set ns = namespace(a=[1]) %}{% set ns.b = [ns.a, ns.a] %}{{ ns.b|tojson }}"), "[[1], [1]]");
   try {
     render("{{ raise_exception('bad role') }}");
     FAIL() << "no error";

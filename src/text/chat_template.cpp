@@ -166,7 +166,11 @@ std::string ascii_escape(const std::string& s) {  // \uXXXX for everything past 
   return out;
 }
 
-void to_json(std::string& out, const Value& v, const JsonStyle& st, int depth) {
+// Deeper values (a namespace chain grown in a loop) are an error, not a stack overflow.
+constexpr size_t kMaxValueDepth = 1000;
+// `open`: the containers being written around v. A namespace can hold itself, so a value can be
+// cyclic; JavaScript's JSON.stringify refuses those with this message.
+void to_json(std::string& out, const Value& v, const JsonStyle& st, std::vector<const void*>& open) {
   switch (v.t) {
     case T::Null: out += "null"; return;
     case T::Undefined: out += st.undefined_as_null ? "null" : "undefined"; return;
@@ -180,6 +184,11 @@ void to_json(std::string& out, const Value& v, const JsonStyle& st, int depth) {
       return;
     }
     case T::Array: case T::Object: case T::Namespace: {
+      const void* self = v.t == T::Array ? static_cast<const void*>(v.arr.get()) : v.obj.get();
+      if (std::find(open.begin(), open.end(), self) != open.end()) fail("Converting circular structure to JSON");
+      if (open.size() >= kMaxValueDepth) fail("value nested too deeply to convert to JSON");
+      open.push_back(self);
+      const size_t depth = open.size() - 1;
       const std::string pad = st.indent ? "\n" + std::string(size_t(st.indent) * depth, ' ') : "";
       const std::string child_pad = st.indent ? pad + std::string(st.indent, ' ') : "";
       const bool is_array = v.t == T::Array;
@@ -193,17 +202,18 @@ void to_json(std::string& out, const Value& v, const JsonStyle& st, int depth) {
         if (k) out += st.item_sep;
         out += child_pad;
         if (is_array) {
-          to_json(out, (*v.arr)[k], st, depth + 1);
+          to_json(out, (*v.arr)[k], st, open);
         } else {
           std::string key;
           json_string(key, (*v.obj)[order[k]].first);
           out += st.ensure_ascii ? ascii_escape(key) : key;
           out += st.key_sep;
-          to_json(out, (*v.obj)[order[k]].second, st, depth + 1);
+          to_json(out, (*v.obj)[order[k]].second, st, open);
         }
       }
       if (n) out += pad;
       out += is_array ? ']' : '}';
+      open.pop_back();
       return;
     }
     case T::Func: fail("Cannot convert to JSON: FunctionValue");
@@ -213,7 +223,8 @@ void to_json(std::string& out, const Value& v, const JsonStyle& st, int depth) {
 std::string json_of(const Value& v, JsonStyle st = {}) {
   if (st.indent && !st.custom_separators) st.item_sep = ",";  // as Python's json.dumps
   std::string out;
-  to_json(out, v, st, 0);
+  std::vector<const void*> open;
+  to_json(out, v, st, open);
   return out;
 }
 
