@@ -103,8 +103,9 @@ __global__ void __launch_bounds__(kPrepWarps * 32) prep_kernel(ChunkArgs a) {
   [[maybe_unused]] CT* sQ = buf;
   [[maybe_unused]] CT* sK = buf + C * LD;
   if constexpr (!KDA) {
-    load_rows_async(sQ, LD, C, K, len, qrow);
-    load_rows_async(sK, LD, C, K, len, krow);
+    const TileCopy<CT, C, K, kPrepWarps * 32> copy(int64_t(a.H) * K, LD);
+    copy.load_async(qrow(0), sQ, len);
+    copy.load_async(krow(0), sK, len);
     cp_async_commit();
   }
 
@@ -133,7 +134,7 @@ __global__ void __launch_bounds__(kPrepWarps * 32) prep_kernel(ChunkArgs a) {
     // Per-key gates: the [64 x K] tile is copied in asynchronously, then one thread per key scans
     // its column in shared memory (scanning straight from global memory waited on each row's load
     // in turn: the largest stall of this kernel, H200 ncu).
-    load_rows_async(sG, K, C, K, len, [&](int i) { return a.g + tok(i) * K; });
+    TileCopy<float, C, K, kPrepWarps * 32>(int64_t(HV) * K, K).load_async(a.g + tok(0) * K, sG, len);
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
@@ -442,13 +443,15 @@ __global__ void __launch_bounds__(StateSmem<CT, KDA, K, BV>::kWarps * 32) state_
   const CT* Kg = static_cast<const CT*>(KDA ? a.kg : a.k);
   CT* hg = static_cast<CT*>(a.h);
   CT* vng = static_cast<CT*>(a.vn);
+  const int kheads = KDA ? HV : a.H, khead = KDA ? j : h;  // Kg's heads: kg per value head, k per key head
+  const TileCopy<CT, C, K, NW * 32> w_copy(int64_t(HV) * K, LDK), k_copy(int64_t(kheads) * K, LDK);
+  const TileCopy<CT, C, BV, NW * 32> u_copy(int64_t(HV) * V, LDU);
+  const TileCopy<CT, BV, K, NW * 32> h_copy(K, LDK);  // S^T's rows are h's (K contiguous)
   auto load_chunk = [&](int c, int s) {
     const int tc = bos + c * C, lc = min(C, eos - tc);
-    load_rows_async(sW(s), LDK, C, K, lc, [&](int i) { return Wg + (size_t(tc + i) * HV + j) * K; });
-    load_rows_async(sKg(s), LDK, C, K, lc, [&](int i) {
-      return Kg + (KDA ? (size_t(tc + i) * HV + j) * K : (size_t(tc + i) * a.H + h) * K);
-    });
-    load_rows_async(sU(s), LDU, C, BV, lc, [&](int i) { return Ug + (size_t(tc + i) * HV + j) * V + v0; });
+    w_copy.load_async(Wg + (size_t(tc) * HV + j) * K, sW(s), lc);
+    k_copy.load_async(Kg + (size_t(tc) * kheads + khead) * K, sKg(s), lc);
+    u_copy.load_async(Ug + (size_t(tc) * HV + j) * V + v0, sU(s), lc);
     load_chunk_gates<KDA, K>(sGs(s), a.Gc, tc, lc, HV, j);
   };
 
@@ -477,15 +480,9 @@ __global__ void __launch_bounds__(StateSmem<CT, KDA, K, BV>::kWarps * 32) state_
     for (int mt = 0; mt < MT; ++mt)
       for_each_acc(S[mt], [&](int r, int col, float& x) { sS[col * LDK + 16 * (warp * MT + mt) + r] = from_f32<CT>(x); });
     __syncthreads();
-    // Record the state entering this chunk for the output pass (rows of K contiguous, 16-byte copies).
-    {
-      constexpr int vec = 16 / sizeof(CT), per_row = K / vec;
-      CT* dst = hg + (size_t(coff + c) * HV + j) * V * K + size_t(v0) * K;
-      for (int idx = threadIdx.x; idx < BV * per_row; idx += blockDim.x) {
-        const int r = idx / per_row, e = (idx % per_row) * vec;
-        *reinterpret_cast<uint4*>(dst + r * K + e) = *reinterpret_cast<const uint4*>(sS + r * LDK + e);
-      }
-    }
+    // Record the state entering this chunk for the output pass: S^T's BV rows are rows v0.. of h's
+    // [V, K] block.
+    h_copy.store(sS, hg + ((size_t(coff + c) * HV + j) * V + v0) * K);
     const float* Gs = sGs(s);
     const float Gl = KDA ? 0.f : Gs[lc - 1];
     // v_new = U − W S for this warp's rows and columns; the decayed copy e^{G_last−G_i}·v_new (GDN)
@@ -733,15 +730,15 @@ __global__ void __launch_bounds__(OutSmem<CT, K, BV>::kWarps * 32) output_kernel
   float* sG = reinterpret_cast<float*>(sVn + C * LDV);
   auto tok = [&](int i) { return size_t(t0 + i) * HV + j; };
 
-  const CT* Qsrc = static_cast<const CT*>(KDA ? a.qg : a.q);
-  load_rows_async(sQ, LDK, C, K, len, [&](int i) {
-    return Qsrc + (KDA ? tok(i) * K : (size_t(t0 + i) * a.H + h) * K);
-  });
-  load_rows_async(sH, LDK, BV, K, BV, [&](int r) {
-    return static_cast<const CT*>(a.h) + (size_t(chunk) * HV + j) * V * K + size_t(v0 + r) * K;
-  });
-  load_rows_async(sP, LDP, C, C, len, [&](int i) { return static_cast<const CT*>(a.P) + tok(i) * C; });
-  load_rows_async(sVn, LDV, C, BV, len, [&](int i) { return static_cast<const CT*>(a.vn) + tok(i) * V + v0; });
+  constexpr int kThreads = L::kWarps * 32;
+  const int qheads = KDA ? HV : a.H, qhead = KDA ? j : h;  // qg per value head, q per key head
+  TileCopy<CT, C, K, kThreads>(int64_t(qheads) * K, LDK)
+      .load_async(static_cast<const CT*>(KDA ? a.qg : a.q) + (size_t(t0) * qheads + qhead) * K, sQ, len);
+  TileCopy<CT, BV, K, kThreads>(K, LDK)
+      .load_async(static_cast<const CT*>(a.h) + ((size_t(chunk) * HV + j) * V + v0) * K, sH, BV);
+  TileCopy<CT, C, C, kThreads>(int64_t(HV) * C, LDP).load_async(static_cast<const CT*>(a.P) + tok(0) * C, sP, len);
+  TileCopy<CT, C, BV, kThreads>(int64_t(HV) * V, LDV)
+      .load_async(static_cast<const CT*>(a.vn) + tok(0) * V + v0, sVn, len);
   if (!KDA && threadIdx.x < C) sG[threadIdx.x] = threadIdx.x < len ? a.Gc[tok(threadIdx.x)] : 0.f;
   cp_async_commit();
   cp_async_wait<0>();
