@@ -347,5 +347,63 @@ TEST(ChatTemplate, Subset) {
   EXPECT_THROW(render(ifs), Error);
 }
 
+// A template is code: whatever it does, a render ends with text or an Error naming the bound it
+// passed (each was a crash, a hang or an out-of-memory under fuzz_chat_template), and work just
+// inside the bounds renders.
+TEST(ChatTemplate, RenderBounds) {
+  auto render = [](const std::string& src, const ojson& vars = ojson::object()) {
+    return text::ChatTemplate(src, "t").render(vars);
+  };
+  auto error = [&](const std::string& src, const ojson& vars = ojson::object()) -> std::string {
+    try {
+      render(src, vars);
+    } catch (const Error& e) {
+      return e.what();
+    }
+    return "no error";
+  };
+  const std::string countdown = "{% macro f(n) %}{% if n > 0 %}{{ f(n - 1) }}{% endif %}x{% endmacro %}";
+  EXPECT_EQ(render(countdown + "{{ f(50) }}"), std::string(51, 'x'));
+  EXPECT_EQ(error(countdown + "{{ f(100000) }}"), "t: template recursion deeper than 400 levels");
+  EXPECT_EQ(error("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}"), "t: template recursion deeper than 400 levels");
+
+  EXPECT_EQ(render("{{ range(100000)|length }}|{{ range(0, 10, 3)|join(',') }}|{{ range(10, 0, -3)|join(',') }}"),
+            "100000|0,3,6,9|10,7,4,1");
+  EXPECT_EQ(render("{{ range(-9223372036854775807 - 1, 9223372036854775807, 9223372036854775807)|join(',') }}"),
+            "-9223372036854775808,-1,9223372036854775806");
+  EXPECT_EQ(error("{% for i in range(2000000000) %}{% endfor %}"), "t: range() of more than 100000 numbers");
+  EXPECT_EQ(error("{% for i in range(1000) %}{% for j in range(1001) %}{% endfor %}{% endfor %}"),
+            "t: template ran more than 1000000 loop iterations and macro calls");
+  EXPECT_EQ(error("{% macro f(n) %}{% if n > 0 %}{{ f(n - 1) ~ f(n - 1) }}{% endif %}{% endmacro %}{{ f(30) }}"),
+            "t: template ran more than 1000000 loop iterations and macro calls");
+
+  auto times = [](int n) {
+    return "{% set ns = namespace(s='ab') %}{% for i in range(" + std::to_string(n) +
+           ") %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}";
+  };
+  EXPECT_EQ(render(times(20)), "2097152");
+  EXPECT_EQ(error(times(40)), "t: string longer than 16 MiB");
+  EXPECT_EQ(error("{% for i in range(2000) %}{{ s }}{% endfor %}", {{"s", std::string(10000, 'a')}}),
+            "t: string longer than 16 MiB");
+  EXPECT_EQ(error("{{ 'a\nb'|indent(2000000000) }}"), "t: indent width would make a string longer than 16 MiB");
+  EXPECT_EQ(error("{{ [1, [2, [3]]]|tojson(indent=1000000000) }}"), "t: string longer than 16 MiB");
+  EXPECT_EQ(render("{{ [1]|tojson(indent=-5) }}|{{ 'x'|indent(-1, true) }}"), "[1]|x");
+  EXPECT_EQ(error("{{ 'abc'|replace('', s) }}", {{"s", std::string(9 << 20, 'a')}}), "t: string longer than 16 MiB");
+  // Growing an array by copying it each time is quadratic: bounded by the bytes built.
+  EXPECT_EQ(error("{% set ns = namespace(a=[]) %}{% for i in range(20000) %}{% set ns.a = ns.a + [i] %}{% endfor %}"),
+            "t: template built more than 1 GiB of strings and arrays");
+  // A chain of arrays 300,000 deep is freed without recursing 300,000 calls deep.
+  EXPECT_EQ(render("{% set ns = namespace(x=[]) %}{% for i in range(300) %}{% for j in range(1000) %}"
+                   "{% set ns.x = [ns.x] %}{% endfor %}{% endfor %}ok"),
+            "ok");
+  ojson deep = 1;
+  for (int i = 0; i < 2000; ++i) deep = ojson::array({deep});
+  EXPECT_EQ(error("{{ d|length }}", {{"d", deep}}), "t: variables nested deeper than 1000 levels");
+
+  // Integers past int64 become floats, as JavaScript's numbers; INT64_MIN % -1 is 0, not a trap.
+  EXPECT_EQ(render("{{ 9223372036854775807 + 1 }}|{{ (-9223372036854775807 - 1) % -1 }}|{{ 2 ** 70 > 0 }}"),
+            "9223372036854776000.0|0|true");
+}
+
 }  // namespace
 }  // namespace hla

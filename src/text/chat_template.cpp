@@ -3,7 +3,10 @@
 #include <charconv>
 #include <cmath>
 #include <functional>
+#include <memory>
 #include <nlohmann/json.hpp>
+#include <stdexcept>
+#include <type_traits>
 #include <unordered_map>
 
 #include "core/error.h"
@@ -16,6 +19,41 @@ namespace {
 // ---------------------------------------------------------------------------------------------
 // Values. Arrays, objects and namespaces are shared by reference, as in the JavaScript engine
 // whose output we match (a namespace changed in a loop is the same namespace outside it).
+
+struct RenderError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+[[noreturn]] void fail(const std::string& what) { throw RenderError(what); }
+
+// Bounds of one render. A template is code, from a checkpoint or a user: whatever it does, a
+// render returns its text or an error, never a crash, a hang or an exhausted memory (each bound
+// answers a libFuzzer finding: a stack overflow, an out-of-memory, a hang). They sit far above
+// what chat templates do: loops over the messages, macros recursing a few levels for tool
+// schemas, prompts of a few MiB.
+constexpr int64_t kMaxRange = 100000;            // range()'s length: Jinja's sandbox bound (MAX_RANGE)
+constexpr size_t kMaxString = size_t(16) << 20;  // bytes of one string, the output included
+constexpr size_t kMaxArray = size_t(1) << 20;    // elements of one array
+constexpr int64_t kMaxSteps = 1'000'000;         // loop iterations and macro calls
+constexpr size_t kMaxWork = size_t(1) << 30;     // bytes of the strings and arrays built
+constexpr int kMaxEvalDepth = 400;               // nested evaluations: macro recursion
+// What the render running on this thread has spent (none outside render(): parsing builds
+// constants freely).
+struct RenderBudget {
+  int64_t steps = 0;
+  size_t work = 0;
+  int depth = 0;
+};
+thread_local RenderBudget* t_budget = nullptr;
+void charge_step() {
+  if (t_budget && ++t_budget->steps > kMaxSteps) fail("template ran more than 1000000 loop iterations and macro calls");
+}
+void charge_work(size_t bytes) {
+  if (t_budget && (t_budget->work += bytes) > kMaxWork) fail("template built more than 1 GiB of strings and arrays");
+}
+// A string of `bytes` is about to be built (checked before the allocation where the size is known).
+void check_string(size_t bytes) {
+  if (bytes > kMaxString) fail("string longer than 16 MiB");
+}
 
 struct Value;
 struct Env;
@@ -40,9 +78,16 @@ struct Value {
   static Value boolean(bool x) { Value v; v.t = T::Bool; v.b = x; return v; }
   static Value integer(int64_t x) { Value v; v.t = T::Int; v.i = x; return v; }
   static Value real(double x) { Value v; v.t = T::Float; v.f = x; return v; }
-  static Value str(std::string x) { Value v; v.t = T::Str; v.s = std::move(x); return v; }
-  static Value array(Array a = {}) { Value v; v.t = T::Array; v.arr = std::make_shared<Array>(std::move(a)); return v; }
-  static Value object(Object o = {}, T t = T::Object) { Value v; v.t = t; v.obj = std::make_shared<Object>(std::move(o)); return v; }
+  static Value str(std::string x) {
+    check_string(x.size());
+    charge_work(x.size());
+    Value v;
+    v.t = T::Str;
+    v.s = std::move(x);
+    return v;
+  }
+  static Value array(Array a = {});
+  static Value object(Object o = {}, T t = T::Object);
   static Value func(Func f) { Value v; v.t = T::Func; v.fn = std::make_shared<Func>(std::move(f)); return v; }
 
   bool is_number() const { return t == T::Int || t == T::Float; }
@@ -59,6 +104,66 @@ struct Value {
   }
 };
 
+// Freeing a container frees what it holds, so a chain of arrays nested a million deep (grown in a
+// loop) would free itself a million calls deep. Containers are therefore freed by `release`: what
+// they hold is moved to a list that the outermost release empties, one level at a time.
+struct Graveyard {
+  std::vector<Value> pending;
+  bool draining = false;
+};
+thread_local Graveyard t_graveyard;
+Value& held(Value& x) { return x; }  // what an array's or an object's slot holds
+Value& held(std::pair<std::string, Value>& x) { return x.second; }
+template <class C>
+void release(C* c) {
+  for (auto& x : *c)
+    if (held(x).arr || held(x).obj) t_graveyard.pending.push_back(std::move(held(x)));
+  delete c;
+  if (t_graveyard.draining) return;
+  t_graveyard.draining = true;
+  while (!t_graveyard.pending.empty()) {
+    Value v = std::move(t_graveyard.pending.back());
+    t_graveyard.pending.pop_back();
+  }  // each v freed here may release more into the list
+  t_graveyard.draining = false;
+}
+
+// A container's bill: the strings copied into it, and an array's slots (an array is what a loop
+// can grow by copying it again and again).
+template <class C>
+size_t container_bytes(const C& c) {
+  size_t n = 0;
+  for (auto& x : c) {
+    if constexpr (std::is_same_v<C, Array>)
+      n += sizeof(Value) + x.s.size();
+    else
+      n += x.first.size() + x.second.s.size();
+  }
+  return n;
+}
+// A whole number as an integer where int64 holds it, else as a float (JavaScript's numbers are
+// all doubles; a C++ cast of an out-of-range double is undefined).
+Value int_or_real(double x) {
+  return std::isfinite(x) && x >= -9223372036854775808.0 && x < 9223372036854775808.0 ? Value::integer(int64_t(x))
+                                                                                      : Value::real(x);
+}
+
+Value Value::array(Array a) {
+  if (a.size() > kMaxArray) fail("array longer than 1048576 elements");
+  charge_work(container_bytes(a));
+  Value v;
+  v.t = T::Array;
+  v.arr = std::shared_ptr<Array>(new Array(std::move(a)), release<Array>);
+  return v;
+}
+Value Value::object(Object o, T t) {
+  charge_work(container_bytes(o));
+  Value v;
+  v.t = t;
+  v.obj = std::shared_ptr<Object>(new Object(std::move(o)), release<Object>);
+  return v;
+}
+
 const char* type_name(T t) {
   switch (t) {
     case T::Undefined: return "UndefinedValue";
@@ -74,11 +179,6 @@ const char* type_name(T t) {
   }
   return "?";
 }
-
-struct RenderError : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
-[[noreturn]] void fail(const std::string& what) { throw RenderError(what); }
 
 bool truthy(const Value& v) {
   switch (v.t) {
@@ -189,6 +289,7 @@ void to_json(std::string& out, const Value& v, const JsonStyle& st, std::vector<
       if (open.size() >= kMaxValueDepth) fail("value nested too deeply to convert to JSON");
       open.push_back(self);
       const size_t depth = open.size() - 1;
+      check_string(out.size() + size_t(st.indent) * (depth + 1));  // a shared value printed 2^40 times ends here
       const std::string pad = st.indent ? "\n" + std::string(size_t(st.indent) * depth, ' ') : "";
       const std::string child_pad = st.indent ? pad + std::string(st.indent, ' ') : "";
       const bool is_array = v.t == T::Array;
@@ -221,6 +322,7 @@ void to_json(std::string& out, const Value& v, const JsonStyle& st, std::vector<
 }
 
 std::string json_of(const Value& v, JsonStyle st = {}) {
+  st.indent = std::max(st.indent, 0);                         // a negative indent indents as 0 does
   if (st.indent && !st.custom_separators) st.item_sep = ",";  // as Python's json.dumps
   std::string out;
   std::vector<const void*> open;
@@ -379,6 +481,7 @@ std::string replace_str(const std::string& s, const std::string& from, const std
   if (from.empty()) {  // inserts between code points, as a global empty regex does
     size_t i = 0;
     while (i <= s.size()) {
+      check_string(out.size() + to.size() + 4);
       if (left-- > 0) out += to;
       if (i == s.size()) break;
       const size_t j = i;
@@ -392,6 +495,7 @@ std::string replace_str(const std::string& s, const std::string& from, const std
     const size_t j = s.find(from, i);
     if (j == std::string::npos) break;
     out.append(s, i, j - i);
+    check_string(out.size() + to.size() + s.size() - j);
     out += to;
     i = j + from.size();
   }
@@ -418,7 +522,8 @@ Seq slice_seq(const Seq& a, std::optional<int64_t> start, std::optional<int64_t>
   return out;
 }
 
-Value from_json(const nlohmann::ordered_json& j) {
+Value from_json(const nlohmann::ordered_json& j, size_t depth = 0) {
+  if (depth > kMaxValueDepth) fail("variables nested deeper than 1000 levels");
   switch (j.type()) {
     case nlohmann::json::value_t::null: return Value::null();
     case nlohmann::json::value_t::boolean: return Value::boolean(j.get<bool>());
@@ -432,12 +537,12 @@ Value from_json(const nlohmann::ordered_json& j) {
     case nlohmann::json::value_t::string: return Value::str(j.get<std::string>());
     case nlohmann::json::value_t::array: {
       Array a;
-      for (auto& x : j) a.push_back(from_json(x));
+      for (auto& x : j) a.push_back(from_json(x, depth + 1));
       return Value::array(std::move(a));
     }
     case nlohmann::json::value_t::object: {
       Object o;
-      for (auto& [k, x] : j.items()) o.emplace_back(k, from_json(x));
+      for (auto& [k, x] : j.items()) o.emplace_back(k, from_json(x, depth + 1));
       return Value::object(std::move(o));
     }
     default: fail("unsupported JSON value in chat template variables");
@@ -1137,18 +1242,30 @@ class Interpreter {
   }
 
  private:
+  int depth_ = 0;  // nested evaluations (see eval)
+
+  static void append(std::string& out, const std::string& piece) {
+    check_string(out.size() + piece.size());
+    charge_work(piece.size());
+    out += piece;
+  }
   void exec(const Node& n, Env& env, std::string& out) {
     switch (n.kind) {
-      case Node::Block: out += block(n.list, env); return;
-      case Node::Text: out += n.str; return;
-      case Node::Output: out += display(eval(*n.x, env)); return;
-      case Node::If: out += block(truthy(eval(*n.x, env)) ? n.list : n.alt, env); return;
+      case Node::Block:
+        return append(out, block(n.list, env));
+      case Node::Text:
+        return append(out, n.str);
+      case Node::Output:
+        return append(out, display(eval(*n.x, env)));
+      case Node::If:
+        return append(out, block(truthy(eval(*n.x, env)) ? n.list : n.alt, env));
       case Node::For: return exec_for(n, env, out);
       case Node::Set: return exec_set(n, env);
       case Node::Macro: return define_macro(n, env);
       case Node::Break: throw BreakSignal{};
       case Node::Continue: throw ContinueSignal{};
-      default: out += display(eval(n, env)); return;
+      default:
+        return append(out, display(eval(n, env)));
     }
   }
 
@@ -1184,8 +1301,10 @@ class Interpreter {
       }
       items.push_back(v);
     }
+    charge_work(container_bytes(items));
     const int64_t len = int64_t(items.size());
     for (int64_t i = 0; i < len; ++i) {
+      charge_step();
       Object loop = {{"index", Value::integer(i + 1)},       {"index0", Value::integer(i)},
                      {"revindex", Value::integer(len - i)},  {"revindex0", Value::integer(len - i - 1)},
                      {"first", Value::boolean(i == 0)},      {"last", Value::boolean(i == len - 1)},
@@ -1194,14 +1313,14 @@ class Interpreter {
       scope.vars["loop"] = Value::object(std::move(loop));
       bind(*n.x, items[i], scope);
       try {
-        out += block(n.list, scope);
+        append(out, block(n.list, scope));
       } catch (const ContinueSignal&) {
         continue;
       } catch (const BreakSignal&) {
         break;
       }
     }
-    if (items.empty()) out += block(n.alt, scope);
+    if (items.empty()) append(out, block(n.alt, scope));
   }
 
   void exec_set(const Node& n, Env& env) {
@@ -1222,6 +1341,7 @@ class Interpreter {
   void define_macro(const Node& n, Env& env) {
     const Node* def = &n;
     env.vars[n.str] = Value::func([this, def](std::vector<Value>& args, Env& caller) {
+      charge_step();
       Env scope{&caller, {}};
       Object kw;
       if (!args.empty() && args.back().kwargs) kw = *args.back().obj, args.pop_back();
@@ -1272,6 +1392,16 @@ class Interpreter {
 
  public:
   Value eval(const Node& n, Env& env) {
+    // Nested evaluations (a macro calling itself) end in an error, not a stack overflow; 400
+    // levels, 120-deep expressions at each, fit an 8 MiB stack in fuzz_chat_template's
+    // AddressSanitizer build.
+    struct Level {
+      int& depth;
+      explicit Level(int& d) : depth(d) {
+        if (++depth > kMaxEvalDepth) --depth, fail("template recursion deeper than 400 levels");
+      }
+      ~Level() { --depth; }
+    } level(depth_);
     switch (n.kind) {
       case Node::Literal: return n.lit;
       case Node::Name: return env.lookup(n.str);
@@ -1519,7 +1649,7 @@ class Interpreter {
         for (auto& [k, x] : kw) {
           if (k == "indent") {
             if (x.t != T::Int && x.t != T::Null) fail("If set, indent must be a number");
-            st.indent = x.t == T::Int ? int(x.i) : 0;
+            st.indent = x.t == T::Int ? int(std::clamp<int64_t>(x.i, -1, int64_t(kMaxString) + 1)) : 0;
           } else if (k == "ensure_ascii" || k == "sort_keys") {
             if (x.t != T::Bool) fail("If set, " + k + " must be a boolean");
             (k == "ensure_ascii" ? st.ensure_ascii : st.sort_keys) = x.b;
@@ -1562,7 +1692,11 @@ class Interpreter {
         const Value* sep = arg(0, "separator");
         if (sep && sep->t != T::Str) fail("separator must be a string");
         std::string out;
-        for (size_t k = 0; k < a.size(); ++k) out += (k && sep ? sep->s : "") + concat_text(a[k]);
+        for (size_t k = 0; k < a.size(); ++k) {
+          const std::string piece = concat_text(a[k]);
+          check_string(out.size() + (k && sep ? sep->s.size() : 0) + piece.size());
+          out += (k && sep ? sep->s : "") + piece;
+        }
         return Value::str(out);
       }
       if (f == "string") {
@@ -1633,6 +1767,7 @@ class Interpreter {
         std::string out;
         bool first = true;
         for (char32_t c : code_points(v.s)) {
+          check_string(out.size() + (sep ? sep->s.size() : 0) + 4);
           if (!first && sep) out += sep->s;
           append_utf8(out, c), first = false;
         }
@@ -1642,20 +1777,23 @@ class Interpreter {
         double d;
         const char* b = v.s.c_str();
         char* e;
-        d = f == "int" ? double(std::strtoll(b, &e, 10)) : std::strtod(b, &e);
+        const int64_t i = f == "int" ? std::strtoll(b, &e, 10) : 0;
+        d = f == "int" ? 0 : std::strtod(b, &e);
         if (e == b) {
           const Value* dflt = arg(0, "default");
           return dflt ? *dflt : f == "int" ? Value::integer(0) : Value::real(0);
         }
-        return f == "int" ? Value::integer(int64_t(d)) : Value::real(d);
+        return f == "int" ? Value::integer(i) : Value::real(d);
       }
       if (f == "indent") {
         const Value* w = arg(0, "width");
         if (w && w->t != T::Int) fail("width must be a number");
         const Value* first = arg(1, "first");
         const Value* blank = arg(2, "blank");
-        const std::string pad(w ? size_t(w->i) : 4, ' ');
         auto lines = split_str(v.s, "\n");
+        const int64_t width = w ? std::max<int64_t>(w->i, 0) : 4;  // Python's ' ' * width: none when negative
+        if (uint64_t(width) > kMaxString / lines.size()) fail("indent width would make a string longer than 16 MiB");
+        const std::string pad(size_t(width), ' ');
         std::string out;
         for (size_t k = 0; k < lines.size(); ++k) {
           if (k) out += '\n';
@@ -1739,20 +1877,25 @@ class Interpreter {
       if (a == 0 && b < 0) fail("0.0 cannot be raised to a negative power");
       const double res = std::pow(a, b);
       if (!std::isfinite(res)) fail("Exponentiation result is not a finite real number");
-      return l.t == T::Float || r.t == T::Float || b < 0 ? Value::real(res) : Value::integer(int64_t(res));
+      return l.t == T::Float || r.t == T::Float || b < 0 ? Value::real(res) : int_or_real(res);
     }
     if (l.is_number() && r.is_number()) {
       const bool fl = l.t == T::Float || r.t == T::Float;
-      auto num = [&](double x) { return fl ? Value::real(x) : Value::integer(int64_t(x)); };
-      if (!fl && (op == "+" || op == "-" || op == "*"))
-        return Value::integer(op == "+" ? l.i + r.i : op == "-" ? l.i - r.i : l.i * r.i);
+      auto num = [&](double x) { return fl ? Value::real(x) : int_or_real(x); };
+      if (!fl && (op == "+" || op == "-" || op == "*")) {
+        int64_t x;
+        const bool over = op == "+"   ? __builtin_add_overflow(l.i, r.i, &x)
+                          : op == "-" ? __builtin_sub_overflow(l.i, r.i, &x)
+                                      : __builtin_mul_overflow(l.i, r.i, &x);
+        if (!over) return Value::integer(x);  // else the double result, as JavaScript computes it
+      }
       const double a = l.num(), b = r.num();
       if (op == "+") return num(a + b);
       if (op == "-") return num(a - b);
       if (op == "*") return num(a * b);
       if (op == "/") return Value::real(a / b);
       if (op == "//") return num(std::floor(a / b));
-      if (op == "%") return fl ? Value::real(std::fmod(a, b)) : Value::integer(r.i == 0 ? 0 : l.i % r.i);
+      if (op == "%") return fl ? Value::real(std::fmod(a, b)) : Value::integer(r.i == 0 || r.i == -1 ? 0 : l.i % r.i);
       if (op == "<") return Value::boolean(a < b);
       if (op == ">") return Value::boolean(a > b);
       if (op == "<=") return Value::boolean(a <= b);
@@ -1826,6 +1969,12 @@ std::string ChatTemplate::render(const nlohmann::ordered_json& vars) const {
       for (auto& ns : all) ns->clear();
     }
   } empty_at_end{namespaces};
+  RenderBudget budget;
+  struct Billed {  // this thread's renders are billed to `budget` until this one ends
+    RenderBudget* outer = t_budget;
+    explicit Billed(RenderBudget* b) { t_budget = b; }
+    ~Billed() { t_budget = outer; }
+  } billed(&budget);
   globals.vars["true"] = globals.vars["True"] = Value::boolean(true);
   globals.vars["false"] = globals.vars["False"] = Value::boolean(false);
   globals.vars["none"] = globals.vars["None"] = Value::null();
@@ -1844,8 +1993,12 @@ std::string ChatTemplate::render(const nlohmann::ordered_json& vars) const {
     const int64_t start = a.size() > 1 ? a[0].i : 0, stop = a.size() > 1 ? a[1].i : a[0].i,
                   step = a.size() > 2 ? a[2].i : 1;
     if (step == 0) fail("range() step must not be zero");
+    const __int128 span = step > 0 ? __int128(stop) - start : __int128(start) - stop,
+                   by = step > 0 ? step : -__int128(step);
+    const __int128 n = span > 0 ? (span + by - 1) / by : 0;
+    if (n > kMaxRange) fail("range() of more than 100000 numbers");
     Array out;
-    for (int64_t i = start; step > 0 ? i < stop : i > stop; i += step) out.push_back(Value::integer(i));
+    for (int64_t k = 0; k < int64_t(n); ++k) out.push_back(Value::integer(int64_t(start + __int128(k) * step)));
     return Value::array(std::move(out));
   });
   if (!vars.is_object()) throw Error(name_ + ": variables must be a JSON object");
