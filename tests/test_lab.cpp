@@ -310,6 +310,10 @@ TEST(LabCli, LabWritesReportResultsAndPlots) {
   EXPECT_NE(out.find("--lin-dim must be positive (got -4)"), std::string::npos) << out;
   EXPECT_NE(run_command(cli_path() + " lab --dsa-topk 0 --out " + (d / "x"), &out), 0);
   EXPECT_NE(out.find("--dsa-topk must be positive (got 0)"), std::string::npos) << out;
+  for (const char* opt : {"--lin-dim", "--steps", "--seeds"}) {  // 0 is not "the preset's"
+    EXPECT_NE(run_command(cli_path() + " lab " + opt + " 0 --out " + (d / "x"), &out), 0) << opt;
+    EXPECT_NE(out.find(std::string(opt) + " must be positive (got 0)"), std::string::npos) << out;
+  }
   EXPECT_FALSE(std::filesystem::exists(d / "x/results.json"));
   // the lab's configs carry the flag to every delta-rule layer
   const eval::LabSize size = eval::lab_preset("smoke").sizes[0];
