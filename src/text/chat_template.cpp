@@ -36,6 +36,7 @@ constexpr size_t kMaxArray = size_t(1) << 20;    // elements of one array
 constexpr int64_t kMaxSteps = 1'000'000;         // loop iterations and macro calls
 constexpr size_t kMaxWork = size_t(1) << 30;     // bytes of the strings and arrays built
 constexpr int kMaxEvalDepth = 400;               // nested evaluations: macro recursion
+constexpr size_t kMaxValueDepth = 1000;          // values printed or passed in: arrays in arrays ...
 // What the render running on this thread has spent (none outside render(): parsing builds
 // constants freely).
 struct RenderBudget {
@@ -266,8 +267,6 @@ std::string ascii_escape(const std::string& s) {  // \uXXXX for everything past 
   return out;
 }
 
-// Deeper values (a namespace chain grown in a loop) are an error, not a stack overflow.
-constexpr size_t kMaxValueDepth = 1000;
 // `open`: the containers being written around v. A namespace can hold itself, so a value can be
 // cyclic; JavaScript's JSON.stringify refuses those with this message.
 void to_json(std::string& out, const Value& v, const JsonStyle& st, std::vector<const void*>& open) {
@@ -322,7 +321,6 @@ void to_json(std::string& out, const Value& v, const JsonStyle& st, std::vector<
 }
 
 std::string json_of(const Value& v, JsonStyle st = {}) {
-  st.indent = std::max(st.indent, 0);                         // a negative indent indents as 0 does
   if (st.indent && !st.custom_separators) st.item_sep = ",";  // as Python's json.dumps
   std::string out;
   std::vector<const void*> open;
@@ -481,7 +479,7 @@ std::string replace_str(const std::string& s, const std::string& from, const std
   if (from.empty()) {  // inserts between code points, as a global empty regex does
     size_t i = 0;
     while (i <= s.size()) {
-      check_string(out.size() + to.size() + 4);
+      check_string(out.size() + to.size() + 4);  // 4: the code point after it
       if (left-- > 0) out += to;
       if (i == s.size()) break;
       const size_t j = i;
@@ -1649,7 +1647,8 @@ class Interpreter {
         for (auto& [k, x] : kw) {
           if (k == "indent") {
             if (x.t != T::Int && x.t != T::Null) fail("If set, indent must be a number");
-            st.indent = x.t == T::Int ? int(std::clamp<int64_t>(x.i, -1, int64_t(kMaxString) + 1)) : 0;
+            // A negative indent indents as 0 does; past the longest string, the first pad fails.
+            st.indent = x.t == T::Int ? int(std::clamp<int64_t>(x.i, 0, int64_t(kMaxString) + 1)) : 0;
           } else if (k == "ensure_ascii" || k == "sort_keys") {
             if (x.t != T::Bool) fail("If set, " + k + " must be a boolean");
             (k == "ensure_ascii" ? st.ensure_ascii : st.sort_keys) = x.b;
@@ -1767,23 +1766,24 @@ class Interpreter {
         std::string out;
         bool first = true;
         for (char32_t c : code_points(v.s)) {
-          check_string(out.size() + (sep ? sep->s.size() : 0) + 4);
+          check_string(out.size() + (sep ? sep->s.size() : 0) + 4);  // 4: one code point's bytes
           if (!first && sep) out += sep->s;
           append_utf8(out, c), first = false;
         }
         return Value::str(out);
       }
       if (f == "int" || f == "float") {
-        double d;
         const char* b = v.s.c_str();
         char* e;
-        const int64_t i = f == "int" ? std::strtoll(b, &e, 10) : 0;
-        d = f == "int" ? 0 : std::strtod(b, &e);
-        if (e == b) {
-          const Value* dflt = arg(0, "default");
-          return dflt ? *dflt : f == "int" ? Value::integer(0) : Value::real(0);
+        if (f == "int") {
+          const int64_t i = std::strtoll(b, &e, 10);  // clamped to int64, never through a double
+          if (e != b) return Value::integer(i);
+        } else {
+          const double d = std::strtod(b, &e);
+          if (e != b) return Value::real(d);
         }
-        return f == "int" ? Value::integer(i) : Value::real(d);
+        const Value* dflt = arg(0, "default");
+        return dflt ? *dflt : f == "int" ? Value::integer(0) : Value::real(0);
       }
       if (f == "indent") {
         const Value* w = arg(0, "width");
