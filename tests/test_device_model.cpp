@@ -8,6 +8,7 @@
 #include "core/config.h"
 #include "core/error.h"
 #include "runtime/engine.h"
+#include "runtime/prefix_cache.h"
 #include "runtime/session.h"
 #include "tests/common.h"
 #include "tests/device_model_check.h"
@@ -119,6 +120,31 @@ TEST(DeviceWiring, EngineOnDeviceStartsFromPrefixSnapshots) {
     }
     EXPECT_EQ(engine.stats().prefix_hits, 2) << name;
     EXPECT_GT(engine.stats().prefix_cache_bytes, 0u) << name;
+  }
+}
+
+// A snapshot is made only when it fits the prefix cache's budget (Device::snapshot_bytes says its
+// size first): a cache larger than the whole budget is never copied, and one that fits is stored.
+TEST(PrefixCache, MakesOnlySnapshotsThatFitTheBudget) {
+  cpu::CpuDevice dev(2);
+  dev.cache_pool(0, CachePart::State, 100);
+  dev.cache_rows(0, CachePart::K, 1, 20, 8);
+  const size_t bytes = dev.snapshot_bytes(1, 16);
+  EXPECT_EQ(bytes, (100 + 16 * 8) * sizeof(float));
+  EXPECT_EQ(dev.save_slot(1, 16)->bytes(), bytes);
+  const std::vector<int64_t> tokens(20, 7);
+  const size_t entry = bytes + 16 * sizeof(int64_t);  // the snapshot and its 16 token ids
+  for (const size_t budget : {size_t(0), entry - 1, entry}) {
+    PrefixCache<DeviceSnapshot> cache(budget, 16);
+    int made = 0;
+    cache.insert(tokens, 16, bytes, [&] {
+      ++made;
+      return dev.save_slot(1, 16);
+    });
+    const bool fits = budget >= entry;
+    EXPECT_EQ(made, fits ? 1 : 0) << "budget " << budget;
+    EXPECT_EQ(cache.entries(), fits ? 1u : 0u) << "budget " << budget;
+    EXPECT_EQ(cache.bytes(), fits ? entry : 0u) << "budget " << budget;
   }
 }
 

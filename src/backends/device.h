@@ -163,6 +163,7 @@ class Device {
     virtual size_t bytes() const = 0;
   };
   virtual std::unique_ptr<SlotSnapshot> save_slot(int64_t slot, int64_t rows) = 0;
+  virtual size_t snapshot_bytes(int64_t slot, int64_t rows) const = 0;  // what save_slot would hold
   virtual void load_slot(const SlotSnapshot& snapshot, int64_t slot) = 0;
   virtual int64_t memory_bytes() const = 0;            // device memory in use (weights, cache, scratch)
 
@@ -192,6 +193,7 @@ class Device {
   virtual void l2norm(float* x, int64_t ld, int64_t T, int64_t heads, int64_t dim) = 0;
   // out [T, I] = SiLU(g) ⊙ u for gu [T, 2I] holding the pairs (g_i, u_i) side by side: a SwiGLU
   // block uploads its gate and up rows interleaved, so that one GEMV block computes both of a pair.
+  // A bf16 device rounds g and u to bf16 first (a bf16 GEMM's stored products).
   virtual void swiglu(const float* gu, float* out, int64_t T, int64_t I) = 0;
   // out [M, W.rows / 2] = swiglu(x · W^T) for W's interleaved gate and up rows (x row stride ldx).
   // The default runs linear, then swiglu; the CUDA decode GEMV applies it as its epilogue.

@@ -3,11 +3,6 @@
 #include <algorithm>
 
 namespace hla {
-namespace {
-size_t snapshot_bytes(const SequenceCache& c) { return c.bytes(); }
-size_t snapshot_bytes(const DeviceSnapshot& s) { return s->bytes(); }
-}  // namespace
-
 template <class Snapshot>
 uint64_t PrefixCache<Snapshot>::hash(const int64_t* t, int64_t n) {
   uint64_t h = 1469598103934665603ull;  // FNV-1a over the ids' bytes
@@ -32,17 +27,16 @@ int64_t PrefixCache<Snapshot>::lookup(const std::vector<int64_t>& tokens, const 
 }
 
 template <class Snapshot>
-void PrefixCache<Snapshot>::insert(const std::vector<int64_t>& tokens, int64_t length,
+void PrefixCache<Snapshot>::insert(const std::vector<int64_t>& tokens, int64_t length, size_t snapshot_bytes,
                                    const std::function<Snapshot()>& make) {
   const uint64_t h = hash(tokens.data(), length);
   if (index_.count(h)) {
     lru_.splice(lru_.begin(), lru_, index_[h]);
     return;
   }
-  if (budget_ == 0) return;
-  Snapshot snapshot = make();
-  const size_t b = snapshot_bytes(snapshot) + size_t(length) * sizeof(int64_t);
+  const size_t b = snapshot_bytes + size_t(length) * sizeof(int64_t);
   if (b > budget_) return;
+  Snapshot snapshot = make();
   while (bytes_ + b > budget_ && !lru_.empty()) {
     const Entry& victim = lru_.back();
     bytes_ -= victim.bytes;

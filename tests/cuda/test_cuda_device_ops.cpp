@@ -102,9 +102,24 @@ TEST(CudaDeviceOps, LinearMatchesCpuDeviceInBf16) {
   }
 }
 
+// The bf16 values a product p may round to when another summation order moves it by up to `tol`:
+// one, or the two on either side of a rounding midpoint within tol of p.
+std::vector<float> bf16_roundings(float p, double tol) {
+  const uint16_t b = f32_to_bf16(p);
+  std::vector<float> r{bf16_to_f32(b)};
+  if ((b & 0x7fff) == 0 || (b & 0x7fff) >= 0x7f80) return r;
+  for (const uint16_t n : {uint16_t(b + 1), uint16_t(b - 1)}) {  // the neighbours in magnitude
+    const double mid = (double(r[0]) + double(bf16_to_f32(n))) / 2;
+    if (std::fabs(double(p) - mid) <= tol) r.push_back(bf16_to_f32(n));
+  }
+  return r;
+}
+
 // W's rows are (gate, up) pairs; M ≤ 8 runs a GEMV with the SwiGLU epilogue (one row: K splits 1
-// and 2; 2–8 rows: tensor cores, unsliced and with a cluster's partials), M > 8 cuBLASLt and the
-// swiglu kernel.
+// and 2, fp32 products; 2–8 rows: tensor cores, unsliced and with a cluster's partials), M > 8
+// cuBLASLt and the swiglu kernel. Past one row both round the gate/up products to bf16 first, so
+// each output must equal SiLU(g)·u for g, u a rounding of the CPU's products (either side of a
+// rounding midpoint that the GPU's summation order, 1e-5 of the largest product, may cross).
 TEST(CudaDeviceOps, LinearSwigluMatchesCpuDevice) {
   HLA_REQUIRE_GPU();
   std::mt19937 rng(3);
@@ -129,15 +144,31 @@ TEST(CudaDeviceOps, LinearSwigluMatchesCpuDevice) {
     };
     auto gpu = cuda::make_cuda_device(1, DType::BF16);
     cpu::CpuDevice cpu(1, /*bf16 operands=*/M > 1);
-    EXPECT_LT(max_rel_diff(run(*gpu), run(cpu)), 1e-5) << "M " << M << " N " << N << " K " << K;
+    if (M == 1) {
+      EXPECT_LT(max_rel_diff(run(*gpu), run(cpu)), 1e-5) << "M " << M << " N " << N << " K " << K;
+      continue;
+    }
+    const std::vector<float> got = run(*gpu), gu = run_linear(cpu, W, x, M, K);
+    double gu_max = 0, y_max = 1e-30;
+    for (float v : gu) gu_max = std::max(gu_max, double(std::fabs(v)));
+    for (float v : got) y_max = std::max(y_max, double(std::fabs(v)));
+    int64_t bad = 0;
+    for (int64_t i = 0; i < M * N / 2; ++i) {
+      double best = 1e30;
+      for (float g : bf16_roundings(gu[size_t(2 * i)], 1e-5 * gu_max))
+        for (float u : bf16_roundings(gu[size_t(2 * i + 1)], 1e-5 * gu_max))
+          best = std::min(best, std::fabs(double(got[size_t(i)]) - double(g / (1 + std::exp(-g)) * u)));
+      bad += best > 1e-5 * y_max;
+    }
+    EXPECT_EQ(bad, 0) << "M " << M << " N " << N << " K " << K;
   }
 }
 
 // A SwiGLU MLP (Device::swiglu_mlp): the GEMV path at one row, the tensor-core GEMV at 5, and the
 // bf16 prefill path (SwiGLU writing the down GEMM's bf16 operand) at 12 and 300 rows, one with
-// strided x rows, against CpuDevice with the same operand rounding. Both round h to bf16; the
-// GEMM's other summation order can move an h value across a rounding boundary (one bf16 ulp,
-// 2^-8 relative, in one of I terms), hence the bound.
+// strided x rows, against CpuDevice with the same operand rounding. Both round the gate/up
+// products and h to bf16; the GEMM's other summation order can move one of them across a rounding
+// boundary (one bf16 ulp, 2^-8 relative, in one of I terms), hence the bound.
 TEST(CudaDeviceOps, SwigluMlpMatchesCpuDevice) {
   HLA_REQUIRE_GPU();
   std::mt19937 rng(5);
@@ -468,8 +499,9 @@ TEST(CudaDeviceOps, MoeMatchesCpuDevice) {
     };
     auto gpu = cuda::make_cuda_device(1, DType::BF16);
     cpu::CpuDevice cpu(1, /*bf16 operands=*/true);
-    // The same bf16 products summed in another order; where that moves a SwiGLU output across a
-    // bf16 rounding boundary, it differs by one bf16 ulp (2^-8 relative) in one of I terms.
+    // The same bf16 products summed in another order; where that moves a gate/up product or a
+    // SwiGLU output across a bf16 rounding boundary, it differs by one bf16 ulp (2^-8 relative) in
+    // one of I terms.
     EXPECT_LT(max_rel_diff(run(*gpu), run(cpu)), 2e-3)
         << "E " << c.E << " k " << c.k << " D " << c.D << " I " << c.I << " T " << c.T;
   }
@@ -500,6 +532,7 @@ TEST(CudaDeviceOps, SlotSnapshotRoundTrip) {
     const std::vector<float> before = read(1);
     const auto snap = dev.save_slot(1, rows);
     EXPECT_EQ(snap->bytes(), size_t(n + nc + rows * width) * sizeof(float)) << dev.name();
+    EXPECT_EQ(dev.snapshot_bytes(1, rows), snap->bytes()) << dev.name();
     dev.begin_forward();
     fill(dev.cache_pool(0, CachePart::State, n) + n, n);  // the slot moves on; the snapshot must not
     fill(dev.cache_rows(1, CachePart::K, 1, rows + 3, width), (rows + 3) * width);

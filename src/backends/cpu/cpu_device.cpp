@@ -84,6 +84,14 @@ struct CpuSnapshot : Device::SlotSnapshot {
 };
 }  // namespace
 
+size_t CpuDevice::snapshot_bytes(int64_t slot, int64_t rows) const {
+  size_t n = 0;
+  for (auto& [key, pool] : pools_) n += pool.size() / size_t(slots_);
+  for (auto& [key, r] : rows_)
+    if (std::get<2>(key) == slot && !r.v.empty()) n += size_t(rows * r.width);
+  return n * sizeof(float);
+}
+
 std::unique_ptr<Device::SlotSnapshot> CpuDevice::save_slot(int64_t slot, int64_t rows) {
   auto snap = std::make_unique<CpuSnapshot>();
   for (auto& [key, pool] : pools_) {
@@ -181,8 +189,10 @@ void CpuDevice::l2norm(float* x, int64_t ld, int64_t T, int64_t heads, int64_t d
 }
 
 void CpuDevice::swiglu(const float* gu, float* out, int64_t T, int64_t I) {
+  // bf16: the gate/up products rounded, as the bf16 GEMM that makes them stores them.
+  auto at = [&](int64_t i) { return bf16_ ? bf16_to_f32(f32_to_bf16(gu[i])) : gu[i]; };
   for (int64_t t = 0; t < T; ++t)
-    for (int64_t i = 0; i < I; ++i) out[t * I + i] = silu(gu[t * 2 * I + 2 * i]) * gu[t * 2 * I + 2 * i + 1];
+    for (int64_t i = 0; i < I; ++i) out[t * I + i] = silu(at(t * 2 * I + 2 * i)) * at(t * 2 * I + 2 * i + 1);
 }
 
 void CpuDevice::sigmoid_mul(float* o, const float* gate, int64_t ld_gate, int64_t ld_gate_head, int64_t T,

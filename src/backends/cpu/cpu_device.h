@@ -2,8 +2,8 @@
 // (nn.h, the delta-rule CPU forms). Model::forward on a CpuDevice equals the plain CPU forward, so
 // a test can check every layer's device wiring without a GPU; the CUDA device is then held to it.
 // With bf16 = true it rounds what the CUDA device's bf16 mode rounds — weights, GEMM operands,
-// delta-rule q/k/v and attention q/k/v — and nothing else: the plain bf16 implementation of the same
-// math that the CUDA bf16 error is measured against.
+// SwiGLU's gate/up products, delta-rule q/k/v and attention q/k/v — and nothing else: the plain
+// bf16 implementation of the same math that the CUDA bf16 error is measured against.
 #pragma once
 #include <deque>
 #include <map>
@@ -35,6 +35,7 @@ class CpuDevice : public Device {
   void reset_slot(int64_t slot) override;
   int64_t slot_bytes(int64_t slot) const override;
   std::unique_ptr<SlotSnapshot> save_slot(int64_t slot, int64_t rows) override;
+  size_t snapshot_bytes(int64_t slot, int64_t rows) const override;
   void load_slot(const SlotSnapshot& snapshot, int64_t slot) override;
   int64_t memory_bytes() const override;
 

@@ -68,12 +68,31 @@ __device__ __forceinline__ void load_v(const float* p, float (&v)[V]) {
     for (int i = 0; i < V; ++i) v[i] = p[i];
   }
 }
-// 4 consecutive bf16 values (one 8-byte load) as floats.
-__device__ __forceinline__ void load_v(const __nv_bfloat16* p, float (&v)[4]) {
-  const uint2 u = *reinterpret_cast<const uint2*>(p);
-  const float2 lo = __bfloat1622float2(reinterpret_cast<const __nv_bfloat162&>(u.x));
-  const float2 hi = __bfloat1622float2(reinterpret_cast<const __nv_bfloat162&>(u.y));
-  v[0] = lo.x, v[1] = lo.y, v[2] = hi.x, v[3] = hi.y;
+// V consecutive bf16 values as floats (one 16-byte load per 8, or one 8-byte load per 4).
+template <int V>
+__device__ __forceinline__ void load_v(const __nv_bfloat16* p, float (&v)[V]) {
+  if constexpr (V % 8 == 0) {
+#pragma unroll
+    for (int i = 0; i < V; i += 8) {
+      const uint4 u = *reinterpret_cast<const uint4*>(p + i);
+      const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float2 f = __bfloat1622float2(reinterpret_cast<const __nv_bfloat162&>(w[j]));
+        v[i + 2 * j] = f.x, v[i + 2 * j + 1] = f.y;
+      }
+    }
+  } else if constexpr (V % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < V; i += 4) {
+      const uint2 u = *reinterpret_cast<const uint2*>(p + i);
+      const float2 lo = __bfloat1622float2(reinterpret_cast<const __nv_bfloat162&>(u.x));
+      const float2 hi = __bfloat1622float2(reinterpret_cast<const __nv_bfloat162&>(u.y));
+      v[i] = lo.x, v[i + 1] = lo.y, v[i + 2] = hi.x, v[i + 3] = hi.y;
+    }
+  } else {
+    for (int i = 0; i < V; ++i) v[i] = __bfloat162float(p[i]);
+  }
 }
 
 template <int V>
@@ -83,10 +102,15 @@ __device__ __forceinline__ void store_v(float* p, const float (&v)[V]) {
   else
     for (int i = 0; i < V; ++i) p[i] = v[i];
 }
-// The same, rounded to bf16 (V == 4: one 8-byte store).
+// The same, rounded to bf16 (V == 8: one 16-byte store; V == 4: one 8-byte store).
 template <int V>
 __device__ __forceinline__ void store_v(__nv_bfloat16* p, const float (&v)[V]) {
-  if constexpr (V == 4) {
+  if constexpr (V == 8) {
+    __nv_bfloat162 h[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) h[j] = __floats2bfloat162_rn(v[2 * j], v[2 * j + 1]);
+    *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(h);
+  } else if constexpr (V == 4) {
     const __nv_bfloat162 lo = __floats2bfloat162_rn(v[0], v[1]), hi = __floats2bfloat162_rn(v[2], v[3]);
     *reinterpret_cast<uint2*>(p) =
         make_uint2(reinterpret_cast<const uint32_t&>(lo), reinterpret_cast<const uint32_t&>(hi));
@@ -302,15 +326,18 @@ __global__ void l2norm_kernel(float* x, int64_t ld, int64_t T, int64_t heads, in
   for (int64_t i = lane; i < dim; i += 32) r[i] *= inv;
 }
 
-template <int V, class Out>  // outputs per thread; Out float, or bf16 when a GEMM reads them next
-__global__ void swiglu_kernel(const float* gu, Out* out, int64_t T, int64_t I) {
+// out [T, I] = SiLU(g)·u of the (g, u) pairs of gu [T, 2I], V outputs per thread. In: fp32, or the
+// bf16 products of a GEMM; Out: fp32, or bf16 when a GEMM reads them next. bf16 mode: swiglu_bf16.
+template <int V, class In, class Out>
+__global__ void swiglu_kernel(const In* gu, Out* out, int64_t T, int64_t I, bool bf16_mode) {
   pdl_begin();
   const int64_t IV = I / V;
   GRID_STRIDE(i, T * IV) {
     const int64_t t = i / IV, c = (i % IV) * V;
     float p[2 * V], o[V];  // (g, u) pairs
     load_v(gu + t * 2 * I + 2 * c, p);
-    for (int j = 0; j < V; ++j) o[j] = p[2 * j] * sigmoidf(p[2 * j]) * p[2 * j + 1];
+    for (int j = 0; j < V; ++j)
+      o[j] = bf16_mode ? swiglu_bf16(p[2 * j], p[2 * j + 1]) : p[2 * j] * sigmoidf(p[2 * j]) * p[2 * j + 1];
     store_v(out + t * I + c, o);
   }
 }
@@ -862,7 +889,8 @@ __global__ void decode_combine_kernel(const float* part, float* o, int64_t dv) {
 // last blocks of a call finish sooner (the 2B model's chain of 97 GEMVs: 1278 → 1249 µs on an
 // H200). kSwiglu: rows 2i and 2i+1 are a SwiGLU block's gate and up rows i (one block holds both:
 // S ≤ kGemvWarps / 2) and y [N/2] gets SiLU(gate)·up, so the elementwise pass is not a kernel of
-// its own. K a multiple of 8·S, x 16-byte aligned.
+// its own; like x, the gate/up products stay fp32 here (every other bf16 path rounds both). K a multiple of 8·S, x
+// 16-byte aligned.
 constexpr int kGemvPrefetch = 4, kGemvWarps = 4;
 template <bool kSwiglu>
 __global__ void __launch_bounds__(kGemvWarps * 32)
@@ -933,7 +961,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
 // 4,957 → 4,717; batch 64 10,148 → 7,131; ncu: 10 cycles per issued instruction at 4 warps per
 // scheduler, 128 registers), so those sizes keep the GEMM path (docs/RESULTS_MODEL_GPU.md,
 // session 12).
-// kSwiglu: rows 2i, 2i+1 are a gate/up pair (neighbouring g) and y [M, N/2] gets SiLU(gate)·up.
+// kSwiglu: rows 2i, 2i+1 are a gate/up pair (neighbouring g) and y [M, N/2] gets swiglu_bf16(gate, up).
 // K/S a multiple of 32, S ≤ 8 (a portable cluster), x rows 16-byte aligned with ldx % 4 == 0.
 constexpr int kGemvTcWarps = 8, kGemvTcRows = 16 * kGemvTcWarps, kGemvTcUnroll = 4, kGemvTcMaxSlices = 8;
 template <bool kSwiglu>
@@ -1013,7 +1041,7 @@ __global__ void __launch_bounds__(kGemvTcWarps * 32, 2)
   }
   auto put = [&](int64_t n, int m, float v, float up) {  // up: row n + 1's value (kSwiglu)
     if constexpr (kSwiglu) {
-      if (n % 2 == 0) y[m * (N / 2) + n / 2] = v * sigmoidf(v) * up;
+      if (n % 2 == 0) y[m * (N / 2) + n / 2] = swiglu_bf16(v, up);
     } else {
       y[m * N + n] = v;
     }
@@ -1375,6 +1403,13 @@ class CudaDevice : public Device {
       if (block) cudaFreeAsync(block, stream);  // after any load_slot copy queued on the stream
     }
   };
+  size_t snapshot_bytes(int64_t slot, int64_t rows) const override {
+    size_t n = 0;
+    for (auto& [key, p] : pools_) n += size_t(pool_size_.at(key));
+    for (auto& [key, r] : rows_)
+      if (std::get<2>(key) == slot && r.p) n += size_t(rows * r.width);
+    return n * 4;
+  }
   std::unique_ptr<SlotSnapshot> save_slot(int64_t slot, int64_t rows) override {
     check(mode_ == Mode::Eager, "internal: save_slot inside a recorded forward");
     auto snap = std::make_unique<CudaSnapshot>();
@@ -1534,9 +1569,11 @@ class CudaDevice : public Device {
     if (op.skip) return;
     swiglu_to(gu, out, T, I);
   }
-  // SwiGLU MLP in bf16 at prefill: the SwiGLU pass writes the down projection's bf16 operand
-  // itself, so h skips an fp32 round trip and a conversion pass (the same rounding as linear's
-  // conversion). Decode-sized batches keep the SwiGLU GEMV epilogue.
+  // SwiGLU MLP in bf16 at prefill: the gate/up GEMM stores its products in bf16 (swiglu_bf16's
+  // rounding: the 2.0B model's 32K-token prefill writes and reads 0.8 GB less per layer), and the
+  // SwiGLU pass writes the down projection's bf16 operand itself, so h skips an fp32 round trip and
+  // a conversion pass (the same rounding as linear's conversion). Decode-sized batches keep the
+  // SwiGLU GEMV epilogue.
   void swiglu_mlp(const float* x, int64_t ldx, const DevMatrix& gate_up, const DevMatrix& down, float* out,
                   int64_t M) override {
     const int64_t I = gate_up.rows / 2;
@@ -1544,19 +1581,25 @@ class CudaDevice : public Device {
       return Device::swiglu_mlp(x, ldx, gate_up, down, out, M);
     const OpScope op(*this, "swiglu_mlp");
     auto* xb = reinterpret_cast<__nv_bfloat16*>(scratch((M * gate_up.cols + 1) / 2));
-    float* gu = scratch(M * gate_up.rows);
+    auto* gu = reinterpret_cast<__nv_bfloat16*>(scratch((M * gate_up.rows + 1) / 2));
     auto* hb = reinterpret_cast<__nv_bfloat16*>(scratch((M * I + 1) / 2));
     if (op.skip || M == 0) return;
     pack_to(x, ldx, gate_up.cols, xb, M);
-    gemm(gate_up, xb, gate_up.cols, gu, M);
+    gemm(gate_up, xb, gate_up.cols, gu, M, DType::BF16);
     swiglu_to(gu, hb, M, I);
     gemm(down, hb, I, out, M);
   }
-  template <class Out>
-  void swiglu_to(const float* gu, Out* out, int64_t T, int64_t I) {
-    with_vec_width(vec_width(gu, I, 2 * I), [&](auto w) {
-      launch(swiglu_kernel<w.value, Out>, grid_for(T * I / w.value), kThreads, gu, out, T, I);
-    });
+  template <class In, class Out>
+  void swiglu_to(const In* gu, Out* out, int64_t T, int64_t I) {
+    auto run = [&](auto w) {
+      launch(swiglu_kernel<w.value, In, Out>, grid_for(T * I / w.value), kThreads, gu, out, T, I, wt_ == DType::BF16);
+    };
+    // bf16 in and out (the prefill MLP): 8 outputs a thread, so every access is 16 bytes (4 a
+    // thread read the 2.0B model's 32K-token products at 3.1 TB/s).
+    if constexpr (sizeof(In) == 2 && sizeof(Out) == 2)
+      if (I % 8 == 0 && ptr_alignment(gu) >= 16 && ptr_alignment(out) >= 16)
+        return run(std::integral_constant<int, 8>{});
+    with_vec_width(vec_width(gu, I, 2 * I), run);
   }
   void sigmoid_mul(float* o, const float* gate, int64_t ld_gate, int64_t ld_gate_head, int64_t T, int64_t heads,
                    int64_t dim) override {
@@ -1946,12 +1989,14 @@ class CudaDevice : public Device {
                        W.rows, W.cols, S, int(M));
   }
 
-  // y [M, N] = x [M, K] · W^T: in cuBLASLt's column-major terms D [N, M] = W^T(stored [K, N]) · x (stored [K, M], ld ldb).
-  void gemm(const DevMatrix& W, const void* x, int64_t ldb, float* y, int64_t M) {
+  // y [M, N] = x [M, K] · W^T: in cuBLASLt's column-major terms D [N, M] = W^T(stored [K, N]) · x (stored [K, M], ld
+  // ldb). y in fp32, or (out = BF16, bf16 weights) rounded to bf16.
+  void gemm(const DevMatrix& W, const void* x, int64_t ldb, void* y, int64_t M, DType out = DType::F32) {
     const int64_t N = W.rows, K = W.cols;
     const cudaDataType_t t = wt_ == DType::BF16 ? CUDA_R_16BF : CUDA_R_32F;
+    const cudaDataType_t td = out == DType::BF16 ? CUDA_R_16BF : CUDA_R_32F;
     const int al_b = ptr_alignment(x), al_d = ptr_alignment(y);
-    auto key = std::make_tuple(M, N, K, ldb, al_b, al_d);
+    auto key = std::make_tuple(M, N, K, ldb, al_b, al_d, out);
     auto it = gemms_.find(key);
     if (it == gemms_.end()) {
       Gemm g{};
@@ -1961,7 +2006,7 @@ class CudaDevice : public Device {
       check_lt(cublasLtMatmulDescSetAttribute(g.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)), "transb");
       check_lt(cublasLtMatrixLayoutCreate(&g.a, t, uint64_t(K), uint64_t(N), K), "layout A");
       check_lt(cublasLtMatrixLayoutCreate(&g.b, t, uint64_t(K), uint64_t(M), ldb), "layout B");
-      check_lt(cublasLtMatrixLayoutCreate(&g.d, CUDA_R_32F, uint64_t(N), uint64_t(M), N), "layout D");
+      check_lt(cublasLtMatrixLayoutCreate(&g.d, td, uint64_t(N), uint64_t(M), N), "layout D");
       cublasLtMatmulPreference_t pref;
       check_lt(cublasLtMatmulPreferenceCreate(&pref), "preference");
       const uint64_t ws = kLtWorkspace;
@@ -2016,7 +2061,7 @@ class CudaDevice : public Device {
   std::map<std::pair<int64_t, CachePart>, void*> pools_;
   std::map<std::pair<int64_t, CachePart>, int64_t> pool_size_;
   std::map<std::tuple<int64_t, CachePart, int64_t>, Rows> rows_;
-  std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, int, int>, Gemm> gemms_;
+  std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, int, int, DType>, Gemm> gemms_;
   std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, int, int, std::vector<int64_t>>, std::unique_ptr<DeltaChunkPlan>>
       plans_;
 };

@@ -125,6 +125,13 @@ __device__ __forceinline__ float warp_max(float v) {
 }
 
 __device__ __forceinline__ float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
+// SiLU(gate)·up of a SwiGLU pair in bf16 mode: both rounded to bf16 first, as a bf16 GEMM stores
+// them (and as transformers' bf16 Linear returns them), so that every path that rounds the GEMM's
+// operands rounds its gate/up products too, and the prefill GEMM can write them in bf16.
+__device__ __forceinline__ float swiglu_bf16(float gate, float up) {
+  const float g = __bfloat162float(__float2bfloat16_rn(gate));
+  return g * sigmoidf(g) * __bfloat162float(__float2bfloat16_rn(up));
+}
 // 1 / ||x|| from its sum of squares, as the CPU's l2norm_forward (eps 1e-6 inside the root).
 __device__ __forceinline__ float l2_inverse(float sum_sq) { return 1.0f / sqrtf(sum_sq + 1e-6f); }
 // softplus as torch computes it: linear above 20.

@@ -171,11 +171,11 @@ __device__ __forceinline__ RowTile find_row_tile(const int32_t* offsets, const i
 }
 
 // Output columns (col, col + 1) of sorted row `row`. kSwiglu: they are an expert's (gate_i, up_i)
-// rows and out (bf16 [R, N/2]) gets SiLU(gate)·up; else out (fp32 [R, N]) gets both.
+// rows and out (bf16 [R, N/2]) gets swiglu_bf16(gate, up); else out (fp32 [R, N]) gets both.
 template <bool kSwiglu>
 __device__ __forceinline__ void store_products(void* out, int N, int row, int col, float v0, float v1) {
   if constexpr (kSwiglu) {
-    static_cast<bf16*>(out)[int64_t(row) * (N / 2) + col / 2] = __float2bfloat16_rn(v0 * sigmoidf(v0) * v1);
+    static_cast<bf16*>(out)[int64_t(row) * (N / 2) + col / 2] = __float2bfloat16_rn(swiglu_bf16(v0, v1));
   } else {
     *reinterpret_cast<float2*>(static_cast<float*>(out) + int64_t(row) * N + col) = make_float2(v0, v1);
   }
@@ -200,7 +200,7 @@ using SmallTiles = Tiling<16, 64, 1, 4, 4>;
 // Block (n-block x, tile y): rows [m0, m0 + BM) of the sorted rows A [R, K] (bf16) times the rows
 // [n0, n0 + BN) of its expert's W_e [N, K] (bf16, expert e at W + e·N·K), the expert found from
 // the plan. kSwiglu: columns (2i, 2i+1) are expert row pairs (gate_i, up_i) and
-// out (bf16 [R, N/2]) = SiLU(gate)·up; else out (fp32 [R, N]) = the products.
+// out (bf16 [R, N/2]) = swiglu_bf16(gate, up); else out (fp32 [R, N]) = the products.
 template <class Cfg, bool kSwiglu>
 __global__ void __launch_bounds__(Cfg::kThreads)
     moe_gemm_kernel(const bf16* A, const bf16* W, int N, int K, const int32_t* offsets, const int32_t* tiles, int E,
@@ -366,7 +366,7 @@ __global__ void __launch_bounds__(WgmmaTiles::kThreads, 1)
 // warp left the down projection (K = 512: 1 KB a warp) bound by each warp's fixed cost. Only the
 // picked experts' rows are read and nothing is sorted or gathered; the input row is rounded to
 // bf16 as the tile path's operands are. kSwiglu: rows (2i, 2i+1) are (gate_i, up_i), in one warp
-// (kRows even), and out (bf16, [R, N/2]) = SiLU(gate)·up, rounded to bf16; else out (fp32,
+// (kRows even), and out (bf16, [R, N/2]) = swiglu_bf16(gate, up), rounded; else out (fp32,
 // [R, N]). K a multiple of 8.
 constexpr int kGemvWarps = 4;
 template <bool kSwiglu, class In, int kRows>
@@ -412,8 +412,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
     const int n = n0 + j;
     if (n >= N) break;
     if constexpr (kSwiglu)
-      static_cast<bf16*>(out)[int64_t(r) * (N / 2) + n / 2] =
-          __float2bfloat16_rn(acc[j] * sigmoidf(acc[j]) * acc[j + 1]);
+      static_cast<bf16*>(out)[int64_t(r) * (N / 2) + n / 2] = __float2bfloat16_rn(swiglu_bf16(acc[j], acc[j + 1]));
     else
       static_cast<float*>(out)[int64_t(r) * N + n] = acc[j];
   }
