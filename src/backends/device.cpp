@@ -27,8 +27,23 @@ void Device::delta_prep(const DeltaPrep& p, const DevBatch& b) {
   gate_softplus(p.a, p.lda, p.A_log, p.dt_bias, p.g, T, p.H, p.gate_width);
 }
 
-void Device::delta_mixer(const DeltaMixer& m, const DevBatch& b, float* out) {
-  const int64_t T = b.tokens(), HK = m.dims.H * m.dims.K, HVV = m.dims.HV * m.dims.V;
+float* Device::project_delta_input(DeltaMixer& m, int64_t T) {
+  if (!m.in_proj.p) return nullptr;
+  const int64_t W = m.in_proj.rows;
+  float* rows = scratch(T * W);
+  linear(m.in_x, m.ld_in, m.in_proj, rows, T);
+  m.prep.x = rows + m.x_col, m.prep.ldx = W;
+  m.prep.b = rows + m.b_col, m.prep.ldb = W;
+  m.prep.a = rows + m.a_col, m.prep.lda = W;
+  m.gate = rows + m.gate_col, m.ld_gate = W;
+  m.in_proj = {};
+  return rows;
+}
+
+void Device::delta_mixer(const DeltaMixer& mixer, const DevBatch& b, float* out) {
+  const int64_t T = b.tokens(), HK = mixer.dims.H * mixer.dims.K, HVV = mixer.dims.HV * mixer.dims.V;
+  DeltaMixer m = mixer;
+  project_delta_input(m, T);
   DeltaPrep p = m.prep;
   p.y = scratch(T * p.C);
   delta_prep(p, b);

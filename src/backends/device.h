@@ -72,6 +72,13 @@ struct DeltaPrep {
 // = the conv rows [q (H·K) | k (H·K) | v (HV·V)] from each sequence's slot in state_pool, then o
 // [T, HV, V] = gated RMSNorm(o)·norm·act(gate) per value head (token t's gate rows at gate +
 // t·ld_gate, as gated_rms_norm), then out [T, out_proj.rows] = o · out_proj^T.
+//
+// With in_proj set, the layer's input projection is the mixer's first step: rows [T, in_proj.rows]
+// = in_x (row stride ld_in) · in_proj^T hold the conv input, b, a and the output gate from columns
+// x_col, b_col, a_col and gate_col (prep.x, prep.b, prep.a, gate and their strides are then
+// ignored). A bf16 device stores these rows in bf16 (its fused prefill: the 2.0B Qwen3.5 model's
+// GDN projection is 12,352 values a token, 1.6 GB in fp32 at 32K tokens), and CpuDevice's bf16
+// mode rounds them the same way.
 struct DeltaMixer {
   DeltaPrep prep;
   DeltaRuleDims dims;
@@ -83,6 +90,10 @@ struct DeltaMixer {
   float eps;
   cpu::GateAct act;
   DevMatrix out_proj;
+  const float* in_x = nullptr;
+  int64_t ld_in = 0;
+  DevMatrix in_proj;  // unset (p == nullptr): the rows are given through prep and gate
+  int64_t x_col = 0, b_col = 0, a_col = 0, gate_col = 0;
 };
 
 // An attention layer's q, k and v from its projection rows, for Device::attention_prep: q [T, nh,
@@ -217,10 +228,13 @@ class Device {
   // DeltaPrep's steps for every sequence of b; the default runs causal_conv_silu, l2norm, sigmoid
   // and gate_softplus one after another, a device may fuse them (the CUDA decode step does).
   virtual void delta_prep(const DeltaPrep& p, const DevBatch& b);
-  // DeltaMixer's steps for every sequence of b; the default runs delta_prep, delta_rule,
-  // gated_rms_norm and linear one after another. The CUDA device's bf16 prefill passes q, k, v and
-  // o between them as the 16-bit operands of the op and the GEMM, with no fp32 rows in between.
+  // DeltaMixer's steps for every sequence of b; the default runs linear (the input projection, if
+  // m has one), delta_prep, delta_rule, gated_rms_norm and linear one after another. The CUDA device's bf16 prefill
+  // passes q, k, v and o between them as the 16-bit operands of the op and the GEMM, with no fp32 rows in between.
   virtual void delta_mixer(const DeltaMixer& m, const DevBatch& b, float* out);
+  // Runs m's input projection (linear, into scratch rows [T, in_proj.rows]) and points m's prep
+  // and gate into the rows, leaving in_proj unset; returns the rows (null when m has none).
+  float* project_delta_input(DeltaMixer& m, int64_t T);
   // AttentionPrep's steps for the tokens of b; the default copies, normalises and rotates with
   // the ops above, a device may fuse them (the CUDA device does).
   virtual void attention_prep(const AttentionPrep& p, const DevBatch& b);

@@ -153,17 +153,15 @@ class GatedDeltaNet : public Mixer {
 
   void forward_device(Device& dev, const float* x, float* out, const DevBatch& b, int64_t layer) const override {
     const int64_t T = b.tokens(), D = s_.hidden, nv = s_.lin_nv, dv = s_.lin_dv, C = core_.conv_dim;
-    const int64_t W = C + nv * dv + 2 * nv;  // [q | k | v | z | b | a]
-    float* qkvz = dev.scratch(T * W);
-    const float* ba = qkvz + C + nv * dv;
-    dev.linear(x, D, dev_.in, qkvz, T);
-    DeltaMixer m{};
+    DeltaMixer m{};  // the projection's rows: [q | k | v (C) | z (nv·dv) | b (nv) | a (nv)]
+    m.in_x = x, m.ld_in = D, m.in_proj = dev_.in;
+    m.x_col = 0, m.gate_col = C, m.b_col = C + nv * dv, m.a_col = C + nv * dv + nv;
     DeltaPrep& p = m.prep;
-    p.x = qkvz, p.ldx = W, p.conv_w = dev_.conv;
-    p.b = ba, p.ldb = W, p.beta_max = s_.beta_max, p.beta = dev.scratch(T * nv);
-    p.a = ba + nv, p.lda = W, p.A_log = dev_.A_log, p.dt_bias = dev_.dt_bias, p.g = dev.scratch(T * nv);
+    p.conv_w = dev_.conv;
+    p.beta_max = s_.beta_max, p.beta = dev.scratch(T * nv);
+    p.A_log = dev_.A_log, p.dt_bias = dev_.dt_bias, p.g = dev.scratch(T * nv);
     p.gate_width = 1;
-    m.gate = qkvz + C, m.ld_gate = W, m.norm = dev_.norm, m.eps = s_.norm_eps, m.act = GateAct::SiLU;
+    m.norm = dev_.norm, m.eps = s_.norm_eps, m.act = GateAct::SiLU;
     m.out_proj = dev_.out;
     core_.run_device(dev, m, b, layer, out);
   }

@@ -346,6 +346,72 @@ TEST(CudaDeviceOps, DeltaMixerMatchesUnfusedSteps) {
   }
 }
 
+// A Gated DeltaNet-shaped mixer that runs its own input projection (DeltaMixer::in_proj: rows
+// [q | k | v | z | b | a] of 1,544 values from 96 inputs), two packed forwards as above: the CUDA
+// device's fused bf16 prefill stores the rows in bf16; CpuDevice's bf16 mode rounds the same rows
+// (the plain bf16 implementation); the CUDA device's unfused steps keep them in fp32. All three
+// are held to the fp32 CpuDevice: the fused path within 2× the plain bf16 error (the bar),
+// and a column taken from the wrong place would be an error of order one.
+TEST(CudaDeviceOps, DeltaMixerWithInputProjectionMatchesCpuDevice) {
+  HLA_REQUIRE_GPU();
+  const int64_t nk = 2, nv = 4, dk = 128, HK = nk * dk, HVV = nv * dk, C = 2 * HK + HVV, kw = 4, D = 96, Dout = 80;
+  const int64_t W = C + HVV + 2 * nv;
+  std::mt19937 rng(23);
+  const Tensor in_proj = random_bf16_tensor(W, D, rng, 0.2f), out_proj = random_bf16_tensor(Dout, HVV, rng, 0.1f);
+  const Tensor conv_w = vector_tensor(random_vector(C * kw, rng)), A_log = vector_tensor(random_vector(nv, rng));
+  const Tensor dt_bias = vector_tensor(random_vector(nv, rng)),
+               norm = vector_tensor(random_vector(dk, rng, 0.5f, 1.5f));
+  const std::vector<std::vector<int64_t>> lens{{37, 5, 64}, {3, 70, 2}}, past{{0, 0, 0}, {37, 5, 64}};
+  std::vector<std::vector<float>> xs;
+  for (const auto& l : lens) xs.push_back(random_vector((l[0] + l[1] + l[2]) * D, rng, -2, 2));
+  auto run = [&](Device& dev, bool fused) {
+    const float *w = dev.upload_vector(conv_w), *al = dev.upload_vector(A_log), *dt = dev.upload_vector(dt_bias);
+    const float* nw = dev.upload_vector(norm);
+    const DevMatrix ip = dev.upload_matrix(in_proj), op = dev.upload_matrix(out_proj);
+    std::vector<float> got;
+    for (size_t f = 0; f < 2; ++f) {
+      dev.begin_forward();
+      const DevBatch b = make_batch(dev, lens[f], {2, 0, 5}, past[f]);
+      const int64_t T = b.tokens();
+      DeltaMixer m{};
+      m.in_x = dev.upload_f32(xs[f]), m.ld_in = D, m.in_proj = ip;
+      m.x_col = 0, m.gate_col = C, m.b_col = C + HVV, m.a_col = C + HVV + nv;
+      DeltaPrep& p = m.prep;
+      p.conv_w = w, p.C = C, p.kw = kw, p.conv_pool = dev.cache_pool(0, CachePart::Conv, C * (kw - 1));
+      p.l2_heads = 2 * nk, p.head_dim = dk, p.beta_max = 1.0f, p.beta = dev.scratch(T * nv);
+      p.A_log = al, p.dt_bias = dt, p.g = dev.scratch(T * nv), p.H = nv, p.gate_width = 1;
+      m.dims.H = nk, m.dims.HV = nv, m.dims.K = dk, m.dims.V = dk, m.dims.gate = DeltaGate::Scalar;
+      m.scale = 1.0f / std::sqrt(float(dk));
+      m.state_pool = dev.cache_pool(0, CachePart::State, nv * dk * dk);
+      m.norm = nw, m.eps = 1e-6f, m.act = cpu::GateAct::SiLU, m.out_proj = op;
+      float* out = dev.scratch(T * Dout);
+      if (fused)
+        dev.delta_mixer(m, b, out);
+      else
+        dev.Device::delta_mixer(m, b, out);
+      std::vector<float> h(size_t(T * Dout));
+      dev.to_host(out, h.data(), T * Dout);
+      got.insert(got.end(), h.begin(), h.end());
+    }
+    for (auto [part, width] : {std::pair{CachePart::Conv, C * (kw - 1)}, {CachePart::State, nv * dk * dk}}) {
+      std::vector<float> h(size_t(6 * width));
+      dev.to_host(dev.cache_pool(0, part, width), h.data(), 6 * width);
+      got.insert(got.end(), h.begin(), h.end());
+    }
+    return got;
+  };
+  auto fused_dev = cuda::make_cuda_device(6, DType::BF16), steps_dev = cuda::make_cuda_device(6, DType::BF16);
+  cpu::CpuDevice plain_dev(6, /*bf16=*/true), exact_dev(6);
+  const std::vector<float> fused = run(*fused_dev, true), steps = run(*steps_dev, false);
+  const std::vector<float> plain = run(plain_dev, true), exact = run(exact_dev, true);
+  const float e_fused = max_rel_diff(fused, exact), e_steps = max_rel_diff(steps, exact),
+              e_plain = max_rel_diff(plain, exact);
+  EXPECT_LE(e_fused, 2 * e_plain) << "fused " << e_fused << ", plain " << e_plain;
+  EXPECT_LE(e_steps, 2 * e_plain) << "steps " << e_steps << ", plain " << e_plain;
+  EXPECT_LT(e_fused, 3e-2);
+  EXPECT_GT(e_plain, 0.0f);  // the plain bf16 run did round
+}
+
 // The prefill short conv (causal_conv_silu over packed sequences) in two forwards, the second
 // continuing the slots' conv states: 4-channel and 1-channel rows (row stride off 4), 4 taps and
 // 2 (window places that weigh 0) and 6 (the 16-place window); a 50K-token sequence makes each

@@ -195,6 +195,12 @@ void CpuDevice::swiglu(const float* gu, float* out, int64_t T, int64_t I) {
     for (int64_t i = 0; i < I; ++i) out[t * I + i] = silu(at(t * 2 * I + 2 * i)) * at(t * 2 * I + 2 * i + 1);
 }
 
+void CpuDevice::delta_mixer(const DeltaMixer& mixer, const DevBatch& b, float* out) {
+  DeltaMixer m = mixer;
+  if (float* rows = project_delta_input(m, b.tokens())) round(rows, b.tokens() * mixer.in_proj.rows);
+  Device::delta_mixer(m, b, out);
+}
+
 void CpuDevice::sigmoid_mul(float* o, const float* gate, int64_t ld_gate, int64_t ld_gate_head, int64_t T,
                             int64_t heads, int64_t dim) {
   for (int64_t t = 0; t < T; ++t)

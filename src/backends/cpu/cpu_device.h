@@ -2,8 +2,10 @@
 // (nn.h, the delta-rule CPU forms). Model::forward on a CpuDevice equals the plain CPU forward, so
 // a test can check every layer's device wiring without a GPU; the CUDA device is then held to it.
 // With bf16 = true it rounds what the CUDA device's bf16 mode rounds — weights, GEMM operands,
-// SwiGLU's gate/up products, delta-rule q/k/v and attention q/k/v — and nothing else: the plain
-// bf16 implementation of the same math that the CUDA bf16 error is measured against.
+// SwiGLU's gate/up products, a delta-rule mixer's projected rows (DeltaMixer::in_proj), delta-rule
+// q/k/v and attention q/k/v — and nothing else: the plain bf16 implementation of the same math that
+// the CUDA bf16 error is measured against. (The CUDA device keeps the gate/up products in fp32 in
+// its one-row GEMV, and the projected rows in fp32 outside its fused bf16 prefill.)
 #pragma once
 #include <deque>
 #include <map>
@@ -53,6 +55,7 @@ class CpuDevice : public Device {
                       int64_t dim, float eps, GateAct act) override;
   void l2norm(float* x, int64_t ld, int64_t T, int64_t heads, int64_t dim) override;
   void swiglu(const float* gu, float* out, int64_t T, int64_t I) override;
+  void delta_mixer(const DeltaMixer& m, const DevBatch& b, float* out) override;
   void sigmoid_mul(float* o, const float* gate, int64_t ld_gate, int64_t ld_gate_head, int64_t T, int64_t heads,
                    int64_t dim) override;
   void sigmoid(const float* x, int64_t ldx, float* y, int64_t T, int64_t n, float scale) override;

@@ -248,9 +248,9 @@ __device__ __forceinline__ float norm_gate(float x, bool silu) { return silu ? x
 // up to 8 of the row's values (dims ≤ 256) in registers: o, gate and weight are loaded together.
 // y = the normalised rows: o itself (fp32, in place), or the output projection's bf16 operand read
 // from the delta-rule op's bf16 output (the same roundings as unpacking o and packing y).
-template <class In, class Out>
-__global__ void gated_rms_norm_kernel(const In* o, Out* y, const float* gate, int64_t ld_gate, const float* w,
-                                      int64_t rows, int64_t heads, int64_t dim, float eps, bool silu_gate) {
+template <class In, class Out, class G>
+__global__ void gated_rms_norm_kernel(const In* o, Out* y, const G* gate, int64_t ld_gate, const float* w, int64_t rows,
+                                      int64_t heads, int64_t dim, float eps, bool silu_gate) {
   constexpr int kRegs = 8;
   const int lane = threadIdx.x & 31;
   float wr[kRegs], v[kRegs], a[kRegs];
@@ -261,13 +261,13 @@ __global__ void gated_rms_norm_kernel(const In* o, Out* y, const float* gate, in
   if (row >= rows) return;
   const In* orow = o + row * dim;
   Out* yrow = y + row * dim;
-  const float* g = gate + (row / heads) * ld_gate + (row % heads) * dim;
+  const G* g = gate + (row / heads) * ld_gate + (row % heads) * dim;
   float ss = 0;
 #pragma unroll
   for (int j = 0; j < kRegs; ++j) {
     const int64_t i = lane + 32 * j;
     v[j] = i < dim ? float(orow[i]) : 0.0f;
-    a[j] = i < dim ? g[i] : 0.0f;
+    a[j] = i < dim ? float(g[i]) : 0.0f;
     ss += v[j] * v[j];
   }
   for (int64_t i = lane + 32 * kRegs; i < dim; i += 32) ss += float(orow[i]) * float(orow[i]);
@@ -276,14 +276,14 @@ __global__ void gated_rms_norm_kernel(const In* o, Out* y, const float* gate, in
   for (int j = 0; j < kRegs; ++j)
     if (lane + 32 * j < dim) yrow[lane + 32 * j] = Out(v[j] * s * wr[j] * norm_gate(a[j], silu_gate));
   for (int64_t i = lane + 32 * kRegs; i < dim; i += 32)
-    yrow[i] = Out(float(orow[i]) * s * w[i] * norm_gate(g[i], silu_gate));
+    yrow[i] = Out(float(orow[i]) * s * w[i] * norm_gate(float(g[i]), silu_gate));
 }
 
 // gated_rms_norm_kernel for rows of 128 or 256 (R = dim / 128) with 16-byte-aligned gate rows: lane
 // j takes 4 consecutive values of each 128-value piece, one vector access per array and piece
-// (the scalar kernel moved the 2.0B model's 32K-token rows at 2.1 TB/s).
-template <class In, class Out, int R>
-__global__ void gated_rms_norm_vec_kernel(const In* o, Out* y, const float* gate, int64_t ld_gate, const float* w,
+// (the scalar kernel moved the 2.0B model's 32K-token rows at 2.1 TB/s). G: the gate rows' type.
+template <class In, class Out, class G, int R>
+__global__ void gated_rms_norm_vec_kernel(const In* o, Out* y, const G* gate, int64_t ld_gate, const float* w,
                                           int64_t rows, int64_t heads, float eps, bool silu_gate) {
   constexpr int64_t dim = 128 * R;
   const int lane = threadIdx.x & 31;
@@ -293,7 +293,7 @@ __global__ void gated_rms_norm_vec_kernel(const In* o, Out* y, const float* gate
   pdl_begin();
   const int64_t row = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / 32;
   if (row >= rows) return;
-  const float* g = gate + (row / heads) * ld_gate + (row % heads) * dim;
+  const G* g = gate + (row / heads) * ld_gate + (row % heads) * dim;
   float ss = 0;
 #pragma unroll
   for (int r = 0; r < R; ++r) {
@@ -359,9 +359,10 @@ __global__ void sigmoid_mul_kernel(float* o, const float* gate, int64_t ld_gate,
   }
 }
 
-__global__ void sigmoid_kernel(const float* x, int64_t ldx, float* y, int64_t T, int64_t n, float scale) {
+template <class In>
+__global__ void sigmoid_kernel(const In* x, int64_t ldx, float* y, int64_t T, int64_t n, float scale) {
   pdl_begin();
-  GRID_STRIDE(i, T * n) y[i] = scale * sigmoidf(x[(i / n) * ldx + i % n]);
+  GRID_STRIDE(i, T * n) y[i] = scale * sigmoidf(float(x[(i / n) * ldx + i % n]));
 }
 
 // Gate value j of a token (head j / width): −exp(A_log)·softplus(a + dt_bias), as gate_softplus_forward.
@@ -372,12 +373,13 @@ __device__ __forceinline__ float softplus_gate(float a, const float* A_log, cons
   return gate_value(f, a, j, width).g;
 }
 
-__global__ void gate_softplus_kernel(const float* a, int64_t lda, const float* A_log, const float* dt_bias, float* g,
+template <class In>
+__global__ void gate_softplus_kernel(const In* a, int64_t lda, const float* A_log, const float* dt_bias, float* g,
                                      int64_t T, int64_t H, int64_t width) {
   pdl_begin();
   GRID_STRIDE(i, T * H * width) {
     const int64_t j = i % (H * width), t = i / (H * width);
-    g[i] = softplus_gate(a[t * lda + j], A_log, dt_bias, j, width);
+    g[i] = softplus_gate(float(a[t * lda + j]), A_log, dt_bias, j, width);
   }
 }
 
@@ -456,9 +458,9 @@ struct DeltaOperands {
   }
 };
 
-template <int V, int W, class Sink>
-__global__ void conv_kernel(const float* x, int64_t ldx, const float* w, Sink sink, int64_t T, int64_t C, int kw,
-                            int span, const int32_t* cu, const int32_t* slots, int N, const float* pool) {
+template <int V, int W, class In, class Sink>
+__global__ void conv_kernel(const In* x, int64_t ldx, const float* w, Sink sink, int64_t T, int64_t C, int kw, int span,
+                            const int32_t* cu, const int32_t* slots, int N, const float* pool) {
   const int P = kw - 1, skip = W - kw;
   const int64_t CV = C / V, i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   const int64_t c = i % CV * V, t0 = i / CV * span;
@@ -623,8 +625,9 @@ __global__ void delta_prep_decode_kernel(DeltaPrep p, const int32_t* slots, int6
 }
 
 // After conv_kernel: each slot's state becomes the last P inputs of [state | x].
-__global__ void conv_state_kernel(const float* x, int64_t ldx, int64_t C, int kw, const int32_t* cu,
-                                  const int32_t* slots, int N, float* pool) {
+template <class In>
+__global__ void conv_state_kernel(const In* x, int64_t ldx, int64_t C, int kw, const int32_t* cu, const int32_t* slots,
+                                  int N, float* pool) {
   pdl_begin();
   const int P = kw - 1;
   GRID_STRIDE(i, int64_t(N) * C) {
@@ -633,7 +636,7 @@ __global__ void conv_state_kernel(const float* x, int64_t ldx, int64_t C, int kw
     float* st = pool + (int64_t(slots[s]) * C + c) * P;
     for (int j = 0; j < P; ++j) {
       const int64_t src = n - P + j;
-      st[j] = src >= 0 ? x[(cu[s] + src) * ldx + c] : st[j + n];
+      st[j] = src >= 0 ? float(x[(cu[s] + src) * ldx + c]) : st[j + n];
     }
   }
 }
@@ -1538,8 +1541,8 @@ class CudaDevice : public Device {
   }
   // o [T, heads, dim] normalised and gated into y (y may be o): the vector kernel where rows of
   // 128 or 256 allow 16-byte accesses, else the scalar one.
-  template <class In, class Out>
-  void gated_norm(const In* o, Out* y, const float* gate, int64_t ld_gate, const float* w, int64_t T, int64_t heads,
+  template <class In, class Out, class G>
+  void gated_norm(const In* o, Out* y, const G* gate, int64_t ld_gate, const float* w, int64_t T, int64_t heads,
                   int64_t dim, float eps, cpu::GateAct act) {
     const int64_t rows = T * heads;
     const bool silu = act == cpu::GateAct::SiLU;
@@ -1547,8 +1550,8 @@ class CudaDevice : public Device {
     if ((dim == 128 || dim == 256) && ld_gate % 4 == 0 && ptr_alignment(gate) >= 16 && ptr_alignment(w) >= 16 &&
         ptr_alignment(o) >= 16 && ptr_alignment(y) >= 16) {
       auto run = [&](auto R) {
-        launch(gated_rms_norm_vec_kernel<In, Out, R.value>, grid_for(rows * 32), kThreads, o, y, gate, ld_gate, w, rows,
-               heads, eps, silu);
+        launch(gated_rms_norm_vec_kernel<In, Out, G, R.value>, grid_for(rows * 32), kThreads, o, y, gate, ld_gate, w,
+               rows, heads, eps, silu);
       };
       if (dim == 128)
         run(std::integral_constant<int, 1>{});
@@ -1556,8 +1559,8 @@ class CudaDevice : public Device {
         run(std::integral_constant<int, 2>{});
       return;
     }
-    launch(gated_rms_norm_kernel<In, Out>, grid_for(rows * 32), kThreads, o, y, gate, ld_gate, w, rows, heads, dim, eps,
-           silu);
+    launch(gated_rms_norm_kernel<In, Out, G>, grid_for(rows * 32), kThreads, o, y, gate, ld_gate, w, rows, heads, dim,
+           eps, silu);
   }
   void l2norm(float* x, int64_t ld, int64_t T, int64_t heads, int64_t dim) override {
     const OpScope op(*this, "l2norm");
@@ -1616,8 +1619,9 @@ class CudaDevice : public Device {
     if (op.skip) return;
     sigmoid_rows(x, ldx, y, T, n, scale);
   }
-  void sigmoid_rows(const float* x, int64_t ldx, float* y, int64_t T, int64_t n, float scale) {
-    launch(sigmoid_kernel, grid_for(T * n), kThreads, x, ldx, y, T, n, scale);
+  template <class In>
+  void sigmoid_rows(const In* x, int64_t ldx, float* y, int64_t T, int64_t n, float scale) {
+    launch(sigmoid_kernel<In>, grid_for(T * n), kThreads, x, ldx, y, T, n, scale);
   }
   void gate_softplus(const float* a, int64_t lda, const float* A_log, const float* dt_bias, float* g, int64_t T,
                      int64_t H, int64_t width) override {
@@ -1625,9 +1629,10 @@ class CudaDevice : public Device {
     if (op.skip) return;
     softplus_gates(a, lda, A_log, dt_bias, g, T, H, width);
   }
-  void softplus_gates(const float* a, int64_t lda, const float* A_log, const float* dt_bias, float* g, int64_t T,
+  template <class In>
+  void softplus_gates(const In* a, int64_t lda, const float* A_log, const float* dt_bias, float* g, int64_t T,
                       int64_t H, int64_t width) {
-    launch(gate_softplus_kernel, grid_for(T * H * width), kThreads, a, lda, A_log, dt_bias, g, T, H, width);
+    launch(gate_softplus_kernel<In>, grid_for(T * H * width), kThreads, a, lda, A_log, dt_bias, g, T, H, width);
   }
   void causal_conv_silu(const float* x, int64_t ldx, const float* w, float* y, int64_t C, int64_t kw,
                         const DevBatch& b, float* conv_pool) override {
@@ -1647,20 +1652,20 @@ class CudaDevice : public Device {
   // conv_kernel over every sequence of b into `sink` (V channels per thread), then each slot's conv
   // state advanced. Spans of up to 32 tokens while the grid keeps ≥ 256K threads (8192 channels x
   // 8K tokens: 512K).
-  template <int V, class Sink>
-  void conv_prefill(const float* x, int64_t ldx, const float* w, Sink sink, int64_t C, int64_t kw, const DevBatch& b,
+  template <int V, class In, class Sink>
+  void conv_prefill(const In* x, int64_t ldx, const float* w, Sink sink, int64_t C, int64_t kw, const DevBatch& b,
                     float* conv_pool) {
     const int64_t T = b.tokens();
     const int N = int(b.num_seqs());
     const int span = int(std::clamp<int64_t>(T * (C / V) / (int64_t(1) << 18), 1, 32));
     const unsigned grid = unsigned(((T + span - 1) / span * (C / V) + kThreads - 1) / kThreads);
     if (kw <= kConvMaxTaps)
-      launch(conv_kernel<V, kConvMaxTaps, Sink>, grid, kThreads, x, ldx, w, sink, T, C, int(kw), span, b.d_cu,
+      launch(conv_kernel<V, kConvMaxTaps, In, Sink>, grid, kThreads, x, ldx, w, sink, T, C, int(kw), span, b.d_cu,
              b.d_slots, N, conv_pool);
     else
-      launch(conv_kernel<V, kConvWideTaps, Sink>, grid, kThreads, x, ldx, w, sink, T, C, int(kw), span, b.d_cu,
+      launch(conv_kernel<V, kConvWideTaps, In, Sink>, grid, kThreads, x, ldx, w, sink, T, C, int(kw), span, b.d_cu,
              b.d_slots, N, conv_pool);
-    launch(conv_state_kernel, grid_for(N * C), kThreads, x, ldx, C, int(kw), b.d_cu, b.d_slots, N, conv_pool);
+    launch(conv_state_kernel<In>, grid_for(N * C), kThreads, x, ldx, C, int(kw), b.d_cu, b.d_slots, N, conv_pool);
   }
   void delta_prep(const DeltaPrep& p, const DevBatch& b) override {
     if (!b.one_token_each() || p.head_dim > 32 * kPrepHeadRegs || p.kw > kConvMaxTaps) return Device::delta_prep(p, b);
@@ -1669,36 +1674,63 @@ class CudaDevice : public Device {
     const int64_t N = b.num_seqs();
     launch(delta_prep_decode_kernel, grid_for(N * DeltaPrepTasks(p).per_seq() * 32), kThreads, p, b.d_slots, N);
   }
-  // bf16 prefill: the conv writes the op's bf16 q, k (L2-normalised) and v, the op writes bf16 o, the
-  // gated norm reads it and writes the output projection's bf16 operand. That drops per GDN layer
-  // an L2-norm pass, four fp32 → bf16 packs and one unpack: the 2.0B model's 8K-token prefill took
-  // 0.27 ms less per layer (H200).
+  // bf16 prefill: the input projection (when the mixer has one) stores its rows in bf16, the conv
+  // reads them and writes the op's bf16 q, k (L2-normalised) and v, the op writes bf16 o, the gated
+  // norm reads it and writes the output projection's bf16 operand. That drops per GDN layer an
+  // L2-norm pass, four fp32 → bf16 packs and one unpack (the 2.0B model's 8K-token prefill: 0.27 ms
+  // less per layer, H200), and halves the projection's rows (1.6 GB per layer at 32K tokens).
   void delta_mixer(const DeltaMixer& m, const DevBatch& b, float* out) override {
     if (!fused_mixer_fits(m, b)) return Device::delta_mixer(m, b, out);
     const OpScope op(*this, "delta_mixer");
+    const int64_t T = b.tokens(), HK = m.dims.H * m.dims.K, HVV = m.dims.HV * m.dims.V;
+    auto bf16_rows = [&](int64_t width) { return reinterpret_cast<__nv_bfloat16*>(scratch((T * width + 1) / 2)); };
+    const MixerOperands ops{bf16_rows(HK), bf16_rows(HK), bf16_rows(HVV), bf16_rows(HVV)};
+    if (!m.in_proj.p) {
+      if (op.skip) return;
+      return fused_mixer_steps(m, b, ops, m.prep.x, m.prep.ldx, m.prep.b, m.prep.ldb, m.prep.a, m.prep.lda, m.gate,
+                               m.ld_gate, out);
+    }
+    const int64_t W = m.in_proj.rows;
+    __nv_bfloat16 *xb = bf16_rows(m.in_proj.cols), *rows = bf16_rows(W);
+    if (op.skip) return;
+    pack_to(m.in_x, m.ld_in, m.in_proj.cols, xb, T);
+    gemm(m.in_proj, xb, m.in_proj.cols, rows, T, DType::BF16);
+    fused_mixer_steps(m, b, ops, rows + m.x_col, W, rows + m.b_col, W, rows + m.a_col, W, rows + m.gate_col, W, out);
+  }
+  struct MixerOperands {
+    __nv_bfloat16 *q, *k, *v, *o;
+  };
+  // The fused mixer after its input projection, on rows of type In (fp32 given, or bf16 projected).
+  template <class In>
+  void fused_mixer_steps(const DeltaMixer& m, const DevBatch& b, const MixerOperands& ops, const In* x, int64_t ldx,
+                         const In* b_in, int64_t ldb, const In* a_in, int64_t lda, const In* gate, int64_t ld_gate,
+                         float* out) {
     const DeltaPrep& p = m.prep;
     const DeltaRuleDims& d = m.dims;
     const int64_t T = b.tokens(), HK = d.H * d.K, HVV = d.HV * d.V;
-    auto bf16_rows = [&](int64_t width) { return reinterpret_cast<__nv_bfloat16*>(scratch((T * width + 1) / 2)); };
-    __nv_bfloat16 *q = bf16_rows(HK), *k = bf16_rows(HK), *v = bf16_rows(HVV), *o = bf16_rows(HVV);
-    if (op.skip) return;
-    conv_prefill<4>(p.x, p.ldx, p.conv_w, DeltaOperands{q, k, v, HK, HVV, int(d.K / 4)}, p.C, p.kw, b, p.conv_pool);
-    sigmoid_rows(p.b, p.ldb, p.beta, T, p.H, p.beta_max);
-    softplus_gates(p.a, p.lda, p.A_log, p.dt_bias, p.g, T, p.H, p.gate_width);
-    chunk_forward(d, DType::BF16, q, k, v, p.g, p.beta, m.scale, b, m.state_pool, o);
-    gated_norm(o, o, m.gate, m.ld_gate, m.norm, T, d.HV, d.V, m.eps, m.act);
-    gemm(m.out_proj, o, HVV, out, T);
+    // Channels a thread: 16 bytes of input either way (4 bf16 values a thread read the 2.0B model's
+    // 32K-token rows at 1.7 TB/s, against 3.2 TB/s for 4 fp32 values: the conv is latency-bound).
+    constexpr int V = sizeof(In) == 2 ? 8 : 4;
+    conv_prefill<V>(x, ldx, p.conv_w, DeltaOperands{ops.q, ops.k, ops.v, HK, HVV, int(d.K / V)}, p.C, p.kw, b,
+                    p.conv_pool);
+    sigmoid_rows(b_in, ldb, p.beta, T, p.H, p.beta_max);
+    softplus_gates(a_in, lda, p.A_log, p.dt_bias, p.g, T, p.H, p.gate_width);
+    chunk_forward(d, DType::BF16, ops.q, ops.k, ops.v, p.g, p.beta, m.scale, b, m.state_pool, ops.o);
+    gated_norm(ops.o, ops.o, gate, ld_gate, m.norm, T, d.HV, d.V, m.eps, m.act);
+    gemm(m.out_proj, ops.o, HVV, out, T);
   }
   // The fused mixer's shapes: bf16 weights, more than one token per sequence (decode keeps its own
-  // fused prep), the chunk kernels' head sizes, and conv rows a warp can normalise: 16-byte
-  // aligned, C a multiple of 128 channels (4 per lane), q/k heads of 4·(a power of two ≤ 32).
+  // fused prep), the chunk kernels' head sizes, and conv rows a warp can normalise: 16-byte aligned
+  // rows of V channels a lane (fp32 given: 4; bf16 projected: 8), C a multiple of 32·V channels (a
+  // warp's are of one token), q/k heads of V·(a power of two ≤ 32) channels.
   bool fused_mixer_fits(const DeltaMixer& m, const DevBatch& b) const {
     const DeltaPrep& p = m.prep;
-    const int64_t K = m.dims.K, lanes = K / 4;
+    const int64_t V = m.in_proj.p ? 8 : 4, K = m.dims.K, lanes = K / V;
+    const bool rows_fit = m.in_proj.p ? m.in_proj.rows % 8 == 0 && m.x_col % 8 == 0 : vec_width(p.x, p.C, p.ldx) == 4;
     return wt_ == DType::BF16 && !b.one_token_each() && fast_delta_shape(m.dims) && p.kw <= kConvWideTaps &&
            p.l2_heads == 2 * m.dims.H && p.head_dim == K && p.H == m.dims.HV &&
-           p.C == 2 * m.dims.H * K + m.dims.HV * m.dims.V && p.C % 128 == 0 && vec_width(p.x, p.C, p.ldx) == 4 &&
-           K % 4 == 0 && lanes <= 32 && (lanes & (lanes - 1)) == 0 && m.out_proj.cols == m.dims.HV * m.dims.V;
+           p.C == 2 * m.dims.H * K + m.dims.HV * m.dims.V && p.C % (32 * V) == 0 && rows_fit && K % V == 0 &&
+           lanes <= 32 && (lanes & (lanes - 1)) == 0 && m.out_proj.cols == m.dims.HV * m.dims.V;
   }
   void attention_prep(const AttentionPrep& p, const DevBatch& b) override {
     if (p.hd > 32 * kPrepHeadRegs) return Device::attention_prep(p, b);
