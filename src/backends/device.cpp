@@ -4,7 +4,14 @@
 
 #include <numeric>
 
+#include "core/error.h"
+
 namespace hla {
+
+void Device::linear_rows(const DevRows& x, const DevMatrix& W, float* y, int64_t M) {
+  check(x.f32 != nullptr, "internal: " + name() + " has no operand rows to read");
+  linear(x.f32, x.ld, W, y, M);
+}
 
 void Device::linear_swiglu(const float* x, int64_t ldx, const DevMatrix& W, float* out, int64_t M) {
   float* gu = scratch(M * W.rows);
@@ -12,11 +19,17 @@ void Device::linear_swiglu(const float* x, int64_t ldx, const DevMatrix& W, floa
   swiglu(gu, out, M, W.rows / 2);
 }
 
-void Device::swiglu_mlp(const float* x, int64_t ldx, const DevMatrix& gate_up, const DevMatrix& down, float* out,
-                        int64_t M) {
-  float* h = scratch(M * (gate_up.rows / 2));
-  linear_swiglu(x, ldx, gate_up, h, M);
-  linear(h, gate_up.rows / 2, down, out, M);
+void Device::swiglu_mlp(const DevRows& x, const DevMatrix& gate_up, const DevMatrix& down, float* out, int64_t M) {
+  const int64_t I = gate_up.rows / 2;
+  float* h = scratch(M * I);
+  if (x.f32) {
+    linear_swiglu(x.f32, x.ld, gate_up, h, M);
+  } else {
+    float* gu = scratch(M * gate_up.rows);
+    linear_rows(x, gate_up, gu, M);
+    swiglu(gu, h, M, I);
+  }
+  linear(h, I, down, out, M);
 }
 
 void Device::delta_prep(const DeltaPrep& p, const DevBatch& b) {
@@ -31,7 +44,7 @@ float* Device::project_delta_input(DeltaMixer& m, int64_t T) {
   if (!m.in_proj.p) return nullptr;
   const int64_t W = m.in_proj.rows;
   float* rows = scratch(T * W);
-  linear(m.in_x, m.ld_in, m.in_proj, rows, T);
+  linear_rows(m.in, m.in_proj, rows, T);
   m.prep.x = rows + m.x_col, m.prep.ldx = W;
   m.prep.b = rows + m.b_col, m.prep.ldb = W;
   m.prep.a = rows + m.a_col, m.prep.lda = W;
@@ -88,7 +101,7 @@ void Device::moe(const MoeExperts& m, const float* x, const float* logits, const
     if (n == 0) continue;
     const int32_t* idx = upload_i32(tokens[size_t(e)]);
     gather_rows(x, idx, xe, n, D);
-    swiglu_mlp(xe, D, m.gate_up.row_block(2 * m.I * e, 2 * m.I), m.down.row_block(D * e, D), y, n);
+    swiglu_mlp({xe, D}, m.gate_up.row_block(2 * m.I * e, 2 * m.I), m.down.row_block(D * e, D), y, n);
     scatter_add_rows(out, idx, upload_f32(weights[size_t(e)]), y, n, D);
   }
   if (!shared) return;

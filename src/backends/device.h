@@ -43,6 +43,16 @@ struct DevBatch {
   bool one_token_each() const { return tokens() == num_seqs(); }
 };
 
+// Activation rows that a layer's GEMMs read: fp32 rows f32 (row stride ld; null when no layer needs
+// them), and/or the same rows already in the device's GEMM operand type (op, contiguous, from
+// Device::operand_rows), which linear_rows, swiglu_mlp and a delta mixer's projection then read
+// instead of converting f32 (the normalised residual stream: its norm writes the operand once).
+struct DevRows {
+  const float* f32 = nullptr;
+  int64_t ld = 0;
+  const void* op = nullptr;
+};
+
 // The input side of a delta-rule layer (Gated DeltaNet, KDA) between its input projection and the
 // recurrence, for Device::delta_prep: y [T, C] = SiLU(causal conv(x)) (as causal_conv_silu), then
 // the first l2_heads heads of head_dim channels of y L2-normalised in place (q and k, as l2norm);
@@ -74,7 +84,7 @@ struct DeltaPrep {
 // t·ld_gate, as gated_rms_norm), then out [T, out_proj.rows] = o · out_proj^T.
 //
 // With in_proj set, the layer's input projection is the mixer's first step: rows [T, in_proj.rows]
-// = in_x (row stride ld_in) · in_proj^T hold the conv input, b, a and the output gate from columns
+// = in · in_proj^T hold the conv input, b, a and the output gate from columns
 // x_col, b_col, a_col and gate_col (prep.x, prep.b, prep.a, gate and their strides are then
 // ignored). A bf16 device stores these rows in bf16 (its fused prefill: the 2.0B Qwen3.5 model's
 // GDN projection is 12,352 values a token, 1.6 GB in fp32 at 32K tokens), and CpuDevice's bf16
@@ -90,8 +100,7 @@ struct DeltaMixer {
   float eps;
   cpu::GateAct act;
   DevMatrix out_proj;
-  const float* in_x = nullptr;
-  int64_t ld_in = 0;
+  DevRows in;
   DevMatrix in_proj;  // unset (p == nullptr): the rows are given through prep and gate
   int64_t x_col = 0, b_col = 0, a_col = 0, gate_col = 0;
 };
@@ -181,11 +190,17 @@ class Device {
   // ---- compute ------------------------------------------------------------------------------
   // y [M, W.rows] = x [M, W.cols] (row stride ldx) · W^T.
   virtual void linear(const float* x, int64_t ldx, const DevMatrix& W, float* y, int64_t M) = 0;
+  // The same from DevRows: their operand rows where given (the default has none to read), else f32.
+  virtual void linear_rows(const DevRows& x, const DevMatrix& W, float* y, int64_t M);
+  // Scratch for [rows, cols] activations in the device's GEMM operand type, for the producer of
+  // DevRows::op; null where the device's GEMMs of that many rows read fp32 rows (the default).
+  virtual void* operand_rows(int64_t /*rows*/, int64_t /*cols*/) { return nullptr; }
   virtual void embed(const DevMatrix& table, const int32_t* ids, float* out, int64_t T) = 0;
   virtual void add(float* h, const float* y, int64_t n) = 0;  // h += y
-  // The residual step between blocks: h [rows, dim] += y, then x = RMSNorm(h) (as rms_norm).
-  virtual void add_rms_norm(float* h, const float* y, const float* w, float* x, int64_t rows, int64_t dim, float eps,
-                            bool zero_centered) = 0;
+  // The residual step between blocks: h [rows, dim] += y (unless y is null), then RMSNorm(h) (as
+  // rms_norm) into x (unless null) and into x_op (unless null: operand_rows' rows).
+  virtual void add_rms_norm(float* h, const float* y, const float* w, float* x, void* x_op, int64_t rows, int64_t dim,
+                            float eps, bool zero_centered) = 0;
   // Generic strided copy over a 3-D index space (a stride of 0 broadcasts).
   struct Strides {
     int64_t s0, s1, s2;
@@ -211,8 +226,7 @@ class Device {
   virtual void linear_swiglu(const float* x, int64_t ldx, const DevMatrix& W, float* out, int64_t M);
   // out [M, down.rows] = swiglu(x · gate_up^T) · down^T: a SwiGLU MLP. The default runs
   // linear_swiglu, then linear; the CUDA device hands the hidden rows to the second GEMM in bf16.
-  virtual void swiglu_mlp(const float* x, int64_t ldx, const DevMatrix& gate_up, const DevMatrix& down, float* out,
-                          int64_t M);
+  virtual void swiglu_mlp(const DevRows& x, const DevMatrix& gate_up, const DevMatrix& down, float* out, int64_t M);
   // o [T, heads, dim] ⊙= sigmoid(gate), gate row (t, h) at gate + t·ld_gate + h·ld_gate_head.
   virtual void sigmoid_mul(float* o, const float* gate, int64_t ld_gate, int64_t ld_gate_head, int64_t T,
                            int64_t heads, int64_t dim) = 0;

@@ -151,10 +151,10 @@ class GatedDeltaNet : public Mixer {
             dev.upload_vector(A_log_),           dev.upload_vector(dt_bias_),  dev.upload_vector(norm_)};
   }
 
-  void forward_device(Device& dev, const float* x, float* out, const DevBatch& b, int64_t layer) const override {
-    const int64_t T = b.tokens(), D = s_.hidden, nv = s_.lin_nv, dv = s_.lin_dv, C = core_.conv_dim;
+  void forward_device(Device& dev, const DevRows& x, float* out, const DevBatch& b, int64_t layer) const override {
+    const int64_t T = b.tokens(), nv = s_.lin_nv, dv = s_.lin_dv, C = core_.conv_dim;
     DeltaMixer m{};  // the projection's rows: [q | k | v (C) | z (nv·dv) | b (nv) | a (nv)]
-    m.in_x = x, m.ld_in = D, m.in_proj = dev_.in;
+    m.in = x, m.in_proj = dev_.in;
     m.x_col = 0, m.gate_col = C, m.b_col = C + nv * dv, m.a_col = C + nv * dv + nv;
     DeltaPrep& p = m.prep;
     p.conv_w = dev_.conv;
@@ -166,6 +166,7 @@ class GatedDeltaNet : public Mixer {
     core_.run_device(dev, m, b, layer, out);
   }
   bool replayable_decode() const override { return true; }
+  bool needs_f32_input() const override { return false; }
 
  private:
   const ModelSpec& s_;
@@ -251,13 +252,13 @@ class KimiDeltaAttention : public Mixer {
             dev.upload_vector(o_norm_)};
   }
 
-  void forward_device(Device& dev, const float* x, float* out, const DevBatch& b, int64_t layer) const override {
-    const int64_t T = b.tokens(), D = s_.hidden, H = s_.lin_nv, dk = s_.lin_dk, HK = H * dk;
+  void forward_device(Device& dev, const DevRows& x, float* out, const DevBatch& b, int64_t layer) const override {
+    const int64_t T = b.tokens(), H = s_.lin_nv, dk = s_.lin_dk, HK = H * dk;
     const int64_t W = 3 * HK + 2 * dk + H;
     float* in = dev.scratch(T * W);
     const float* lo = in + 3 * HK;  // [f_a x | g_a x], then b x
     float* graw = dev.scratch(T * HK);
-    dev.linear(x, D, dev_.in, in, T);
+    dev.linear_rows(x, dev_.in, in, T);
     dev.linear(lo, W, dev_.f_b, graw, T);
     float* og = dev.scratch(T * HK);
     dev.linear(lo + dk, W, dev_.g_b, og, T);
@@ -272,6 +273,7 @@ class KimiDeltaAttention : public Mixer {
     core_.run_device(dev, m, b, layer, out);
   }
   bool replayable_decode() const override { return true; }
+  bool needs_f32_input() const override { return false; }
 
  private:
   const ModelSpec& s_;
@@ -372,11 +374,11 @@ class GatedAttention : public Mixer {
   }
 
   // The device cache keeps every KV row; a sliding layer restricts its queries to the window.
-  void forward_device(Device& dev, const float* x, float* out, const DevBatch& b, int64_t layer) const override {
-    const int64_t T = b.tokens(), D = s_.hidden, nh = s_.n_heads, nkv = s_.n_kv_heads, hd = s_.head_dim;
+  void forward_device(Device& dev, const DevRows& x, float* out, const DevBatch& b, int64_t layer) const override {
+    const int64_t T = b.tokens(), nh = s_.n_heads, nkv = s_.n_kv_heads, hd = s_.head_dim;
     const int64_t Q = nh * hd, KV = nkv * hd, W = 2 * Q + 2 * KV;  // projection rows: [q|gate per head], k, v
     float* qkv = dev.scratch(T * W);
-    dev.linear(x, D, dev_.qkv, qkv, T);
+    dev.linear_rows(x, dev_.qkv, qkv, T);
     float* q = dev.scratch(T * Q);
     float* k = dev.scratch(T * KV);
     float* v = dev.scratch(T * KV);
@@ -421,7 +423,7 @@ class GatedAttention : public Mixer {
         float* vc = dev.cache_rows(layer, CachePart::V, slot, past + n, KV);
         dev.copy(kc + past * KV, {KV, 1, 0}, k + t0 * KV, {KV, 1, 0}, n, KV, 1);
         dev.copy(vc + past * KV, {KV, 1, 0}, v + t0 * KV, {KV, 1, 0}, n, KV, 1);
-        const int32_t* sel = indexer_ ? indexer_->select_device(dev, x, b, i, layer) : nullptr;
+        const int32_t* sel = indexer_ ? indexer_->select_device(dev, x.f32, b, i, layer) : nullptr;
         dev.attention(q + t0 * Q, kc, vc, o + t0 * Q, n, past + n, nh, nkv, hd, hd, scale, window_, sel,
                       indexer_ ? indexer_->topk : 0);
       }
@@ -429,6 +431,7 @@ class GatedAttention : public Mixer {
     dev.linear(o, Q, dev_.o, out, T);
   }
   bool replayable_decode() const override { return !indexer_; }
+  bool needs_f32_input() const override { return indexer_ != nullptr; }  // the DSA indexer reads x
 
  private:
   // q [T,nh·hd], k, v [T,nkv·hd] <- SiLU(causal conv) over the channels [q|k|v], per sequence from its
@@ -594,23 +597,23 @@ class MultiLatentAttention : public Mixer {
     }
   }
 
-  void forward_device(Device& dev, const float* x, float* out, const DevBatch& b, int64_t layer) const override {
-    const int64_t T = b.tokens(), D = s_.hidden, nh = s_.n_heads, dn = s_.qk_nope, dr = s_.qk_rope;
+  void forward_device(Device& dev, const DevRows& x, float* out, const DevBatch& b, int64_t layer) const override {
+    const int64_t T = b.tokens(), nh = s_.n_heads, dn = s_.qk_nope, dr = s_.qk_rope;
     const int64_t dq = dn + dr, dv = s_.v_head, R = s_.kv_lora_rank, Rq = s_.q_lora_rank;
     float* q = dev.scratch(T * nh * dq);
     float* qr = nullptr;
     if (Rq > 0) {
       qr = dev.scratch(T * Rq);
-      dev.linear(x, D, dev_.q_a, qr, T);
+      dev.linear_rows(x, dev_.q_a, qr, T);
       dev.rms_norm(qr, Rq, dev_.q_a_norm, qr, Rq, T, Rq, 1e-6f, false);
       dev.linear(qr, Rq, dev_.q_b, q, T);
     } else {
-      dev.linear(x, D, dev_.q_b, q, T);
+      dev.linear_rows(x, dev_.q_b, q, T);
     }
     float* c = dev.scratch(T * (R + dr));
     float* lat = dev.scratch(T * R);
     float* kv = dev.scratch(T * nh * (dn + dv));
-    dev.linear(x, D, dev_.kv_a, c, T);
+    dev.linear_rows(x, dev_.kv_a, c, T);
     dev.rms_norm(c, R + dr, dev_.kv_a_norm, lat, R, T, R, 1e-6f, false);
     dev.linear(lat, R, dev_.kv_b, kv, T);
     if (rope_) {  // one rope key per token, shared by all heads
@@ -627,7 +630,7 @@ class MultiLatentAttention : public Mixer {
       ik = dev.scratch(T * ID);
       w = dev.scratch(T * IH);
       dev.linear(qr, Rq, dev_.iq, iq, T);
-      dev.linear(x, D, dev_.ik_iw, kw, T);
+      dev.linear_rows(x, dev_.ik_iw, kw, T);
       dev.copy(ik, {ID, 1, 0}, kw, {ID + IH, 1, 0}, T, ID, 1);
       dev.copy(w, {IH, 1, 0}, kw + ID, {ID + IH, 1, 0}, T, IH, 1);
       dev.layer_norm(ik, dev_.ik_norm_w, dev_.ik_norm_b, ik, T, ID, 1e-6f);
@@ -652,6 +655,7 @@ class MultiLatentAttention : public Mixer {
     }
     dev.linear(o, nh * dv, dev_.o, out, T);
   }
+  bool needs_f32_input() const override { return false; }
 
  private:
   // Lightning indexer for n new queries of one sequence: I[t,u] = Σ_h w[t,h]·ReLU(iq[t,h]·ik[u]·ID^-0.5),
@@ -708,7 +712,8 @@ class DenseFfn : public Ffn {
   void forward(const float* x, float* out, int64_t T) const override { mlp_.forward(x, out, T); }
   void bind_device(Device& dev) override { mlp_.bind_device(dev); }
   bool replayable_decode() const override { return true; }
-  void forward_device(Device& dev, const float* x, float* out, int64_t T) const override {
+  bool needs_f32_input() const override { return false; }
+  void forward_device(Device& dev, const DevRows& x, float* out, int64_t T) const override {
     mlp_.forward_device(dev, x, out, T);
   }
 
@@ -762,21 +767,21 @@ class MoeFfn : public Ffn {
   }
 
   bool replayable_decode() const override { return replayable_; }
-  void forward_device(Device& dev, const float* x, float* out, int64_t T) const override {
+  void forward_device(Device& dev, const DevRows& x, float* out, int64_t T) const override {
     const int64_t D = s_.hidden, E = s_.n_experts;
     float* logits = dev.scratch(T * E);
-    dev.linear(x, D, router_d_, logits, T);
+    dev.linear_rows(x, router_d_, logits, T);
     float *shared = nullptr, *gate = nullptr;
     if (s_.shared_intermediate > 0) {
       shared = dev.scratch(T * D);
       shared_.forward_device(dev, x, shared, T);
       if (s_.shared_gate) {
         gate = dev.scratch(T);
-        dev.linear(x, D, shared_gate_d_, gate, T);
+        dev.linear_rows(x, shared_gate_d_, gate, T);
         dev.sigmoid(gate, 1, gate, T, 1, 1.0f);
       }
     }
-    dev.moe(experts_d_, x, logits, shared, gate, out, T);
+    dev.moe(experts_d_, x.f32, logits, shared, gate, out, T);
   }
 
   void forward(const float* x, float* out, int64_t T) const override {
@@ -855,15 +860,15 @@ void SwiGLU::bind_device(Device& dev) {
   down_d = dev.upload_matrix(down);
 }
 
-void SwiGLU::forward_device(Device& dev, const float* x, float* out, int64_t T) const {
-  dev.swiglu_mlp(x, D, gate_up_d, down_d, out, T);
+void SwiGLU::forward_device(Device& dev, const DevRows& x, float* out, int64_t T) const {
+  dev.swiglu_mlp(x, gate_up_d, down_d, out, T);
 }
 
 void Mixer::bind_device(Device& dev) {
   throw Error("this model's mixer layers have no " + dev.name() + " form yet (lightning attention runs on the CPU only)");
 }
 
-void Mixer::forward_device(Device& dev, const float*, float*, const DevBatch&, int64_t) const {
+void Mixer::forward_device(Device& dev, const DevRows&, float*, const DevBatch&, int64_t) const {
   throw Error("this model's mixer layers have no " + dev.name() + " form yet");
 }
 

@@ -22,10 +22,13 @@ class Mixer {
   // The same layer on a Device: bind_device() uploads the weights once; forward_device() reads and
   // advances the cache slots of b.slots in dev. Layers without a device form refuse both.
   virtual void bind_device(Device& dev);
-  virtual void forward_device(Device& dev, const float* x, float* out, const DevBatch& b, int64_t layer) const;
+  virtual void forward_device(Device& dev, const DevRows& x, float* out, const DevBatch& b, int64_t layer) const;
   // Does a one-token-per-sequence step read positions only on the device (the DevBatch arrays), so
   // the device may record it once and replay it (Device::begin_forward)?
   virtual bool replayable_decode() const { return false; }
+  // Does forward_device read x.f32 (beyond linear_rows, swiglu_mlp and a delta mixer's projection,
+  // which read the operand rows where given)? Only then does the model keep fp32 rows beside them.
+  virtual bool needs_f32_input() const { return true; }
 };
 
 class Ffn {
@@ -33,8 +36,9 @@ class Ffn {
   virtual ~Ffn() = default;
   virtual void forward(const float* x, float* out, int64_t T) const = 0;
   virtual void bind_device(Device& dev) = 0;
-  virtual void forward_device(Device& dev, const float* x, float* out, int64_t T) const = 0;
-  virtual bool replayable_decode() const = 0;  // as Mixer's
+  virtual void forward_device(Device& dev, const DevRows& x, float* out, int64_t T) const = 0;
+  virtual bool replayable_decode() const = 0;            // as Mixer's
+  virtual bool needs_f32_input() const { return true; }  // as Mixer's
 };
 
 // The mixer and FFN of layer `layer`, with the checkpoint names of its architecture.
@@ -58,7 +62,7 @@ struct SwiGLU {
   DevMatrix gate_up_d, down_d;  // gate and up rows interleaved [2I, D], and down, on the bound device
   std::vector<RowSlice> gate_up_rows() const;  // gate row i, then up row i, for i < I
   void bind_device(Device& dev);
-  void forward_device(Device& dev, const float* x, float* out, int64_t T) const;
+  void forward_device(Device& dev, const DevRows& x, float* out, int64_t T) const;
 };
 
 Tensor stack_rows(const std::vector<RowSlice>& slices);

@@ -173,26 +173,36 @@ const float* Model::device_logits(Device& dev, const std::vector<int64_t>& ids, 
   for (int64_t i = 0; i < N; ++i)
     for (int64_t t = 0; t < b.len(i); ++t) pos[size_t(b.cu_seqlens[size_t(i)] + t)] = int32_t(b.past[size_t(i)] + t);
   b.d_cu = dev.upload_i32(cu), b.d_slots = dev.upload_i32(slots), b.d_pos = dev.upload_i32(pos);
+  // The normalised residual stream x that each block reads: in the device's GEMM operand type where
+  // it has one (each norm writes it once, no conversion pass per GEMM), and in fp32 where a layer
+  // reads it otherwise or the device has no operand type (decode batches, the CPU device).
+  void* x_op = dev.operand_rows(T, D);
+  bool f32_rows = x_op == nullptr;
+  for (int64_t l = 0; l < s.n_layers; ++l)
+    f32_rows = f32_rows || mixers_[size_t(l)]->needs_f32_input() || ffns_[size_t(l)]->needs_f32_input();
   float* h = dev.scratch(T * D);
-  float* x = dev.scratch(T * D);
+  float* x = f32_rows ? dev.scratch(T * D) : nullptr;
   float* y = dev.scratch(T * D);
+  const DevRows xr{x, D, x_op};
   dev.embed(dev_.embed, dev.upload_i32(ids32), h, T);
   const Device::Mark layer_scratch = dev.scratch_mark();
-  dev.rms_norm(h, D, dev_.norm_in[0], x, D, T, D, s.norm_eps, s.zero_centered_norm);
+  dev.add_rms_norm(h, nullptr, dev_.norm_in[0], x, x_op, T, D, s.norm_eps, s.zero_centered_norm);
   for (int64_t l = 0; l < s.n_layers; ++l) {  // each residual add fused with the norm after it
-    mixers_[size_t(l)]->forward_device(dev, x, y, b, l);
-    dev.add_rms_norm(h, y, dev_.norm_post[size_t(l)], x, T, D, s.norm_eps, s.zero_centered_norm);
-    ffns_[size_t(l)]->forward_device(dev, x, y, T);
-    if (l + 1 < s.n_layers) dev.add_rms_norm(h, y, dev_.norm_in[size_t(l + 1)], x, T, D, s.norm_eps, s.zero_centered_norm);
+    mixers_[size_t(l)]->forward_device(dev, xr, y, b, l);
+    dev.add_rms_norm(h, y, dev_.norm_post[size_t(l)], x, x_op, T, D, s.norm_eps, s.zero_centered_norm);
+    ffns_[size_t(l)]->forward_device(dev, xr, y, T);
+    if (l + 1 < s.n_layers)
+      dev.add_rms_norm(h, y, dev_.norm_in[size_t(l + 1)], x, x_op, T, D, s.norm_eps, s.zero_centered_norm);
     else dev.add(h, y, T * D);
     dev.scratch_release(layer_scratch);
   }
   const std::vector<int64_t> rows = logit_rows(b.cu_seqlens, all_logits);
   const int64_t R = int64_t(rows.size());
+  float* last = dev.scratch(R * D);
   dev.gather_rows(h, dev.upload_i32(std::vector<int32_t>(rows.begin(), rows.end())), y, R, D);
-  dev.rms_norm(y, D, dev_.final_norm, x, D, R, D, s.norm_eps, s.zero_centered_norm);
+  dev.rms_norm(y, D, dev_.final_norm, last, D, R, D, s.norm_eps, s.zero_centered_norm);
   float* logits_d = dev.scratch(R * s.vocab);
-  dev.linear(x, D, dev_.lm_head, logits_d, R);
+  dev.linear(last, D, dev_.lm_head, logits_d, R);
   n_rows = R;
   return logits_d;
 }

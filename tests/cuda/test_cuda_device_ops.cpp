@@ -180,7 +180,7 @@ TEST(CudaDeviceOps, SwigluMlpMatchesCpuDevice) {
       const DevMatrix gu = dev.upload_matrix(gate_up), dn = dev.upload_matrix(down);
       dev.begin_forward();
       float* out = dev.scratch(M * D);
-      dev.swiglu_mlp(dev.upload_f32(x), ldx, gu, dn, out, M);
+      dev.swiglu_mlp({dev.upload_f32(x), ldx}, gu, dn, out, M);
       std::vector<float> y(size_t(M * D));
       dev.to_host(out, y.data(), M * D);
       return y;
@@ -346,6 +346,53 @@ TEST(CudaDeviceOps, DeltaMixerMatchesUnfusedSteps) {
   }
 }
 
+// The residual stream's operand rows (Device::operand_rows, DevRows::op): the bf16 device's norm
+// writes the fp32 rows and their bf16 operand together, and a GEMM, SwiGLU MLP or delta mixer
+// projection reading the operand gives bit for bit what it gives converting the fp32 rows itself.
+// With no y, the norm is a plain RMSNorm; decode-sized batches get no operand rows.
+TEST(CudaDeviceOps, NormOperandRowsFeedTheGemmsAsTheirOwnConversion) {
+  HLA_REQUIRE_GPU();
+  const int64_t T = 300, D = 2048, N = 96;
+  std::mt19937 rng(31);
+  const std::vector<float> h0 = random_vector(T * D, rng), y0 = random_vector(T * D, rng);
+  const Tensor w = vector_tensor(random_vector(D, rng, 0.5f, 1.5f)), W = random_bf16_tensor(N, D, rng, 0.1f);
+  const Tensor gate_up = random_bf16_tensor(2 * N, D, rng, 0.1f), down = random_bf16_tensor(D, N, rng, 0.1f);
+  auto dev = cuda::make_cuda_device(1, DType::BF16);
+  const float* wd = dev->upload_vector(w);
+  const DevMatrix Wd = dev->upload_matrix(W), gud = dev->upload_matrix(gate_up), dnd = dev->upload_matrix(down);
+  for (const bool add : {true, false}) {
+    dev->begin_forward();
+    EXPECT_EQ(dev->operand_rows(8, D), nullptr);
+    float* h = dev->scratch(T * D);
+    dev->copy(h, {D, 1, 0}, dev->upload_f32(h0), {D, 1, 0}, T, D, 1);
+    float* x = dev->scratch(T * D);
+    void* x_op = dev->operand_rows(T, D);
+    ASSERT_NE(x_op, nullptr);
+    dev->add_rms_norm(h, add ? dev->upload_f32(y0) : nullptr, wd, x, x_op, T, D, 1e-6f, true);
+    std::vector<float> got_x(size_t(T * D));
+    std::vector<uint16_t> got_op(size_t(T * D));
+    dev->to_host(x, got_x.data(), T * D);
+    dev->to_host_bytes(x_op, got_op.data(), got_op.size() * 2);
+    std::vector<float> want_x(size_t(T * D)), hr(h0);
+    for (size_t i = 0; i < hr.size(); ++i) hr[i] += add ? y0[i] : 0.0f;
+    cpu::rms_norm(hr.data(), w.f32(), want_x.data(), T, D, 1e-6f, true);
+    EXPECT_LT(max_rel_diff(got_x, want_x), 1e-5) << "add " << add;
+    int64_t off = 0;
+    for (int64_t i = 0; i < T * D; ++i) off += got_op[size_t(i)] != f32_to_bf16(got_x[size_t(i)]);
+    EXPECT_EQ(off, 0) << "add " << add;
+    float *y1 = dev->scratch(T * N), *y2 = dev->scratch(T * N), *m1 = dev->scratch(T * D), *m2 = dev->scratch(T * D);
+    dev->linear(x, D, Wd, y1, T);
+    dev->linear_rows({nullptr, 0, x_op}, Wd, y2, T);
+    dev->swiglu_mlp({x, D}, gud, dnd, m1, T);
+    dev->swiglu_mlp({nullptr, 0, x_op}, gud, dnd, m2, T);
+    std::vector<float> a(size_t(T * N)), b(size_t(T * N)), c(size_t(T * D)), e(size_t(T * D));
+    dev->to_host(y1, a.data(), T * N), dev->to_host(y2, b.data(), T * N);
+    dev->to_host(m1, c.data(), T * D), dev->to_host(m2, e.data(), T * D);
+    EXPECT_EQ(a, b) << "add " << add;
+    EXPECT_EQ(c, e) << "add " << add;
+  }
+}
+
 // A Gated DeltaNet-shaped mixer that runs its own input projection (DeltaMixer::in_proj: rows
 // [q | k | v | z | b | a] of 1,544 values from 96 inputs), two packed forwards as above: the CUDA
 // device's fused bf16 prefill stores the rows in bf16; CpuDevice's bf16 mode rounds the same rows
@@ -374,7 +421,7 @@ TEST(CudaDeviceOps, DeltaMixerWithInputProjectionMatchesCpuDevice) {
       const DevBatch b = make_batch(dev, lens[f], {2, 0, 5}, past[f]);
       const int64_t T = b.tokens();
       DeltaMixer m{};
-      m.in_x = dev.upload_f32(xs[f]), m.ld_in = D, m.in_proj = ip;
+      m.in = {dev.upload_f32(xs[f]), D}, m.in_proj = ip;
       m.x_col = 0, m.gate_col = C, m.b_col = C + HVV, m.a_col = C + HVV + nv;
       DeltaPrep& p = m.prep;
       p.conv_w = w, p.C = C, p.kw = kw, p.conv_pool = dev.cache_pool(0, CachePart::Conv, C * (kw - 1));

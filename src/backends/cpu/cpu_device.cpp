@@ -157,9 +157,10 @@ void CpuDevice::add(float* h, const float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) h[i] += y[i];
 }
 
-void CpuDevice::add_rms_norm(float* h, const float* y, const float* w, float* x, int64_t rows, int64_t dim,
+void CpuDevice::add_rms_norm(float* h, const float* y, const float* w, float* x, void* x_op, int64_t rows, int64_t dim,
                              float eps, bool zero_centered) {
-  add(h, y, rows * dim);
+  check(x != nullptr && x_op == nullptr, "internal: cpu-device norms write fp32 rows only");
+  if (y) add(h, y, rows * dim);
   cpu::rms_norm(h, w, x, rows, dim, eps, zero_centered);
 }
 

@@ -44,8 +44,8 @@ class CpuDevice : public Device {
   void linear(const float* x, int64_t ldx, const DevMatrix& W, float* y, int64_t M) override;
   void embed(const DevMatrix& table, const int32_t* ids, float* out, int64_t T) override;
   void add(float* h, const float* y, int64_t n) override;
-  void add_rms_norm(float* h, const float* y, const float* w, float* x, int64_t rows, int64_t dim, float eps,
-                    bool zero_centered) override;
+  void add_rms_norm(float* h, const float* y, const float* w, float* x, void* x_op, int64_t rows, int64_t dim,
+                    float eps, bool zero_centered) override;
   void copy(float* dst, Strides dst_st, const float* src, Strides src_st, int64_t n0, int64_t n1, int64_t n2) override;
   void rms_norm(const float* x, int64_t ldx, const float* w, float* y, int64_t ldy, int64_t rows, int64_t dim,
                 float eps, bool zero_centered) override;

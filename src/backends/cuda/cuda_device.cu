@@ -172,20 +172,26 @@ __device__ __forceinline__ void load_norm_weights(const float* w, int64_t dim, b
 
 // Writes y = row · rsqrt(mean square + eps) · w for one block's row: v holds this thread's first
 // kRowRegs values, wr their weights; the rest of a long row is read again from `row`.
+// y (and yb, the same rows in bf16: a GEMM's operand) = the normalised row; either may be null.
 __device__ __forceinline__ void rms_scale_row(const float (&v)[kRowRegs], const float (&wr)[kRowRegs], const float* row,
-                                              const float* w, float* y, int64_t dim, float eps, bool zero_centered) {
+                                              const float* w, float* y, __nv_bfloat16* yb, int64_t dim, float eps,
+                                              bool zero_centered) {
   const int64_t tail = threadIdx.x + kRowRegs * int64_t(blockDim.x);
   float ss = 0;
 #pragma unroll
   for (int j = 0; j < kRowRegs; ++j) ss += v[j] * v[j];
   for (int64_t i = tail; i < dim; i += blockDim.x) ss += row[i] * row[i];
   const float s = rms_inverse(block_sum(ss), dim, eps);
+  auto put = [&](int64_t i, float value) {
+    if (y) y[i] = value;
+    if (yb) yb[i] = __float2bfloat16_rn(value);
+  };
 #pragma unroll
   for (int j = 0; j < kRowRegs; ++j) {
     const int64_t i = threadIdx.x + j * int64_t(blockDim.x);
-    if (i < dim) y[i] = v[j] * s * wr[j];
+    if (i < dim) put(i, v[j] * s * wr[j]);
   }
-  for (int64_t i = tail; i < dim; i += blockDim.x) y[i] = row[i] * s * norm_weight(w, i, zero_centered);
+  for (int64_t i = tail; i < dim; i += blockDim.x) put(i, row[i] * s * norm_weight(w, i, zero_centered));
 }
 
 __global__ void rms_norm_kernel(const float* x, int64_t ldx, const float* w, float* y, int64_t ldy, int64_t dim,
@@ -199,33 +205,37 @@ __global__ void rms_norm_kernel(const float* x, int64_t ldx, const float* w, flo
     const int64_t i = threadIdx.x + j * int64_t(blockDim.x);
     v[j] = i < dim ? xr[i] : 0.0f;
   }
-  rms_scale_row(v, wr, xr, w, y + blockIdx.x * ldy, dim, eps, zero_centered);
+  rms_scale_row(v, wr, xr, w, y + blockIdx.x * ldy, nullptr, dim, eps, zero_centered);
 }
 
-// h += y, then x = RMSNorm of the updated row (one block per row). All of a thread's loads come
+// h += y (y null: h as it is), then RMSNorm of the row into x and/or xb (bf16: the next GEMM's
+// operand, so no conversion pass reads x again); one block per row. All of a thread's loads come
 // before its first store: a store between them (h might alias y) kept one pair in flight at a time
 // (the 2.0B model's 32K-token rows moved at 3.0 TB/s, now 4.0; H200 ncu).
-__global__ void add_rms_norm_kernel(float* h, const float* y, const float* w, float* x, int64_t dim, float eps,
-                                    bool zero_centered) {
+__global__ void add_rms_norm_kernel(float* h, const float* y, const float* w, float* x, __nv_bfloat16* xb, int64_t dim,
+                                    float eps, bool zero_centered) {
   float wr[kRowRegs], v[kRowRegs], d[kRowRegs];
   load_norm_weights(w, dim, zero_centered, wr);
   pdl_begin();
   float* hr = h + blockIdx.x * dim;
-  const float* yr = y + blockIdx.x * dim;
+  const float* yr = y ? y + blockIdx.x * dim : nullptr;
 #pragma unroll
   for (int j = 0; j < kRowRegs; ++j) {
     const int64_t i = threadIdx.x + j * int64_t(blockDim.x);
     v[j] = i < dim ? hr[i] : 0.0f;
-    d[j] = i < dim ? yr[i] : 0.0f;
+    d[j] = i < dim && yr ? yr[i] : 0.0f;
   }
+  if (yr) {
 #pragma unroll
-  for (int j = 0; j < kRowRegs; ++j) {
-    const int64_t i = threadIdx.x + j * int64_t(blockDim.x);
-    v[j] += d[j];
-    if (i < dim) hr[i] = v[j];
+    for (int j = 0; j < kRowRegs; ++j) {
+      const int64_t i = threadIdx.x + j * int64_t(blockDim.x);
+      v[j] += d[j];
+      if (i < dim) hr[i] = v[j];
+    }
+    for (int64_t i = threadIdx.x + kRowRegs * int64_t(blockDim.x); i < dim; i += blockDim.x) hr[i] += yr[i];
   }
-  for (int64_t i = threadIdx.x + kRowRegs * int64_t(blockDim.x); i < dim; i += blockDim.x) hr[i] += yr[i];
-  rms_scale_row(v, wr, hr, w, x + blockIdx.x * dim, dim, eps, zero_centered);
+  rms_scale_row(v, wr, hr, w, x ? x + blockIdx.x * dim : nullptr, xb ? xb + blockIdx.x * dim : nullptr, dim, eps,
+                zero_centered);
 }
 
 __global__ void layer_norm_kernel(const float* x, const float* w, const float* b, float* y, int64_t dim, float eps) {
@@ -1498,11 +1508,23 @@ class CudaDevice : public Device {
     if (op.skip) return;
     launch(add_kernel, grid_for(n), kThreads, h, y, n);
   }
-  void add_rms_norm(float* h, const float* y, const float* w, float* x, int64_t rows, int64_t dim, float eps,
-                    bool zero_centered) override {
+  void add_rms_norm(float* h, const float* y, const float* w, float* x, void* x_op, int64_t rows, int64_t dim,
+                    float eps, bool zero_centered) override {
     const OpScope op(*this, "add_rms_norm");
     if (op.skip || rows == 0) return;
-    launch(add_rms_norm_kernel, unsigned(rows), row_threads(dim, rows), h, y, w, x, dim, eps, zero_centered);
+    launch(add_rms_norm_kernel, unsigned(rows), row_threads(dim, rows), h, y, w, x, static_cast<__nv_bfloat16*>(x_op),
+           dim, eps, zero_centered);
+  }
+  // bf16 operand rows past the GEMV sizes (decode batches read fp32 x through the GEMVs).
+  void* operand_rows(int64_t rows, int64_t cols) override {
+    if (wt_ != DType::BF16 || rows <= kGemvMaxRows) return nullptr;
+    return scratch((rows * cols + 1) / 2);
+  }
+  void linear_rows(const DevRows& x, const DevMatrix& W, float* y, int64_t M) override {
+    if (!x.op || wt_ != DType::BF16 || M <= kGemvMaxRows) return Device::linear_rows(x, W, y, M);
+    const OpScope op(*this, "linear");
+    if (op.skip || M == 0) return;
+    gemm(W, x.op, W.cols, y, M);
   }
   void copy(float* dst, Strides d, const float* src, Strides s, int64_t n0, int64_t n1, int64_t n2) override {
     const OpScope op(*this, "copy");
@@ -1577,18 +1599,17 @@ class CudaDevice : public Device {
   // SwiGLU pass writes the down projection's bf16 operand itself, so h skips an fp32 round trip and
   // a conversion pass (the same rounding as linear's conversion). Decode-sized batches keep the
   // SwiGLU GEMV epilogue.
-  void swiglu_mlp(const float* x, int64_t ldx, const DevMatrix& gate_up, const DevMatrix& down, float* out,
-                  int64_t M) override {
+  void swiglu_mlp(const DevRows& x, const DevMatrix& gate_up, const DevMatrix& down, float* out, int64_t M) override {
     const int64_t I = gate_up.rows / 2;
-    if (wt_ != DType::BF16 || gemv_fits(gate_up, x, ldx, M) || gate_up.rows % 2 != 0 || down.cols != I)
-      return Device::swiglu_mlp(x, ldx, gate_up, down, out, M);
+    if (wt_ != DType::BF16 || (x.f32 && gemv_fits(gate_up, x.f32, x.ld, M)) || gate_up.rows % 2 != 0 || down.cols != I)
+      return Device::swiglu_mlp(x, gate_up, down, out, M);
     const OpScope op(*this, "swiglu_mlp");
-    auto* xb = reinterpret_cast<__nv_bfloat16*>(scratch((M * gate_up.cols + 1) / 2));
+    auto* packed = x.op ? nullptr : reinterpret_cast<__nv_bfloat16*>(scratch((M * gate_up.cols + 1) / 2));
     auto* gu = reinterpret_cast<__nv_bfloat16*>(scratch((M * gate_up.rows + 1) / 2));
     auto* hb = reinterpret_cast<__nv_bfloat16*>(scratch((M * I + 1) / 2));
     if (op.skip || M == 0) return;
-    pack_to(x, ldx, gate_up.cols, xb, M);
-    gemm(gate_up, xb, gate_up.cols, gu, M, DType::BF16);
+    if (packed) pack_to(x.f32, x.ld, gate_up.cols, packed, M);
+    gemm(gate_up, x.op ? x.op : packed, gate_up.cols, gu, M, DType::BF16);
     swiglu_to(gu, hb, M, I);
     gemm(down, hb, I, out, M);
   }
@@ -1691,10 +1712,10 @@ class CudaDevice : public Device {
                                m.ld_gate, out);
     }
     const int64_t W = m.in_proj.rows;
-    __nv_bfloat16 *xb = bf16_rows(m.in_proj.cols), *rows = bf16_rows(W);
+    __nv_bfloat16 *packed = m.in.op ? nullptr : bf16_rows(m.in_proj.cols), *rows = bf16_rows(W);
     if (op.skip) return;
-    pack_to(m.in_x, m.ld_in, m.in_proj.cols, xb, T);
-    gemm(m.in_proj, xb, m.in_proj.cols, rows, T, DType::BF16);
+    if (packed) pack_to(m.in.f32, m.in.ld, m.in_proj.cols, packed, T);
+    gemm(m.in_proj, m.in.op ? m.in.op : packed, m.in_proj.cols, rows, T, DType::BF16);
     fused_mixer_steps(m, b, ops, rows + m.x_col, W, rows + m.b_col, W, rows + m.a_col, W, rows + m.gate_col, W, out);
   }
   struct MixerOperands {
