@@ -354,9 +354,10 @@ __global__ void swiglu_kernel(const In* gu, Out* out, int64_t T, int64_t I, bool
 
 // V values per thread (dim a multiple of V; V = 4 where the rows allow 16-byte accesses: one
 // scalar value per thread ran the 8K-token gated attention output at a third of the bandwidth).
-template <int V>
-__global__ void sigmoid_mul_kernel(float* o, const float* gate, int64_t ld_gate, int64_t ld_gate_head, int64_t T,
-                                   int64_t heads, int64_t dim) {
+// out: o itself (fp32), or the output projection's bf16 operand rows.
+template <int V, class Out>
+__global__ void sigmoid_mul_kernel(const float* o, const float* gate, int64_t ld_gate, int64_t ld_gate_head, int64_t T,
+                                   int64_t heads, int64_t dim, Out* out) {
   pdl_begin();
   const int64_t dv = dim / V;
   GRID_STRIDE(i, T * heads * dv) {
@@ -365,7 +366,7 @@ __global__ void sigmoid_mul_kernel(float* o, const float* gate, int64_t ld_gate,
     load_v(o + V * i, a);
     load_v(gate + t * ld_gate + h * ld_gate_head + c, g);
     for (int j = 0; j < V; ++j) a[j] *= sigmoidf(g[j]);
-    store_v(o + V * i, a);
+    store_v(out + V * i, a);
   }
 }
 
@@ -1626,13 +1627,20 @@ class CudaDevice : public Device {
     with_vec_width(vec_width(gu, I, 2 * I), run);
   }
   void sigmoid_mul(float* o, const float* gate, int64_t ld_gate, int64_t ld_gate_head, int64_t T, int64_t heads,
-                   int64_t dim) override {
+                   int64_t dim, void* o_op) override {
     const OpScope op(*this, "sigmoid_mul");
     if (op.skip) return;
-    const int w = vec_width(o, dim, dim) == 4 && vec_width(gate, dim, ld_gate) == 4 && ld_gate_head % 4 == 0 ? 4 : 1;
+    const int w = vec_width(o, dim, dim) == 4 && vec_width(gate, dim, ld_gate) == 4 && ld_gate_head % 4 == 0 &&
+                          ptr_alignment(o_op) >= 8
+                      ? 4
+                      : 1;
     with_vec_width(w, [&](auto v) {
-      launch(sigmoid_mul_kernel<v.value>, grid_for(T * heads * dim / v.value), kThreads, o, gate, ld_gate, ld_gate_head,
-             T, heads, dim);
+      const unsigned grid = grid_for(T * heads * dim / v.value);
+      if (o_op)
+        launch(sigmoid_mul_kernel<v.value, __nv_bfloat16>, grid, kThreads, o, gate, ld_gate, ld_gate_head, T, heads,
+               dim, static_cast<__nv_bfloat16*>(o_op));
+      else
+        launch(sigmoid_mul_kernel<v.value, float>, grid, kThreads, o, gate, ld_gate, ld_gate_head, T, heads, dim, o);
     });
   }
   void sigmoid(const float* x, int64_t ldx, float* y, int64_t T, int64_t n, float scale) override {
@@ -1729,10 +1737,9 @@ class CudaDevice : public Device {
     const DeltaPrep& p = m.prep;
     const DeltaRuleDims& d = m.dims;
     const int64_t T = b.tokens(), HK = d.H * d.K, HVV = d.HV * d.V;
-    // Channels a thread: 16 bytes of input either way (4 bf16 values a thread read the 2.0B model's
-    // 32K-token rows at 1.7 TB/s, against 3.2 TB/s for 4 fp32 values: the conv is latency-bound).
-    constexpr int V = sizeof(In) == 2 ? 8 : 4;
-    conv_prefill<V>(x, ldx, p.conv_w, DeltaOperands{ops.q, ops.k, ops.v, HK, HVV, int(d.K / V)}, p.C, p.kw, b,
+    // 4 channels a thread for bf16 rows too: 8 (16-byte loads) took the 2.0B model's 32K-token
+    // rows 0.86 ms a layer against 0.64 (H200 ncu): the conv is issue-bound, not bandwidth-bound.
+    conv_prefill<4>(x, ldx, p.conv_w, DeltaOperands{ops.q, ops.k, ops.v, HK, HVV, int(d.K / 4)}, p.C, p.kw, b,
                     p.conv_pool);
     sigmoid_rows(b_in, ldb, p.beta, T, p.H, p.beta_max);
     softplus_gates(a_in, lda, p.A_log, p.dt_bias, p.g, T, p.H, p.gate_width);
@@ -1741,17 +1748,17 @@ class CudaDevice : public Device {
     gemm(m.out_proj, ops.o, HVV, out, T);
   }
   // The fused mixer's shapes: bf16 weights, more than one token per sequence (decode keeps its own
-  // fused prep), the chunk kernels' head sizes, and conv rows a warp can normalise: 16-byte aligned
-  // rows of V channels a lane (fp32 given: 4; bf16 projected: 8), C a multiple of 32·V channels (a
-  // warp's are of one token), q/k heads of V·(a power of two ≤ 32) channels.
+  // fused prep), the chunk kernels' head sizes, and conv rows a warp can normalise: rows of 4
+  // channels a lane (16-byte aligned fp32 given, 8-byte aligned bf16 projected), C a multiple of
+  // 128 channels (a warp's are of one token), q/k heads of 4·(a power of two ≤ 32).
   bool fused_mixer_fits(const DeltaMixer& m, const DevBatch& b) const {
     const DeltaPrep& p = m.prep;
-    const int64_t V = m.in_proj.p ? 8 : 4, K = m.dims.K, lanes = K / V;
-    const bool rows_fit = m.in_proj.p ? m.in_proj.rows % 8 == 0 && m.x_col % 8 == 0 : vec_width(p.x, p.C, p.ldx) == 4;
+    const int64_t K = m.dims.K, lanes = K / 4;
+    const bool rows_fit = m.in_proj.p ? m.in_proj.rows % 4 == 0 && m.x_col % 4 == 0 : vec_width(p.x, p.C, p.ldx) == 4;
     return wt_ == DType::BF16 && !b.one_token_each() && fast_delta_shape(m.dims) && p.kw <= kConvWideTaps &&
            p.l2_heads == 2 * m.dims.H && p.head_dim == K && p.H == m.dims.HV &&
-           p.C == 2 * m.dims.H * K + m.dims.HV * m.dims.V && p.C % (32 * V) == 0 && rows_fit && K % V == 0 &&
-           lanes <= 32 && (lanes & (lanes - 1)) == 0 && m.out_proj.cols == m.dims.HV * m.dims.V;
+           p.C == 2 * m.dims.H * K + m.dims.HV * m.dims.V && p.C % 128 == 0 && rows_fit && K % 4 == 0 && lanes <= 32 &&
+           (lanes & (lanes - 1)) == 0 && m.out_proj.cols == m.dims.HV * m.dims.V;
   }
   void attention_prep(const AttentionPrep& p, const DevBatch& b) override {
     if (p.hd > 32 * kPrepHeadRegs) return Device::attention_prep(p, b);
