@@ -227,10 +227,9 @@ class Device {
   // out [M, down.rows] = swiglu(x · gate_up^T) · down^T: a SwiGLU MLP. The default runs
   // linear_swiglu, then linear; the CUDA device hands the hidden rows to the second GEMM in bf16.
   virtual void swiglu_mlp(const DevRows& x, const DevMatrix& gate_up, const DevMatrix& down, float* out, int64_t M);
-  // o [T, heads, dim] ⊙= sigmoid(gate), gate row (t, h) at gate + t·ld_gate + h·ld_gate_head; with
-  // o_op (operand_rows' rows), the gated rows go there instead and o is left as it was.
+  // o [T, heads, dim] ⊙= sigmoid(gate), gate row (t, h) at gate + t·ld_gate + h·ld_gate_head.
   virtual void sigmoid_mul(float* o, const float* gate, int64_t ld_gate, int64_t ld_gate_head, int64_t T, int64_t heads,
-                           int64_t dim, void* o_op) = 0;
+                           int64_t dim) = 0;
   // y [T, n] = scale·sigmoid(x) (row stride ldx).
   virtual void sigmoid(const float* x, int64_t ldx, float* y, int64_t T, int64_t n, float scale) = 0;
   // g [T, H·width] = −exp(A_log[h])·softplus(a + dt_bias) (a row stride lda), as gate_softplus_forward.

@@ -427,9 +427,8 @@ class GatedAttention : public Mixer {
         dev.attention(q + t0 * Q, kc, vc, o + t0 * Q, n, past + n, nh, nkv, hd, hd, scale, window_, sel,
                       indexer_ ? indexer_->topk : 0);
       }
-    void* o_op = dev.operand_rows(T, Q);  // the gated output straight into the GEMM's operand
-    dev.sigmoid_mul(o, qkv + hd, W, 2 * hd, T, nh, hd, o_op);
-    dev.linear_rows(o_op ? DevRows{nullptr, 0, o_op} : DevRows{o, Q, nullptr}, dev_.o, out, T);
+    dev.sigmoid_mul(o, qkv + hd, W, 2 * hd, T, nh, hd);
+    dev.linear(o, Q, dev_.o, out, T);
   }
   bool replayable_decode() const override { return !indexer_; }
   bool needs_f32_input() const override { return indexer_ != nullptr; }  // the DSA indexer reads x

@@ -203,8 +203,7 @@ void CpuDevice::delta_mixer(const DeltaMixer& mixer, const DevBatch& b, float* o
 }
 
 void CpuDevice::sigmoid_mul(float* o, const float* gate, int64_t ld_gate, int64_t ld_gate_head, int64_t T,
-                            int64_t heads, int64_t dim, void* o_op) {
-  check(o_op == nullptr, "internal: cpu-device rows are fp32 only");
+                            int64_t heads, int64_t dim) {
   for (int64_t t = 0; t < T; ++t)
     for (int64_t h = 0; h < heads; ++h)
       for (int64_t i = 0; i < dim; ++i) o[(t * heads + h) * dim + i] *= cpu::sigmoid(gate[t * ld_gate + h * ld_gate_head + i]);

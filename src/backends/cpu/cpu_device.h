@@ -57,7 +57,7 @@ class CpuDevice : public Device {
   void swiglu(const float* gu, float* out, int64_t T, int64_t I) override;
   void delta_mixer(const DeltaMixer& m, const DevBatch& b, float* out) override;
   void sigmoid_mul(float* o, const float* gate, int64_t ld_gate, int64_t ld_gate_head, int64_t T, int64_t heads,
-                   int64_t dim, void* o_op) override;
+                   int64_t dim) override;
   void sigmoid(const float* x, int64_t ldx, float* y, int64_t T, int64_t n, float scale) override;
   void gate_softplus(const float* a, int64_t lda, const float* A_log, const float* dt_bias, float* g, int64_t T,
                      int64_t H, int64_t width) override;

@@ -354,10 +354,9 @@ __global__ void swiglu_kernel(const In* gu, Out* out, int64_t T, int64_t I, bool
 
 // V values per thread (dim a multiple of V; V = 4 where the rows allow 16-byte accesses: one
 // scalar value per thread ran the 8K-token gated attention output at a third of the bandwidth).
-// out: o itself (fp32), or the output projection's bf16 operand rows.
-template <int V, class Out>
-__global__ void sigmoid_mul_kernel(const float* o, const float* gate, int64_t ld_gate, int64_t ld_gate_head, int64_t T,
-                                   int64_t heads, int64_t dim, Out* out) {
+template <int V>
+__global__ void sigmoid_mul_kernel(float* o, const float* gate, int64_t ld_gate, int64_t ld_gate_head, int64_t T,
+                                   int64_t heads, int64_t dim) {
   pdl_begin();
   const int64_t dv = dim / V;
   GRID_STRIDE(i, T * heads * dv) {
@@ -366,7 +365,7 @@ __global__ void sigmoid_mul_kernel(const float* o, const float* gate, int64_t ld
     load_v(o + V * i, a);
     load_v(gate + t * ld_gate + h * ld_gate_head + c, g);
     for (int j = 0; j < V; ++j) a[j] *= sigmoidf(g[j]);
-    store_v(out + V * i, a);
+    store_v(o + V * i, a);
   }
 }
 
@@ -1627,20 +1626,13 @@ class CudaDevice : public Device {
     with_vec_width(vec_width(gu, I, 2 * I), run);
   }
   void sigmoid_mul(float* o, const float* gate, int64_t ld_gate, int64_t ld_gate_head, int64_t T, int64_t heads,
-                   int64_t dim, void* o_op) override {
+                   int64_t dim) override {
     const OpScope op(*this, "sigmoid_mul");
     if (op.skip) return;
-    const int w = vec_width(o, dim, dim) == 4 && vec_width(gate, dim, ld_gate) == 4 && ld_gate_head % 4 == 0 &&
-                          ptr_alignment(o_op) >= 8
-                      ? 4
-                      : 1;
+    const int w = vec_width(o, dim, dim) == 4 && vec_width(gate, dim, ld_gate) == 4 && ld_gate_head % 4 == 0 ? 4 : 1;
     with_vec_width(w, [&](auto v) {
-      const unsigned grid = grid_for(T * heads * dim / v.value);
-      if (o_op)
-        launch(sigmoid_mul_kernel<v.value, __nv_bfloat16>, grid, kThreads, o, gate, ld_gate, ld_gate_head, T, heads,
-               dim, static_cast<__nv_bfloat16*>(o_op));
-      else
-        launch(sigmoid_mul_kernel<v.value, float>, grid, kThreads, o, gate, ld_gate, ld_gate_head, T, heads, dim, o);
+      launch(sigmoid_mul_kernel<v.value>, grid_for(T * heads * dim / v.value), kThreads, o, gate, ld_gate, ld_gate_head,
+             T, heads, dim);
     });
   }
   void sigmoid(const float* x, int64_t ldx, float* y, int64_t T, int64_t n, float scale) override {
