@@ -10,6 +10,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <functional>
 #include <random>
 
 #include "backends/cpu/cpu_device.h"
@@ -72,6 +73,38 @@ DevBatch make_batch(Device& dev, const std::vector<int64_t>& lens, const std::ve
   b.d_cu = dev.upload_i32(cu), b.d_slots = dev.upload_i32(sl), b.d_pos = dev.upload_i32(pos);
   return b;
 }
+
+// The two packed forwards of the delta-mixer tests (3 sequences in slots 2, 0, 5; the second forward
+// continues their conv and recurrent states): each forward's out rows [T, n_out] from the mixer
+// make(batch, forward) builds, run by the device's delta_mixer (fused) or Device's default steps,
+// then the 6 slots' conv and state pools of layer 0 (conv_width, state_width values a slot).
+std::vector<float> run_mixer_forwards(Device& dev, bool fused, int64_t n_out, int64_t conv_width, int64_t state_width,
+                                      const std::function<DeltaMixer(const DevBatch&, size_t)>& make) {
+  const std::vector<std::vector<int64_t>> lens{{37, 5, 64}, {3, 70, 2}}, past{{0, 0, 0}, {37, 5, 64}};
+  std::vector<float> got;
+  for (size_t f = 0; f < 2; ++f) {
+    dev.begin_forward();
+    const DevBatch b = make_batch(dev, lens[f], {2, 0, 5}, past[f]);
+    const int64_t T = b.tokens();
+    const DeltaMixer m = make(b, f);
+    float* out = dev.scratch(T * n_out);
+    if (fused)
+      dev.delta_mixer(m, b, out);
+    else
+      dev.Device::delta_mixer(m, b, out);
+    std::vector<float> h(size_t(T * n_out));
+    dev.to_host(out, h.data(), T * n_out);
+    got.insert(got.end(), h.begin(), h.end());
+  }
+  for (auto [part, width] : {std::pair{CachePart::Conv, conv_width}, {CachePart::State, state_width}}) {
+    std::vector<float> h(size_t(6 * width));
+    dev.to_host(dev.cache_pool(0, part, width), h.data(), 6 * width);
+    got.insert(got.end(), h.begin(), h.end());
+  }
+  return got;
+}
+// Token counts of run_mixer_forwards' two forwards.
+const int64_t kMixerTokens[2] = {37 + 5 + 64, 3 + 70 + 2};
 
 TEST(CudaDeviceOps, LinearMatchesCpuDeviceInBf16) {
   HLA_REQUIRE_GPU();
@@ -294,17 +327,13 @@ TEST(CudaDeviceOps, DeltaMixerMatchesUnfusedSteps) {
     const Tensor dt_bias = vector_tensor(random_vector(G, rng)),
                  norm = vector_tensor(random_vector(c.dk, rng, 0.5f, 1.5f));
     const Tensor out_proj = random_bf16_tensor(D, HVV, rng, 0.1f);
-    const std::vector<std::vector<int64_t>> lens{{37, 5, 64}, {3, 70, 2}}, past{{0, 0, 0}, {37, 5, 64}};
     std::vector<std::vector<float>> xs;
-    for (const auto& l : lens) xs.push_back(random_vector((l[0] + l[1] + l[2]) * ldx, rng, -2, 2));
+    for (int64_t n : kMixerTokens) xs.push_back(random_vector(n * ldx, rng, -2, 2));
     auto run = [&](Device& dev, bool fused) {
       const float *w = dev.upload_vector(conv_w), *al = dev.upload_vector(A_log), *dt = dev.upload_vector(dt_bias);
       const float* nw = dev.upload_vector(norm);
       const DevMatrix op = dev.upload_matrix(out_proj);
-      std::vector<float> got;
-      for (size_t f = 0; f < 2; ++f) {
-        dev.begin_forward();
-        const DevBatch b = make_batch(dev, lens[f], {2, 0, 5}, past[f]);
+      return run_mixer_forwards(dev, fused, D, C * (kw - 1), c.nv * c.dk * c.dk, [&](const DevBatch& b, size_t f) {
         const int64_t T = b.tokens();
         DeltaMixer m{};
         DeltaPrep& p = m.prep;
@@ -319,21 +348,8 @@ TEST(CudaDeviceOps, DeltaMixerMatchesUnfusedSteps) {
         m.scale = 1.0f / std::sqrt(float(c.dk));
         m.state_pool = dev.cache_pool(0, CachePart::State, c.nv * c.dk * c.dk);
         m.gate = p.x + C + c.nv + G, m.ld_gate = ldx, m.norm = nw, m.eps = 1e-6f, m.act = c.act, m.out_proj = op;
-        float* out = dev.scratch(T * D);
-        if (fused)
-          dev.delta_mixer(m, b, out);
-        else
-          dev.Device::delta_mixer(m, b, out);
-        std::vector<float> h(size_t(T * D));
-        dev.to_host(out, h.data(), T * D);
-        got.insert(got.end(), h.begin(), h.end());
-      }
-      for (auto [part, width] : {std::pair{CachePart::Conv, C * (kw - 1)}, {CachePart::State, c.nv * c.dk * c.dk}}) {
-        std::vector<float> h(size_t(6 * width));
-        dev.to_host(dev.cache_pool(0, part, width), h.data(), 6 * width);
-        got.insert(got.end(), h.begin(), h.end());
-      }
-      return got;
+        return m;
+      });
     };
     auto fused_dev = cuda::make_cuda_device(6, DType::BF16), steps_dev = cuda::make_cuda_device(6, DType::BF16);
     cpu::CpuDevice cpu(6);
@@ -408,17 +424,13 @@ TEST(CudaDeviceOps, DeltaMixerWithInputProjectionMatchesCpuDevice) {
   const Tensor conv_w = vector_tensor(random_vector(C * kw, rng)), A_log = vector_tensor(random_vector(nv, rng));
   const Tensor dt_bias = vector_tensor(random_vector(nv, rng)),
                norm = vector_tensor(random_vector(dk, rng, 0.5f, 1.5f));
-  const std::vector<std::vector<int64_t>> lens{{37, 5, 64}, {3, 70, 2}}, past{{0, 0, 0}, {37, 5, 64}};
   std::vector<std::vector<float>> xs;
-  for (const auto& l : lens) xs.push_back(random_vector((l[0] + l[1] + l[2]) * D, rng, -2, 2));
+  for (int64_t n : kMixerTokens) xs.push_back(random_vector(n * D, rng, -2, 2));
   auto run = [&](Device& dev, bool fused) {
     const float *w = dev.upload_vector(conv_w), *al = dev.upload_vector(A_log), *dt = dev.upload_vector(dt_bias);
     const float* nw = dev.upload_vector(norm);
     const DevMatrix ip = dev.upload_matrix(in_proj), op = dev.upload_matrix(out_proj);
-    std::vector<float> got;
-    for (size_t f = 0; f < 2; ++f) {
-      dev.begin_forward();
-      const DevBatch b = make_batch(dev, lens[f], {2, 0, 5}, past[f]);
+    return run_mixer_forwards(dev, fused, Dout, C * (kw - 1), nv * dk * dk, [&](const DevBatch& b, size_t f) {
       const int64_t T = b.tokens();
       DeltaMixer m{};
       m.in = {dev.upload_f32(xs[f]), D}, m.in_proj = ip;
@@ -431,21 +443,8 @@ TEST(CudaDeviceOps, DeltaMixerWithInputProjectionMatchesCpuDevice) {
       m.scale = 1.0f / std::sqrt(float(dk));
       m.state_pool = dev.cache_pool(0, CachePart::State, nv * dk * dk);
       m.norm = nw, m.eps = 1e-6f, m.act = cpu::GateAct::SiLU, m.out_proj = op;
-      float* out = dev.scratch(T * Dout);
-      if (fused)
-        dev.delta_mixer(m, b, out);
-      else
-        dev.Device::delta_mixer(m, b, out);
-      std::vector<float> h(size_t(T * Dout));
-      dev.to_host(out, h.data(), T * Dout);
-      got.insert(got.end(), h.begin(), h.end());
-    }
-    for (auto [part, width] : {std::pair{CachePart::Conv, C * (kw - 1)}, {CachePart::State, nv * dk * dk}}) {
-      std::vector<float> h(size_t(6 * width));
-      dev.to_host(dev.cache_pool(0, part, width), h.data(), 6 * width);
-      got.insert(got.end(), h.begin(), h.end());
-    }
-    return got;
+      return m;
+    });
   };
   auto fused_dev = cuda::make_cuda_device(6, DType::BF16), steps_dev = cuda::make_cuda_device(6, DType::BF16);
   cpu::CpuDevice plain_dev(6, /*bf16=*/true), exact_dev(6);
