@@ -84,11 +84,10 @@ struct DeltaPrep {
 // t·ld_gate, as gated_rms_norm), then out [T, out_proj.rows] = o · out_proj^T.
 //
 // With in_proj set, the layer's input projection is the mixer's first step: rows [T, in_proj.rows]
-// = in · in_proj^T hold the conv input, b, a and the output gate from columns
-// x_col, b_col, a_col and gate_col (prep.x, prep.b, prep.a, gate and their strides are then
-// ignored). A bf16 device stores these rows in bf16 (its fused prefill: the 2.0B Qwen3.5 model's
-// GDN projection is 12,352 values a token, 1.6 GB in fp32 at 32K tokens), and CpuDevice's bf16
-// mode rounds them the same way.
+// = in · in_proj^T hold the conv input, b, a and the output gate from columns x_col, b_col, a_col
+// and gate_col (prep.x, prep.b, prep.a, gate and their strides are then ignored). A bf16 device stores these rows in
+// bf16 (its fused prefill: the 2.0B Qwen3.5 model's GDN projection is 12,352 values a token, 1.6 GB in fp32 at 32K
+// tokens), and CpuDevice's bf16 mode rounds them the same way.
 struct DeltaMixer {
   DeltaPrep prep;
   DeltaRuleDims dims;
@@ -243,8 +242,9 @@ class Device {
   // and gate_softplus one after another, a device may fuse them (the CUDA decode step does).
   virtual void delta_prep(const DeltaPrep& p, const DevBatch& b);
   // DeltaMixer's steps for every sequence of b; the default runs linear (the input projection, if
-  // m has one), delta_prep, delta_rule, gated_rms_norm and linear one after another. The CUDA device's bf16 prefill
-  // passes q, k, v and o between them as the 16-bit operands of the op and the GEMM, with no fp32 rows in between.
+  // m has one), delta_prep, delta_rule, gated_rms_norm and linear one after another. The CUDA
+  // device's bf16 prefill passes the projected rows, q, k, v and o between them as 16-bit
+  // operands, with no fp32 rows in between.
   virtual void delta_mixer(const DeltaMixer& m, const DevBatch& b, float* out);
   // Runs m's input projection (linear, into scratch rows [T, in_proj.rows]) and points m's prep
   // and gate into the rows, leaving in_proj unset; returns the rows (null when m has none).

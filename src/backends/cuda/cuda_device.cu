@@ -902,8 +902,8 @@ __global__ void decode_combine_kernel(const float* part, float* o, int64_t dv) {
 // last blocks of a call finish sooner (the 2B model's chain of 97 GEMVs: 1278 → 1249 µs on an
 // H200). kSwiglu: rows 2i and 2i+1 are a SwiGLU block's gate and up rows i (one block holds both:
 // S ≤ kGemvWarps / 2) and y [N/2] gets SiLU(gate)·up, so the elementwise pass is not a kernel of
-// its own; like x, the gate/up products stay fp32 here (every other bf16 path rounds both). K a multiple of 8·S, x
-// 16-byte aligned.
+// its own; like x, the gate/up products stay fp32 here (every other bf16 path rounds both). K a
+// multiple of 8·S, x 16-byte aligned.
 constexpr int kGemvPrefetch = 4, kGemvWarps = 4;
 template <bool kSwiglu>
 __global__ void __launch_bounds__(kGemvWarps * 32)
@@ -2041,8 +2041,8 @@ class CudaDevice : public Device {
                        W.rows, W.cols, S, int(M));
   }
 
-  // y [M, N] = x [M, K] · W^T: in cuBLASLt's column-major terms D [N, M] = W^T(stored [K, N]) · x (stored [K, M], ld
-  // ldb). y in fp32, or (out = BF16, bf16 weights) rounded to bf16.
+  // y [M, N] = x [M, K] · W^T, y in fp32 or (out = BF16, bf16 weights) rounded to bf16. In
+  // cuBLASLt's column-major terms: D [N, M] = W^T (stored [K, N]) · x (stored [K, M], ld ldb).
   void gemm(const DevMatrix& W, const void* x, int64_t ldb, void* y, int64_t M, DType out = DType::F32) {
     const int64_t N = W.rows, K = W.cols;
     const cudaDataType_t t = wt_ == DType::BF16 ? CUDA_R_16BF : CUDA_R_32F;
