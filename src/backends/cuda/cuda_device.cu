@@ -1315,6 +1315,9 @@ class CudaDevice : public Device {
     used_ += bytes;
     return p;
   }
+  // n bf16 values of scratch (GEMM operands and products).
+  __nv_bfloat16* scratch_bf16(int64_t n) { return reinterpret_cast<__nv_bfloat16*>(scratch((n + 1) / 2)); }
+
   Mark scratch_mark() const override { return {chunks_.size(), used_}; }
   // Allocations after the mark are all in its chunk past `used`, or in chunks added since (then
   // the newest chunk restarts; the ones between stay until begin_forward merges them).
@@ -1486,7 +1489,7 @@ class CudaDevice : public Device {
     if (M == 0) return;
     const bool small = wt_ == DType::BF16 && gemv_fits(W, x, ldx, M);
     // The GEMM's bf16 operand rows.
-    auto* xb = wt_ == DType::BF16 && !small ? reinterpret_cast<__nv_bfloat16*>(scratch((M * W.cols + 1) / 2)) : nullptr;
+    auto* xb = wt_ == DType::BF16 && !small ? scratch_bf16(M * W.cols) : nullptr;
     if (op.skip) return;
     if (small) return gemv<false>(W, x, ldx, y, M);
     if (!xb) return gemm(W, x, ldx, y, M);
@@ -1518,10 +1521,10 @@ class CudaDevice : public Device {
   // bf16 operand rows past the GEMV sizes (decode batches read fp32 x through the GEMVs).
   void* operand_rows(int64_t rows, int64_t cols) override {
     if (wt_ != DType::BF16 || rows <= kGemvMaxRows) return nullptr;
-    return scratch((rows * cols + 1) / 2);
+    return scratch_bf16(rows * cols);
   }
   void linear_rows(const DevRows& x, const DevMatrix& W, float* y, int64_t M) override {
-    if (!x.op || wt_ != DType::BF16 || M <= kGemvMaxRows) return Device::linear_rows(x, W, y, M);
+    if (!x.op) return Device::linear_rows(x, W, y, M);  // operand rows exist only where a GEMM reads them
     const OpScope op(*this, "linear");
     if (op.skip || M == 0) return;
     gemm(W, x.op, W.cols, y, M);
@@ -1604,9 +1607,8 @@ class CudaDevice : public Device {
     if (wt_ != DType::BF16 || (x.f32 && gemv_fits(gate_up, x.f32, x.ld, M)) || gate_up.rows % 2 != 0 || down.cols != I)
       return Device::swiglu_mlp(x, gate_up, down, out, M);
     const OpScope op(*this, "swiglu_mlp");
-    auto* packed = x.op ? nullptr : reinterpret_cast<__nv_bfloat16*>(scratch((M * gate_up.cols + 1) / 2));
-    auto* gu = reinterpret_cast<__nv_bfloat16*>(scratch((M * gate_up.rows + 1) / 2));
-    auto* hb = reinterpret_cast<__nv_bfloat16*>(scratch((M * I + 1) / 2));
+    auto* packed = x.op ? nullptr : scratch_bf16(M * gate_up.cols);
+    auto *gu = scratch_bf16(M * gate_up.rows), *hb = scratch_bf16(M * I);
     if (op.skip || M == 0) return;
     if (packed) pack_to(x.f32, x.ld, gate_up.cols, packed, M);
     gemm(gate_up, x.op ? x.op : packed, gate_up.cols, gu, M, DType::BF16);
@@ -1704,15 +1706,14 @@ class CudaDevice : public Device {
     if (!fused_mixer_fits(m, b)) return Device::delta_mixer(m, b, out);
     const OpScope op(*this, "delta_mixer");
     const int64_t T = b.tokens(), HK = m.dims.H * m.dims.K, HVV = m.dims.HV * m.dims.V;
-    auto bf16_rows = [&](int64_t width) { return reinterpret_cast<__nv_bfloat16*>(scratch((T * width + 1) / 2)); };
-    const MixerOperands ops{bf16_rows(HK), bf16_rows(HK), bf16_rows(HVV), bf16_rows(HVV)};
+    const MixerOperands ops{scratch_bf16(T * HK), scratch_bf16(T * HK), scratch_bf16(T * HVV), scratch_bf16(T * HVV)};
     if (!m.in_proj.p) {
       if (op.skip) return;
       return fused_mixer_steps(m, b, ops, m.prep.x, m.prep.ldx, m.prep.b, m.prep.ldb, m.prep.a, m.prep.lda, m.gate,
                                m.ld_gate, out);
     }
     const int64_t W = m.in_proj.rows;
-    __nv_bfloat16 *packed = m.in.op ? nullptr : bf16_rows(m.in_proj.cols), *rows = bf16_rows(W);
+    __nv_bfloat16 *packed = m.in.op ? nullptr : scratch_bf16(T * m.in_proj.cols), *rows = scratch_bf16(T * W);
     if (op.skip) return;
     if (packed) pack_to(m.in.f32, m.in.ld, m.in_proj.cols, packed, T);
     gemm(m.in_proj, m.in.op ? m.in.op : packed, m.in_proj.cols, rows, T, DType::BF16);
@@ -2140,7 +2141,7 @@ void CudaDevice::delta_rule(const DeltaRuleDims& dims, const float* q, const flo
   const DType dt = bf16 ? DType::BF16 : DType::F32;
   auto pack = [&](const float* src, int64_t width) -> void* {
     if (bf16) {
-      auto* dst = reinterpret_cast<__nv_bfloat16*>(scratch((T * width + 1) / 2));
+      auto* dst = scratch_bf16(T * width);
       pack_to(src, ld, width, dst, T);
       return dst;
     }
