@@ -13,13 +13,20 @@ void Device::linear_rows(const DevRows& x, const DevMatrix& W, float* y, int64_t
   linear(x.f32, x.ld, W, y, M);
 }
 
+void Device::linear_add(const DevRows& x, const DevMatrix& W, float* h, int64_t M) {
+  float* y = scratch(M * W.rows);
+  linear_rows(x, W, y, M);
+  add(h, y, M * W.rows);
+}
+
 void Device::linear_swiglu(const float* x, int64_t ldx, const DevMatrix& W, float* out, int64_t M) {
   float* gu = scratch(M * W.rows);
   linear(x, ldx, W, gu, M);
   swiglu(gu, out, M, W.rows / 2);
 }
 
-void Device::swiglu_mlp(const DevRows& x, const DevMatrix& gate_up, const DevMatrix& down, float* out, int64_t M) {
+void Device::swiglu_mlp(const DevRows& x, const DevMatrix& gate_up, const DevMatrix& down, float* out, int64_t M,
+                        bool add) {
   const int64_t I = gate_up.rows / 2;
   float* h = scratch(M * I);
   if (x.f32) {
@@ -29,6 +36,7 @@ void Device::swiglu_mlp(const DevRows& x, const DevMatrix& gate_up, const DevMat
     linear_rows(x, gate_up, gu, M);
     swiglu(gu, h, M, I);
   }
+  if (add) return linear_add({h, I}, down, out, M);
   linear(h, I, down, out, M);
 }
 
@@ -63,7 +71,7 @@ void Device::delta_mixer(const DeltaMixer& mixer, const DevBatch& b, float* out)
   float* o = scratch(T * HVV);
   delta_rule(m.dims, p.y, p.y + HK, p.y + 2 * HK, p.C, p.g, p.beta, m.scale, b, m.state_pool, o);
   gated_rms_norm(o, m.gate, m.ld_gate, m.norm, T, m.dims.HV, m.dims.V, m.eps, m.act);
-  linear(o, HVV, m.out_proj, out, T);
+  linear_add({o, HVV}, m.out_proj, out, T);
 }
 
 void Device::attention_prep(const AttentionPrep& p, const DevBatch& b) {
@@ -79,6 +87,7 @@ void Device::attention_prep(const AttentionPrep& p, const DevBatch& b) {
 
 void Device::moe(const MoeExperts& m, const float* x, const float* logits, const float* shared,
                  const float* shared_gate, float* out, int64_t T) {
+  // The block's sum first, then one add into out: the CPU forward's order of fp32 additions.
   const int64_t D = m.D, E = m.router.experts;
   std::vector<float> host_logits(static_cast<size_t>(T * E)), bias;
   to_host(logits, host_logits.data(), T * E);
@@ -93,22 +102,23 @@ void Device::moe(const MoeExperts& m, const float* x, const float* logits, const
       tokens[size_t(e)].push_back(int32_t(t));
       weights[size_t(e)].push_back(w);
     }
-  zero(out, T * D);
-  float* xe = scratch(T * D);
-  float* y = scratch(T * D);
+  float *sum = scratch(T * D), *xe = scratch(T * D), *y = scratch(T * D);
+  zero(sum, T * D);
   for (int64_t e = 0; e < E; ++e) {
     const int64_t n = int64_t(tokens[size_t(e)].size());
     if (n == 0) continue;
     const int32_t* idx = upload_i32(tokens[size_t(e)]);
     gather_rows(x, idx, xe, n, D);
-    swiglu_mlp({xe, D}, m.gate_up.row_block(2 * m.I * e, 2 * m.I), m.down.row_block(D * e, D), y, n);
-    scatter_add_rows(out, idx, upload_f32(weights[size_t(e)]), y, n, D);
+    swiglu_mlp({xe, D}, m.gate_up.row_block(2 * m.I * e, 2 * m.I), m.down.row_block(D * e, D), y, n, false);
+    scatter_add_rows(sum, idx, upload_f32(weights[size_t(e)]), y, n, D);
   }
-  if (!shared) return;
-  std::vector<int32_t> all(static_cast<size_t>(T));
-  std::iota(all.begin(), all.end(), 0);
-  scatter_add_rows(out, upload_i32(all), shared_gate ? shared_gate : upload_f32(std::vector<float>(size_t(T), 1.0f)),
-                   shared, T, D);
+  if (shared) {
+    std::vector<int32_t> all(static_cast<size_t>(T));
+    std::iota(all.begin(), all.end(), 0);
+    scatter_add_rows(sum, upload_i32(all), shared_gate ? shared_gate : upload_f32(std::vector<float>(size_t(T), 1.0f)),
+                     shared, T, D);
+  }
+  add(out, sum, T * D);
 }
 
 }  // namespace hla

@@ -81,7 +81,8 @@ struct DeltaPrep {
 // steps (prep.y is the device's own: it need not be set), the delta rule (dims, scale) over q, k, v
 // = the conv rows [q (H·K) | k (H·K) | v (HV·V)] from each sequence's slot in state_pool, then o
 // [T, HV, V] = gated RMSNorm(o)·norm·act(gate) per value head (token t's gate rows at gate +
-// t·ld_gate, as gated_rms_norm), then out [T, out_proj.rows] = o · out_proj^T.
+// t·ld_gate, as gated_rms_norm), then out [T, out_proj.rows] += o · out_proj^T (out: the residual
+// stream).
 //
 // With in_proj set, the layer's input projection is the mixer's first step: rows [T, in_proj.rows]
 // = in · in_proj^T hold the conv input, b, a and the output gate from columns x_col, b_col, a_col
@@ -191,15 +192,19 @@ class Device {
   virtual void linear(const float* x, int64_t ldx, const DevMatrix& W, float* y, int64_t M) = 0;
   // The same from DevRows: their operand rows where given (the default has none to read), else f32.
   virtual void linear_rows(const DevRows& x, const DevMatrix& W, float* y, int64_t M);
+  // h [M, W.rows] += x [M, W.cols] · W^T (x as linear_rows reads it): a layer's output projection
+  // adding into the residual stream, so the GEMM reads h instead of a pass reading its product back
+  // (the default runs linear_rows into scratch, then add).
+  virtual void linear_add(const DevRows& x, const DevMatrix& W, float* h, int64_t M);
   // Scratch for [rows, cols] activations in the device's GEMM operand type, for the producer of
   // DevRows::op; null where the device's GEMMs of that many rows read fp32 rows (the default).
   virtual void* operand_rows(int64_t /*rows*/, int64_t /*cols*/) { return nullptr; }
   virtual void embed(const DevMatrix& table, const int32_t* ids, float* out, int64_t T) = 0;
   virtual void add(float* h, const float* y, int64_t n) = 0;  // h += y
-  // The residual step between blocks: h [rows, dim] += y (unless y is null), then RMSNorm(h) (as
-  // rms_norm) into x (unless null) and into x_op (unless null: operand_rows' rows).
-  virtual void add_rms_norm(float* h, const float* y, const float* w, float* x, void* x_op, int64_t rows, int64_t dim,
-                            float eps, bool zero_centered) = 0;
+  // The norm between blocks: RMSNorm of the residual stream h [rows, dim] (as rms_norm) into x
+  // (unless null) and into x_op (unless null: operand_rows' rows).
+  virtual void residual_norm(const float* h, const float* w, float* x, void* x_op, int64_t rows, int64_t dim, float eps,
+                             bool zero_centered) = 0;
   // Generic strided copy over a 3-D index space (a stride of 0 broadcasts).
   struct Strides {
     int64_t s0, s1, s2;
@@ -223,12 +228,15 @@ class Device {
   // out [M, W.rows / 2] = swiglu(x · W^T) for W's interleaved gate and up rows (x row stride ldx).
   // The default runs linear, then swiglu; the CUDA decode GEMV applies it as its epilogue.
   virtual void linear_swiglu(const float* x, int64_t ldx, const DevMatrix& W, float* out, int64_t M);
-  // out [M, down.rows] = swiglu(x · gate_up^T) · down^T: a SwiGLU MLP. The default runs
-  // linear_swiglu, then linear; the CUDA device hands the hidden rows to the second GEMM in bf16.
-  virtual void swiglu_mlp(const DevRows& x, const DevMatrix& gate_up, const DevMatrix& down, float* out, int64_t M);
-  // o [T, heads, dim] ⊙= sigmoid(gate), gate row (t, h) at gate + t·ld_gate + h·ld_gate_head.
+  // out [M, down.rows] = (add: +=) swiglu(x · gate_up^T) · down^T: a SwiGLU MLP. The default runs
+  // linear_swiglu, then linear or linear_add; the CUDA device hands the hidden rows to the second
+  // GEMM in bf16.
+  virtual void swiglu_mlp(const DevRows& x, const DevMatrix& gate_up, const DevMatrix& down, float* out, int64_t M,
+                          bool add);
+  // o [T, heads, dim] ⊙= sigmoid(gate), gate row (t, h) at gate + t·ld_gate + h·ld_gate_head; with
+  // o_op (operand_rows' rows [T, heads·dim]) the product goes there instead, o left as it is.
   virtual void sigmoid_mul(float* o, const float* gate, int64_t ld_gate, int64_t ld_gate_head, int64_t T, int64_t heads,
-                           int64_t dim) = 0;
+                           int64_t dim, void* o_op) = 0;
   // y [T, n] = scale·sigmoid(x) (row stride ldx).
   virtual void sigmoid(const float* x, int64_t ldx, float* y, int64_t T, int64_t n, float scale) = 0;
   // g [T, H·width] = −exp(A_log[h])·softplus(a + dt_bias) (a row stride lda), as gate_softplus_forward.
@@ -242,7 +250,7 @@ class Device {
   // and gate_softplus one after another, a device may fuse them (the CUDA decode step does).
   virtual void delta_prep(const DeltaPrep& p, const DevBatch& b);
   // DeltaMixer's steps for every sequence of b; the default runs linear (the input projection, if
-  // m has one), delta_prep, delta_rule, gated_rms_norm and linear one after another. The CUDA
+  // m has one), delta_prep, delta_rule, gated_rms_norm and linear_add one after another. The CUDA
   // device's bf16 prefill passes the projected rows, q, k, v and o between them as 16-bit
   // operands, with no fp32 rows in between.
   virtual void delta_mixer(const DeltaMixer& m, const DevBatch& b, float* out);
@@ -283,7 +291,7 @@ class Device {
   // out [rows] = the index of the largest value of each row of x [rows, n], the lowest among ties
   // (greedy decoding on the device: only the ids come back, not the rows of logits).
   virtual void argmax_rows(const float* x, int64_t rows, int64_t n, int32_t* out) = 0;
-  // The routed experts of an MoE block for T tokens: out [T, D] = Σ over each token's picks
+  // The routed experts of an MoE block for T tokens: out [T, D] += Σ over each token's picks
   // (cpu::moe_route of its router logits, logits [T, E]) of weight · expert(x row), x [T, D]
   // contiguous; plus, when shared is given, shared_gate[t] (1 when null) · shared [T, D]. The
   // default routes on the host (it copies the logits back) and runs each expert's tokens through

@@ -51,10 +51,10 @@ struct DeltaCore {
     c.conv.assign(size_t(conv_dim * (kw - 1)), 0.0f);
     c.state.assign(size_t(nv * dk * dv), 0.0f);
   }
-  // The same on a device, over every sequence of b at once, into out: m.prep names the conv input
-  // (rows of stride ldx), the conv taps and the gates' inputs and outputs, m the output's gated norm
-  // and projection; the rest is this core's.
-  void run_device(Device& dev, DeltaMixer m, const DevBatch& b, int64_t layer, float* out) const {
+  // The same on a device, over every sequence of b at once, added to h: m.prep names the conv
+  // input (rows of stride ldx), the conv taps and the gates' inputs and outputs, m the output's
+  // gated norm and projection; the rest is this core's.
+  void run_device(Device& dev, DeltaMixer m, const DevBatch& b, int64_t layer, float* h) const {
     DeltaPrep& p = m.prep;
     p.C = conv_dim, p.kw = kw;
     p.conv_pool = dev.cache_pool(layer, CachePart::Conv, conv_dim * (kw - 1));
@@ -62,7 +62,7 @@ struct DeltaCore {
     m.dims.H = nk, m.dims.HV = nv, m.dims.K = dk, m.dims.V = dv, m.dims.gate = gate;
     m.scale = 1.0f / std::sqrt(float(dk));
     m.state_pool = dev.cache_pool(layer, CachePart::State, nv * dk * dv);
-    dev.delta_mixer(m, b, out);
+    dev.delta_mixer(m, b, h);
   }
 };
 
@@ -151,7 +151,7 @@ class GatedDeltaNet : public Mixer {
             dev.upload_vector(A_log_),           dev.upload_vector(dt_bias_),  dev.upload_vector(norm_)};
   }
 
-  void forward_device(Device& dev, const DevRows& x, float* out, const DevBatch& b, int64_t layer) const override {
+  void forward_device(Device& dev, const DevRows& x, float* h, const DevBatch& b, int64_t layer) const override {
     const int64_t T = b.tokens(), nv = s_.lin_nv, dv = s_.lin_dv, C = core_.conv_dim;
     DeltaMixer m{};  // the projection's rows: [q | k | v (C) | z (nv·dv) | b (nv) | a (nv)]
     m.in = x, m.in_proj = dev_.in;
@@ -163,7 +163,7 @@ class GatedDeltaNet : public Mixer {
     p.gate_width = 1;
     m.norm = dev_.norm, m.eps = s_.norm_eps, m.act = GateAct::SiLU;
     m.out_proj = dev_.out;
-    core_.run_device(dev, m, b, layer, out);
+    core_.run_device(dev, m, b, layer, h);
   }
   bool replayable_decode() const override { return true; }
   bool needs_f32_input() const override { return false; }
@@ -252,7 +252,7 @@ class KimiDeltaAttention : public Mixer {
             dev.upload_vector(o_norm_)};
   }
 
-  void forward_device(Device& dev, const DevRows& x, float* out, const DevBatch& b, int64_t layer) const override {
+  void forward_device(Device& dev, const DevRows& x, float* h, const DevBatch& b, int64_t layer) const override {
     const int64_t T = b.tokens(), H = s_.lin_nv, dk = s_.lin_dk, HK = H * dk;
     const int64_t W = 3 * HK + 2 * dk + H;
     float* in = dev.scratch(T * W);
@@ -270,7 +270,7 @@ class KimiDeltaAttention : public Mixer {
     p.gate_width = dk;
     m.gate = og, m.ld_gate = HK, m.norm = dev_.o_norm, m.eps = s_.norm_eps, m.act = GateAct::Sigmoid;
     m.out_proj = dev_.o;
-    core_.run_device(dev, m, b, layer, out);
+    core_.run_device(dev, m, b, layer, h);
   }
   bool replayable_decode() const override { return true; }
   bool needs_f32_input() const override { return false; }
@@ -374,7 +374,7 @@ class GatedAttention : public Mixer {
   }
 
   // The device cache keeps every KV row; a sliding layer restricts its queries to the window.
-  void forward_device(Device& dev, const DevRows& x, float* out, const DevBatch& b, int64_t layer) const override {
+  void forward_device(Device& dev, const DevRows& x, float* h, const DevBatch& b, int64_t layer) const override {
     const int64_t T = b.tokens(), nh = s_.n_heads, nkv = s_.n_kv_heads, hd = s_.head_dim;
     const int64_t Q = nh * hd, KV = nkv * hd, W = 2 * Q + 2 * KV;  // projection rows: [q|gate per head], k, v
     float* qkv = dev.scratch(T * W);
@@ -427,8 +427,9 @@ class GatedAttention : public Mixer {
         dev.attention(q + t0 * Q, kc, vc, o + t0 * Q, n, past + n, nh, nkv, hd, hd, scale, window_, sel,
                       indexer_ ? indexer_->topk : 0);
       }
-    dev.sigmoid_mul(o, qkv + hd, W, 2 * hd, T, nh, hd);
-    dev.linear(o, Q, dev_.o, out, T);
+    void* o_op = dev.operand_rows(T, Q);  // the gated output in the output GEMM's operand type
+    dev.sigmoid_mul(o, qkv + hd, W, 2 * hd, T, nh, hd, o_op);
+    dev.linear_add({o_op ? nullptr : o, Q, o_op}, dev_.o, h, T);
   }
   bool replayable_decode() const override { return !indexer_; }
   bool needs_f32_input() const override { return indexer_ != nullptr; }  // the DSA indexer reads x
@@ -597,7 +598,7 @@ class MultiLatentAttention : public Mixer {
     }
   }
 
-  void forward_device(Device& dev, const DevRows& x, float* out, const DevBatch& b, int64_t layer) const override {
+  void forward_device(Device& dev, const DevRows& x, float* h, const DevBatch& b, int64_t layer) const override {
     const int64_t T = b.tokens(), nh = s_.n_heads, dn = s_.qk_nope, dr = s_.qk_rope;
     const int64_t dq = dn + dr, dv = s_.v_head, R = s_.kv_lora_rank, Rq = s_.q_lora_rank;
     float* q = dev.scratch(T * nh * dq);
@@ -653,7 +654,7 @@ class MultiLatentAttention : public Mixer {
       dev.attention(q + t0 * nh * dq, K, V, o + t0 * nh * dv, n, past + n, nh, nh, dq, dv, s_.mla_scale(), 0, sel,
                     sparse_ ? s_.index_topk : 0);
     }
-    dev.linear(o, nh * dv, dev_.o, out, T);
+    dev.linear_add({o, nh * dv}, dev_.o, h, T);
   }
   bool needs_f32_input() const override { return false; }
 
@@ -713,8 +714,8 @@ class DenseFfn : public Ffn {
   void bind_device(Device& dev) override { mlp_.bind_device(dev); }
   bool replayable_decode() const override { return true; }
   bool needs_f32_input() const override { return false; }
-  void forward_device(Device& dev, const DevRows& x, float* out, int64_t T) const override {
-    mlp_.forward_device(dev, x, out, T);
+  void forward_device(Device& dev, const DevRows& x, float* h, int64_t T) const override {
+    mlp_.forward_device(dev, x, h, T, true);
   }
 
  private:
@@ -767,21 +768,21 @@ class MoeFfn : public Ffn {
   }
 
   bool replayable_decode() const override { return replayable_; }
-  void forward_device(Device& dev, const DevRows& x, float* out, int64_t T) const override {
+  void forward_device(Device& dev, const DevRows& x, float* h, int64_t T) const override {
     const int64_t D = s_.hidden, E = s_.n_experts;
     float* logits = dev.scratch(T * E);
     dev.linear_rows(x, router_d_, logits, T);
     float *shared = nullptr, *gate = nullptr;
     if (s_.shared_intermediate > 0) {
       shared = dev.scratch(T * D);
-      shared_.forward_device(dev, x, shared, T);
+      shared_.forward_device(dev, x, shared, T, false);
       if (s_.shared_gate) {
         gate = dev.scratch(T);
         dev.linear_rows(x, shared_gate_d_, gate, T);
         dev.sigmoid(gate, 1, gate, T, 1, 1.0f);
       }
     }
-    dev.moe(experts_d_, x.f32, logits, shared, gate, out, T);
+    dev.moe(experts_d_, x.f32, logits, shared, gate, h, T);
   }
 
   void forward(const float* x, float* out, int64_t T) const override {
@@ -860,8 +861,8 @@ void SwiGLU::bind_device(Device& dev) {
   down_d = dev.upload_matrix(down);
 }
 
-void SwiGLU::forward_device(Device& dev, const DevRows& x, float* out, int64_t T) const {
-  dev.swiglu_mlp(x, gate_up_d, down_d, out, T);
+void SwiGLU::forward_device(Device& dev, const DevRows& x, float* out, int64_t T, bool add) const {
+  dev.swiglu_mlp(x, gate_up_d, down_d, out, T, add);
 }
 
 void Mixer::bind_device(Device& dev) {

@@ -19,10 +19,12 @@ class Mixer {
   // out [T, D] = mixer(x [T, D]); reads and advances caches[i]->layers[layer].
   virtual void forward(const float* x, float* out, const SeqBatch& b, int64_t layer) const = 0;
   virtual void init_cache(LayerCache& c) const = 0;
-  // The same layer on a Device: bind_device() uploads the weights once; forward_device() reads and
-  // advances the cache slots of b.slots in dev. Layers without a device form refuse both.
+  // The same layer on a Device: bind_device() uploads the weights once; forward_device() adds the
+  // mixer's output to the residual stream h [T, D] (its output projection writes there, with no
+  // rows of its own in between), reading and advancing the cache slots of b.slots in dev. Layers
+  // without a device form refuse both.
   virtual void bind_device(Device& dev);
-  virtual void forward_device(Device& dev, const DevRows& x, float* out, const DevBatch& b, int64_t layer) const;
+  virtual void forward_device(Device& dev, const DevRows& x, float* h, const DevBatch& b, int64_t layer) const;
   // Does a one-token-per-sequence step read positions only on the device (the DevBatch arrays), so
   // the device may record it once and replay it (Device::begin_forward)?
   virtual bool replayable_decode() const { return false; }
@@ -36,7 +38,7 @@ class Ffn {
   virtual ~Ffn() = default;
   virtual void forward(const float* x, float* out, int64_t T) const = 0;
   virtual void bind_device(Device& dev) = 0;
-  virtual void forward_device(Device& dev, const DevRows& x, float* out, int64_t T) const = 0;
+  virtual void forward_device(Device& dev, const DevRows& x, float* h, int64_t T) const = 0;  // h += ffn(x)
   virtual bool replayable_decode() const = 0;            // as Mixer's
   virtual bool needs_f32_input() const { return true; }  // as Mixer's
 };
@@ -62,7 +64,7 @@ struct SwiGLU {
   DevMatrix gate_up_d, down_d;  // gate and up rows interleaved [2I, D], and down, on the bound device
   std::vector<RowSlice> gate_up_rows() const;  // gate row i, then up row i, for i < I
   void bind_device(Device& dev);
-  void forward_device(Device& dev, const DevRows& x, float* out, int64_t T) const;
+  void forward_device(Device& dev, const DevRows& x, float* out, int64_t T, bool add) const;  // out = or += mlp(x)
 };
 
 Tensor stack_rows(const std::vector<RowSlice>& slices);

@@ -182,25 +182,22 @@ const float* Model::device_logits(Device& dev, const std::vector<int64_t>& ids, 
     f32_rows = f32_rows || mixers_[size_t(l)]->needs_f32_input() || ffns_[size_t(l)]->needs_f32_input();
   float* h = dev.scratch(T * D);
   float* x = f32_rows ? dev.scratch(T * D) : nullptr;
-  float* y = dev.scratch(T * D);
   const DevRows xr{x, D, x_op};
   dev.embed(dev_.embed, dev.upload_i32(ids32), h, T);
   const Device::Mark layer_scratch = dev.scratch_mark();
-  dev.add_rms_norm(h, nullptr, dev_.norm_in[0], x, x_op, T, D, s.norm_eps, s.zero_centered_norm);
-  for (int64_t l = 0; l < s.n_layers; ++l) {  // each residual add fused with the norm after it
-    mixers_[size_t(l)]->forward_device(dev, xr, y, b, l);
-    dev.add_rms_norm(h, y, dev_.norm_post[size_t(l)], x, x_op, T, D, s.norm_eps, s.zero_centered_norm);
-    ffns_[size_t(l)]->forward_device(dev, xr, y, T);
-    if (l + 1 < s.n_layers)
-      dev.add_rms_norm(h, y, dev_.norm_in[size_t(l + 1)], x, x_op, T, D, s.norm_eps, s.zero_centered_norm);
-    else dev.add(h, y, T * D);
+  // Each block adds its output to h in its last GEMM (no rows of its own that a pass adds back).
+  for (int64_t l = 0; l < s.n_layers; ++l) {
+    dev.residual_norm(h, dev_.norm_in[size_t(l)], x, x_op, T, D, s.norm_eps, s.zero_centered_norm);
+    mixers_[size_t(l)]->forward_device(dev, xr, h, b, l);
+    dev.residual_norm(h, dev_.norm_post[size_t(l)], x, x_op, T, D, s.norm_eps, s.zero_centered_norm);
+    ffns_[size_t(l)]->forward_device(dev, xr, h, T);
     dev.scratch_release(layer_scratch);
   }
   const std::vector<int64_t> rows = logit_rows(b.cu_seqlens, all_logits);
   const int64_t R = int64_t(rows.size());
-  float* last = dev.scratch(R * D);
-  dev.gather_rows(h, dev.upload_i32(std::vector<int32_t>(rows.begin(), rows.end())), y, R, D);
-  dev.rms_norm(y, D, dev_.final_norm, last, D, R, D, s.norm_eps, s.zero_centered_norm);
+  float *picked = dev.scratch(R * D), *last = dev.scratch(R * D);
+  dev.gather_rows(h, dev.upload_i32(std::vector<int32_t>(rows.begin(), rows.end())), picked, R, D);
+  dev.rms_norm(picked, D, dev_.final_norm, last, D, R, D, s.norm_eps, s.zero_centered_norm);
   float* logits_d = dev.scratch(R * s.vocab);
   dev.linear(last, D, dev_.lm_head, logits_d, R);
   n_rows = R;

@@ -25,12 +25,25 @@ using namespace hla;
 namespace {
 
 // y = x · W^T on `dev` (x rows ldx apart), back on the host.
-std::vector<float> run_linear(Device& dev, const Tensor& W, const std::vector<float>& x, int64_t M, int64_t ldx) {
+// Writable scratch holding v (a residual stream that an op adds to).
+float* scratch_with(Device& dev, const std::vector<float>& v) {
+  const int64_t n = int64_t(v.size());
+  float* p = dev.scratch(n);
+  dev.copy(p, {n, 1, 0}, dev.upload_f32(v), {n, 1, 0}, 1, n, 1);
+  return p;
+}
+
+// y = x · W^T (Device::linear), or h0 + x · W^T (linear_add) when h0 is given.
+std::vector<float> run_linear(Device& dev, const Tensor& W, const std::vector<float>& x, int64_t M, int64_t ldx,
+                              const std::vector<float>* h0 = nullptr) {
   const DevMatrix w = dev.upload_matrix(W);
   dev.begin_forward();
   const float* xd = dev.upload_f32(x);
-  float* yd = dev.scratch(M * W.size(0));
-  dev.linear(xd, ldx, w, yd, M);
+  float* yd = h0 ? scratch_with(dev, *h0) : dev.scratch(M * W.size(0));
+  if (h0)
+    dev.linear_add({xd, ldx}, w, yd, M);
+  else
+    dev.linear(xd, ldx, w, yd, M);
   std::vector<float> y(size_t(M * W.size(0)));
   dev.to_host(yd, y.data(), M * W.size(0));
   return y;
@@ -75,9 +88,10 @@ DevBatch make_batch(Device& dev, const std::vector<int64_t>& lens, const std::ve
 }
 
 // The two packed forwards of the delta-mixer tests (3 sequences in slots 2, 0, 5; the second forward
-// continues their conv and recurrent states): each forward's out rows [T, n_out] from the mixer
-// make(batch, forward) builds, run by the device's delta_mixer (fused) or Device's default steps,
-// then the 6 slots' conv and state pools of layer 0 (conv_width, state_width values a slot).
+// continues their conv and recurrent states): each forward's output rows [T, n_out] (added to a
+// residual stream of values in [−2, 2], taken off again on the host) from the mixer make(batch,
+// forward) builds, run by the device's delta_mixer (fused) or Device's default steps, then the 6
+// slots' conv and state pools of layer 0 (conv_width, state_width values a slot).
 std::vector<float> run_mixer_forwards(Device& dev, bool fused, int64_t n_out, int64_t conv_width, int64_t state_width,
                                       const std::function<DeltaMixer(const DevBatch&, size_t)>& make) {
   const std::vector<std::vector<int64_t>> lens{{37, 5, 64}, {3, 70, 2}}, past{{0, 0, 0}, {37, 5, 64}};
@@ -87,13 +101,16 @@ std::vector<float> run_mixer_forwards(Device& dev, bool fused, int64_t n_out, in
     const DevBatch b = make_batch(dev, lens[f], {2, 0, 5}, past[f]);
     const int64_t T = b.tokens();
     const DeltaMixer m = make(b, f);
-    float* out = dev.scratch(T * n_out);
+    std::mt19937 rng{unsigned(f)};
+    const std::vector<float> residual = random_vector(T * n_out, rng, -2.0f, 2.0f);
+    float* out = scratch_with(dev, residual);
     if (fused)
       dev.delta_mixer(m, b, out);
     else
       dev.Device::delta_mixer(m, b, out);
     std::vector<float> h(size_t(T * n_out));
     dev.to_host(out, h.data(), T * n_out);
+    for (size_t t = 0; t < h.size(); ++t) h[t] -= residual[t];
     got.insert(got.end(), h.begin(), h.end());
   }
   for (auto [part, width] : {std::pair{CachePart::Conv, conv_width}, {CachePart::State, state_width}}) {
@@ -132,6 +149,11 @@ TEST(CudaDeviceOps, LinearMatchesCpuDeviceInBf16) {
     const std::vector<float> got = run_linear(*gpu, W, x, s.M, s.ldx), want = run_linear(cpu, W, x, s.M, s.ldx);
     // The same bf16 products summed in another order in fp32.
     EXPECT_LT(max_rel_diff(got, want), 1e-5) << "M " << s.M << " N " << s.N << " K " << s.K;
+    // Added to a residual stream (the GEMV's and cuBLASLt's epilogues read y).
+    std::vector<float> h0(size_t(s.M * s.N));
+    for (float& v : h0) v = 4 * u(rng);
+    EXPECT_LT(max_rel_diff(run_linear(*gpu, W, x, s.M, s.ldx, &h0), run_linear(cpu, W, x, s.M, s.ldx, &h0)), 1e-5)
+        << "add, M " << s.M << " N " << s.N << " K " << s.K;
   }
 }
 
@@ -199,7 +221,8 @@ TEST(CudaDeviceOps, LinearSwigluMatchesCpuDevice) {
 
 // A SwiGLU MLP (Device::swiglu_mlp): the GEMV path at one row, the tensor-core GEMV at 5, and the
 // bf16 prefill path (SwiGLU writing the down GEMM's bf16 operand) at 12 and 300 rows, one with
-// strided x rows, against CpuDevice with the same operand rounding. Both round the gate/up
+// strided x rows, written and added to a residual stream, against CpuDevice with the same operand
+// rounding. Both round the gate/up
 // products and h to bf16; the GEMM's other summation order can move one of them across a rounding
 // boundary (one bf16 ulp, 2^-8 relative, in one of I terms), hence the bound.
 TEST(CudaDeviceOps, SwigluMlpMatchesCpuDevice) {
@@ -209,18 +232,22 @@ TEST(CudaDeviceOps, SwigluMlpMatchesCpuDevice) {
        {std::tuple{1, 96, 100, 96}, {5, 256, 64, 256}, {12, 96, 100, 104}, {300, 2048, 512, 2048}}) {
     const Tensor gate_up = random_bf16_tensor(2 * I, D, rng, 0.1f), down = random_bf16_tensor(D, I, rng, 0.1f);
     const std::vector<float> x = random_vector(M * ldx, rng);
-    auto run = [&](Device& dev) {
+    const std::vector<float> h0 = random_vector(M * D, rng, -0.5f, 0.5f);
+    auto run = [&](Device& dev, bool add) {
       const DevMatrix gu = dev.upload_matrix(gate_up), dn = dev.upload_matrix(down);
       dev.begin_forward();
-      float* out = dev.scratch(M * D);
-      dev.swiglu_mlp({dev.upload_f32(x), ldx}, gu, dn, out, M);
+      float* out = add ? scratch_with(dev, h0) : dev.scratch(M * D);
+      dev.swiglu_mlp({dev.upload_f32(x), ldx}, gu, dn, out, M, add);
       std::vector<float> y(size_t(M * D));
       dev.to_host(out, y.data(), M * D);
+      for (size_t i = 0; add && i < y.size(); ++i) y[i] -= h0[i];  // the MLP's part, compared as without add
       return y;
     };
     auto gpu = cuda::make_cuda_device(1, DType::BF16);
     cpu::CpuDevice cpu(1, /*bf16 operands=*/M > 1);
-    EXPECT_LT(max_rel_diff(run(*gpu), run(cpu)), 2e-3) << "M " << M << " D " << D << " I " << I;
+    for (const bool add : {false, true})
+      EXPECT_LT(max_rel_diff(run(*gpu, add), run(cpu, add)), 2e-3)
+          << "M " << M << " D " << D << " I " << I << " add " << add;
   }
 }
 
@@ -365,48 +392,73 @@ TEST(CudaDeviceOps, DeltaMixerMatchesUnfusedSteps) {
 // The residual stream's operand rows (Device::operand_rows, DevRows::op): the bf16 device's norm
 // writes the fp32 rows and their bf16 operand together, and a GEMM, SwiGLU MLP or delta mixer
 // projection reading the operand gives bit for bit what it gives converting the fp32 rows itself.
-// With no y, the norm is a plain RMSNorm; decode-sized batches get no operand rows.
+// Decode-sized batches get no operand rows.
 TEST(CudaDeviceOps, NormOperandRowsFeedTheGemmsAsTheirOwnConversion) {
   HLA_REQUIRE_GPU();
   const int64_t T = 300, D = 2048, N = 96;
   std::mt19937 rng(31);
-  const std::vector<float> h0 = random_vector(T * D, rng), y0 = random_vector(T * D, rng);
+  const std::vector<float> h0 = random_vector(T * D, rng);
   const Tensor w = vector_tensor(random_vector(D, rng, 0.5f, 1.5f)), W = random_bf16_tensor(N, D, rng, 0.1f);
   const Tensor gate_up = random_bf16_tensor(2 * N, D, rng, 0.1f), down = random_bf16_tensor(D, N, rng, 0.1f);
   auto dev = cuda::make_cuda_device(1, DType::BF16);
   const float* wd = dev->upload_vector(w);
   const DevMatrix Wd = dev->upload_matrix(W), gud = dev->upload_matrix(gate_up), dnd = dev->upload_matrix(down);
-  for (const bool add : {true, false}) {
-    dev->begin_forward();
-    EXPECT_EQ(dev->operand_rows(8, D), nullptr);
-    float* h = dev->scratch(T * D);
-    dev->copy(h, {D, 1, 0}, dev->upload_f32(h0), {D, 1, 0}, T, D, 1);
-    float* x = dev->scratch(T * D);
-    void* x_op = dev->operand_rows(T, D);
-    ASSERT_NE(x_op, nullptr);
-    dev->add_rms_norm(h, add ? dev->upload_f32(y0) : nullptr, wd, x, x_op, T, D, 1e-6f, true);
-    std::vector<float> got_x(size_t(T * D));
-    std::vector<uint16_t> got_op(size_t(T * D));
-    dev->to_host(x, got_x.data(), T * D);
-    dev->to_host_bytes(x_op, got_op.data(), got_op.size() * 2);
-    std::vector<float> want_x(size_t(T * D)), hr(h0);
-    for (size_t i = 0; i < hr.size(); ++i) hr[i] += add ? y0[i] : 0.0f;
-    cpu::rms_norm(hr.data(), w.f32(), want_x.data(), T, D, 1e-6f, true);
-    EXPECT_LT(max_rel_diff(got_x, want_x), 1e-5) << "add " << add;
-    int64_t off = 0;
-    for (int64_t i = 0; i < T * D; ++i) off += got_op[size_t(i)] != f32_to_bf16(got_x[size_t(i)]);
-    EXPECT_EQ(off, 0) << "add " << add;
-    float *y1 = dev->scratch(T * N), *y2 = dev->scratch(T * N), *m1 = dev->scratch(T * D), *m2 = dev->scratch(T * D);
-    dev->linear(x, D, Wd, y1, T);
-    dev->linear_rows({nullptr, 0, x_op}, Wd, y2, T);
-    dev->swiglu_mlp({x, D}, gud, dnd, m1, T);
-    dev->swiglu_mlp({nullptr, 0, x_op}, gud, dnd, m2, T);
-    std::vector<float> a(size_t(T * N)), b(size_t(T * N)), c(size_t(T * D)), e(size_t(T * D));
-    dev->to_host(y1, a.data(), T * N), dev->to_host(y2, b.data(), T * N);
-    dev->to_host(m1, c.data(), T * D), dev->to_host(m2, e.data(), T * D);
-    EXPECT_EQ(a, b) << "add " << add;
-    EXPECT_EQ(c, e) << "add " << add;
-  }
+  dev->begin_forward();
+  EXPECT_EQ(dev->operand_rows(8, D), nullptr);
+  const float* h = dev->upload_f32(h0);
+  float* x = dev->scratch(T * D);
+  void* x_op = dev->operand_rows(T, D);
+  ASSERT_NE(x_op, nullptr);
+  dev->residual_norm(h, wd, x, x_op, T, D, 1e-6f, true);
+  std::vector<float> got_x(size_t(T * D));
+  std::vector<uint16_t> got_op(size_t(T * D));
+  dev->to_host(x, got_x.data(), T * D);
+  dev->to_host_bytes(x_op, got_op.data(), got_op.size() * 2);
+  std::vector<float> want_x(size_t(T * D));
+  cpu::rms_norm(h0.data(), w.f32(), want_x.data(), T, D, 1e-6f, true);
+  EXPECT_LT(max_rel_diff(got_x, want_x), 1e-5);
+  int64_t off = 0;
+  for (int64_t i = 0; i < T * D; ++i) off += got_op[size_t(i)] != f32_to_bf16(got_x[size_t(i)]);
+  EXPECT_EQ(off, 0);
+  float *y1 = dev->scratch(T * N), *y2 = dev->scratch(T * N), *m1 = dev->scratch(T * D), *m2 = dev->scratch(T * D);
+  dev->linear(x, D, Wd, y1, T);
+  dev->linear_rows({nullptr, 0, x_op}, Wd, y2, T);
+  dev->swiglu_mlp({x, D}, gud, dnd, m1, T, false);
+  dev->swiglu_mlp({nullptr, 0, x_op}, gud, dnd, m2, T, false);
+  std::vector<float> a(size_t(T * N)), b(size_t(T * N)), c(size_t(T * D)), e(size_t(T * D));
+  dev->to_host(y1, a.data(), T * N), dev->to_host(y2, b.data(), T * N);
+  dev->to_host(m1, c.data(), T * D), dev->to_host(m2, e.data(), T * D);
+  EXPECT_EQ(a, b);
+  EXPECT_EQ(c, e);
+}
+
+// A gated attention layer's output (Device::sigmoid_mul into operand rows): the product written
+// straight into the output GEMM's bf16 operand and added to the residual stream gives bit for bit
+// what the in-place product converted by linear_add gives; o itself is left as it was.
+TEST(CudaDeviceOps, GatedOutputOperandFeedsTheGemmAsItsOwnConversion) {
+  HLA_REQUIRE_GPU();
+  const int64_t T = 300, heads = 6, dim = 128, Q = heads * dim, ld_gate = 2 * Q + 40, D = 512;
+  std::mt19937 rng(37);
+  const std::vector<float> o0 = random_vector(T * Q, rng), gate = random_vector(T * ld_gate, rng, -4.0f, 4.0f);
+  const std::vector<float> h0 = random_vector(T * D, rng);
+  const Tensor W = random_bf16_tensor(D, Q, rng, 0.1f);
+  auto dev = cuda::make_cuda_device(1, DType::BF16);
+  const DevMatrix Wd = dev->upload_matrix(W);
+  dev->begin_forward();
+  const float* g = dev->upload_f32(gate) + dim;  // every other head of the rows, as q's gates sit
+  float *o1 = scratch_with(*dev, o0), *o2 = scratch_with(*dev, o0), *h1 = scratch_with(*dev, h0),
+        *h2 = scratch_with(*dev, h0);
+  void* o_op = dev->operand_rows(T, Q);
+  ASSERT_NE(o_op, nullptr);
+  dev->sigmoid_mul(o1, g, ld_gate, 2 * dim, T, heads, dim, nullptr);
+  dev->linear_add({o1, Q}, Wd, h1, T);
+  dev->sigmoid_mul(o2, g, ld_gate, 2 * dim, T, heads, dim, o_op);
+  dev->linear_add({nullptr, 0, o_op}, Wd, h2, T);
+  std::vector<float> a(size_t(T * D)), b(size_t(T * D)), o(size_t(T * Q));
+  dev->to_host(h1, a.data(), T * D), dev->to_host(h2, b.data(), T * D), dev->to_host(o2, o.data(), T * Q);
+  EXPECT_EQ(a, b);
+  EXPECT_EQ(o, o0);
+  EXPECT_GT(max_rel_diff(a, h0), 1e-2);  // the product was added
 }
 
 // A Gated DeltaNet-shaped mixer that runs its own input projection (DeltaMixer::in_proj: rows
@@ -593,6 +645,7 @@ TEST(CudaDeviceOps, MoeMatchesCpuDevice) {
     const Tensor bias = vector_tensor(random_vector(c.E, rng, -0.1f, 0.1f));
     const std::vector<float> x = random_vector(c.T * c.D, rng), logits = random_vector(c.T * c.E, rng, -3.0f, 3.0f);
     const std::vector<float> shared = random_vector(c.T * c.D, rng), gate = random_vector(c.T, rng, 0.0f, 1.0f);
+    const std::vector<float> residual = random_vector(c.T * c.D, rng);  // what the block adds to
     cpu::MoeRouter router{c.E, c.k, c.sigmoid, c.n_group, c.topk_group, true, c.sigmoid ? 2.5f : 1.0f};
     auto run = [&](Device& dev) {
       const MoeExperts m{router,
@@ -602,11 +655,12 @@ TEST(CudaDeviceOps, MoeMatchesCpuDevice) {
                          dev.upload_matrix(gate_up),
                          dev.upload_matrix(down)};
       dev.begin_forward();
-      float* out = dev.scratch(c.T * c.D);
+      float* out = scratch_with(dev, residual);
       dev.moe(m, dev.upload_f32(x), dev.upload_f32(logits), c.shared ? dev.upload_f32(shared) : nullptr,
               c.gate ? dev.upload_f32(gate) : nullptr, out, c.T);
       std::vector<float> y(size_t(c.T * c.D));
       dev.to_host(out, y.data(), c.T * c.D);
+      for (size_t i = 0; i < y.size(); ++i) y[i] -= residual[i];  // the block's part
       return y;
     };
     auto gpu = cuda::make_cuda_device(1, DType::BF16);

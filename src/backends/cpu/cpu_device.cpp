@@ -157,10 +157,9 @@ void CpuDevice::add(float* h, const float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) h[i] += y[i];
 }
 
-void CpuDevice::add_rms_norm(float* h, const float* y, const float* w, float* x, void* x_op, int64_t rows, int64_t dim,
-                             float eps, bool zero_centered) {
+void CpuDevice::residual_norm(const float* h, const float* w, float* x, void* x_op, int64_t rows, int64_t dim,
+                              float eps, bool zero_centered) {
   check(x != nullptr && x_op == nullptr, "internal: cpu-device norms write fp32 rows only");
-  if (y) add(h, y, rows * dim);
   cpu::rms_norm(h, w, x, rows, dim, eps, zero_centered);
 }
 
@@ -203,7 +202,8 @@ void CpuDevice::delta_mixer(const DeltaMixer& mixer, const DevBatch& b, float* o
 }
 
 void CpuDevice::sigmoid_mul(float* o, const float* gate, int64_t ld_gate, int64_t ld_gate_head, int64_t T,
-                            int64_t heads, int64_t dim) {
+                            int64_t heads, int64_t dim, void* o_op) {
+  check(o_op == nullptr, "internal: the cpu device has no operand rows");
   for (int64_t t = 0; t < T; ++t)
     for (int64_t h = 0; h < heads; ++h)
       for (int64_t i = 0; i < dim; ++i) o[(t * heads + h) * dim + i] *= cpu::sigmoid(gate[t * ld_gate + h * ld_gate_head + i]);

@@ -44,8 +44,8 @@ class CpuDevice : public Device {
   void linear(const float* x, int64_t ldx, const DevMatrix& W, float* y, int64_t M) override;
   void embed(const DevMatrix& table, const int32_t* ids, float* out, int64_t T) override;
   void add(float* h, const float* y, int64_t n) override;
-  void add_rms_norm(float* h, const float* y, const float* w, float* x, void* x_op, int64_t rows, int64_t dim,
-                    float eps, bool zero_centered) override;
+  void residual_norm(const float* h, const float* w, float* x, void* x_op, int64_t rows, int64_t dim, float eps,
+                     bool zero_centered) override;
   void copy(float* dst, Strides dst_st, const float* src, Strides src_st, int64_t n0, int64_t n1, int64_t n2) override;
   void rms_norm(const float* x, int64_t ldx, const float* w, float* y, int64_t ldy, int64_t rows, int64_t dim,
                 float eps, bool zero_centered) override;
@@ -57,7 +57,7 @@ class CpuDevice : public Device {
   void swiglu(const float* gu, float* out, int64_t T, int64_t I) override;
   void delta_mixer(const DeltaMixer& m, const DevBatch& b, float* out) override;
   void sigmoid_mul(float* o, const float* gate, int64_t ld_gate, int64_t ld_gate_head, int64_t T, int64_t heads,
-                   int64_t dim) override;
+                   int64_t dim, void* o_op) override;
   void sigmoid(const float* x, int64_t ldx, float* y, int64_t T, int64_t n, float scale) override;
   void gate_softplus(const float* a, int64_t lda, const float* A_log, const float* dt_bias, float* g, int64_t T,
                      int64_t H, int64_t width) override;

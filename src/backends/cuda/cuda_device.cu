@@ -95,6 +95,44 @@ __device__ __forceinline__ void load_v(const __nv_bfloat16* p, float (&v)[V]) {
   }
 }
 
+// V consecutive values of type In as loaded, converted to floats only where used: a load's
+// register is waited for at its first use, so a bf16 load converted at once (load_v) stalls the
+// thread right there, while one converted a token later stays in flight meanwhile.
+template <int V, class In>
+struct RawValues {
+  static constexpr int kBytes = V * int(sizeof(In));
+  static_assert(kBytes % 4 == 0, "whole 32-bit words");
+  uint32_t w[kBytes / 4];
+  __device__ __forceinline__ void load(const In* p) {
+    if constexpr (kBytes % 16 == 0) {
+#pragma unroll
+      for (int i = 0; i < kBytes / 16; ++i) {
+        const uint4 u = reinterpret_cast<const uint4*>(p)[i];
+        w[4 * i] = u.x, w[4 * i + 1] = u.y, w[4 * i + 2] = u.z, w[4 * i + 3] = u.w;
+      }
+    } else if constexpr (kBytes % 8 == 0) {
+#pragma unroll
+      for (int i = 0; i < kBytes / 8; ++i) {
+        const uint2 u = reinterpret_cast<const uint2*>(p)[i];
+        w[2 * i] = u.x, w[2 * i + 1] = u.y;
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < kBytes / 4; ++i) w[i] = reinterpret_cast<const uint32_t*>(p)[i];
+    }
+  }
+  __device__ __forceinline__ void to_float(float (&v)[V]) const {
+#pragma unroll
+    for (int i = 0; i < kBytes / 4; ++i)
+      if constexpr (sizeof(In) == 2) {
+        const float2 f = __bfloat1622float2(reinterpret_cast<const __nv_bfloat162&>(w[i]));
+        v[2 * i] = f.x, v[2 * i + 1] = f.y;
+      } else {
+        v[i] = __uint_as_float(w[i]);
+      }
+  }
+};
+
 template <int V>
 __device__ __forceinline__ void store_v(float* p, const float (&v)[V]) {
   if constexpr (V == 4)
@@ -208,31 +246,18 @@ __global__ void rms_norm_kernel(const float* x, int64_t ldx, const float* w, flo
   rms_scale_row(v, wr, xr, w, y + blockIdx.x * ldy, nullptr, dim, eps, zero_centered);
 }
 
-// h += y (y null: h as it is), then RMSNorm of the row into x and/or xb (bf16: the next GEMM's
-// operand, so no conversion pass reads x again); one block per row. All of a thread's loads come
-// before its first store: a store between them (h might alias y) kept one pair in flight at a time
-// (the 2.0B model's 32K-token rows moved at 3.0 TB/s, now 4.0; H200 ncu).
-__global__ void add_rms_norm_kernel(float* h, const float* y, const float* w, float* x, __nv_bfloat16* xb, int64_t dim,
-                                    float eps, bool zero_centered) {
-  float wr[kRowRegs], v[kRowRegs], d[kRowRegs];
+// RMSNorm of the residual stream's row into x and/or xb (bf16: the next GEMM's operand, so no
+// conversion pass reads x again); one block per row.
+__global__ void residual_norm_kernel(const float* h, const float* w, float* x, __nv_bfloat16* xb, int64_t dim,
+                                     float eps, bool zero_centered) {
+  float wr[kRowRegs], v[kRowRegs];
   load_norm_weights(w, dim, zero_centered, wr);
   pdl_begin();
-  float* hr = h + blockIdx.x * dim;
-  const float* yr = y ? y + blockIdx.x * dim : nullptr;
+  const float* hr = h + blockIdx.x * dim;
 #pragma unroll
   for (int j = 0; j < kRowRegs; ++j) {
     const int64_t i = threadIdx.x + j * int64_t(blockDim.x);
     v[j] = i < dim ? hr[i] : 0.0f;
-    d[j] = i < dim && yr ? yr[i] : 0.0f;
-  }
-  if (yr) {
-#pragma unroll
-    for (int j = 0; j < kRowRegs; ++j) {
-      const int64_t i = threadIdx.x + j * int64_t(blockDim.x);
-      v[j] += d[j];
-      if (i < dim) hr[i] = v[j];
-    }
-    for (int64_t i = threadIdx.x + kRowRegs * int64_t(blockDim.x); i < dim; i += blockDim.x) hr[i] += yr[i];
   }
   rms_scale_row(v, wr, hr, w, x ? x + blockIdx.x * dim : nullptr, xb ? xb + blockIdx.x * dim : nullptr, dim, eps,
                 zero_centered);
@@ -354,9 +379,10 @@ __global__ void swiglu_kernel(const In* gu, Out* out, int64_t T, int64_t I, bool
 
 // V values per thread (dim a multiple of V; V = 4 where the rows allow 16-byte accesses: one
 // scalar value per thread ran the 8K-token gated attention output at a third of the bandwidth).
-template <int V>
-__global__ void sigmoid_mul_kernel(float* o, const float* gate, int64_t ld_gate, int64_t ld_gate_head, int64_t T,
-                                   int64_t heads, int64_t dim) {
+// Out: float (in place, y = o) or bf16 (y: the output GEMM's operand rows).
+template <int V, class Out>
+__global__ void sigmoid_mul_kernel(const float* o, const float* gate, int64_t ld_gate, int64_t ld_gate_head, int64_t T,
+                                   int64_t heads, int64_t dim, Out* y) {
   pdl_begin();
   const int64_t dv = dim / V;
   GRID_STRIDE(i, T * heads * dv) {
@@ -365,7 +391,7 @@ __global__ void sigmoid_mul_kernel(float* o, const float* gate, int64_t ld_gate,
     load_v(o + V * i, a);
     load_v(gate + t * ld_gate + h * ld_gate_head + c, g);
     for (int j = 0; j < V; ++j) a[j] *= sigmoidf(g[j]);
-    store_v(o + V * i, a);
+    store_v(y + V * i, a);
   }
 }
 
@@ -499,19 +525,20 @@ __global__ void conv_kernel(const In* x, int64_t ldx, const float* w, Sink sink,
     }
   };
   start(t0);
-  // Token t+1's input is requested before token t is computed and stored, so each thread has a
-  // load in flight while it works (one at a time, the 2.0B model's 32K-token conv ran at 2.2 TB/s).
-  float next[V];
-  load_v(x + t0 * ldx + c, next);
-  for (int64_t t = t0; t < t1; ++t) {
+  // Tokens t+1 and t+2 are requested before token t is computed and stored (two buffers taking
+  // turns, converted where used), so each thread keeps loads in flight while it works: one token
+  // ahead, converted at the load, ran the 2.0B model's 32K-token bf16 rows at 1.7 TB/s.
+  RawValues<V, In> ahead[2];
+  ahead[0].load(x + t0 * ldx + c);
+  if (t0 + 1 < t1) ahead[1].load(x + (t0 + 1) * ldx + c);
+  auto step = [&](int64_t t, RawValues<V, In>& in) {
     if (t >= seq_end) {
       while (t >= cu[s + 1]) ++s;
       seq_end = cu[s + 1];
       start(t);
     }
-#pragma unroll
-    for (int v = 0; v < V; ++v) win[W - 1][v] = next[v];
-    if (t + 1 < t1) load_v(x + (t + 1) * ldx + c, next);
+    in.to_float(win[W - 1]);
+    if (t + 2 < t1) in.load(x + (t + 2) * ldx + c);
     float acc[V] = {};
 #pragma unroll
     for (int j = 0; j < W; ++j)
@@ -524,6 +551,10 @@ __global__ void conv_kernel(const In* x, int64_t ldx, const float* w, Sink sink,
     for (int j = 0; j + 1 < W; ++j)
 #pragma unroll
       for (int v = 0; v < V; ++v) win[j][v] = win[j + 1][v];
+  };
+  for (int64_t t = t0; t < t1; t += 2) {
+    step(t, ahead[0]);
+    if (t + 1 < t1) step(t + 1, ahead[1]);
   }
 }
 
@@ -902,12 +933,13 @@ __global__ void decode_combine_kernel(const float* part, float* o, int64_t dv) {
 // last blocks of a call finish sooner (the 2B model's chain of 97 GEMVs: 1278 → 1249 µs on an
 // H200). kSwiglu: rows 2i and 2i+1 are a SwiGLU block's gate and up rows i (one block holds both:
 // S ≤ kGemvWarps / 2) and y [N/2] gets SiLU(gate)·up, so the elementwise pass is not a kernel of
-// its own; like x, the gate/up products stay fp32 here (every other bf16 path rounds both). K a
-// multiple of 8·S, x 16-byte aligned.
+// its own; like x, the gate/up products stay fp32 here (every other bf16 path rounds both).
+// Otherwise add: y += W · x (the residual stream, Device::linear_add). K a multiple of 8·S, x
+// 16-byte aligned.
 constexpr int kGemvPrefetch = 4, kGemvWarps = 4;
 template <bool kSwiglu>
 __global__ void __launch_bounds__(kGemvWarps * 32)
-    gemv_kernel(const __nv_bfloat16* W, const float* x, float* y, int64_t N, int64_t K, int S) {
+    gemv_kernel(const __nv_bfloat16* W, const float* x, float* y, int64_t N, int64_t K, int S, bool add) {
   __shared__ float part[kGemvWarps];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t n = (blockIdx.x * int64_t(kGemvWarps) + warp) / S, seg = K / S;
@@ -947,7 +979,8 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
       y[n / 2] = g * sigmoidf(g) * row_sum(warp + S);
     }
   } else {
-    y[n] = S > 1 ? row_sum(warp) : acc;
+    const float v = S > 1 ? row_sum(warp) : acc;
+    y[n] = add ? y[n] + v : v;
   }
 }
 
@@ -975,11 +1008,13 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
 // scheduler, 128 registers), so those sizes keep the GEMM path (docs/RESULTS_MODEL_GPU.md,
 // session 12).
 // kSwiglu: rows 2i, 2i+1 are a gate/up pair (neighbouring g) and y [M, N/2] gets swiglu_bf16(gate, up).
-// K/S a multiple of 32, S ≤ 8 (a portable cluster), x rows 16-byte aligned with ldx % 4 == 0.
+// Otherwise add: y += the products (the residual stream, Device::linear_add). K/S a multiple of 32, S ≤ 8 (a portable
+// cluster), x rows 16-byte aligned with ldx % 4 == 0.
 constexpr int kGemvTcWarps = 8, kGemvTcRows = 16 * kGemvTcWarps, kGemvTcUnroll = 4, kGemvTcMaxSlices = 8;
 template <bool kSwiglu>
 __global__ void __launch_bounds__(kGemvTcWarps * 32, 2)
-    gemv_tc_kernel(const __nv_bfloat16* W, const float* x, int64_t ldx, float* y, int64_t N, int64_t K, int S, int M) {
+    gemv_tc_kernel(const __nv_bfloat16* W, const float* x, int64_t ldx, float* y, int64_t N, int64_t K, int S, int M,
+                   bool add) {
   constexpr int kCols = 512, kPitch = kCols + 32, U = kGemvTcUnroll, kThreads = kGemvTcWarps * 32;
   // The partials [8][128] reuse the staging buffer.
   constexpr int kStageBytes = 8 * kPitch * 2, kPartBytes = 8 * kGemvTcRows * 4;
@@ -1056,7 +1091,7 @@ __global__ void __launch_bounds__(kGemvTcWarps * 32, 2)
     if constexpr (kSwiglu) {
       if (n % 2 == 0) y[m * (N / 2) + n / 2] = swiglu_bf16(v, up);
     } else {
-      y[m * N + n] = v;
+      y[m * N + n] = add ? y[m * N + n] + v : v;
     }
   };
   // acc[e]: row row0 + g (+8 for e ≥ 2) of W, row 2t + (e & 1) of x.
@@ -1485,16 +1520,26 @@ class CudaDevice : public Device {
   }
 
   void linear(const float* x, int64_t ldx, const DevMatrix& W, float* y, int64_t M) override {
-    const OpScope op(*this, "linear");
+    linear_to(x, ldx, W, y, M, false);
+  }
+  void linear_add(const DevRows& x, const DevMatrix& W, float* h, int64_t M) override {
+    if (!x.op) return linear_to(x.f32, x.ld, W, h, M, true);  // operand rows exist only where a GEMM reads them
+    const OpScope op(*this, "linear_add");
+    if (op.skip || M == 0) return;
+    gemm(W, x.op, W.cols, h, M, DType::F32, true);
+  }
+  // y = (add: +=) x · W^T.
+  void linear_to(const float* x, int64_t ldx, const DevMatrix& W, float* y, int64_t M, bool add) {
+    const OpScope op(*this, add ? "linear_add" : "linear");
     if (M == 0) return;
     const bool small = wt_ == DType::BF16 && gemv_fits(W, x, ldx, M);
     // The GEMM's bf16 operand rows.
     auto* xb = wt_ == DType::BF16 && !small ? scratch_bf16(M * W.cols) : nullptr;
     if (op.skip) return;
-    if (small) return gemv<false>(W, x, ldx, y, M);
-    if (!xb) return gemm(W, x, ldx, y, M);
+    if (small) return gemv<false>(W, x, ldx, y, M, add);
+    if (!xb) return gemm(W, x, ldx, y, M, DType::F32, add);
     pack_to(x, ldx, W.cols, xb, M);
-    gemm(W, xb, W.cols, y, M);
+    gemm(W, xb, W.cols, y, M, DType::F32, add);
   }
   void embed(const DevMatrix& table, const int32_t* ids, float* out, int64_t T) override {
     const OpScope op(*this, "embed");
@@ -1511,11 +1556,11 @@ class CudaDevice : public Device {
     if (op.skip) return;
     launch(add_kernel, grid_for(n), kThreads, h, y, n);
   }
-  void add_rms_norm(float* h, const float* y, const float* w, float* x, void* x_op, int64_t rows, int64_t dim,
-                    float eps, bool zero_centered) override {
-    const OpScope op(*this, "add_rms_norm");
+  void residual_norm(const float* h, const float* w, float* x, void* x_op, int64_t rows, int64_t dim, float eps,
+                     bool zero_centered) override {
+    const OpScope op(*this, "residual_norm");
     if (op.skip || rows == 0) return;
-    launch(add_rms_norm_kernel, unsigned(rows), row_threads(dim, rows), h, y, w, x, static_cast<__nv_bfloat16*>(x_op),
+    launch(residual_norm_kernel, unsigned(rows), row_threads(dim, rows), h, w, x, static_cast<__nv_bfloat16*>(x_op),
            dim, eps, zero_centered);
   }
   // bf16 operand rows past the GEMV sizes (decode batches read fp32 x through the GEMVs).
@@ -1602,10 +1647,11 @@ class CudaDevice : public Device {
   // SwiGLU pass writes the down projection's bf16 operand itself, so h skips an fp32 round trip and
   // a conversion pass (the same rounding as linear's conversion). Decode-sized batches keep the
   // SwiGLU GEMV epilogue.
-  void swiglu_mlp(const DevRows& x, const DevMatrix& gate_up, const DevMatrix& down, float* out, int64_t M) override {
+  void swiglu_mlp(const DevRows& x, const DevMatrix& gate_up, const DevMatrix& down, float* out, int64_t M,
+                  bool add) override {
     const int64_t I = gate_up.rows / 2;
     if (wt_ != DType::BF16 || (x.f32 && gemv_fits(gate_up, x.f32, x.ld, M)) || gate_up.rows % 2 != 0 || down.cols != I)
-      return Device::swiglu_mlp(x, gate_up, down, out, M);
+      return Device::swiglu_mlp(x, gate_up, down, out, M, add);
     const OpScope op(*this, "swiglu_mlp");
     auto* packed = x.op ? nullptr : scratch_bf16(M * gate_up.cols);
     auto *gu = scratch_bf16(M * gate_up.rows), *hb = scratch_bf16(M * I);
@@ -1613,7 +1659,7 @@ class CudaDevice : public Device {
     if (packed) pack_to(x.f32, x.ld, gate_up.cols, packed, M);
     gemm(gate_up, x.op ? x.op : packed, gate_up.cols, gu, M, DType::BF16);
     swiglu_to(gu, hb, M, I);
-    gemm(down, hb, I, out, M);
+    gemm(down, hb, I, out, M, DType::F32, add);
   }
   template <class In, class Out>
   void swiglu_to(const In* gu, Out* out, int64_t T, int64_t I) {
@@ -1628,13 +1674,17 @@ class CudaDevice : public Device {
     with_vec_width(vec_width(gu, I, 2 * I), run);
   }
   void sigmoid_mul(float* o, const float* gate, int64_t ld_gate, int64_t ld_gate_head, int64_t T, int64_t heads,
-                   int64_t dim) override {
+                   int64_t dim, void* o_op) override {
     const OpScope op(*this, "sigmoid_mul");
     if (op.skip) return;
     const int w = vec_width(o, dim, dim) == 4 && vec_width(gate, dim, ld_gate) == 4 && ld_gate_head % 4 == 0 ? 4 : 1;
     with_vec_width(w, [&](auto v) {
-      launch(sigmoid_mul_kernel<v.value>, grid_for(T * heads * dim / v.value), kThreads, o, gate, ld_gate, ld_gate_head,
-             T, heads, dim);
+      const unsigned grid = grid_for(T * heads * dim / v.value);
+      if (o_op)
+        launch(sigmoid_mul_kernel<v.value, __nv_bfloat16>, grid, kThreads, o, gate, ld_gate, ld_gate_head, T, heads,
+               dim, static_cast<__nv_bfloat16*>(o_op));
+      else
+        launch(sigmoid_mul_kernel<v.value, float>, grid, kThreads, o, gate, ld_gate, ld_gate_head, T, heads, dim, o);
     });
   }
   void sigmoid(const float* x, int64_t ldx, float* y, int64_t T, int64_t n, float scale) override {
@@ -1738,7 +1788,7 @@ class CudaDevice : public Device {
     softplus_gates(a_in, lda, p.A_log, p.dt_bias, p.g, T, p.H, p.gate_width);
     chunk_forward(d, DType::BF16, ops.q, ops.k, ops.v, p.g, p.beta, m.scale, b, m.state_pool, ops.o);
     gated_norm(ops.o, ops.o, gate, ld_gate, m.norm, T, d.HV, d.V, m.eps, m.act);
-    gemm(m.out_proj, ops.o, HVV, out, T);
+    gemm(m.out_proj, ops.o, HVV, out, T, DType::F32, true);
   }
   // The fused mixer's shapes: bf16 weights, more than one token per sequence (decode keeps its own
   // fused prep), the chunk kernels' head sizes, and conv rows a warp can normalise: rows of 4
@@ -1765,7 +1815,7 @@ class CudaDevice : public Device {
       return Device::linear_swiglu(x, ldx, W, out, M);
     const OpScope op(*this, "linear_swiglu");
     if (op.skip || M == 0) return;
-    gemv<true>(W, x, ldx, out, M);
+    gemv<true>(W, x, ldx, out, M, false);
   }
 
   void rope(float* x, int64_t T, int64_t heads, int64_t ld_token, int64_t ld_head, const float* inv_freq, int64_t rot,
@@ -2029,22 +2079,24 @@ class CudaDevice : public Device {
     return M <= kGemvMaxRows && S > 0 && ldx % 4 == 0 && ptr_alignment(x) >= 16;
   }
   template <bool kSwiglu>
-  void gemv(const DevMatrix& W, const float* x, int64_t ldx, float* y, int64_t M) {
+  void gemv(const DevMatrix& W, const float* x, int64_t ldx, float* y, int64_t M, bool add) {
     const auto* w = static_cast<const __nv_bfloat16*>(W.p);
     if (M == 1) {
       const int S = gemv_splits(W, kSwiglu ? kGemvWarps / 2 : kGemvWarps);
       const unsigned grid = unsigned((W.rows * S + kGemvWarps - 1) / kGemvWarps);
-      return launch(gemv_kernel<kSwiglu>, grid, kGemvWarps * 32, w, x, y, W.rows, W.cols, S);
+      return launch(gemv_kernel<kSwiglu>, grid, kGemvWarps * 32, w, x, y, W.rows, W.cols, S, add);
     }
     const int S = gemv_tc_splits(W);
     const unsigned grid = unsigned((W.rows + kGemvTcRows - 1) / kGemvTcRows * S);
     launch_pdl_cluster("gemv", gemv_tc_kernel<kSwiglu>, grid, kGemvTcWarps * 32, 0, unsigned(S), stream_, w, x, ldx, y,
-                       W.rows, W.cols, S, int(M));
+                       W.rows, W.cols, S, int(M), add);
   }
 
-  // y [M, N] = x [M, K] · W^T, y in fp32 or (out = BF16, bf16 weights) rounded to bf16. In
-  // cuBLASLt's column-major terms: D [N, M] = W^T (stored [K, N]) · x (stored [K, M], ld ldb).
-  void gemm(const DevMatrix& W, const void* x, int64_t ldb, void* y, int64_t M, DType out = DType::F32) {
+  // y [M, N] = (add: +=) x [M, K] · W^T, y in fp32 or (out = BF16, bf16 weights) rounded to bf16.
+  // In cuBLASLt's column-major terms: D [N, M] = W^T (stored [K, N]) · x (stored [K, M], ld ldb)
+  // + beta·C, C = D in place (beta 1 adds: one fp32 rounding of the product plus y, as an add pass).
+  void gemm(const DevMatrix& W, const void* x, int64_t ldb, void* y, int64_t M, DType out = DType::F32,
+            bool add = false) {
     const int64_t N = W.rows, K = W.cols;
     const cudaDataType_t t = wt_ == DType::BF16 ? CUDA_R_16BF : CUDA_R_32F;
     const cudaDataType_t td = out == DType::BF16 ? CUDA_R_16BF : CUDA_R_32F;
@@ -2080,8 +2132,8 @@ class CudaDevice : public Device {
       it = gemms_.emplace(key, g).first;
     }
     const Gemm& g = it->second;
-    const float one = 1.0f, zero = 0.0f;
-    check_lt(cublasLtMatmul(lt_, g.op, &one, W.p, g.a, x, g.b, &zero, y, g.d, y, g.d, &g.algo, lt_ws_, kLtWorkspace,
+    const float one = 1.0f, beta = add ? 1.0f : 0.0f;
+    check_lt(cublasLtMatmul(lt_, g.op, &one, W.p, g.a, x, g.b, &beta, y, g.d, y, g.d, &g.algo, lt_ws_, kLtWorkspace,
                             stream_),
              "matmul");
   }

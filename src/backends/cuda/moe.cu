@@ -418,7 +418,8 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
   }
 }
 
-// out [T, D] = Σ_j pick_w[t, j] · y[pos_of[t, j]] (+ gate[t] · shared[t]); one thread per 4 columns.
+// out [T, D] += Σ_j pick_w[t, j] · y[pos_of[t, j]] (+ gate[t] · shared[t]), the sum first (the
+// CPU forward's order); one thread per 4 columns.
 // pos_of null: pick (t, j) is row t·k + j of y.
 __global__ void moe_combine_kernel(const float* y, const int32_t* pos_of, const float* pick_w, int k, int D,
                                    const float* shared, const float* shared_gate, float* out, int64_t T) {
@@ -438,7 +439,8 @@ __global__ void moe_combine_kernel(const float* y, const int32_t* pos_of, const 
     const float4 v = reinterpret_cast<const float4*>(shared + t * D)[c];
     acc.x += g * v.x, acc.y += g * v.y, acc.z += g * v.z, acc.w += g * v.w;
   }
-  reinterpret_cast<float4*>(out + t * D)[c] = acc;
+  float4& o = reinterpret_cast<float4*>(out + t * D)[c];
+  o.x += acc.x, o.y += acc.y, o.z += acc.z, o.w += acc.w;
 }
 
 // The scratch of one pass of R = tokens·k rows, carved in order from one 256-byte-aligned block.
