@@ -125,6 +125,7 @@ TEST(DeviceWiring, EngineOnDeviceStartsFromPrefixSnapshots) {
 
 // A snapshot is made only when it fits the prefix cache's budget (Device::snapshot_bytes says its
 // size first): a cache larger than the whole budget is never copied, and one that fits is stored.
+// A prefix stored already asks for neither its size nor a snapshot.
 TEST(PrefixCache, MakesOnlySnapshotsThatFitTheBudget) {
   cpu::CpuDevice dev(2);
   dev.cache_pool(0, CachePart::State, 100);
@@ -136,12 +137,25 @@ TEST(PrefixCache, MakesOnlySnapshotsThatFitTheBudget) {
   const size_t entry = bytes + 16 * sizeof(int64_t);  // the snapshot and its 16 token ids
   for (const size_t budget : {size_t(0), entry - 1, entry}) {
     PrefixCache<DeviceSnapshot> cache(budget, 16);
-    int made = 0;
-    cache.insert(tokens, 16, bytes, [&] {
-      ++made;
-      return dev.save_slot(1, 16);
-    });
+    int sized = 0, made = 0;
+    auto insert = [&] {
+      cache.insert(
+          tokens, 16,
+          [&] {
+            ++sized;
+            return dev.snapshot_bytes(1, 16);
+          },
+          [&] {
+            ++made;
+            return dev.save_slot(1, 16);
+          });
+    };
+    insert();
     const bool fits = budget >= entry;
+    EXPECT_EQ(sized, 1) << "budget " << budget;
+    EXPECT_EQ(made, fits ? 1 : 0) << "budget " << budget;
+    insert();
+    EXPECT_EQ(sized, fits ? 1 : 2) << "budget " << budget;
     EXPECT_EQ(made, fits ? 1 : 0) << "budget " << budget;
     EXPECT_EQ(cache.entries(), fits ? 1u : 0u) << "budget " << budget;
     EXPECT_EQ(cache.bytes(), fits ? entry : 0u) << "budget " << budget;

@@ -205,10 +205,12 @@ void Engine::step() {
         s.fed += chunk[i], prompt_tokens += chunk[i];
         if (s.fed % opt_.block == 0) {
           if (dev_)
-            device_prefix_.insert(s.req->prompt, s.fed, dev_->snapshot_bytes(s.dev_slot, s.fed),
-                                  [&] { return dev_->save_slot(s.dev_slot, s.fed); });
+            device_prefix_.insert(
+                s.req->prompt, s.fed, [&] { return dev_->snapshot_bytes(s.dev_slot, s.fed); },
+                [&] { return dev_->save_slot(s.dev_slot, s.fed); });
           else
-            prefix_.insert(s.req->prompt, s.fed, s.cache.bytes(), [&] { return s.cache; });
+            prefix_.insert(
+                s.req->prompt, s.fed, [&] { return s.cache.bytes(); }, [&] { return s.cache; });
         }
         if (s.fed == int64_t(s.req->prompt.size()) && s.req->params.max_tokens == 0) s.req->finish("length");
       }

@@ -27,14 +27,15 @@ int64_t PrefixCache<Snapshot>::lookup(const std::vector<int64_t>& tokens, const 
 }
 
 template <class Snapshot>
-void PrefixCache<Snapshot>::insert(const std::vector<int64_t>& tokens, int64_t length, size_t snapshot_bytes,
+void PrefixCache<Snapshot>::insert(const std::vector<int64_t>& tokens, int64_t length,
+                                   const std::function<size_t()>& snapshot_bytes,
                                    const std::function<Snapshot()>& make) {
   const uint64_t h = hash(tokens.data(), length);
   if (index_.count(h)) {
     lru_.splice(lru_.begin(), lru_, index_[h]);
     return;
   }
-  const size_t b = snapshot_bytes + size_t(length) * sizeof(int64_t);
+  const size_t b = snapshot_bytes() + size_t(length) * sizeof(int64_t);
   if (b > budget_) return;
   Snapshot snapshot = make();
   while (bytes_ + b > budget_ && !lru_.empty()) {

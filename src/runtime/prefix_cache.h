@@ -29,10 +29,10 @@ class PrefixCache {
   // next logits are needed): returns its length and sets *out to it (valid until the next
   // insert); 0 on a miss.
   int64_t lookup(const std::vector<int64_t>& tokens, const Snapshot** out);
-  // Stores make()'s snapshot of a cache that holds exactly tokens[0:length]; make() runs only
-  // when that prefix is not stored yet and a snapshot of snapshot_bytes (what make() will hold)
-  // fits the budget, so a cache larger than the whole budget is never copied.
-  void insert(const std::vector<int64_t>& tokens, int64_t length, size_t snapshot_bytes,
+  // Stores make()'s snapshot of a cache that holds exactly tokens[0:length]. Only when that prefix
+  // is not stored yet is snapshot_bytes() asked (what make() will hold), and make() runs only when
+  // that fits the budget, so a cache larger than the whole budget is never copied.
+  void insert(const std::vector<int64_t>& tokens, int64_t length, const std::function<size_t()>& snapshot_bytes,
               const std::function<Snapshot()>& make);
   size_t bytes() const { return bytes_; }
   size_t entries() const { return lru_.size(); }
