@@ -1013,8 +1013,8 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
 // scheduler, 128 registers), so those sizes keep the GEMM path (docs/RESULTS_MODEL_GPU.md,
 // session 12).
 // kSwiglu: rows 2i, 2i+1 are a gate/up pair (neighbouring g) and y [M, N/2] gets swiglu_bf16(gate, up).
-// Otherwise add: y += the products (the residual stream, Device::linear_add). K/S a multiple of 32, S ≤ 8 (a portable
-// cluster), x rows 16-byte aligned with ldx % 4 == 0.
+// Otherwise add: y += the products (the residual stream, Device::linear_add). K/S a multiple of
+// 32, S ≤ 8 (a portable cluster), x rows 16-byte aligned with ldx % 4 == 0.
 constexpr int kGemvTcWarps = 8, kGemvTcRows = 16 * kGemvTcWarps, kGemvTcUnroll = 4, kGemvTcMaxSlices = 8;
 template <bool kSwiglu>
 __global__ void __launch_bounds__(kGemvTcWarps * 32, 2)
@@ -1525,18 +1525,22 @@ class CudaDevice : public Device {
   }
 
   void linear(const float* x, int64_t ldx, const DevMatrix& W, float* y, int64_t M) override {
-    linear_to(x, ldx, W, y, M, false);
+    linear_to({x, ldx}, W, y, M, false);
   }
-  void linear_add(const DevRows& x, const DevMatrix& W, float* h, int64_t M) override {
-    if (!x.op) return linear_to(x.f32, x.ld, W, h, M, true);  // operand rows exist only where a GEMM reads them
-    const OpScope op(*this, "linear_add");
-    if (op.skip || M == 0) return;
-    gemm(W, x.op, W.cols, h, M, DType::F32, true);
-  }
-  // y = (add: +=) x · W^T.
-  void linear_to(const float* x, int64_t ldx, const DevMatrix& W, float* y, int64_t M, bool add) {
+  void linear_rows(const DevRows& x, const DevMatrix& W, float* y, int64_t M) override { linear_to(x, W, y, M, false); }
+  void linear_add(const DevRows& x, const DevMatrix& W, float* h, int64_t M) override { linear_to(x, W, h, M, true); }
+  // y = (add: +=) x · W^T: from the operand rows where given (they exist only where a GEMM reads
+  // them), else from the fp32 rows through a GEMV or the packed GEMM operand.
+  void linear_to(const DevRows& rows, const DevMatrix& W, float* y, int64_t M, bool add) {
     const OpScope op(*this, add ? "linear_add" : "linear");
     if (M == 0) return;
+    if (rows.op) {
+      if (!op.skip) gemm(W, rows.op, W.cols, y, M, DType::F32, add);
+      return;
+    }
+    check(rows.f32 != nullptr, "internal: linear on rows that are neither fp32 nor operand rows");
+    const float* x = rows.f32;
+    const int64_t ldx = rows.ld;
     const bool small = wt_ == DType::BF16 && gemv_fits(W, x, ldx, M);
     // The GEMM's bf16 operand rows.
     auto* xb = wt_ == DType::BF16 && !small ? scratch_bf16(M * W.cols) : nullptr;
@@ -1572,12 +1576,6 @@ class CudaDevice : public Device {
   void* operand_rows(int64_t rows, int64_t cols) override {
     if (wt_ != DType::BF16 || rows <= kGemvMaxRows) return nullptr;
     return scratch_bf16(rows * cols);
-  }
-  void linear_rows(const DevRows& x, const DevMatrix& W, float* y, int64_t M) override {
-    if (!x.op) return Device::linear_rows(x, W, y, M);  // operand rows exist only where a GEMM reads them
-    const OpScope op(*this, "linear");
-    if (op.skip || M == 0) return;
-    gemm(W, x.op, W.cols, y, M);
   }
   void copy(float* dst, Strides d, const float* src, Strides s, int64_t n0, int64_t n1, int64_t n2) override {
     const OpScope op(*this, "copy");
